@@ -1,0 +1,89 @@
+"""AsyncGradientClient: the asyncio SDK, same surface as GradientClient."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+
+import grpc
+
+from gradserve.client.errors import GradserveError
+from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
+from gradserve.client.sync import CHANNEL_OPTIONS, DEFAULT_TARGET
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+
+class AsyncGradientClient:
+    """`async with AsyncGradientClient() as c: r = await c.evaluate(0.2)`."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncGradientClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def evaluate(self, x: object, derivative: str = "gradient", *, model: str = "") -> Result:
+        request = make_request(x, derivative, model=model)
+        try:
+            return to_result(await self._stub.Evaluate(request, timeout=self.timeout))
+        except grpc.RpcError as error:
+            raise GradserveError.from_rpc(error) from None
+
+    async def stream(
+        self,
+        xs: Iterable[object] | AsyncIterable[object],
+        derivative: str = "gradient",
+        *,
+        model: str = "",
+        errors: str = "raise",
+    ) -> AsyncIterator[Result | GradserveError]:
+        """Like GradientClient.stream; xs may be a plain or an async iterable."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+
+        async def requests() -> AsyncIterator[pb.EvaluateRequest]:
+            i = 0
+            async for x in _aiter(xs):
+                yield make_request(x, derivative, request_id=str(i), model=model)
+                i += 1
+
+        call = self._stub.EvaluateStream(requests(), timeout=self.timeout)
+        try:
+            async for response in call:
+                try:
+                    yield to_result(response)
+                except GradserveError as error:
+                    if errors == "raise":
+                        raise
+                    yield error
+        except grpc.RpcError as error:
+            raise GradserveError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def model_info(self, model: str = "") -> ModelInfo:
+        try:
+            info = await self._stub.GetModelInfo(
+                pb.ModelInfoRequest(model=model), timeout=self.timeout
+            )
+        except grpc.RpcError as error:
+            raise GradserveError.from_rpc(error) from None
+        return to_model_info(info)
+
+
+async def _aiter(xs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:
+    if isinstance(xs, AsyncIterable):
+        async for x in xs:
+            yield x
+    else:
+        for x in xs:
+            yield x

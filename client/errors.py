@@ -1,0 +1,27 @@
+"""The exception every SDK call raises for a server-side failure."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GradserveError(Exception):
+    """A request failed: `code` is the grpc.StatusCode, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> GradserveError:
+        return cls(error.code(), error.details() or "")
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode for a wire status number (UNKNOWN for one this grpc does not know)."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)

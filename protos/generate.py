@@ -1,0 +1,37 @@
+"""Generate the Python modules for the .proto files under protos/.
+
+Generated code is committed next to its .proto so that a plain `pip install .`
+needs no protoc. `make proto` rewrites it; tests/test_protos.py fails when the
+committed files differ from what this script produces.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+PROTO_ROOT = Path(__file__).resolve().parent
+PROTO_FILES = ["gradserve/v1/gradserve.proto"]
+
+
+def generate(out_dir: Path) -> None:
+    """Compile every proto in PROTO_FILES into out_dir (mirrors the proto paths)."""
+    include = Path(protoc.__file__).resolve().parent / "_proto"
+    for proto in PROTO_FILES:
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            str(PROTO_ROOT / proto),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+
+
+if __name__ == "__main__":
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_ROOT)

@@ -1,0 +1,1 @@
+"""Generated code for the gradserve.v1 protocol (see gradserve.proto)."""

@@ -1,0 +1,1 @@
+"""gradserve server: engine, batcher, servicers and their assembly."""

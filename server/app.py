@@ -1,0 +1,120 @@
+"""Assembly: engine + batcher + servicers on one grpc.aio server, health, signals, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from gradserve.server.batcher import Batcher
+from gradserve.server.config import ServerConfig
+from gradserve.server.contract import ModelSpec
+from gradserve.server.native_service import GradientServicer
+from gradserve.v1 import gradserve_pb2, gradserve_pb2_grpc
+
+log = logging.getLogger("gradserve")
+
+SERVICE_NAMES = [gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name]
+
+
+def load_engine(config: ServerConfig):  # -> Engine; typed loosely to keep TensorFlow lazy
+    """Load and warm up the model; the only place the app touches the engine module."""
+    from gradserve.server.engine import Engine
+
+    engine = Engine(
+        config.model,
+        device=config.device,
+        xla=config.xla,
+        max_batch_size=config.max_batch_size,
+        name=config.model_name or None,
+    )
+    seconds = engine.warm_up()
+    log.info(
+        "model %s on %s warmed up in %.1f s (xla=%s)",
+        engine.name,
+        engine.device,
+        seconds,
+        engine.xla,
+    )
+    return engine
+
+
+class GradServer:
+    """A running server. `async with GradServer(config) as s:` binds, serves, then drains."""
+
+    def __init__(self, config: ServerConfig, engine=None) -> None:
+        self.config = config
+        self._engine = engine
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._batcher: Batcher | None = None
+        self._health = HealthServicer()
+
+    async def __aenter__(self) -> GradServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        config = self.config
+        engine = self._engine or await asyncio.to_thread(load_engine, config)
+        spec = ModelSpec(
+            name=engine.name,
+            version="1",
+            input_width=engine.input_width,
+            output_width=engine.output_width,
+            device=engine.device,
+            max_batch_size=config.max_batch_size,
+            max_request_rows=config.max_queue_rows,
+        )
+        self._batcher = Batcher(
+            engine.run,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_us / 1e6,
+            max_queue_rows=config.max_queue_rows,
+        )
+        self._batcher.start()
+        limit = config.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        gradserve_pb2_grpc.add_GradientServiceServicer_to_server(
+            GradientServicer(self._batcher, spec, stream_window=config.stream_window), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if not self.port:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        await self._server.start()
+        for name in ["", *SERVICE_NAMES]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d", spec.name, config.host, self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let accepted ones finish (up to `grace` s)."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.drain_seconds if grace is None else grace)
+        if self._batcher is not None:
+            await self._batcher.close()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then drain and return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with GradServer(config):
+        await stop.wait()
+        log.info("signal received: draining for up to %.0f s", config.drain_seconds)

@@ -1,0 +1,347 @@
+"""Micro-batching: every caller's rows go into one queue, one worker runs them on the engine.
+
+The worker forms a batch as soon as the engine is free, from whatever is queued
+(no fixed wait at low load); while the engine computes, new rows accumulate for
+the next batch, up to `max_batch_size` rows. Batches never mix derivative kinds.
+A request larger than a batch is split across batches and reassembled. A request
+that is cancelled, or whose deadline passes, before its rows are dispatched is
+dropped and its rows freed. If the engine fails on a batch, the batch is bisected
+so only the request that fails on its own gets the error.
+
+This module knows nothing of gRPC or protobuf: `compute` is any function
+(Derivative, float32 [n, d] array) -> Outputs, run on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradserve.server.contract import Derivative, Outputs
+
+log = logging.getLogger(__name__)
+
+Compute = Callable[[Derivative, np.ndarray], Outputs]
+
+
+class BatcherError(Exception):
+    """Base of the errors a submitted request can end with."""
+
+
+class QueueFull(BatcherError):
+    """The queue holds too many rows to admit this request now; retrying later may work."""
+
+
+class RequestTooLarge(BatcherError):
+    """The request has more rows than the queue can ever hold."""
+
+
+class DeadlineExpired(BatcherError):
+    """The caller's deadline passed before the request's rows were computed."""
+
+
+class EngineFailed(BatcherError):
+    """The engine raised on this request's rows (isolated from the rest of its batch)."""
+
+
+class Closed(BatcherError):
+    """The batcher is shutting down and accepts no new requests."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_us: int
+    compute_us: int
+    batch_rows: int
+
+
+@dataclass(frozen=True)
+class Result:
+    y: np.ndarray
+    dy_dx: np.ndarray | None
+    timing: Timing
+
+
+class _Pending:
+    """One request in the queue; `next_row` marks how far it has been dispatched."""
+
+    __slots__ = (
+        "batch_rows",
+        "compute_s",
+        "deadline",
+        "dy_dx",
+        "enqueued",
+        "future",
+        "kind",
+        "n",
+        "next_row",
+        "started",
+        "x",
+        "y",
+    )
+
+    def __init__(self, x, kind, future, deadline, enqueued) -> None:
+        self.x: np.ndarray = x
+        self.n: int = x.shape[0]
+        self.kind: Derivative = kind
+        self.future: asyncio.Future[Result] = future
+        self.deadline: float | None = deadline
+        self.enqueued: float = enqueued
+        self.next_row = 0
+        self.started: float | None = None
+        self.compute_s = 0.0
+        self.batch_rows = 0
+        self.y: np.ndarray | None = None
+        self.dy_dx: np.ndarray | None = None
+
+
+@dataclass
+class _Part:
+    """Rows [start, stop) of one pending request, placed in a batch."""
+
+    pending: _Pending
+    start: int
+    stop: int
+
+
+class Batcher:
+    """Queue + single worker in front of a compute function. Use as `async with`."""
+
+    def __init__(
+        self,
+        compute: Compute,
+        *,
+        max_batch_size: int = 1024,
+        max_delay_s: float = 0.0,
+        max_queue_rows: int = 1 << 20,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_delay_s >= 0")
+        self._compute = compute
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_rows = max_queue_rows
+        self._queues: dict[Derivative, deque[_Pending]] = {kind: deque() for kind in Derivative}
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradserve-engine")
+        self.batches_run = 0
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows admitted but not yet handed to the engine."""
+        return self._queued_rows
+
+    async def __aenter__(self) -> Batcher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    def submit(
+        self, x: np.ndarray, kind: Derivative, deadline: float | None = None
+    ) -> asyncio.Future[Result]:
+        """Queue float32 rows x [n, d]; the future resolves to their Result.
+
+        `deadline` is on the event loop's clock (loop.time()). Raises at once,
+        queueing nothing, when the batcher is closing or the queue is full.
+        Cancelling the future withdraws whatever rows are not yet dispatched.
+        """
+        if self._closing:
+            raise Closed("the server is shutting down and accepts no new requests")
+        n = x.shape[0]
+        if n > self.max_queue_rows:
+            raise RequestTooLarge(
+                f"request has {n} rows; at most {self.max_queue_rows} rows fit in one request"
+            )
+        if self._queued_rows + n > self.max_queue_rows:
+            raise QueueFull(
+                f"queue full: {self._queued_rows} of {self.max_queue_rows} rows are waiting and "
+                f"this request adds {n}; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        pending = _Pending(x, kind, future, deadline, loop.time())
+        future.add_done_callback(lambda _f: self._withdraw(pending))
+        self._queues[kind].append(pending)
+        self._queued_rows += n
+        self._wakeup.set()
+        return future
+
+    async def evaluate(
+        self, x: np.ndarray, kind: Derivative, deadline: float | None = None
+    ) -> Result:
+        return await self.submit(x, kind, deadline)
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every admitted one, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """Free the not-yet-dispatched rows of a finished (answered, failed, cancelled) request."""
+        self._queued_rows -= pending.n - pending.next_row
+        pending.next_row = pending.n
+
+    async def _run(self) -> None:
+        while True:
+            if self._queued_rows == 0:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_delay_s > 0:
+                await self._wait_for_fill()
+            parts = self._take_batch()
+            if parts:
+                try:
+                    await self._execute(parts)
+                except asyncio.CancelledError:
+                    _fail(parts, Closed("the server stopped before this request was computed"))
+                    raise
+                except Exception as exc:  # a fault of ours, not the engine's: never kill the loop
+                    log.exception("batch worker fault")
+                    _fail(parts, EngineFailed(f"internal error while batching: {exc}"))
+
+    async def _wait_for_fill(self) -> None:
+        """Hold the batch until it is full or the oldest request has waited max_delay_s."""
+        loop = asyncio.get_running_loop()
+        heads = [q[0].enqueued for q in self._queues.values() if q]
+        until = min(heads, default=loop.time()) + self.max_delay_s
+        while self._queued_rows < self.max_batch_size and not self._closing:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _take_batch(self) -> list[_Part]:
+        """Up to max_batch_size rows of one kind, oldest request first."""
+        now = asyncio.get_running_loop().time()
+        for queue in self._queues.values():
+            _drop_dead_heads(queue, now)
+        live = [q for q in self._queues.values() if q]
+        if not live:
+            return []
+        queue = min(live, key=lambda q: q[0].enqueued)
+        parts: list[_Part] = []
+        room = self.max_batch_size
+        while queue and room:
+            pending = queue[0]
+            if _is_dead(pending, now):
+                queue.popleft()
+                continue
+            take = min(room, pending.n - pending.next_row)
+            parts.append(_Part(pending, pending.next_row, pending.next_row + take))
+            pending.next_row += take
+            self._queued_rows -= take
+            room -= take
+            if pending.started is None:
+                pending.started = now
+            if pending.next_row == pending.n:
+                queue.popleft()
+        return parts
+
+    async def _execute(self, parts: list[_Part]) -> None:
+        """Run one batch; on an engine error, bisect so only the failing request fails."""
+        kind = parts[0].pending.kind
+        if len(parts) == 1:
+            p = parts[0]
+            x = p.pending.x[p.start : p.stop]
+        else:
+            x = np.concatenate([p.pending.x[p.start : p.stop] for p in parts])
+        loop = asyncio.get_running_loop()
+        began = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._compute, kind, x)
+        except Exception as exc:
+            if len(parts) == 1:
+                log.warning("engine failed on a request of %d rows: %s", x.shape[0], exc)
+                _fail(parts, EngineFailed(f"the engine failed on this request: {exc}"))
+                return
+            middle = len(parts) // 2
+            await self._execute(parts[:middle])
+            await self._execute(parts[middle:])
+            return
+        self.batches_run += 1
+        _deliver(parts, outputs, time.perf_counter() - began, loop.time())
+
+
+def _is_dead(pending: _Pending, now: float) -> bool:
+    """True for a request already finished (e.g. cancelled); fails one past its deadline."""
+    if pending.future.done():
+        return True
+    if pending.deadline is not None and now >= pending.deadline:
+        pending.future.set_exception(
+            DeadlineExpired("the deadline passed while the request waited in the queue")
+        )
+        return True
+    return False
+
+
+def _drop_dead_heads(queue: deque[_Pending], now: float) -> None:
+    while queue and _is_dead(queue[0], now):
+        queue.popleft()
+
+
+def _fail(parts: list[_Part], error: BatcherError) -> None:
+    for part in parts:
+        if not part.pending.future.done():
+            part.pending.future.set_exception(error)
+
+
+def _deliver(parts: list[_Part], outputs: Outputs, compute_s: float, now: float) -> None:
+    """Split a batch's outputs back to its requests; resolve those now complete."""
+    batch_rows = sum(p.stop - p.start for p in parts)
+    offset = 0
+    for part in parts:
+        pending, rows = part.pending, part.stop - part.start
+        chunk = slice(offset, offset + rows)
+        offset += rows
+        if pending.future.done():
+            continue
+        pending.compute_s += compute_s
+        pending.batch_rows = max(pending.batch_rows, batch_rows)
+        if rows == pending.n:
+            pending.y = outputs.y[chunk]
+            pending.dy_dx = None if outputs.dy_dx is None else outputs.dy_dx[chunk]
+        else:
+            _store(pending, outputs, chunk, part)
+        if part.stop == pending.n:  # parts of a request run in order, so this one completes it
+            timing = Timing(
+                queue_us=round((pending.started - pending.enqueued) * 1e6),
+                compute_us=round(pending.compute_s * 1e6),
+                batch_rows=pending.batch_rows,
+            )
+            pending.future.set_result(Result(pending.y, pending.dy_dx, timing))
+
+
+def _store(pending: _Pending, outputs: Outputs, chunk: slice, part: _Part) -> None:
+    """Copy one slice of a split request's results into its own buffers."""
+    if pending.y is None:
+        pending.y = np.empty((pending.n, *outputs.y.shape[1:]), outputs.y.dtype)
+        if outputs.dy_dx is not None:
+            pending.dy_dx = np.empty((pending.n, *outputs.dy_dx.shape[1:]), outputs.dy_dx.dtype)
+    pending.y[part.start : part.stop] = outputs.y[chunk]
+    if pending.dy_dx is not None and outputs.dy_dx is not None:
+        pending.dy_dx[part.start : part.stop] = outputs.dy_dx[chunk]

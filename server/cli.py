@@ -1,0 +1,48 @@
+"""The `gradserve` command: `serve` the model, `train` the bundled one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from gradserve.server import config as cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over gRPC")
+    cfg.add_arguments(serve)
+    train = sub.add_parser("train", help="retrain the bundled model (deterministic)")
+    train.add_argument(
+        "--out", default=str(cfg.BUNDLED_MODEL), help="where to write the .keras file"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "train":
+        from pathlib import Path
+
+        from gradserve.server.train import train_quadratic
+
+        loss = train_quadratic(Path(args.out))
+        print(f"trained {args.out} (final mse {loss:.2e})")
+        return 0
+    try:
+        from gradserve.server.app import serve
+    except ImportError as exc:
+        print(f"gradserve serve needs the server extra: pip install 'gradserve[server]' ({exc})")
+        return 2
+    asyncio.run(serve(cfg.from_namespace(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Server configuration: one dataclass, built from flags with GRADSERVE_<FLAG> env fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "quadratic.keras"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path = BUNDLED_MODEL
+    model_name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    xla: bool = True
+    max_batch_size: int = 4096
+    max_delay_us: int = 0
+    max_queue_rows: int = 262144
+    max_message_mb: int = 64
+    stream_window: int = 256
+    drain_seconds: float = 30.0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+
+_HELP = {
+    "model": "Keras model file (.keras) to serve; default: the bundled quadratic model",
+    "model_name": "name clients use for the model; default: the file name without extension",
+    "host": "address to bind; 0.0.0.0 exposes the server on every interface",
+    "port": "port to bind; 0 picks a free one",
+    "device": "auto (first GPU, else CPU), cpu, or gpu:N",
+    "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
+    "max_batch_size": "most rows per engine call; larger requests are split",
+    "max_delay_us": "hold an idle engine up to this long to gather a larger batch (0: never)",
+    "max_queue_rows": "most rows waiting at once (and per request); beyond: RESOURCE_EXHAUSTED",
+    "max_message_mb": "largest request or response message, in MiB",
+    "stream_window": "messages of one stream read ahead while earlier ones compute",
+    "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
+}
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+_TYPES = {"Path": Path, "str": str, "int": int, "float": float, "bool": _parse_bool}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field; GRADSERVE_<FIELD> in the environment sets its default."""
+    for field in fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        env = "GRADSERVE_" + field.name.upper()
+        kind = _TYPES[field.type]
+        default = kind(os.environ[env]) if env in os.environ else field.default
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            help=f"{_HELP[field.name]} (env {env}; default: {default})",
+        )
+
+
+def from_namespace(args: argparse.Namespace) -> ServerConfig:
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    if config.max_batch_size < 1 or config.max_queue_rows < 1 or config.max_delay_us < 0:
+        raise ValueError("max-batch-size and max-queue-rows must be >= 1, max-delay-us >= 0")
+    return config
