@@ -2,7 +2,8 @@
 
 Generated code is committed next to its .proto so that a plain `pip install .`
 needs no protoc. `make proto` rewrites it; tests/test_protos.py fails when the
-committed files differ from what this script produces.
+committed files differ from what this script produces. Run it as a script: protoc
+crashes inside a process that has TensorFlow loaded.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def decode_rows(
             f"needs {expected} bytes ({n}*{d}*{itemsize})"
         )
     rows = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(n, d)
-    rows = rows.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
+        rows = rows.astype(np.float32, copy=False)
     check_finite(rows, name)
     return rows
 

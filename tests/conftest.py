@@ -1,0 +1,140 @@
+"""Shared fixtures: the bundled engine, small test models, and real servers on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradserve.server.app import GradServer
+from gradserve.server.config import BUNDLED_MODEL, ServerConfig
+from gradserve.server.contract import Derivative, Outputs
+
+TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A GradServer on its own event-loop thread, so tests can use the blocking SDK too."""
+
+    def __init__(self, config: ServerConfig, engine: object) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = GradServer(config, engine)
+        self._call(self.server.start(), timeout=60)
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def _call(self, coro, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+
+    @property
+    def batcher(self):
+        return self.server._batcher
+
+    def stop(self) -> None:
+        try:
+            self._call(self.server.stop(grace=5), timeout=30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class GatedEngine:
+    """Wraps a real engine: blocks each call until the gate opens, records rows computed."""
+
+    def __init__(self, engine: object) -> None:
+        self._engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[tuple[Derivative, np.ndarray]] = []
+        self.entered = 0  # engine calls started (possibly still waiting at the gate)
+        for attr in ("name", "input_width", "output_width", "device"):
+            setattr(self, attr, getattr(engine, attr))
+
+    def run(self, kind: Derivative, x: np.ndarray) -> Outputs:
+        self.entered += 1
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("test gate never opened")
+        self.calls.append((kind, x.copy()))
+        return self._engine.run(kind, x)
+
+    @property
+    def rows_computed(self) -> int:
+        return sum(x.shape[0] for _, x in self.calls)
+
+
+@pytest.fixture(scope="session")
+def bundled_engine():
+    from gradserve.server.engine import Engine
+
+    engine = Engine(BUNDLED_MODEL, xla=True, max_batch_size=TEST_CONFIG.max_batch_size)
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def server(bundled_engine) -> Iterator[RunningServer]:
+    with RunningServer(TEST_CONFIG, bundled_engine) as running:
+        yield running
+
+
+@pytest.fixture
+def gated_server(bundled_engine) -> Iterator[tuple[RunningServer, GatedEngine]]:
+    """A server whose engine waits for `gate`; small queue so it fills quickly."""
+    gated = GatedEngine(bundled_engine)
+    config = replace(TEST_CONFIG, max_queue_rows=64)
+    with RunningServer(config, gated) as running:
+        yield running, gated
+        gated.gate.set()
+
+
+@pytest.fixture(scope="session")
+def mimo_model_path(tmp_path_factory) -> Path:
+    """A smooth 3-input, 2-output model (tanh), saved as .keras."""
+    import keras
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(3,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
+    path = tmp_path_factory.mktemp("models") / "mimo.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mimo_engine(mimo_model_path):
+    from gradserve.server.engine import Engine
+
+    engine = Engine(mimo_model_path, xla=False, max_batch_size=64)
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def mimo_server(mimo_engine) -> Iterator[RunningServer]:
+    with RunningServer(replace(TEST_CONFIG, max_batch_size=64), mimo_engine) as running:
+        yield running

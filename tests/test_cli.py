@@ -1,0 +1,90 @@
+"""The `gradserve` command as users run it: a real process, signals, flags and env."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve.server import config as cfg
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+
+def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_accepted_requests_then_exits_zero(sig):
+    port = free_port()
+    env = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_MAX_DELAY_US": "300000"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, process)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GradientServiceStub(channel)
+            x = np.full((3, 1), 0.6, "<f4")
+            request = pb.EvaluateRequest(x=pb.Tensor(shape=[3, 1], data=x.tobytes()))
+            futures = [stub.Evaluate.future(request, timeout=30) for _ in range(20)]
+            time.sleep(0.1)  # accepted and held in the queue by the 0.3 s batching delay
+            process.send_signal(sig)
+            responses = [f.result(timeout=30) for f in futures]
+        assert all(r.dy_dx.shape == [3, 1] for r in responses)
+        assert process.wait(timeout=60) == 0
+        assert "draining" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_flags_override_environment_and_defaults(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("GRADSERVE_MAX_BATCH_SIZE", "128")
+    monkeypatch.setenv("GRADSERVE_XLA", "off")
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    from_env = cfg.from_namespace(parser.parse_args([]))
+    assert (from_env.max_batch_size, from_env.xla, from_env.port) == (128, False, 50051)
+    from_flag = cfg.from_namespace(parser.parse_args(["--max-batch-size", "32", "--xla", "on"]))
+    assert (from_flag.max_batch_size, from_flag.xla) == (32, True)
+    assert from_flag.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="max-batch-size"):
+        cfg.from_namespace(parser.parse_args(["--max-batch-size", "0"]))
+
+
+def test_serve_help_lists_every_flag_with_its_default():
+    run = subprocess.run(
+        [sys.executable, "-m", "gradserve.server.cli", "serve", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0
+    for flag in ("--model", "--port", "--device", "--max-batch-size", "--max-delay-us", "--xla"):
+        assert flag in run.stdout
+    assert "default: 127.0.0.1" in run.stdout

@@ -1,0 +1,123 @@
+"""The engine alone, no gRPC: trained weights served, derivatives against float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradserve.server.config import BUNDLED_MODEL
+from gradserve.server.contract import Derivative
+from gradserve.server.engine import Engine, ModelError, batch_ladder, resolve_device
+
+
+def float64_reference(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """y, gradient of sum(y) and per-row Jacobian from GradientTape, all in float64."""
+    x64 = tf.constant(x, tf.float64)
+    weights64 = [tf.constant(w.numpy(), tf.float64) for w in model.weights]
+    # A float64 forward pass of the Dense stack, written out from the weights.
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x64)
+        h = x64
+        layers = [layer for layer in model.layers if layer.weights]
+        for i, layer in enumerate(layers):
+            kernel, bias = weights64[2 * i], weights64[2 * i + 1]
+            h = tf.matmul(h, kernel) + bias
+            if layer.activation.__name__ != "linear":
+                h = getattr(tf.nn, layer.activation.__name__)(h)
+        y = h
+    gradient = tape.gradient(y, x64)
+    jacobian = tape.jacobian(y, x64)  # [n, m, n, d]
+    n = x.shape[0]
+    per_row = np.stack([jacobian[i, :, i, :] for i in range(n)])
+    return y.numpy(), gradient.numpy(), per_row
+
+
+def test_served_outputs_equal_model_predict_on_the_loaded_file(bundled_engine):
+    import keras
+
+    loaded = keras.saving.load_model(BUNDLED_MODEL, compile=False)
+    x = np.linspace(-0.5, 1.5, 301, dtype=np.float32).reshape(-1, 1)
+    expected = loaded.predict(x, verbose=0)
+    for kind in Derivative:
+        served = bundled_engine.run(kind, x[:256]).y
+        # Equal up to float32 rounding of sums of O(1) terms (XLA fuses them in another order).
+        np.testing.assert_allclose(served, expected[:256], rtol=1e-6, atol=1e-6)
+    # Weights are the trained ones, not a fresh initialisation.
+    for served, trained in zip(bundled_engine.model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(served.numpy(), trained.numpy())
+
+
+def test_bundled_gradient_tracks_the_analytic_derivative(bundled_engine):
+    x = np.array([[0.2], [0.6]], np.float32)
+    grad = bundled_engine.run(Derivative.GRADIENT, x).dy_dx[:, 0]
+    assert abs(grad[0] - grad[1]) > 1.0
+    np.testing.assert_allclose(grad, 8 * (x[:, 0] - 0.5), atol=0.3)
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_mimo_derivatives_match_float64_tape(mimo_model_path, xla):
+    engine = Engine(mimo_model_path, xla=xla, max_batch_size=16)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(11, 3)).astype(np.float32)
+    y_ref, grad_ref, jac_ref = float64_reference(engine.model, x)
+    out = engine.run(Derivative.JACOBIAN, x)
+    assert out.y.shape == (11, 2) and out.dy_dx.shape == (11, 2, 3)
+    np.testing.assert_allclose(out.y, y_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out.dy_dx, jac_ref, rtol=1e-4, atol=1e-6)
+    grad = engine.run(Derivative.GRADIENT, x)
+    assert grad.dy_dx.shape == (11, 3)
+    np.testing.assert_allclose(grad.dy_dx, grad_ref, rtol=1e-4, atol=1e-6)
+    none = engine.run(Derivative.NONE, x)
+    assert none.dy_dx is None
+    np.testing.assert_allclose(none.y, y_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_jacobian_matches_tape_jacobian_in_float32(mimo_engine):
+    x = np.random.default_rng(2).normal(size=(5, 3)).astype(np.float32)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = mimo_engine.model(xt)
+    full = tape.jacobian(y, xt).numpy()
+    expected = np.stack([full[i, :, i, :] for i in range(5)])
+    np.testing.assert_allclose(mimo_engine.run(Derivative.JACOBIAN, x).dy_dx, expected, rtol=1e-5)
+
+
+def test_xla_padding_does_not_change_results(mimo_model_path, mimo_engine):
+    xla = Engine(mimo_model_path, xla=True, max_batch_size=16)
+    x = np.random.default_rng(3).normal(size=(13, 3)).astype(np.float32)  # padded to 16
+    for kind in (Derivative.GRADIENT, Derivative.JACOBIAN):
+        a, b = xla.run(kind, x), mimo_engine.run(kind, x)
+        assert a.y.shape == b.y.shape == (13, 2)
+        np.testing.assert_allclose(a.dy_dx, b.dy_dx, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_ladder_covers_every_size_up_to_the_max():
+    assert batch_ladder(1) == [1]
+    assert batch_ladder(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert batch_ladder(256)[-1] == 256
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == "/device:CPU:0"
+    assert resolve_device("auto").endswith(":0")
+    with pytest.raises(ModelError, match="GPU"):
+        resolve_device("gpu:7")
+    with pytest.raises(ModelError, match="auto, cpu or gpu:N"):
+        resolve_device("tpu")
+
+
+def test_unservable_models_are_refused(tmp_path):
+    import keras
+
+    with pytest.raises(ModelError, match="does not exist"):
+        Engine(tmp_path / "missing.keras")
+    bad = tmp_path / "garbage.keras"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ModelError, match="cannot load"):
+        Engine(bad)
+    image = keras.Sequential([keras.Input(shape=(4, 4)), keras.layers.Dense(1)])
+    image.save(tmp_path / "image.keras")
+    with pytest.raises(ModelError, match=r"\[n, d\] to \[n, m\]"):
+        Engine(tmp_path / "image.keras")
