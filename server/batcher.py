@@ -165,6 +165,8 @@ class Batcher:
         if self._closing:
             raise Closed("the server is shutting down and accepts no new requests")
         n = x.shape[0]
+        if n < 1:
+            raise ValueError("a request needs at least one row")
         if n > self.max_queue_rows:
             raise RequestTooLarge(
                 f"request has {n} rows; at most {self.max_queue_rows} rows fit in one request"
@@ -212,15 +214,17 @@ class Batcher:
             if self.max_delay_s > 0:
                 await self._wait_for_fill()
             parts = self._take_batch()
-            if parts:
-                try:
-                    await self._execute(parts)
-                except asyncio.CancelledError:
-                    _fail(parts, Closed("the server stopped before this request was computed"))
-                    raise
-                except Exception as exc:  # a fault of ours, not the engine's: never kill the loop
-                    log.exception("batch worker fault")
-                    _fail(parts, EngineFailed(f"internal error while batching: {exc}"))
+            if not parts:
+                await asyncio.sleep(0)  # let pending done-callbacks run before looking again
+                continue
+            try:
+                await self._execute(parts)
+            except asyncio.CancelledError:
+                _fail(parts, Closed("the server stopped before this request was computed"))
+                raise
+            except Exception as exc:  # a fault of ours, not the engine's: never kill the loop
+                log.exception("batch worker fault")
+                _fail(parts, EngineFailed(f"internal error while batching: {exc}"))
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
@@ -239,7 +243,8 @@ class Batcher:
         """Up to max_batch_size rows of one kind, oldest request first."""
         now = asyncio.get_running_loop().time()
         for queue in self._queues.values():
-            _drop_dead_heads(queue, now)
+            while queue and self._drop_if_dead(queue[0], now):
+                queue.popleft()
         live = [q for q in self._queues.values() if q]
         if not live:
             return []
@@ -248,7 +253,7 @@ class Batcher:
         room = self.max_batch_size
         while queue and room:
             pending = queue[0]
-            if _is_dead(pending, now):
+            if self._drop_if_dead(pending, now):
                 queue.popleft()
                 continue
             take = min(room, pending.n - pending.next_row)
@@ -261,6 +266,13 @@ class Batcher:
             if pending.next_row == pending.n:
                 queue.popleft()
         return parts
+
+    def _drop_if_dead(self, pending: _Pending, now: float) -> bool:
+        """True (and its rows freed now, not in a later callback) for a finished request."""
+        if _is_dead(pending, now):
+            self._withdraw(pending)
+            return True
+        return False
 
     async def _execute(self, parts: list[_Part]) -> None:
         """Run one batch; on an engine error, bisect so only the failing request fails."""
@@ -297,11 +309,6 @@ def _is_dead(pending: _Pending, now: float) -> bool:
         )
         return True
     return False
-
-
-def _drop_dead_heads(queue: deque[_Pending], now: float) -> None:
-    while queue and _is_dead(queue[0], now):
-        queue.popleft()
 
 
 def _fail(parts: list[_Part], error: BatcherError) -> None:

@@ -1,0 +1,982 @@
+"""Unit tests of the micro-batcher (gradserve.server.batcher) against a fake engine.
+
+The fake engine is a plain function of (Derivative, x [n, d]) with a known per-row result, so
+every caller's answer can be checked exactly. Every x row carries its kind tag, its caller's id
+and its row index, so the fake can record which caller's rows went into which engine call.
+No TensorFlow here.
+
+Async tests run with `asyncio.run` inside sync test functions; every wait is bounded.
+
+`test_stuck_worker_after_dropping_a_request` runs its scenarios in child processes (this file run
+as a script): with the batcher as written they freeze the event loop in a loop that never awaits,
+which no asyncio timeout can interrupt; each child has a watchdog that dumps its stack and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradserve.server.batcher import (
+    Batcher,
+    BatcherError,
+    Closed,
+    DeadlineExpired,
+    EngineFailed,
+    QueueFull,
+    RequestTooLarge,
+    Result,
+)
+from gradserve.server.contract import Derivative, Outputs
+
+NONE, GRADIENT, JACOBIAN = Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN
+KINDS = (NONE, GRADIENT, JACOBIAN)
+TAG = {NONE: 0.0, GRADIENT: 1.0, JACOBIAN: 2.0}
+D = 5  # x columns: kind tag, caller id, row index, two integer payload values
+M = 2  # y columns
+MARKER = -999.0  # a row holding this value makes the fake engine raise
+
+WAIT_S = 2.0  # bound on any single wait in a test
+TEST_S = 8.0  # bound on a whole async test
+HOLD_S = 5.0  # the fake engine never stays held longer than this
+
+_caller_ids = itertools.count(1)
+
+# A hang would show as a busy event loop that no asyncio timeout can interrupt; pytest-timeout's
+# SIGALRM can, so a regression of that kind fails the test instead of stalling the run.
+pytestmark = pytest.mark.timeout(10)
+
+
+# --------------------------------------------------------------------------- fake engine
+
+
+def reference(kind: Derivative, x: np.ndarray) -> Outputs:
+    """The fake engine's known per-row function (what one caller alone should get).
+
+    y = [sum(x), 2 sum(x)]; GRADIENT -> 3 x + 1 [n, d]; JACOBIAN -> [x, 2 x + 1] [n, 2, d];
+    NONE -> None. The derivatives depend on x so that a row delivered to the wrong caller shows.
+    """
+    s = x.sum(axis=1, dtype=np.float32)
+    y = np.stack([s, 2 * s], axis=1)
+    if kind is GRADIENT:
+        dy_dx = 3 * x + 1
+    elif kind is JACOBIAN:
+        dy_dx = np.stack([x, 2 * x + 1], axis=1)
+    else:
+        dy_dx = None
+    return Outputs(y, dy_dx)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One engine call as the fake saw it (recorded on entry, before it may block)."""
+
+    kind: Derivative
+    rows: int
+    tags: frozenset[float]
+    keys: tuple[tuple[int, int], ...]  # (caller id, row index) of each row, in order
+    failed: bool
+
+    @property
+    def callers(self) -> set[int]:
+        return {cid for cid, _ in self.keys}
+
+
+class FakeEngine:
+    """compute(kind, x) -> Outputs that records each call and can be held on a gate."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self._calls: list[Call] = []
+        self._lock = threading.Lock()
+        self._gate = threading.Event()
+        self._gate.set()
+        self.returned = 0  # calls that have finished (returned or raised)
+
+    def __call__(self, kind: Derivative, x: np.ndarray) -> Outputs:
+        keys = tuple((int(cid), int(row)) for cid, row in x[:, 1:3])
+        failed = bool((x == MARKER).any())
+        call = Call(kind, x.shape[0], frozenset(x[:, 0].tolist()), keys, failed)
+        with self._lock:
+            self._calls.append(call)
+        try:
+            if not self._gate.wait(HOLD_S):
+                raise TimeoutError("the fake engine was held too long (a bug in the test)")
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if failed:
+                raise ValueError(f"marker value {MARKER} in the batch")
+            return reference(kind, x)
+        finally:
+            with self._lock:
+                self.returned += 1
+
+    @property
+    def calls(self) -> list[Call]:
+        with self._lock:
+            return list(self._calls)
+
+    def rows(self) -> list[int]:
+        return [c.rows for c in self.calls]
+
+    def computed_keys(self) -> Counter[tuple[int, int]]:
+        """(caller, row) -> how many successful engine calls computed it."""
+        return Counter(k for c in self.calls if not c.failed for k in c.keys)
+
+    def seen_callers(self) -> set[int]:
+        """Every caller whose rows were ever passed to the engine (failed calls included)."""
+        return {cid for c in self.calls for cid in c.callers}
+
+    def calls_with(self, cid: int) -> list[Call]:
+        return [c for c in self.calls if cid in c.callers]
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Engine calls started inside block until the block exits (even on a test failure)."""
+        self._gate.clear()
+        try:
+            yield
+        finally:
+            self._gate.set()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_x(kind: Derivative, n: int, *, marker_row: int | None = None) -> np.ndarray:
+    """Rows for a new caller: distinct from every other caller's rows."""
+    cid = next(_caller_ids)
+    rng = np.random.default_rng(cid)
+    x = np.empty((n, D), np.float32)
+    x[:, 0] = TAG[kind]
+    x[:, 1] = cid
+    x[:, 2] = np.arange(n)
+    x[:, 3:] = rng.integers(-50, 51, size=(n, D - 3))
+    if marker_row is not None:
+        x[marker_row, 3] = MARKER
+    return x
+
+
+def cid_of(x: np.ndarray) -> int:
+    return int(x[0, 1])
+
+
+def assert_result(result: Result, kind: Derivative, x: np.ndarray) -> None:
+    """The result equals the fake's per-row function on this caller's own rows, in order."""
+    ref = reference(kind, x)
+    n = x.shape[0]
+    assert result.y.shape == (n, M)
+    np.testing.assert_array_equal(result.y, ref.y)
+    if kind is NONE:
+        assert result.dy_dx is None
+    else:
+        assert ref.dy_dx is not None and result.dy_dx is not None
+        expected_shape = (n, D) if kind is GRADIENT else (n, M, D)
+        assert result.dy_dx.shape == expected_shape
+        np.testing.assert_array_equal(result.dy_dx, ref.dy_dx)
+
+
+def assert_calls_well_formed(engine: FakeEngine, max_batch_size: int) -> None:
+    """No call exceeds max_batch_size, and no call mixes derivative kinds."""
+    for call in engine.calls:
+        assert 1 <= call.rows <= max_batch_size, call
+        assert call.tags == {TAG[call.kind]}, f"kinds mixed in one engine call: {call}"
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), TEST_S))
+
+
+async def wait(aw: Awaitable, timeout: float = WAIT_S):
+    return await asyncio.wait_for(aw, timeout)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def engine_busy(engine: FakeEngine, calls: int = 1) -> None:
+    """Wait until the engine has entered `calls` calls (the last of which may be held)."""
+    await until(lambda: len(engine.calls) >= calls)
+
+
+async def idle(engine: FakeEngine, batcher: Batcher) -> None:
+    """Wait until the engine has finished every call it entered and nothing is queued."""
+    await until(lambda: engine.returned == len(engine.calls) and batcher.queued_rows == 0)
+    await asyncio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- 1. correctness
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_interleavings_match_unbatched(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    max_batch_size = int(rng.choice([1, 3, 7, 16, 50, 64, 128, 1000]))
+    requests = [
+        (KINDS[int(rng.integers(3))], int(rng.integers(1, 51)), float(rng.choice([0, 0, 1e-3])))
+        for _ in range(200)
+    ]
+    engine = FakeEngine()
+
+    async def client(batcher: Batcher, kind: Derivative, n: int, pause: float):
+        if pause:
+            await asyncio.sleep(pause)
+        else:
+            for _ in range(int(rng.integers(0, 3))):
+                await asyncio.sleep(0)
+        x = make_x(kind, n)
+        return kind, x, await batcher.evaluate(x, kind)
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=max_batch_size) as batcher:
+            answers = await wait(
+                asyncio.gather(*(client(batcher, *r) for r in requests)), timeout=6.0
+            )
+            assert batcher.queued_rows == 0
+        assert batcher.batches_run == len(engine.calls)
+
+        for kind, x, result in answers:
+            assert_result(result, kind, x)
+            # batch_rows is the largest engine call the request's rows went into
+            calls = engine.calls_with(cid_of(x))
+            assert result.timing.batch_rows == max(c.rows for c in calls)
+            assert all(c.kind is kind for c in calls)
+        assert_calls_well_formed(engine, max_batch_size)
+        # every submitted row was computed exactly once, and nothing else was
+        submitted = Counter((cid_of(x), i) for _, x, _ in answers for i in range(x.shape[0]))
+        assert engine.computed_keys() == submitted
+        rows_by_kind = Counter()
+        for call in engine.calls:
+            rows_by_kind[call.kind] += call.rows
+        assert rows_by_kind == Counter(
+            {k: sum(n for kk, n, _ in requests if kk is k) for k in KINDS}
+        )
+        # with 200 concurrent callers, batching must actually have packed rows together
+        unbatched_calls = sum(-(-n // max_batch_size) for _, n, _ in requests)
+        if max_batch_size > 1:
+            assert len(engine.calls) < unbatched_calls
+
+    run(test)
+
+
+def test_each_caller_gets_its_own_rows_from_a_shared_batch() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=100) as batcher:
+            xs = [make_x(GRADIENT, n) for n in (3, 1, 4, 1, 5)]
+            futures = [batcher.submit(x, GRADIENT) for x in xs]  # all queued before dispatch
+            results = [await wait(f) for f in futures]
+        assert engine.rows() == [14]
+        for x, result in zip(xs, results, strict=True):
+            assert_result(result, GRADIENT, x)
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 2. dispatch
+
+
+def test_idle_engine_dispatches_a_single_request_at_once() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            x = make_x(JACOBIAN, 7)
+            began = time.perf_counter()
+            result = await wait(batcher.evaluate(x, JACOBIAN))
+            elapsed = time.perf_counter() - began
+        assert [(c.kind, c.rows) for c in engine.calls] == [(JACOBIAN, 7)]
+        assert_result(result, JACOBIAN, x)
+        assert result.timing.batch_rows == 7
+        assert elapsed < 0.5
+        assert result.timing.queue_us < 200_000
+
+    run(test)
+
+
+def test_requests_accumulate_while_engine_busy_and_run_in_one_batch() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                first_x = make_x(NONE, 2)
+                first = batcher.submit(first_x, NONE)
+                await engine_busy(engine)
+                assert engine.rows() == [2]
+                xs = [make_x(NONE, n) for n in (3, 5, 1, 4)]
+                futures = []
+                for x in xs:
+                    futures.append(batcher.submit(x, NONE))
+                    await asyncio.sleep(0.005)  # submitted at different times
+                assert batcher.queued_rows == 13
+                assert len(engine.calls) == 1  # nothing dispatched while the engine is busy
+            assert_result(await wait(first), NONE, first_x)
+            results = [await wait(f) for f in futures]
+        assert engine.rows() == [2, 13]
+        assert engine.calls[1].callers == {cid_of(x) for x in xs}
+        for x, result in zip(xs, results, strict=True):
+            assert_result(result, NONE, x)
+            assert result.timing.batch_rows == 13
+        assert batcher.batches_run == 2
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 3. batch size
+
+
+def test_request_larger_than_max_batch_size_is_split_and_reassembled() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=8) as batcher:
+            results = {}
+            for kind in KINDS:
+                x = make_x(kind, 37)
+                results[kind] = (x, await wait(batcher.evaluate(x, kind)))
+        assert engine.rows() == [8, 8, 8, 8, 5] * 3
+        assert_calls_well_formed(engine, 8)
+        for kind, (x, result) in results.items():
+            assert_result(result, kind, x)
+            assert result.y.dtype == np.float32
+            assert result.timing.batch_rows == 8
+            # the parts went to the engine in row order
+            keys = [k for c in engine.calls_with(cid_of(x)) for k in c.keys]
+            assert keys == [(cid_of(x), i) for i in range(37)]
+
+    run(test)
+
+
+def test_accumulated_batch_is_capped_and_a_request_straddles_two_batches() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=8) as batcher:
+            with engine.held():
+                first_x = make_x(GRADIENT, 1)
+                first = batcher.submit(first_x, GRADIENT)
+                await engine_busy(engine)
+                xs = [make_x(GRADIENT, 3) for _ in range(5)]
+                futures = [batcher.submit(x, GRADIENT) for x in xs]
+            assert_result(await wait(first), GRADIENT, first_x)
+            results = [await wait(f) for f in futures]
+        # 15 queued rows: 3 + 3 + 2 of the third request, then 1 + 3 + 3
+        assert engine.rows() == [1, 8, 7]
+        assert engine.calls[1].keys[-2:] == ((cid_of(xs[2]), 0), (cid_of(xs[2]), 1))
+        assert engine.calls[2].keys[0] == (cid_of(xs[2]), 2)
+        for x, result in zip(xs, results, strict=True):
+            assert_result(result, GRADIENT, x)
+        assert [r.timing.batch_rows for r in results] == [8, 8, 8, 7, 7]
+
+    run(test)
+
+
+def test_max_batch_size_one_runs_every_row_alone() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=1) as batcher:
+            xs = [make_x(JACOBIAN, n) for n in (2, 3)]
+            results = await wait(asyncio.gather(*(batcher.evaluate(x, JACOBIAN) for x in xs)))
+        assert engine.rows() == [1] * 5
+        for x, result in zip(xs, results, strict=True):
+            assert_result(result, JACOBIAN, x)
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 4. kinds
+
+
+def test_kinds_are_never_mixed_and_oldest_kind_goes_first() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                a = make_x(JACOBIAN, 2)
+                fa = batcher.submit(a, JACOBIAN)
+                await engine_busy(engine)
+                plan = [(NONE, 2), (GRADIENT, 3), (NONE, 4), (GRADIENT, 1), (JACOBIAN, 5)]
+                queued = []
+                for kind, n in plan:
+                    x = make_x(kind, n)
+                    queued.append((kind, x, batcher.submit(x, kind)))
+                    await asyncio.sleep(0.002)  # distinct, ordered enqueue times
+            assert_result(await wait(fa), JACOBIAN, a)
+            for kind, x, f in queued:
+                assert_result(await wait(f), kind, x)
+        assert [(c.kind, c.rows) for c in engine.calls] == [
+            (JACOBIAN, 2),
+            (NONE, 6),
+            (GRADIENT, 4),
+            (JACOBIAN, 5),
+        ]
+        assert_calls_well_formed(engine, 64)
+        for kind, x, _ in queued:
+            assert [c.kind for c in engine.calls_with(cid_of(x))] == [kind]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 5. queue bound
+
+
+def test_queue_full_and_request_too_large() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=4, max_queue_rows=20) as batcher:
+            with engine.held():
+                first_x = make_x(NONE, 4)
+                first = batcher.submit(first_x, NONE)
+                await engine_busy(engine)
+                assert batcher.queued_rows == 0  # dispatched rows no longer count
+                xs = [make_x(NONE, 5) for _ in range(4)]
+                futures = [batcher.submit(x, NONE) for x in xs]  # exactly fills 20 rows
+                assert batcher.queued_rows == 20
+
+                with pytest.raises(QueueFull, match="20") as full:
+                    batcher.submit(make_x(GRADIENT, 1), GRADIENT)  # raised synchronously
+                assert isinstance(full.value, BatcherError)
+                assert batcher.queued_rows == 20  # the refused request queued nothing
+                with pytest.raises(RequestTooLarge, match="20"):
+                    batcher.submit(make_x(NONE, 21), NONE)
+                assert batcher.queued_rows == 20
+
+            assert_result(await wait(first), NONE, first_x)
+            for x, f in zip(xs, futures, strict=True):
+                assert_result(await wait(f), NONE, x)
+            assert batcher.queued_rows == 0
+
+            # the refusal was temporary: a request of exactly max_queue_rows fits now
+            big = make_x(JACOBIAN, 20)
+            assert_result(await wait(batcher.evaluate(big, JACOBIAN)), JACOBIAN, big)
+            with pytest.raises(RequestTooLarge):
+                batcher.submit(make_x(JACOBIAN, 21), JACOBIAN)  # too large even when empty
+            assert batcher.queued_rows == 0
+        assert_calls_well_formed(engine, 4)
+        assert sum(engine.rows()) == 4 + 20 + 20
+
+    run(test)
+
+
+def test_constructor_rejects_bad_limits() -> None:
+    for kwargs in ({"max_batch_size": 0}, {"max_queue_rows": 0}, {"max_delay_s": -0.1}):
+        with pytest.raises(ValueError):
+            Batcher(FakeEngine(), **kwargs)
+
+
+# --------------------------------------------------------------------------- 6. cancellation
+
+
+def test_cancelled_queued_requests_are_never_computed() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                first_x = make_x(NONE, 1)
+                first = batcher.submit(first_x, NONE)
+                await engine_busy(engine)
+                xs = [make_x(kind, n) for kind, n in [(NONE, 2), (NONE, 3), (GRADIENT, 4)]]
+                xs.append(make_x(NONE, 5))
+                kinds = [NONE, NONE, GRADIENT, NONE]
+                futures = [batcher.submit(x, k) for x, k in zip(xs, kinds, strict=True)]
+                assert batcher.queued_rows == 14
+                assert futures[1].cancel()
+                assert futures[2].cancel()
+                await asyncio.sleep(0)  # one loop iteration
+                assert batcher.queued_rows == 14 - 3 - 4
+            assert_result(await wait(first), NONE, first_x)
+            for i in (0, 3):
+                assert_result(await wait(futures[i]), kinds[i], xs[i])
+            await idle(engine, batcher)
+            assert batcher.queued_rows == 0
+        assert futures[1].cancelled() and futures[2].cancelled()
+        assert cid_of(xs[1]) not in engine.seen_callers()
+        assert cid_of(xs[2]) not in engine.seen_callers()
+        assert engine.rows() == [1, 7]
+        assert sum(engine.rows()) == 1 + 2 + 5
+
+    run(test)
+
+
+def test_cancelling_every_queued_request_leaves_batcher_usable() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                first_x = make_x(NONE, 1)
+                first = batcher.submit(first_x, NONE)
+                await engine_busy(engine)
+                gone = batcher.submit(make_x(NONE, 6), NONE)
+                gone.cancel()
+                await asyncio.sleep(0)
+                assert batcher.queued_rows == 0
+            assert_result(await wait(first), NONE, first_x)
+            await idle(engine, batcher)
+            later = make_x(NONE, 2)
+            assert_result(await wait(batcher.evaluate(later, NONE)), NONE, later)
+            assert batcher.queued_rows == 0
+        assert engine.rows() == [1, 2]
+
+    run(test)
+
+
+def test_cancelling_a_dispatched_request_keeps_its_batch_mates_correct() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                a, b = make_x(GRADIENT, 3), make_x(GRADIENT, 2)
+                fa, fb = batcher.submit(a, GRADIENT), batcher.submit(b, GRADIENT)
+                await engine_busy(engine)
+                assert engine.rows() == [5]
+                fa.cancel()
+                await asyncio.sleep(0)
+                assert batcher.queued_rows == 0  # never negative
+            assert_result(await wait(fb), GRADIENT, b)
+            await idle(engine, batcher)
+            assert batcher.queued_rows == 0
+        assert fa.cancelled()
+
+    run(test)
+
+
+def test_cancelled_split_request_stops_being_computed() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=10) as batcher:
+            with engine.held():
+                big = make_x(JACOBIAN, 50)
+                fut = batcher.submit(big, JACOBIAN)
+                await engine_busy(engine)
+                assert engine.rows() == [10]
+                assert batcher.queued_rows == 40
+                fut.cancel()
+                await asyncio.sleep(0)
+                assert batcher.queued_rows == 0
+            await idle(engine, batcher)
+            later = make_x(JACOBIAN, 3)
+            assert_result(await wait(batcher.evaluate(later, JACOBIAN)), JACOBIAN, later)
+            assert batcher.queued_rows == 0
+        assert engine.rows() == [10, 3]
+        assert [k for c in engine.calls_with(cid_of(big)) for k in c.keys] == [
+            (cid_of(big), i) for i in range(10)
+        ]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 7. deadlines
+
+
+def test_deadline_passing_in_queue_fails_the_request_without_computing_it() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                first_x = make_x(NONE, 1)
+                first = batcher.submit(first_x, NONE)
+                await engine_busy(engine)
+                late_x = make_x(NONE, 4)
+                late = batcher.submit(late_x, NONE, deadline=loop.time() + 0.02)
+                roomy_x = make_x(NONE, 2)
+                roomy = batcher.submit(roomy_x, NONE, deadline=loop.time() + 30)
+                plain_x = make_x(GRADIENT, 3)  # keeps the worker busy after the drop
+                plain = batcher.submit(plain_x, GRADIENT)
+                await asyncio.sleep(0.05)  # the short deadline passes while queued
+            assert_result(await wait(first), NONE, first_x)
+            with pytest.raises(DeadlineExpired):
+                await wait(late)
+            assert_result(await wait(roomy), NONE, roomy_x)
+            assert_result(await wait(plain), GRADIENT, plain_x)
+            await idle(engine, batcher)
+            assert batcher.queued_rows == 0
+        assert cid_of(late_x) not in engine.seen_callers()
+        assert engine.rows() == [1, 2, 3]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 8. engine errors
+
+
+def test_engine_error_is_isolated_to_the_failing_request() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with engine.held():
+                first_x = make_x(JACOBIAN, 1)
+                first = batcher.submit(first_x, JACOBIAN)
+                await engine_busy(engine)
+                xs = [make_x(JACOBIAN, n) for n in (2, 3)]
+                xs.append(make_x(JACOBIAN, 4, marker_row=2))
+                xs += [make_x(JACOBIAN, n) for n in (1, 5)]
+                futures = [batcher.submit(x, JACOBIAN) for x in xs]
+            assert_result(await wait(first), JACOBIAN, first_x)
+            for i, (x, f) in enumerate(zip(xs, futures, strict=True)):
+                if i == 2:
+                    with pytest.raises(EngineFailed, match="marker"):
+                        await wait(f)
+                    continue
+                result = await wait(f)
+                assert_result(result, JACOBIAN, x)
+                ok_calls = [c for c in engine.calls_with(cid_of(x)) if not c.failed]
+                assert len(ok_calls) == 1
+                assert result.timing.batch_rows == ok_calls[0].rows
+            await idle(engine, batcher)
+            assert batcher.queued_rows == 0
+            # the batcher keeps serving after an engine failure
+            later = make_x(JACOBIAN, 2)
+            assert_result(await wait(batcher.evaluate(later, JACOBIAN)), JACOBIAN, later)
+        assert engine.calls[1].rows == 15 and engine.calls[1].failed  # the whole batch first
+        # every good row was computed exactly once, the bad request never succeeded
+        good = Counter((cid_of(x), i) for j, x in enumerate(xs) if j != 2 for i in range(len(x)))
+        good.update((cid_of(x), i) for x in (first_x, later) for i in range(len(x)))
+        assert engine.computed_keys() == good
+        assert batcher.batches_run == sum(not c.failed for c in engine.calls)
+
+    run(test)
+
+
+def test_engine_error_alone_on_idle_engine() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            with pytest.raises(EngineFailed):
+                await wait(batcher.evaluate(make_x(GRADIENT, 3, marker_row=0), GRADIENT))
+            await idle(engine, batcher)
+            later = make_x(GRADIENT, 3)
+            assert_result(await wait(batcher.evaluate(later, GRADIENT)), GRADIENT, later)
+        assert engine.rows() == [3, 3]
+
+    run(test)
+
+
+def test_split_request_failing_in_engine_stops_after_the_failing_part() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=10) as batcher:
+            with engine.held():
+                first_x = make_x(NONE, 1)
+                first = batcher.submit(first_x, NONE)
+                await engine_busy(engine)
+                bad_x = make_x(NONE, 25, marker_row=0)
+                bad = batcher.submit(bad_x, NONE)
+                after_x = make_x(NONE, 2)  # something live queued behind it
+                after = batcher.submit(after_x, NONE)
+            assert_result(await wait(first), NONE, first_x)
+            with pytest.raises(EngineFailed):
+                await wait(bad)
+            assert_result(await wait(after), NONE, after_x)
+            await idle(engine, batcher)
+            assert batcher.queued_rows == 0
+        assert engine.rows() == [1, 10, 2]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 9. max_delay_s
+
+
+def test_max_delay_gathers_two_requests_into_one_batch() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64, max_delay_s=0.2) as batcher:
+            a, b = make_x(GRADIENT, 2), make_x(GRADIENT, 3)
+            fa = batcher.submit(a, GRADIENT)
+            await asyncio.sleep(0.02)
+            assert engine.calls == []  # still waiting for company
+            fb = batcher.submit(b, GRADIENT)
+            ra, rb = await wait(fa), await wait(fb)
+        assert engine.rows() == [5]
+        assert_result(ra, GRADIENT, a)
+        assert_result(rb, GRADIENT, b)
+        assert ra.timing.queue_us >= 190_000  # held about max_delay_s from the first arrival
+        assert rb.timing.queue_us < ra.timing.queue_us
+        assert ra.timing.batch_rows == rb.timing.batch_rows == 5
+
+    run(test)
+
+
+def test_max_delay_ends_early_when_the_batch_is_full() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=4, max_delay_s=5.0) as batcher:
+            a, b = make_x(NONE, 2), make_x(NONE, 2)
+            fa = batcher.submit(a, NONE)
+            await asyncio.sleep(0.02)
+            fb = batcher.submit(b, NONE)
+            ra, rb = await wait(fa, 1.0), await wait(fb, 1.0)
+        assert engine.rows() == [4]
+        assert_result(ra, NONE, a)
+        assert_result(rb, NONE, b)
+        assert ra.timing.queue_us < 1_000_000
+
+    run(test)
+
+
+def test_zero_delay_dispatches_the_first_request_alone() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64, max_delay_s=0.0) as batcher:
+            a, b = make_x(GRADIENT, 2), make_x(GRADIENT, 3)
+            fa = batcher.submit(a, GRADIENT)
+            await asyncio.sleep(0.02)
+            fb = batcher.submit(b, GRADIENT)
+            assert_result(await wait(fa), GRADIENT, a)
+            assert_result(await wait(fb), GRADIENT, b)
+        assert engine.rows() == [2, 3]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 10. close
+
+
+def test_close_refuses_new_requests_and_finishes_admitted_ones() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=4) as batcher:
+            with engine.held():
+                xs = [make_x(NONE, 2)]
+                futures = [batcher.submit(xs[0], NONE)]
+                await engine_busy(engine)
+                for kind, n in [(NONE, 3), (JACOBIAN, 6)]:  # the second is split in three
+                    xs.append(make_x(kind, n))
+                    futures.append(batcher.submit(xs[-1], kind))
+                closer = asyncio.create_task(batcher.close())
+                await asyncio.sleep(0.01)
+                assert not closer.done()  # waits for the admitted work
+                with pytest.raises(Closed):
+                    batcher.submit(make_x(NONE, 1), NONE)
+                with pytest.raises(Closed):
+                    await batcher.evaluate(make_x(NONE, 1), NONE)
+            await wait(closer)
+            for x, kind, f in zip(xs, [NONE, NONE, JACOBIAN], futures, strict=True):
+                assert f.done()
+                assert_result(f.result(), kind, x)
+            assert batcher.queued_rows == 0
+            with pytest.raises(Closed):
+                batcher.submit(make_x(NONE, 1), NONE)
+        # (leaving `async with` closed it a second time: harmless)
+        assert sum(engine.rows()) == 2 + 3 + 6
+        assert_calls_well_formed(engine, 4)
+
+    run(test)
+
+
+def test_close_does_not_wait_out_max_delay() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        batcher = Batcher(engine, max_batch_size=64, max_delay_s=5.0)
+        async with batcher:
+            x = make_x(GRADIENT, 3)
+            fut = batcher.submit(x, GRADIENT)
+            await asyncio.sleep(0.01)
+            began = time.perf_counter()
+            await wait(batcher.close(), 1.0)
+            assert time.perf_counter() - began < 1.0
+            assert_result(fut.result(), GRADIENT, x)
+        assert engine.rows() == [3]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 11. timing
+
+
+def test_timing_fields() -> None:
+    engine = FakeEngine(delay_s=0.005)
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=4) as batcher:
+            with engine.held():
+                a = make_x(NONE, 3)
+                fa = batcher.submit(a, NONE)
+                await engine_busy(engine)
+                b, c = make_x(NONE, 1), make_x(NONE, 6)
+                fb, fc = batcher.submit(b, NONE), batcher.submit(c, NONE)
+                await asyncio.sleep(0.05)
+            ra, rb, rc = await wait(fa), await wait(fb), await wait(fc)
+        assert engine.rows() == [3, 4, 3]
+        for x, r in ((a, ra), (b, rb), (c, rc)):
+            assert_result(r, NONE, x)
+            assert r.timing.queue_us >= 0
+            assert r.timing.compute_us > 0
+        assert ra.timing.batch_rows == 3
+        assert rb.timing.batch_rows == 4
+        assert rc.timing.batch_rows == 4  # split 3 + 3: the largest batch it was in
+        assert ra.timing.queue_us < 200_000  # dispatched at once
+        assert ra.timing.compute_us >= 50_000  # held ~50 ms inside the engine
+        assert rb.timing.queue_us >= 45_000  # waited behind the held engine
+        assert rb.timing.compute_us >= 5_000
+        assert rc.timing.compute_us >= 10_000  # two engine calls of >= 5 ms each
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- stuck event loop
+#
+# Each scenario below ends with the worker finding `queued_rows > 0` but no live request: the
+# rows of a request that just finished (deadline, engine error, cancellation) are only released
+# by its future's done-callback, which the event loop runs later. These scenarios run in a child
+# process (this file as a script) because an event loop stuck in a loop that never awaits
+# cannot be interrupted by any asyncio timeout.
+
+
+async def _stuck_deadline_expires_while_queued_alone() -> None:
+    engine = FakeEngine()
+    loop = asyncio.get_running_loop()
+    async with Batcher(engine, max_batch_size=8) as batcher:
+        with engine.held():
+            first = batcher.submit(make_x(NONE, 2), NONE)
+            await engine_busy(engine)
+            late_x = make_x(NONE, 3)
+            late = batcher.submit(late_x, NONE, deadline=loop.time() + 0.02)
+            await asyncio.sleep(0.05)
+        await wait(first)
+        with pytest.raises(DeadlineExpired):
+            await wait(late)
+        assert cid_of(late_x) not in engine.seen_callers()
+        await _still_serves(engine, batcher)
+
+
+async def _stuck_deadline_already_passed_on_idle_engine() -> None:
+    engine = FakeEngine()
+    loop = asyncio.get_running_loop()
+    async with Batcher(engine, max_batch_size=8) as batcher:
+        with pytest.raises(DeadlineExpired):
+            await wait(batcher.submit(make_x(GRADIENT, 3), GRADIENT, deadline=loop.time() - 1))
+        assert engine.calls == []
+        await _still_serves(engine, batcher)
+
+
+async def _stuck_split_request_fails_in_engine() -> None:
+    engine = FakeEngine()
+    async with Batcher(engine, max_batch_size=10) as batcher:
+        with pytest.raises(EngineFailed):
+            await wait(batcher.evaluate(make_x(NONE, 25, marker_row=0), NONE))
+        assert engine.rows() == [10]
+        await _still_serves(engine, batcher)
+
+
+async def _stuck_cancel_as_engine_finishes() -> None:
+    engine = FakeEngine()
+    async with Batcher(engine, max_batch_size=8) as batcher:
+        with engine.held():
+            first = batcher.submit(make_x(NONE, 2), NONE)
+            await engine_busy(engine)
+            second = batcher.submit(make_x(NONE, 3), NONE)
+        # Let the engine thread finish, so that its completion is already queued on the loop
+        # when the caller cancels (as a gRPC client cancelling at that moment would).
+        deadline = time.monotonic() + WAIT_S
+        while engine.returned < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        await asyncio.sleep(0)
+        second.cancel()
+        await wait(first)
+        await _still_serves(engine, batcher)
+        assert engine.rows() == [2, 1]
+
+
+async def _still_serves(engine: FakeEngine, batcher: Batcher) -> None:
+    x = make_x(NONE, 1)
+    assert_result(await wait(batcher.evaluate(x, NONE)), NONE, x)
+    assert batcher.queued_rows == 0
+
+
+STUCK_SCENARIOS = {
+    "deadline_expires_while_queued_alone": _stuck_deadline_expires_while_queued_alone,
+    "deadline_already_passed_on_idle_engine": _stuck_deadline_already_passed_on_idle_engine,
+    "split_request_fails_in_engine": _stuck_split_request_fails_in_engine,
+    "cancel_as_engine_finishes": _stuck_cancel_as_engine_finishes,
+}
+CHILD_WATCHDOG_S = 3.0
+CHILD_OK = "SCENARIO PASSED"
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def stuck_runs() -> dict[str, ChildRun]:
+    """Run every scenario in its own child process, all at once, each bounded by a watchdog."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in STUCK_SCENARIOS
+    }
+    runs = {}
+    deadline = time.monotonic() + CHILD_WATCHDOG_S + 5
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err += "\n[killed by the test: no answer in time]"
+        runs[name] = ChildRun(proc.returncode, out, err)
+    return runs
+
+
+@pytest.mark.parametrize("scenario", list(STUCK_SCENARIOS))
+def test_stuck_worker_after_dropping_a_request(
+    scenario: str, stuck_runs: dict[str, ChildRun]
+) -> None:
+    run_ = stuck_runs[scenario]
+    assert run_.returncode == 0 and CHILD_OK in run_.stdout, (
+        f"scenario {scenario!r} did not pass (exit code {run_.returncode}); a stack dump from "
+        f"the watchdog means the event loop was stuck:\n{run_.stderr[-3000:]}"
+    )
+
+
+if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.dump_traceback_later(CHILD_WATCHDOG_S, exit=True)
+    asyncio.run(asyncio.wait_for(STUCK_SCENARIOS[sys.argv[1]](), TEST_S))
+    print(CHILD_OK, flush=True)
