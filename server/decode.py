@@ -23,6 +23,23 @@ def decode_rows(
     does not match the shape, and any NaN or Inf (also after float64 -> float32
     conversion, where a value beyond float32's range becomes Inf).
     """
+    n, d = check_shape(shape, width, name)
+    itemsize = np.dtype(dtype).itemsize
+    expected = n * d * itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"{name} has {len(data)} bytes, but shape {[n, d]} of {np.dtype(dtype).name} "
+            f"needs {expected} bytes ({n}*{d}*{itemsize})"
+        )
+    rows = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(n, d)
+    with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
+        rows = rows.astype(np.float32, copy=False)
+    check_finite(rows, name)
+    return rows
+
+
+def check_shape(shape: Sequence[int], width: int, name: str = "x") -> tuple[int, int]:
+    """Return (n, d) for a shape [n >= 1, width]; raise InvalidInput saying what is wrong."""
     shape = [int(s) for s in shape]
     if len(shape) != 2:
         raise InvalidInput(f"{name} must have shape [n, {width}] (2 dims); got shape {shape}")
@@ -33,18 +50,7 @@ def decode_rows(
         raise InvalidInput(
             f"{name} has shape {shape}: the model expects {width} value(s) per row, got {d}"
         )
-    itemsize = np.dtype(dtype).itemsize
-    expected = n * d * itemsize
-    if len(data) != expected:
-        raise InvalidInput(
-            f"{name} has {len(data)} bytes, but shape {shape} of {np.dtype(dtype).name} "
-            f"needs {expected} bytes ({n}*{d}*{itemsize})"
-        )
-    rows = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(n, d)
-    with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
-        rows = rows.astype(np.float32, copy=False)
-    check_finite(rows, name)
-    return rows
+    return n, d
 
 
 def check_finite(rows: np.ndarray, name: str = "x") -> None:

@@ -106,10 +106,20 @@ class Engine:
         return y, tape.batch_jacobian(y, x)
 
     def run(self, kind: Derivative, x: np.ndarray) -> Outputs:
-        """Compute y (and the derivative `kind`) for float32 rows x of shape [n, d]."""
+        """Compute y (and the derivative `kind`) for float32 rows x of shape [n, d].
+
+        More rows than max_batch_size run in several calls (the batcher never sends
+        that many; direct callers such as the benchmark may).
+        """
         n = x.shape[0]
-        padded = self._pad(x)
-        results = self._functions[kind](tf.constant(padded))
+        if n > self.max_batch_size:
+            parts = [
+                self.run(kind, x[i : i + self.max_batch_size])
+                for i in range(0, n, self.max_batch_size)
+            ]
+            dy_dx = None if parts[0].dy_dx is None else np.concatenate([p.dy_dx for p in parts])
+            return Outputs(np.concatenate([p.y for p in parts]), dy_dx)
+        results = self._functions[kind](tf.constant(self._pad(x)))
         y = results[0].numpy()[:n]
         dy_dx = results[1].numpy()[:n] if len(results) > 1 else None
         return Outputs(y, dy_dx)
@@ -119,9 +129,7 @@ class Engine:
         if not self.xla:
             return x
         n = x.shape[0]
-        size = next((s for s in self.ladder if s >= n), None)
-        if size is None:
-            raise ValueError(f"batch of {n} rows exceeds max batch size {self.max_batch_size}")
+        size = next(s for s in self.ladder if s >= n)
         if size == n:
             return x
         padded = np.zeros((size, x.shape[1]), dtype=np.float32)

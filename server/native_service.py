@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gradserve.client.tensors import numpy_dtype, to_tensor
-from gradserve.server import batcher as b
+from gradserve.server.batcher import Batcher, Result
 from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.decode import InvalidInput, decode_rows
+from gradserve.server.status import RequestFailed, deadline_of, not_found
+from gradserve.server.streaming import pipelined
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -24,60 +26,22 @@ _KINDS = {
     pb.NONE: Derivative.NONE,
 }
 
-_STATUS = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    b.RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
-    b.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    b.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    b.EngineFailed: grpc.StatusCode.INTERNAL,
-    b.Closed: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-class RequestFailed(Exception):
-    """A request's outcome as a gRPC status code and message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @classmethod
-    def of(cls, exc: Exception) -> RequestFailed:
-        if isinstance(exc, RequestFailed):
-            return exc
-        for kind, code in _STATUS.items():
-            if isinstance(exc, kind):
-                return cls(code, str(exc))
-        return cls(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the event loop's clock, or None when the caller set none."""
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining
-
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
     """Serves one model through one Batcher."""
 
-    def __init__(self, batcher: b.Batcher, spec: ModelSpec, *, stream_window: int = 256) -> None:
+    def __init__(self, batcher: Batcher, spec: ModelSpec, *, stream_window: int = 256) -> None:
         self._batcher = batcher
         self._spec = spec
         self._window = stream_window
 
     def _check_model(self, name: str) -> None:
         if name and name != self._spec.name:
-            raise RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
-                f"model {name!r} is not served here; this server serves {self._spec.name!r}",
-            )
+            raise not_found("model", name, self._spec.name)
 
     def _submit(
         self, request: pb.EvaluateRequest, deadline: float | None
-    ) -> tuple[Derivative, asyncio.Future[b.Result]]:
+    ) -> asyncio.Future[Result]:
         """Validate and queue one request; raises RequestFailed for anything wrong."""
         try:
             self._check_model(request.model)
@@ -97,79 +61,47 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     f"x has dtype {request.x.dtype}; expected FLOAT32 (0) or FLOAT64 (1)"
                 )
             x = decode_rows(request.x.data, request.x.shape, dtype, self._spec.input_width)
-            return kind, self._batcher.submit(x, kind, deadline)
+            return self._batcher.submit(x, kind, deadline)
         except Exception as exc:
             raise RequestFailed.of(exc) from exc
 
     @staticmethod
-    def _response(request_id: str, result: b.Result) -> pb.EvaluateResponse:
-        t = result.timing
+    def _response(
+        request: pb.EvaluateRequest, outcome: Result | RequestFailed
+    ) -> pb.EvaluateResponse:
+        if isinstance(outcome, RequestFailed):
+            error = pb.Error(code=outcome.code.value[0], message=outcome.message)
+            return pb.EvaluateResponse(id=request.id, error=error)
+        t = outcome.timing
         response = pb.EvaluateResponse(
-            id=request_id,
-            y=to_tensor(result.y),
+            id=request.id,
+            y=to_tensor(outcome.y),
             timing=pb.Timing(queue_us=t.queue_us, compute_us=t.compute_us, batch_rows=t.batch_rows),
         )
-        if result.dy_dx is not None:
-            response.dy_dx.CopyFrom(to_tensor(result.dy_dx))
+        if outcome.dy_dx is not None:
+            response.dy_dx.CopyFrom(to_tensor(outcome.dy_dx))
         return response
 
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
         try:
-            _, future = self._submit(request, deadline_of(context))
-            result = await future
+            result = await self._submit(request, deadline_of(context))
         except Exception as exc:
             failure = RequestFailed.of(exc)
             await context.abort(failure.code, failure.message)
-        return self._response(request.id, result)
+        return self._response(request, result)
 
     async def EvaluateStream(
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EvaluateResponse]:
-        """Read ahead while earlier messages compute; answer in order, errors per message."""
         deadline = deadline_of(context)
-        inflight: asyncio.Queue[tuple[str, asyncio.Future | RequestFailed] | None] = asyncio.Queue(
-            self._window
+        responses = pipelined(
+            request_iterator, lambda r: self._submit(r, deadline), self._response, self._window
         )
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    try:
-                        _, outcome = self._submit(request, deadline)
-                    except RequestFailed as failure:
-                        outcome = failure
-                    await inflight.put((request.id, outcome))
-            finally:
-                await inflight.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await inflight.get()) is not None:
-                yield await self._stream_answer(*item)
-            await reader
-        finally:
-            reader.cancel()
-            while not inflight.empty():
-                item = inflight.get_nowait()
-                if item is not None and isinstance(item[1], asyncio.Future):
-                    item[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-
-    async def _stream_answer(
-        self, request_id: str, outcome: asyncio.Future | RequestFailed
-    ) -> pb.EvaluateResponse:
-        try:
-            if isinstance(outcome, RequestFailed):
-                raise outcome
-            return self._response(request_id, await outcome)
-        except Exception as exc:
-            failure = RequestFailed.of(exc)
-            return pb.EvaluateResponse(
-                id=request_id, error=pb.Error(code=failure.code.value[0], message=failure.message)
-            )
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
 
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext

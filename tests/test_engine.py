@@ -93,6 +93,15 @@ def test_xla_padding_does_not_change_results(mimo_model_path, mimo_engine):
         np.testing.assert_allclose(a.dy_dx, b.dy_dx, rtol=1e-5, atol=1e-7)
 
 
+def test_more_rows_than_the_max_batch_run_in_pieces(mimo_model_path):
+    engine = Engine(mimo_model_path, xla=True, max_batch_size=16)
+    x = np.random.default_rng(9).normal(size=(40, 3)).astype(np.float32)
+    whole = engine.run(Derivative.JACOBIAN, x)
+    pieces = [engine.run(Derivative.JACOBIAN, x[i : i + 16]) for i in (0, 16, 32)]
+    np.testing.assert_array_equal(whole.dy_dx, np.concatenate([p.dy_dx for p in pieces]))
+    assert whole.y.shape == (40, 2)
+
+
 def test_batch_ladder_covers_every_size_up_to_the_max():
     assert batch_ladder(1) == [1]
     assert batch_ladder(100) == [1, 2, 4, 8, 16, 32, 64, 100]

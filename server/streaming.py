@@ -1,0 +1,62 @@
+"""Pipelined bidirectional streams, shared by every protocol's servicer.
+
+The stream is read ahead (up to `window` messages) while earlier messages wait in the
+batcher or compute, so one stream keeps the engine busy; responses are written in request
+order. A message that fails becomes its own error response; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from gradserve.server.batcher import Result
+from gradserve.server.status import RequestFailed
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+async def pipelined(
+    requests: AsyncIterator[Request],
+    start: Callable[[Request], asyncio.Future[Result]],
+    respond: Callable[[Request, Result | RequestFailed], Response],
+    window: int,
+) -> AsyncIterator[Response]:
+    """`start` validates and queues one message (raising RequestFailed if it cannot);
+    `respond` turns its result or failure into the response message."""
+    inflight: asyncio.Queue[tuple[Request, asyncio.Future[Result] | RequestFailed] | None]
+    inflight = asyncio.Queue(window)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                try:
+                    outcome: asyncio.Future[Result] | RequestFailed = start(request)
+                except RequestFailed as failure:
+                    outcome = failure
+                await inflight.put((request, outcome))
+        finally:
+            await inflight.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await inflight.get()) is not None:
+            request, outcome = item
+            if isinstance(outcome, asyncio.Future):
+                try:
+                    outcome = await outcome
+                except Exception as exc:
+                    outcome = RequestFailed.of(exc)
+            yield respond(request, outcome)
+        await reader
+    finally:
+        reader.cancel()
+        while not inflight.empty():
+            item = inflight.get_nowait()
+            if item is not None and isinstance(item[1], asyncio.Future):
+                item[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
