@@ -10,15 +10,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from gradserve.inference import grpc_service_pb2 as inference_pb2
+from gradserve.inference import grpc_service_pb2_grpc as inference_pb2_grpc
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
 from gradserve.server.contract import ModelSpec
+from gradserve.server.inference_service import InferenceServicer
 from gradserve.server.native_service import GradientServicer
 from gradserve.v1 import gradserve_pb2, gradserve_pb2_grpc
 
 log = logging.getLogger("gradserve")
 
-SERVICE_NAMES = [gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name]
+SERVICE_NAMES = [
+    gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+]
 
 
 def load_engine(config: ServerConfig):  # -> Engine; typed loosely to keep TensorFlow lazy
@@ -53,6 +59,7 @@ class GradServer:
         self._server: grpc.aio.Server | None = None
         self._batcher: Batcher | None = None
         self._health = HealthServicer()
+        self.ready = False
 
     async def __aenter__(self) -> GradServer:
         await self.start()
@@ -87,8 +94,13 @@ class GradServer:
                 ("grpc.max_send_message_length", limit),
             ]
         )
+        window = config.stream_window
         gradserve_pb2_grpc.add_GradientServiceServicer_to_server(
-            GradientServicer(self._batcher, spec, stream_window=config.stream_window), self._server
+            GradientServicer(self._batcher, spec, stream_window=window), self._server
+        )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self._batcher, spec, lambda: self.ready, stream_window=window),
+            self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
@@ -97,10 +109,12 @@ class GradServer:
         await self._server.start()
         for name in ["", *SERVICE_NAMES]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
         log.info("serving %s on %s:%d", spec.name, config.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let accepted ones finish (up to `grace` s)."""
+        self.ready = False
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.config.drain_seconds if grace is None else grace)
