@@ -1,4 +1,4 @@
-"""The `gradserve` command: `serve` the model, `train` the bundled one."""
+"""The `gradserve` command: `serve` a model, `loadtest` a server, `train` the bundled model."""
 
 from __future__ import annotations
 
@@ -10,11 +10,19 @@ import sys
 from gradserve.server import config as cfg
 
 
+def loadtest_module():
+    from gradserve.client import loadtest
+
+    return loadtest
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over gRPC")
     cfg.add_arguments(serve)
+    loadtest = sub.add_parser("loadtest", help="load-test a running server (client only)")
+    loadtest_module().add_arguments(loadtest)
     train = sub.add_parser("train", help="retrain the bundled model (deterministic)")
     train.add_argument(
         "--out", default=str(cfg.BUNDLED_MODEL), help="where to write the .keras file"
@@ -27,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "loadtest":
+        return loadtest_module().main(args)
     if args.command == "train":
         from pathlib import Path
 

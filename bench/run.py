@@ -1,0 +1,195 @@
+"""`make bench`: engine ceiling, transport ceiling, gradserve unbatched and batched, in ONE run.
+
+Writes the generated part of docs/benchmarks.md (between the bench markers; the tuning log
+around it is kept) and docs/benchmarks.png. Numbers are medians over repeats; the ratios
+compare measurements from this same run, since the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve.client import loadtest
+from gradserve.client.loadtest import StepResult
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks.png"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+UNARY = [("unary", c, 1) for c in (1, 16, 64)]
+STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess, its readiness wait, and its peak RSS sampled every 0.2 s."""
+
+    def __init__(self, label: str, argv: list[str], health: bool) -> None:
+        self.label, self.port = label, free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, *argv, "--port", str(self.port)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+        self._wait_ready(health)
+
+    def _sample_rss(self) -> None:
+        status = Path(f"/proc/{self.process.pid}/status")
+        while not self._stop.wait(0.2):
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
+            except OSError:
+                return
+
+    def _wait_ready(self, health: bool, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            while time.monotonic() < end:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.label} exited: {self.process.stderr.read()}")
+                try:
+                    if health:
+                        check = health_pb2_grpc.HealthStub(channel).Check
+                        if check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                            return
+                    else:
+                        grpc.channel_ready_future(channel).result(timeout=1)
+                        return
+                except (grpc.RpcError, grpc.FutureTimeoutError):
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.label} did not become ready")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def measure(server: Server, steps, repeats: int, seconds: float) -> list[StepResult]:
+    """Median over repeats for each step (warm-up first), one StepResult per step."""
+    results = []
+    for mode, concurrency, rows in steps:
+        common = {"mode": mode, "concurrency": concurrency, "rows": rows, "window": 16}
+        asyncio.run(loadtest.run_step([server.target], duration=0.5, **common))
+        runs = [
+            asyncio.run(
+                loadtest.run_step([server.target], duration=seconds, label=server.label, **common)
+            )
+            for _ in range(repeats)
+        ]
+        results.append(_median(runs))
+        print(f"  {server.label:<12} {mode:<6} c={concurrency:<3} rows={rows:<4} "
+              f"{results[-1].rows_per_s:>10.0f} rows/s  p50 {results[-1].latency_ms['p50']:.2f} ms",
+              flush=True)  # fmt: skip
+    return results
+
+
+def _median(runs: list[StepResult]) -> StepResult:
+    def med(get):
+        return statistics.median(get(r) for r in runs)
+
+    errors: dict[str, int] = {}
+    for r in runs:
+        for code, n in r.errors.items():
+            errors[code] = errors.get(code, 0) + n
+    return replace(
+        runs[0],
+        seconds=sum(r.seconds for r in runs),
+        requests=sum(r.requests for r in runs),
+        errors=errors,
+        requests_per_s=med(lambda r: r.requests_per_s),
+        rows_per_s=med(lambda r: r.rows_per_s),
+        latency_ms={k: med(lambda r, k=k: r.latency_ms[k]) for k in runs[0].latency_ms},
+        batch_rows={k: med(lambda r, k=k: r.batch_rows[k]) for k in runs[0].batch_rows},
+    )
+
+
+def engine_ceiling(repeats: int) -> list[dict]:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "engine_ceiling.py"), "--repeats", str(repeats)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per repeat of a step")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    started = time.monotonic()
+    print("engine ceiling (in-process)...", flush=True)
+    engine = engine_ceiling(args.repeats)
+    serve = ["-m", "gradserve.server.cli", "serve"]
+    configs = [
+        ("transport", ["bench/transport_server.py"], False),
+        ("unbatched", [*serve, "--max-batch-size", "1"], True),
+        ("batched", serve, True),
+    ]
+    results: list[StepResult] = []
+    rss: dict[str, float] = {}
+    for label, argv, health in configs:
+        print(f"{label}...", flush=True)
+        server = Server(label, argv, health)
+        try:
+            results += measure(server, UNARY + STREAMS, args.repeats, args.seconds)
+        finally:
+            server.stop()
+        rss[label] = server.peak_rss_mb
+    elapsed = time.monotonic() - started
+    from bench.report import render
+
+    text = render(engine, results, rss, elapsed, args)
+    print(text)
+    if not args.no_write:
+        write_doc(text)
+        loadtest.plot(results, PLOT, title="gradserve benchmark: rows/s vs p99 latency")
+        print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+    failures = sum(r.unexpected_errors() for r in results)
+    return 1 if failures else 0
+
+
+def write_doc(generated: str) -> None:
+    """Replace the text between the bench markers, keeping the hand-written tuning log."""
+    block = f"{BEGIN}\n{generated}\n{END}"
+    if DOC.exists() and BEGIN in (old := DOC.read_text()):
+        head, rest = old.split(BEGIN, 1)
+        DOC.write_text(head + block + rest.split(END, 1)[1])
+    else:
+        DOC.write_text(f"# Benchmarks\n\n{block}\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

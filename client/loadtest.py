@@ -1,0 +1,362 @@
+"""`gradserve loadtest`: offered load at several concurrencies, latency and throughput per step.
+
+Unary mode runs C callers, each sending its next request when the last one is answered.
+Stream mode opens C streams, each keeping up to --window messages in flight. Per step it
+prints requests/s, rows/s, latency percentiles, errors by status code and the server-side
+batch sizes the responses report. Bounded: every step stops after --duration seconds or
+--requests requests, whichever comes first. Imports neither TensorFlow nor the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from gradserve.client.results import DERIVATIVES
+from gradserve.client.sync import CHANNEL_OPTIONS, DEFAULT_TARGET
+from gradserve.client.tensors import to_tensor
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class StepResult:
+    """One (mode, concurrency) step: counts, throughput, latency in ms, batch sizes seen."""
+
+    label: str
+    mode: str
+    concurrency: int
+    rows_per_request: int
+    seconds: float
+    requests: int
+    errors: dict[str, int]
+    requests_per_s: float
+    rows_per_s: float
+    latency_ms: dict[str, float]
+    batch_rows: dict[str, float]
+
+    def unexpected_errors(self, expected: set[str] = frozenset()) -> int:
+        return sum(n for code, n in self.errors.items() if code not in expected)
+
+
+@dataclass
+class _Tally:
+    latencies: list[float] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    done: int = 0
+
+    def ok(self, seconds: float, response: pb.EvaluateResponse) -> None:
+        self.done += 1
+        if response.HasField("error"):
+            self.errors[_code_name(response.error.code)] += 1
+            return
+        self.latencies.append(seconds)
+        self.batch_rows.append(response.timing.batch_rows)
+
+    def failed(self, code: grpc.StatusCode) -> None:
+        self.done += 1
+        self.errors[code.name] += 1
+
+
+def _code_name(number: int) -> str:
+    return next((c.name for c in grpc.StatusCode if c.value[0] == number), str(number))
+
+
+def make_request(width: int, rows: int, derivative: str, seed: int = 0) -> pb.EvaluateRequest:
+    x = np.random.default_rng(seed).uniform(0, 1, size=(rows, width)).astype(np.float32)
+    return pb.EvaluateRequest(x=to_tensor(x), derivative=DERIVATIVES[derivative])
+
+
+class _Clock:
+    """The step's stopping rule: a deadline and a request budget shared by all workers."""
+
+    def __init__(self, duration: float, max_requests: int | None) -> None:
+        self.end = time.perf_counter() + duration
+        self.remaining = max_requests if max_requests else sys.maxsize
+
+    def take(self) -> bool:
+        if self.remaining <= 0 or time.perf_counter() >= self.end:
+            return False
+        self.remaining -= 1
+        return True
+
+
+async def _unary_worker(stub, request, clock: _Clock, tally: _Tally, timeout: float) -> None:
+    while clock.take():
+        started = time.perf_counter()
+        try:
+            response = await stub.Evaluate(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            tally.failed(error.code())
+            continue
+        tally.ok(time.perf_counter() - started, response)
+
+
+async def _stream_worker(
+    stub, request, clock: _Clock, tally: _Tally, window: int, timeout: float
+) -> None:
+    """One stream with up to `window` messages in flight; latency is send -> answer."""
+    sent: dict[str, float] = {}
+    slots = asyncio.Semaphore(window)
+
+    async def messages():
+        i = 0
+        while True:
+            await slots.acquire()
+            if not clock.take():
+                return
+            message = pb.EvaluateRequest()
+            message.CopyFrom(request)
+            message.id = str(i)
+            sent[message.id] = time.perf_counter()
+            i += 1
+            yield message
+
+    call = stub.EvaluateStream(messages(), timeout=timeout)
+    try:
+        async for response in call:
+            tally.ok(time.perf_counter() - sent.pop(response.id), response)
+            slots.release()
+    except grpc.aio.AioRpcError as error:
+        for _ in sent:
+            tally.failed(error.code())
+
+
+async def run_step(
+    targets: list[str],
+    *,
+    mode: str,
+    concurrency: int,
+    rows: int,
+    duration: float,
+    max_requests: int | None = None,
+    derivative: str = "gradient",
+    window: int = 16,
+    timeout: float = 30.0,
+    label: str = "",
+    progress: bool = False,
+) -> StepResult:
+    """Run one load step and summarise it; callers are spread over `targets` round-robin."""
+    channels = [grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS) for t in targets]
+    try:
+        stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
+        info = await stubs[0].GetModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        request = make_request(info.input_width, rows, derivative)
+        clock, tally = _Clock(duration, max_requests), _Tally()
+        workers = [
+            _unary_worker(stubs[i % len(stubs)], request, clock, tally, timeout)
+            if mode == "unary"
+            else _stream_worker(stubs[i % len(stubs)], request, clock, tally, window, timeout)
+            for i in range(concurrency)
+        ]
+        started = time.perf_counter()
+        reporter = asyncio.create_task(_report(tally, clock, started, label)) if progress else None
+        await asyncio.gather(*workers)
+        seconds = time.perf_counter() - started
+        if reporter:
+            reporter.cancel()
+            print(file=sys.stderr)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return _summarise(tally, label, mode, concurrency, rows, seconds)
+
+
+async def _report(tally: _Tally, clock: _Clock, started: float, label: str) -> None:
+    """A live progress bar on stderr for the running step."""
+    total = clock.end - started
+    while True:
+        elapsed = time.perf_counter() - started
+        filled = int(30 * min(elapsed / total, 1.0))
+        rate = tally.done / elapsed if elapsed else 0.0
+        bar = "#" * filled + "." * (30 - filled)
+        sys.stderr.write(f"\r  {label:<24} [{bar}] {tally.done:>8} req {rate:>9.0f}/s")
+        sys.stderr.flush()
+        await asyncio.sleep(0.2)
+
+
+def _summarise(tally: _Tally, label, mode, concurrency, rows, seconds) -> StepResult:
+    latencies = np.array(tally.latencies) * 1e3
+    batches = np.array(tally.batch_rows)
+    ok = len(latencies)
+    latency = {f"p{p}": float(np.percentile(latencies, p)) if ok else 0.0 for p in PERCENTILES}
+    latency["max"] = float(latencies.max()) if ok else 0.0
+    batch = {
+        "mean": float(batches.mean()) if ok else 0.0,
+        "p50": float(np.percentile(batches, 50)) if ok else 0.0,
+        "max": float(batches.max()) if ok else 0.0,
+    }
+    return StepResult(
+        label=label,
+        mode=mode,
+        concurrency=concurrency,
+        rows_per_request=rows,
+        seconds=seconds,
+        requests=tally.done,
+        errors=dict(tally.errors),
+        requests_per_s=ok / seconds,
+        rows_per_s=ok * rows / seconds,
+        latency_ms=latency,
+        batch_rows=batch,
+    )
+
+
+def format_table(results: list[StepResult]) -> str:
+    head = (
+        f"{'run':<16} {'mode':<6} {'conc':>5} {'rows':>5} {'req/s':>9} {'rows/s':>10} "
+        + " ".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
+        + f" {'max':>7} {'batch':>6} {'errors'}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lat = " ".join(f"{r.latency_ms[f'p{p}']:>7.2f}" for p in PERCENTILES)
+        errors = ",".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "-"
+        lines.append(
+            f"{r.label:<16} {r.mode:<6} {r.concurrency:>5} {r.rows_per_request:>5} "
+            f"{r.requests_per_s:>9.0f} {r.rows_per_s:>10.0f} {lat} {r.latency_ms['max']:>7.2f} "
+            f"{r.batch_rows['mean']:>6.1f} {errors}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(results: list[StepResult], path: Path) -> None:
+    path.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+def write_csv(results: list[StepResult], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["label", "mode", "concurrency", "rows", "seconds", "requests", "errors", "req_per_s",
+             "rows_per_s", *[f"p{p}_ms" for p in PERCENTILES], "max_ms", "batch_mean"]
+        )  # fmt: skip
+        for r in results:
+            writer.writerow(
+                [r.label, r.mode, r.concurrency, r.rows_per_request, f"{r.seconds:.3f}",
+                 r.requests, sum(r.errors.values()), f"{r.requests_per_s:.1f}",
+                 f"{r.rows_per_s:.1f}", *[f"{r.latency_ms[f'p{p}']:.3f}" for p in PERCENTILES],
+                 f"{r.latency_ms['max']:.3f}", f"{r.batch_rows['mean']:.2f}"]
+            )  # fmt: skip
+
+
+def plot(results: list[StepResult], path: Path, title: str = "gradserve load test") -> None:
+    """Throughput (rows/s) against p99 latency: one point per concurrency, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    runs: dict[str, list[StepResult]] = {}
+    for r in results:
+        runs.setdefault(f"{r.label} {r.mode} {r.rows_per_request} row", []).append(r)
+    for name, steps in runs.items():
+        steps.sort(key=lambda s: s.concurrency)
+        xs = [s.latency_ms["p99"] for s in steps]
+        ys = [s.rows_per_s for s in steps]
+        ax.plot(xs, ys, marker="o", label=name)
+        for s, x, y in zip(steps, xs, ys, strict=True):
+            ax.annotate(f"c={s.concurrency}", (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("p99 latency (ms)")
+    ax.set_ylabel("rows/s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", action="append", help=f"server address (repeatable; default {DEFAULT_TARGET})"
+    )
+    parser.add_argument("--mode", choices=("unary", "stream"), default="unary")
+    parser.add_argument(
+        "--concurrency", default="1,8,64", help="comma list: callers (unary) or streams"
+    )
+    parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per step")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="stop a step after this many requests"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of unrecorded load before each step"
+    )
+    parser.add_argument("--derivative", choices=sorted(DERIVATIVES), default="gradient")
+    parser.add_argument("--window", type=int, default=16, help="messages in flight per stream")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call (s)")
+    parser.add_argument("--label", default="gradserve", help="name of this run in tables and plots")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    parser.add_argument("--csv", type=Path, help="write the results as CSV")
+    parser.add_argument(
+        "--plot", type=Path, help="write throughput vs p99 latency as PNG (needs matplotlib)"
+    )
+    parser.add_argument("--expect", default="", help="status codes not counted as failures")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+async def run(args: argparse.Namespace) -> list[StepResult]:
+    targets = args.target or [DEFAULT_TARGET]
+    results = []
+    for concurrency in (int(c) for c in str(args.concurrency).split(",")):
+        common = {
+            "mode": args.mode,
+            "concurrency": concurrency,
+            "rows": args.rows,
+            "derivative": args.derivative,
+            "window": args.window,
+            "timeout": args.timeout,
+        }
+        if args.warmup > 0:
+            await run_step(targets, duration=args.warmup, **common)
+        results.append(
+            await run_step(
+                targets, duration=args.duration, max_requests=args.requests, label=args.label,
+                progress=not args.no_progress and sys.stderr.isatty(), **common,
+            )
+        )  # fmt: skip
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run every step, print the table, write the files; exit 1 if any request failed."""
+    try:
+        results = asyncio.run(run(args))
+    except grpc.aio.AioRpcError as error:
+        print(f"cannot reach the server: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+    if args.csv:
+        write_csv(results, args.csv)
+    if args.plot:
+        plot(results, args.plot)
+    expected = {c.strip().upper() for c in args.expect.split(",") if c.strip()}
+    failed = sum(r.unexpected_errors(expected) for r in results)
+    if failed:
+        print(f"{failed} request(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="gradserve loadtest", description=__doc__)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
