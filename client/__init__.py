@@ -9,6 +9,7 @@ with GradientClient("127.0.0.1:50051") as client:
 from gradserve.client.aio import AsyncGradientClient
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import ModelInfo, Result, Timing
+from gradserve.client.retry import RetryPolicy
 from gradserve.client.sync import GradientClient
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "GradserveError",
     "ModelInfo",
     "Result",
+    "RetryPolicy",
     "Timing",
 ]

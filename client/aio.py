@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
+from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.client.sync import CHANNEL_OPTIONS, DEFAULT_TARGET
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -16,9 +18,15 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 class AsyncGradientClient:
     """`async with AsyncGradientClient() as c: r = await c.evaluate(0.2)`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 
@@ -33,10 +41,18 @@ class AsyncGradientClient:
 
     async def evaluate(self, x: object, derivative: str = "gradient", *, model: str = "") -> Result:
         request = make_request(x, derivative, model=model)
-        try:
-            return to_result(await self._stub.Evaluate(request, timeout=self.timeout))
-        except grpc.RpcError as error:
-            raise GradserveError.from_rpc(error) from None
+        return to_result(await self._call(self._stub.Evaluate, request))
+
+    async def _call(self, method, request):
+        attempts = Attempts(self.retry, self.timeout)
+        while True:
+            try:
+                return await method(request, timeout=attempts.remaining())
+            except grpc.RpcError as error:
+                delay = attempts.backoff(error.code())
+                if delay is None:
+                    raise GradserveError.from_rpc(error, attempts.made) from None
+                await asyncio.sleep(delay)
 
     async def stream(
         self,
@@ -71,12 +87,7 @@ class AsyncGradientClient:
             call.cancel()
 
     async def model_info(self, model: str = "") -> ModelInfo:
-        try:
-            info = await self._stub.GetModelInfo(
-                pb.ModelInfoRequest(model=model), timeout=self.timeout
-            )
-        except grpc.RpcError as error:
-            raise GradserveError.from_rpc(error) from None
+        info = await self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model))
         return to_model_info(info)
 
 

@@ -8,15 +8,18 @@ import grpc
 class GradserveError(Exception):
     """A request failed: `code` is the grpc.StatusCode, `message` the server's explanation."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, request_id: str = "", attempts: int = 1
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.attempts = attempts
 
     @classmethod
-    def from_rpc(cls, error: grpc.RpcError) -> GradserveError:
-        return cls(error.code(), error.details() or "")
+    def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> GradserveError:
+        return cls(error.code(), error.details() or "", attempts=attempts)
 
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 import grpc
 
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
+from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -21,12 +23,20 @@ CHANNEL_OPTIONS = [
 class GradientClient:
     """Evaluate y and dy/dx on a gradserve server. Use as `with GradientClient() as c:`.
 
-    `timeout` (seconds) is the deadline of each call, or of a whole stream.
+    `timeout` (seconds) is the deadline of each call (retries included), or of a whole
+    stream. `evaluate` and `model_info` retry UNAVAILABLE and RESOURCE_EXHAUSTED per
+    `retry` (evaluation is idempotent); pass RetryPolicy(attempts=1) to disable.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 
@@ -42,10 +52,19 @@ class GradientClient:
     def evaluate(self, x: object, derivative: str = "gradient", *, model: str = "") -> Result:
         """y and the derivative for x: a scalar, a 1-D array of rows, or [n, d]."""
         request = make_request(x, derivative, model=model)
-        try:
-            return to_result(self._stub.Evaluate(request, timeout=self.timeout))
-        except grpc.RpcError as error:
-            raise GradserveError.from_rpc(error) from None
+        return to_result(self._call(self._stub.Evaluate, request))
+
+    def _call(self, method, request):
+        """One unary call with retries, within the client's timeout."""
+        attempts = Attempts(self.retry, self.timeout)
+        while True:
+            try:
+                return method(request, timeout=attempts.remaining())
+            except grpc.RpcError as error:
+                delay = attempts.backoff(error.code())
+                if delay is None:
+                    raise GradserveError.from_rpc(error, attempts.made) from None
+                time.sleep(delay)
 
     def stream(
         self,
@@ -80,8 +99,4 @@ class GradientClient:
             call.cancel()
 
     def model_info(self, model: str = "") -> ModelInfo:
-        try:
-            info = self._stub.GetModelInfo(pb.ModelInfoRequest(model=model), timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise GradserveError.from_rpc(error) from None
-        return to_model_info(info)
+        return to_model_info(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model)))

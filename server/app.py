@@ -113,9 +113,12 @@ class GradServer:
         log.info("serving %s on %s:%d", spec.name, config.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let accepted ones finish (up to `grace` s)."""
+        """Drain: report NOT_SERVING, refuse new requests (UNAVAILABLE), answer every accepted
+        one (up to `grace` s, default --drain-seconds), then stop."""
         self.ready = False
         await self._health.enter_graceful_shutdown()
+        if self._batcher is not None:
+            self._batcher.stop_accepting()
         if self._server is not None:
             await self._server.stop(self.config.drain_seconds if grace is None else grace)
         if self._batcher is not None:

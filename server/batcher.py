@@ -135,7 +135,10 @@ class Batcher:
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradserve-engine")
+        self._in_flight: list[_Part] = []
         self.batches_run = 0
+        self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)
+        self.restarts = 0
 
     @property
     def queued_rows(self) -> int:
@@ -151,7 +154,7 @@ class Batcher:
 
     def start(self) -> None:
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._worker = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
 
     def submit(
         self, x: np.ndarray, kind: Derivative, deadline: float | None = None
@@ -179,9 +182,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         pending = _Pending(x, kind, future, deadline, loop.time())
-        future.add_done_callback(lambda _f: self._withdraw(pending))
+        future.add_done_callback(lambda _f: self._finished(pending))
         self._queues[kind].append(pending)
         self._queued_rows += n
+        self.pending += 1
         self._wakeup.set()
         return future
 
@@ -190,18 +194,42 @@ class Batcher:
     ) -> Result:
         return await self.submit(x, kind, deadline)
 
-    async def close(self) -> None:
-        """Refuse new requests, finish every admitted one, then stop the worker."""
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (Closed); admitted ones still complete."""
         self._closing = True
         self._wakeup.set()
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every admitted one, then stop the worker."""
+        self.stop_accepting()
         if self._worker is not None:
             await self._worker
         self._executor.shutdown(wait=True)
+
+    def _finished(self, pending: _Pending) -> None:
+        self.pending -= 1
+        self._withdraw(pending)
 
     def _withdraw(self, pending: _Pending) -> None:
         """Free the not-yet-dispatched rows of a finished (answered, failed, cancelled) request."""
         self._queued_rows -= pending.n - pending.next_row
         pending.next_row = pending.n
+
+    async def _supervise(self) -> None:
+        """Run the worker loop; if it ever fails, fail the batch it held and start it again,
+        so no admitted request is left waiting on a dead worker."""
+        while True:
+            try:
+                await self._run()
+                return
+            except asyncio.CancelledError:
+                _fail(self._in_flight, Closed("the server stopped before this request finished"))
+                raise
+            except Exception as exc:
+                self.restarts += 1
+                log.exception("batch worker failed; restarting it")
+                _fail(self._in_flight, EngineFailed(f"internal error in the batch worker: {exc}"))
+                self._in_flight = []
 
     async def _run(self) -> None:
         while True:
@@ -217,14 +245,9 @@ class Batcher:
             if not parts:
                 await asyncio.sleep(0)  # let pending done-callbacks run before looking again
                 continue
-            try:
-                await self._execute(parts)
-            except asyncio.CancelledError:
-                _fail(parts, Closed("the server stopped before this request was computed"))
-                raise
-            except Exception as exc:  # a fault of ours, not the engine's: never kill the loop
-                log.exception("batch worker fault")
-                _fail(parts, EngineFailed(f"internal error while batching: {exc}"))
+            self._in_flight = parts
+            await self._execute(parts)
+            self._in_flight = []
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""

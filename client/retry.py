@@ -1,0 +1,57 @@
+"""Retrying idempotent calls: jittered exponential backoff within the caller's deadline.
+
+Only statuses that say "try again" are retried (UNAVAILABLE: server draining or a replica
+gone; RESOURCE_EXHAUSTED: queue full). INVALID_ARGUMENT and the rest never are: the same
+request would fail the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`attempts` in all (1 = no retry); delays drawn from [0, min(max, initial * 2**i)]."""
+
+    attempts: int = 6
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    codes: frozenset[grpc.StatusCode] = RETRYABLE
+
+    def delay(self, retry: int) -> float:
+        return random.uniform(0.0, min(self.max_backoff, self.initial_backoff * 2**retry))
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+class Attempts:
+    """Tracks one logical call's attempts against its overall deadline (None: no deadline)."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None) -> None:
+        self.policy = policy
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.made = 0
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next attempt (at least a millisecond), or None."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def backoff(self, code: grpc.StatusCode) -> float | None:
+        """After a failed attempt: seconds to wait before the next, or None to give up."""
+        self.made += 1
+        if code not in self.policy.codes or self.made >= self.policy.attempts:
+            return None
+        delay = self.policy.delay(self.made - 1)
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None
+        return delay
