@@ -49,6 +49,9 @@ class AsyncGradientClient:
             try:
                 return await method(request, timeout=attempts.remaining())
             except grpc.RpcError as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError() from None  # our caller cancelled us
                 delay = attempts.backoff(error.code())
                 if delay is None:
                     raise GradserveError.from_rpc(error, attempts.made) from None

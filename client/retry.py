@@ -1,8 +1,10 @@
 """Retrying idempotent calls: jittered exponential backoff within the caller's deadline.
 
 Only statuses that say "try again" are retried (UNAVAILABLE: server draining or a replica
-gone; RESOURCE_EXHAUSTED: queue full). INVALID_ARGUMENT and the rest never are: the same
-request would fail the same way.
+gone; RESOURCE_EXHAUSTED: queue full; CANCELLED when the caller did not cancel: grpc's
+transport cancels a few innocent calls when many others on the same connection are
+cancelled at once). INVALID_ARGUMENT and the rest never are: the same request would fail
+the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 import grpc
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,12 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.contract import ModelSpec
 from gradserve.server.inference_service import InferenceServicer
 from gradserve.server.native_service import GradientServicer
+from gradserve.server.streaming import Streams
 from gradserve.v1 import gradserve_pb2, gradserve_pb2_grpc
 
 log = logging.getLogger("gradserve")
+
+_LAST_WRITE_GRACE_S = 1.0
 
 SERVICE_NAMES = [
     gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name,
@@ -60,6 +63,7 @@ class GradServer:
         self._batcher: Batcher | None = None
         self._health = HealthServicer()
         self.ready = False
+        self._streams = Streams()
 
     async def __aenter__(self) -> GradServer:
         await self.start()
@@ -96,10 +100,17 @@ class GradServer:
         )
         window = config.stream_window
         gradserve_pb2_grpc.add_GradientServiceServicer_to_server(
-            GradientServicer(self._batcher, spec, stream_window=window), self._server
+            GradientServicer(self._batcher, spec, stream_window=window, streams=self._streams),
+            self._server,
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self._batcher, spec, lambda: self.ready, stream_window=window),
+            InferenceServicer(
+                self._batcher,
+                spec,
+                lambda: self.ready,
+                stream_window=window,
+                streams=self._streams,
+            ),
             self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -113,14 +124,28 @@ class GradServer:
         log.info("serving %s on %s:%d", spec.name, config.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: report NOT_SERVING, refuse new requests (UNAVAILABLE), answer every accepted
-        one (up to `grace` s, default --drain-seconds), then stop."""
+        """Drain: report NOT_SERVING, refuse new requests and stream messages (UNAVAILABLE),
+        answer every accepted one (up to `grace` s, default --drain-seconds), then stop.
+
+        Long-lived calls that hold no work (health Watch streams) do not hold the drain:
+        once the accepted work is answered, the gRPC server gets a short last grace for the
+        final responses to be written, then cancels what is left.
+        """
+        grace = self.config.drain_seconds if grace is None else grace
+        deadline = asyncio.get_running_loop().time() + grace
         self.ready = False
         await self._health.enter_graceful_shutdown()
         if self._batcher is not None:
             self._batcher.stop_accepting()
+            self._streams.drain()
+            if await self._batcher.wait_idle(grace):
+                log.info("drain: every accepted request answered")
+            else:
+                unfinished = self._batcher.pending
+                log.warning("drain: %d request(s) unfinished after %.0f s", unfinished, grace)
         if self._server is not None:
-            await self._server.stop(self.config.drain_seconds if grace is None else grace)
+            remaining = deadline - asyncio.get_running_loop().time()
+            await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
         if self._batcher is not None:
             await self._batcher.close()
         log.info("stopped")

@@ -132,6 +132,8 @@ class Batcher:
         self._queues: dict[Derivative, deque[_Pending]] = {kind: deque() for kind in Derivative}
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradserve-engine")
@@ -186,6 +188,7 @@ class Batcher:
         self._queues[kind].append(pending)
         self._queued_rows += n
         self.pending += 1
+        self._idle.clear()
         self._wakeup.set()
         return future
 
@@ -199,6 +202,14 @@ class Batcher:
         self._closing = True
         self._wakeup.set()
 
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every admitted request has finished; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def close(self) -> None:
         """Refuse new requests, finish every admitted one, then stop the worker."""
         self.stop_accepting()
@@ -209,6 +220,8 @@ class Batcher:
     def _finished(self, pending: _Pending) -> None:
         self.pending -= 1
         self._withdraw(pending)
+        if self.pending == 0:
+            self._idle.set()
 
     def _withdraw(self, pending: _Pending) -> None:
         """Free the not-yet-dispatched rows of a finished (answered, failed, cancelled) request."""

@@ -22,7 +22,7 @@ from gradserve.server.batcher import Batcher, Result
 from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.decode import InvalidInput, check_shape, decode_rows
 from gradserve.server.status import RequestFailed, deadline_of, not_found
-from gradserve.server.streaming import pipelined
+from gradserve.server.streaming import Streams, pipelined
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = "0.1.0"
@@ -56,11 +56,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         *,
         stream_window: int = 256,
+        streams: Streams | None = None,
     ) -> None:
         self._batcher = batcher
         self._spec = spec
         self._is_ready = is_ready
         self._window = stream_window
+        self._streams = streams or Streams()
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -246,7 +248,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             lambda r: self._submit(r, deadline),
             self._stream_response,
             self._window,
+            self._streams,
         )
-        async with contextlib.aclosing(responses):
-            async for response in responses:
-                yield response
+        try:
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
+        except RequestFailed as failure:
+            await context.abort(failure.code, failure.message)

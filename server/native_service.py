@@ -16,7 +16,7 @@ from gradserve.server.batcher import Batcher, Result
 from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.decode import InvalidInput, decode_rows
 from gradserve.server.status import RequestFailed, deadline_of, not_found
-from gradserve.server.streaming import pipelined
+from gradserve.server.streaming import Streams, pipelined
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -30,10 +30,18 @@ _KINDS = {
 class GradientServicer(pb_grpc.GradientServiceServicer):
     """Serves one model through one Batcher."""
 
-    def __init__(self, batcher: Batcher, spec: ModelSpec, *, stream_window: int = 256) -> None:
+    def __init__(
+        self,
+        batcher: Batcher,
+        spec: ModelSpec,
+        *,
+        stream_window: int = 256,
+        streams: Streams | None = None,
+    ) -> None:
         self._batcher = batcher
         self._spec = spec
         self._window = stream_window
+        self._streams = streams or Streams()
 
     def _check_model(self, name: str) -> None:
         if name and name != self._spec.name:
@@ -97,11 +105,18 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> AsyncIterator[pb.EvaluateResponse]:
         deadline = deadline_of(context)
         responses = pipelined(
-            request_iterator, lambda r: self._submit(r, deadline), self._response, self._window
+            request_iterator,
+            lambda r: self._submit(r, deadline),
+            self._response,
+            self._window,
+            self._streams,
         )
-        async with contextlib.aclosing(responses):
-            async for response in responses:
-                yield response
+        try:
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
+        except RequestFailed as failure:
+            await context.abort(failure.code, failure.message)
 
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext

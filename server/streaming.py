@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
+import grpc
+
 from gradserve.server.batcher import Result
 from gradserve.server.status import RequestFailed
 
@@ -19,14 +21,44 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
+class Streams:
+    """The readers of every open stream, so that a drain can stop them all at once."""
+
+    def __init__(self) -> None:
+        self._readers: set[asyncio.Task] = set()
+        self.draining = False
+
+    def add(self, reader: asyncio.Task) -> None:
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+
+    def drain(self) -> None:
+        """Stop reading every stream; each still answers what it already read, then ends."""
+        self.draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+
+def _draining() -> RequestFailed:
+    return RequestFailed(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down: every message answered before this status was read and "
+        "computed; send the rest again (to another replica)",
+    )
+
+
 async def pipelined(
     requests: AsyncIterator[Request],
     start: Callable[[Request], asyncio.Future[Result]],
     respond: Callable[[Request, Result | RequestFailed], Response],
     window: int,
+    streams: Streams,
 ) -> AsyncIterator[Response]:
     """`start` validates and queues one message (raising RequestFailed if it cannot);
-    `respond` turns its result or failure into the response message."""
+    `respond` turns its result or failure into the response message. Raises RequestFailed
+    (UNAVAILABLE) after the last answer when a drain stopped the stream."""
+    if streams.draining:
+        raise _draining()
     inflight: asyncio.Queue[tuple[Request, asyncio.Future[Result] | RequestFailed] | None]
     inflight = asyncio.Queue(window)
 
@@ -42,6 +74,7 @@ async def pipelined(
             await inflight.put(None)
 
     reader = asyncio.create_task(read())
+    streams.add(reader)
     try:
         while (item := await inflight.get()) is not None:
             request, outcome = item
@@ -51,6 +84,8 @@ async def pipelined(
                 except Exception as exc:
                     outcome = RequestFailed.of(exc)
             yield respond(request, outcome)
+        if reader.cancelled() and streams.draining:
+            raise _draining()
         await reader
     finally:
         reader.cancel()
