@@ -11,23 +11,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from gradserve.inference import grpc_service_pb2 as inference_pb2
-from gradserve.inference import grpc_service_pb2_grpc as inference_pb2_grpc
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
 from gradserve.server.contract import ModelSpec
 from gradserve.server.inference_service import InferenceServicer
 from gradserve.server.native_service import GradientServicer
 from gradserve.server.streaming import Streams
-from gradserve.v1 import gradserve_pb2, gradserve_pb2_grpc
+from gradserve.server.wire import register
+from gradserve.v1 import gradserve_pb2
 
 log = logging.getLogger("gradserve")
 
 _LAST_WRITE_GRACE_S = 1.0
 
-SERVICE_NAMES = [
-    gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name,
-    inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-]
+NATIVE_SERVICE = gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"]
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAMES = [NATIVE_SERVICE.full_name, INFERENCE_SERVICE.full_name]
 
 
 def load_engine(config: ServerConfig):  # -> Engine; typed loosely to keep TensorFlow lazy
@@ -99,19 +98,19 @@ class GradServer:
             ]
         )
         window = config.stream_window
-        gradserve_pb2_grpc.add_GradientServiceServicer_to_server(
+        register(
+            self._server,
             GradientServicer(self._batcher, spec, stream_window=window, streams=self._streams),
-            self._server,
+            NATIVE_SERVICE,
+            gradserve_pb2,
         )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self._batcher,
-                spec,
-                lambda: self.ready,
-                stream_window=window,
-                streams=self._streams,
-            ),
+        register(
             self._server,
+            InferenceServicer(
+                self._batcher, spec, lambda: self.ready, stream_window=window, streams=self._streams
+            ),
+            INFERENCE_SERVICE,
+            inference_pb2,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")

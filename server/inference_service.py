@@ -23,6 +23,7 @@ from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.decode import InvalidInput, check_shape, decode_rows
 from gradserve.server.status import RequestFailed, deadline_of, not_found
 from gradserve.server.streaming import Streams, pipelined
+from gradserve.server.wire import Undecodable
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = "0.1.0"
@@ -190,6 +191,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _submit(
         self, request: pb.ModelInferRequest, deadline: float | None
     ) -> asyncio.Future[Result]:
+        if isinstance(request, Undecodable):
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             self._check_model(request.model_name, request.model_version)
             plan = self._plan(request)

@@ -17,6 +17,7 @@ from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.decode import InvalidInput, decode_rows
 from gradserve.server.status import RequestFailed, deadline_of, not_found
 from gradserve.server.streaming import Streams, pipelined
+from gradserve.server.wire import Undecodable
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -51,6 +52,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.EvaluateRequest, deadline: float | None
     ) -> asyncio.Future[Result]:
         """Validate and queue one request; raises RequestFailed for anything wrong."""
+        if isinstance(request, Undecodable):
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             self._check_model(request.model)
             kind = _KINDS.get(request.derivative)
