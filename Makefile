@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench loadtest
+.PHONY: serve test lint format proto train clean bench loadtest soak
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -42,3 +42,6 @@ bench: $(STAMP)
 
 loadtest: $(STAMP)
 	$(BIN)/gradserve loadtest $(ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(ARGS)

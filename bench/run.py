@@ -56,15 +56,18 @@ class Server:
         threading.Thread(target=self._sample_rss, daemon=True).start()
         self._wait_ready(health)
 
+    def rss_mb(self) -> float:
+        """The server's resident memory now (0 once it has exited)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return 0.0
+        line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
     def _sample_rss(self) -> None:
-        status = Path(f"/proc/{self.process.pid}/status")
         while not self._stop.wait(0.2):
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
-            except OSError:
-                return
+            self.peak_rss_mb = max(self.peak_rss_mb, self.rss_mb())
 
     def _wait_ready(self, health: bool, timeout: float = 180) -> None:
         end = time.monotonic() + timeout

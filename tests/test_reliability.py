@@ -204,7 +204,7 @@ def test_overload_from_several_processes_stays_responsive(bundled_engine, tmp_pa
                     probes += 1
                     time.sleep(0.05)
         outputs = [p.communicate(timeout=60) for p in loads]
-    assert all(p.returncode == 0 for p in loads), outputs
+    assert [p.returncode for p in loads] == [0, 0], [out[-600:] for pair in outputs for out in pair]
     steps = [json.loads((tmp_path / f"{i}.json").read_text())[0] for i in range(2)]
     assert all(s["errors"].get("RESOURCE_EXHAUSTED", 0) > 0 for s in steps)
     assert all(set(s["errors"]) <= {"RESOURCE_EXHAUSTED"} for s in steps)
@@ -222,7 +222,8 @@ def test_sdk_retries_queue_full_until_there_is_room(gated_server):
         blockers = [pool.submit(filler.evaluate, np.full(16, 0.2)) for _ in range(4)]
         wait_until(lambda: running.batcher.queued_rows == 64)
         threading.Timer(0.5, gated.gate.set).start()
-        with GradientClient(running.target, timeout=20) as client:
+        patient = RetryPolicy(attempts=1000, max_backoff=0.1)
+        with GradientClient(running.target, timeout=20, retry=patient) as client:
             result = client.evaluate(0.6)
         assert abs(result.dy_dx[0, 0] - 0.8) < 0.3
         assert first.result(timeout=30) and all(b.result(timeout=30) for b in blockers)
