@@ -153,7 +153,7 @@ def main() -> int:
     started = time.monotonic()
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
-    serve = ["-m", "gradserve.server.cli", "serve"]
+    serve = ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"]
     configs = [
         ("transport", ["bench/transport_server.py"], False),
         ("unbatched", [*serve, "--max-batch-size", "1"], True),

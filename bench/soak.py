@@ -80,7 +80,9 @@ def main() -> int:
     parser.add_argument("--warmup-samples", type=int, default=2, help="samples before baseline")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    server = Server("soak", ["-m", "gradserve.server.cli", "serve"], health=True)
+    server = Server(
+        "soak", ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"], health=True
+    )
     codes: Counter = Counter()
     samples: list[tuple[float, float]] = []
     started = time.monotonic()

@@ -7,6 +7,7 @@ with GradientClient("127.0.0.1:50051") as client:
 """
 
 from gradserve.client.aio import AsyncGradientClient
+from gradserve.client.channel import Tls
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import ModelInfo, Result, Timing
 from gradserve.client.retry import RetryPolicy
@@ -20,4 +21,5 @@ __all__ = [
     "Result",
     "RetryPolicy",
     "Timing",
+    "Tls",
 ]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 
+from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
 from gradserve.client.retry import Attempts, RetryPolicy
-from gradserve.client.sync import CHANNEL_OPTIONS, DEFAULT_TARGET
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -20,14 +20,15 @@ class AsyncGradientClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(target, tls, aio=True)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncGradientClient:

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
 from gradserve.client.results import DERIVATIVES
-from gradserve.client.sync import CHANNEL_OPTIONS, DEFAULT_TARGET
 from gradserve.client.tensors import to_tensor
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -148,9 +148,10 @@ async def run_step(
     timeout: float = 30.0,
     label: str = "",
     progress: bool = False,
+    tls: Tls | None = None,
 ) -> StepResult:
     """Run one load step and summarise it; callers are spread over `targets` round-robin."""
-    channels = [grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS) for t in targets]
+    channels = [open_channel(t, tls, aio=True) for t in targets]
     try:
         stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
         info = await stubs[0].GetModelInfo(pb.ModelInfoRequest(), timeout=timeout)
@@ -310,6 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--expect", default="", help="status codes not counted as failures")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    parser.add_argument("--tls-ca", help="PEM CA to verify a TLS server (turns TLS on)")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for mTLS")
+    parser.add_argument("--tls-key", help="PEM client key, for mTLS")
 
 
 async def run(args: argparse.Namespace) -> list[StepResult]:
@@ -323,6 +327,7 @@ async def run(args: argparse.Namespace) -> list[StepResult]:
             "derivative": args.derivative,
             "window": args.window,
             "timeout": args.timeout,
+            "tls": _tls(args),
         }
         if args.warmup > 0:
             await run_step(targets, duration=args.warmup, **common)
@@ -333,6 +338,12 @@ async def run(args: argparse.Namespace) -> list[StepResult]:
             )
         )  # fmt: skip
     return results
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -3,41 +3,40 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 
+from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
 from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
-
 
 class GradientClient:
     """Evaluate y and dy/dx on a gradserve server. Use as `with GradientClient() as c:`.
 
-    `timeout` (seconds) is the deadline of each call (retries included), or of a whole
-    stream. `evaluate` and `model_info` retry UNAVAILABLE and RESOURCE_EXHAUSTED per
-    `retry` (evaluation is idempotent); pass RetryPolicy(attempts=1) to disable.
+    `target` is one address, a `dns:///name:port` that resolves to several replicas, or a
+    list of IP:port; calls are balanced over them (round_robin). `tls` turns on TLS (and
+    mTLS with a client certificate). `timeout` (seconds) is the deadline of each call
+    (retries included), or of a whole stream. `evaluate` and `model_info` retry
+    UNAVAILABLE and RESOURCE_EXHAUSTED per `retry` (evaluation is idempotent); pass
+    RetryPolicy(attempts=1) to disable.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(target, tls, aio=False)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 
     def __enter__(self) -> GradientClient:

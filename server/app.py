@@ -1,32 +1,43 @@
-"""Assembly: engine + batcher + servicers on one grpc.aio server, health, signals, drain."""
+"""Assembly: one grpc.aio server with health, reflection, metrics and both protocols over one
+batcher and engine; signals and drain.
+
+The server listens before the model is loaded: health says NOT_SERVING (and the model RPCs
+UNAVAILABLE) until the engine is loaded and warmed up, then SERVING.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from gradserve.inference import grpc_service_pb2 as inference_pb2
+from gradserve.server import inference_service, native_service
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
 from gradserve.server.contract import ModelSpec
-from gradserve.server.inference_service import InferenceServicer
+from gradserve.server.inference_service import SERVER_NAME, SERVER_VERSION, InferenceServicer
+from gradserve.server.metrics import Metrics
 from gradserve.server.native_service import GradientServicer
 from gradserve.server.streaming import Streams
-from gradserve.server.wire import register
+from gradserve.server.wire import Routes
 from gradserve.v1 import gradserve_pb2
 
 log = logging.getLogger("gradserve")
 
 _LAST_WRITE_GRACE_S = 1.0
-
 NATIVE_SERVICE = gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"]
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAMES = [NATIVE_SERVICE.full_name, INFERENCE_SERVICE.full_name]
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def load_engine(config: ServerConfig):  # -> Engine; typed loosely to keep TensorFlow lazy
@@ -40,29 +51,58 @@ def load_engine(config: ServerConfig):  # -> Engine; typed loosely to keep Tenso
         max_batch_size=config.max_batch_size,
         name=config.model_name or None,
     )
+    log.info(
+        "model loaded",
+        extra={"event": "model_load", "model": engine.name, "device": engine.device,
+               "input_width": engine.input_width, "output_width": engine.output_width},
+    )  # fmt: skip
     seconds = engine.warm_up()
     log.info(
-        "model %s on %s warmed up in %.1f s (xla=%s)",
-        engine.name,
-        engine.device,
-        seconds,
-        engine.xla,
+        "model warmed up",
+        extra={"event": "warm_up", "seconds": round(seconds, 2), "xla": engine.xla},
     )
     return engine
 
 
-class GradServer:
-    """A running server. `async with GradServer(config) as s:` binds, serves, then drains."""
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=ca is not None
+    )
 
-    def __init__(self, config: ServerConfig, engine=None) -> None:
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """One pool with every served file: the inference protocol lives in a private pool."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (gradserve_pb2, inference_pb2, health_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
+
+
+class GradServer:
+    """A running server. `async with GradServer(config) as s:` binds, serves, then drains.
+
+    `engine` (anything with run, name, input_width, output_width, device) skips loading;
+    `load` replaces how the model is loaded (config -> engine).
+    """
+
+    def __init__(self, config: ServerConfig, engine=None, load=load_engine) -> None:
         self.config = config
         self._engine = engine
+        self._load = load
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics = Metrics()
+        self.ready = False
         self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
         self._batcher: Batcher | None = None
         self._health = HealthServicer()
-        self.ready = False
         self._streams = Streams()
+        self._routes = Routes(self.metrics)
 
     async def __aenter__(self) -> GradServer:
         await self.start()
@@ -72,8 +112,64 @@ class GradServer:
         await self.stop()
 
     async def start(self) -> None:
+        """Listen at once (health NOT_SERVING), load the model, then serve (SERVING)."""
         config = self.config
-        engine = self._engine or await asyncio.to_thread(load_engine, config)
+        log.info("starting", extra={"event": "start", **_loggable(config)})
+        await self._listen()
+        engine = self._engine or await asyncio.to_thread(self._load, config)
+        self._serve(engine)
+        for name in ["", *SERVICE_NAMES]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+        log.info("serving", extra={"event": "serving", "port": self.port, "model": engine.name})
+
+    async def _listen(self) -> None:
+        config = self.config
+        limit = config.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        self._routes.expect(NATIVE_SERVICE)
+        self._routes.expect(
+            INFERENCE_SERVICE,
+            {
+                "ServerLive": inference_pb2.ServerLiveResponse(live=True),
+                "ServerReady": inference_pb2.ServerReadyResponse(ready=False),
+                "ServerMetadata": inference_pb2.ServerMetadataResponse(
+                    name=SERVER_NAME, version=SERVER_VERSION
+                ),
+            },
+        )
+        self._server.add_generic_rpc_handlers((self._routes,))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, HEALTH_NAME, reflection.SERVICE_NAME], self._server, _reflection_pool()
+        )
+        for name in ["", *SERVICE_NAMES]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{config.host}:{config.port}"
+        credentials = _credentials(config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        await self._server.start()
+        if config.metrics_port:
+            self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
+        log.info(
+            "listening",
+            extra={"event": "listen", "port": self.port, "tls": credentials is not None,
+                   "metrics_port": self.metrics_port},
+        )  # fmt: skip
+
+    def _serve(self, engine) -> None:
+        config = self.config
         spec = ModelSpec(
             name=engine.name,
             version="1",
@@ -88,39 +184,24 @@ class GradServer:
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_delay_us / 1e6,
             max_queue_rows=config.max_queue_rows,
+            observer=self.metrics,
         )
         self._batcher.start()
-        limit = config.max_message_bytes
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ]
-        )
-        window = config.stream_window
-        register(
-            self._server,
-            GradientServicer(self._batcher, spec, stream_window=window, streams=self._streams),
+        batcher = self._batcher
+        self.metrics.queue_rows.set_function(lambda: batcher.queued_rows)
+        common = {"stream_window": config.stream_window, "streams": self._streams}
+        self._routes.add(
+            GradientServicer(batcher, spec, **common),
             NATIVE_SERVICE,
             gradserve_pb2,
+            native_service.stream_code,
         )
-        register(
-            self._server,
-            InferenceServicer(
-                self._batcher, spec, lambda: self.ready, stream_window=window, streams=self._streams
-            ),
+        self._routes.add(
+            InferenceServicer(batcher, spec, lambda: self.ready, **common),
             INFERENCE_SERVICE,
             inference_pb2,
+            inference_service.stream_code,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
-        if not self.port:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
-        await self._server.start()
-        for name in ["", *SERVICE_NAMES]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.ready = True
-        log.info("serving %s on %s:%d", spec.name, config.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new requests and stream messages (UNAVAILABLE),
@@ -133,21 +214,31 @@ class GradServer:
         grace = self.config.drain_seconds if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         self.ready = False
+        log.info("draining", extra={"event": "drain", "grace_seconds": grace})
         await self._health.enter_graceful_shutdown()
         if self._batcher is not None:
             self._batcher.stop_accepting()
             self._streams.drain()
             if await self._batcher.wait_idle(grace):
-                log.info("drain: every accepted request answered")
+                log.info("drain: every accepted request answered", extra={"event": "drained"})
             else:
                 unfinished = self._batcher.pending
-                log.warning("drain: %d request(s) unfinished after %.0f s", unfinished, grace)
+                log.warning(
+                    "drain: %d request(s) unfinished after %.0f s", unfinished, grace,
+                    extra={"event": "drain_timeout", "unfinished": unfinished},
+                )  # fmt: skip
         if self._server is not None:
             remaining = deadline - asyncio.get_running_loop().time()
             await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
         if self._batcher is not None:
             await self._batcher.close()
-        log.info("stopped")
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info("stopped", extra={"event": "stop"})
+
+
+def _loggable(config: ServerConfig) -> dict[str, object]:
+    return {f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()}
 
 
 async def serve(config: ServerConfig) -> None:
@@ -158,4 +249,7 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with GradServer(config):
         await stop.wait()
-        log.info("signal received: draining for up to %.0f s", config.drain_seconds)
+        log.info(
+            "signal received: draining for up to %.0f s", config.drain_seconds,
+            extra={"event": "signal"},
+        )  # fmt: skip

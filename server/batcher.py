@@ -70,6 +70,16 @@ class Result:
     timing: Timing
 
 
+class Observer:
+    """What the batcher reports as it works (metrics implement it); the default ignores it."""
+
+    def batch(self, kind: Derivative, rows: int, seconds: float) -> None:
+        """One successful engine call of `rows` rows that took `seconds`."""
+
+    def queued(self, seconds: float) -> None:
+        """A request's first rows left the queue after waiting `seconds`."""
+
+
 class _Pending:
     """One request in the queue; `next_row` marks how far it has been dispatched."""
 
@@ -122,10 +132,12 @@ class Batcher:
         max_batch_size: int = 1024,
         max_delay_s: float = 0.0,
         max_queue_rows: int = 1 << 20,
+        observer: Observer | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_delay_s >= 0")
         self._compute = compute
+        self._observer = observer or Observer()
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
@@ -299,6 +311,7 @@ class Batcher:
             room -= take
             if pending.started is None:
                 pending.started = now
+                self._observer.queued(now - pending.enqueued)
             if pending.next_row == pending.n:
                 queue.popleft()
         return parts
@@ -331,8 +344,10 @@ class Batcher:
             await self._execute(parts[:middle])
             await self._execute(parts[middle:])
             return
+        seconds = time.perf_counter() - began
         self.batches_run += 1
-        _deliver(parts, outputs, time.perf_counter() - began, loop.time())
+        self._observer.batch(kind, x.shape[0], seconds)
+        _deliver(parts, outputs, seconds, loop.time())
 
 
 def _is_dead(pending: _Pending, now: float) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from gradserve.server import config as cfg
+from gradserve.server import logs
 
 
 def loadtest_module():
@@ -32,9 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     if args.command == "loadtest":
         return loadtest_module().main(args)
     if args.command == "train":
@@ -50,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"gradserve serve needs the server extra: pip install 'gradserve[server]' ({exc})")
         return 2
-    asyncio.run(serve(cfg.from_namespace(args)))
+    try:
+        config = cfg.from_namespace(args)
+    except ValueError as error:
+        print(f"gradserve serve: {error}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
     return 0
 
 

@@ -24,6 +24,12 @@ class ServerConfig:
     max_message_mb: int = 64
     stream_window: int = 256
     drain_seconds: float = 30.0
+    metrics_port: int = 9400
+    log_format: str = "text"
+    log_level: str = "INFO"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     @property
     def max_message_bytes(self) -> int:
@@ -43,6 +49,12 @@ _HELP = {
     "max_message_mb": "largest request or response message, in MiB",
     "stream_window": "messages of one stream read ahead while earlier ones compute",
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
+    "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
+    "log_format": "text or json (one JSON object per line)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "tls_cert": "PEM certificate chain: serve TLS (needs --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mTLS)",
 }
 
 
@@ -77,4 +89,10 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
     config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
     if config.max_batch_size < 1 or config.max_queue_rows < 1 or config.max_delay_us < 0:
         raise ValueError("max-batch-size and max-queue-rows must be >= 1, max-delay-us >= 0")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    if config.log_format not in ("text", "json"):
+        raise ValueError(f"--log-format must be text or json, got {config.log_format!r}")
     return config

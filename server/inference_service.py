@@ -259,3 +259,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield response
         except RequestFailed as failure:
             await context.abort(failure.code, failure.message)
+
+
+def stream_code(response: pb.ModelStreamInferResponse) -> str:
+    """The status of one stream response, for the metrics (errors start with the code name)."""
+    if not response.error_message:
+        return "OK"
+    name = response.error_message.split(":", 1)[0]
+    return name if name in grpc.StatusCode.__members__ else "UNKNOWN"

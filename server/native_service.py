@@ -139,3 +139,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             max_batch_size=spec.max_batch_size,
             max_request_rows=spec.max_request_rows,
         )
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def stream_code(response: pb.EvaluateResponse) -> str:
+    """The status of one stream response, for the metrics."""
+    if not response.HasField("error"):
+        return "OK"
+    return _CODE_NAMES.get(response.error.code, "UNKNOWN")

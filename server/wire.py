@@ -1,20 +1,25 @@
-"""Registering servicers so that bytes which are not a valid message get INVALID_ARGUMENT.
+"""Registering servicers: malformed bytes get INVALID_ARGUMENT, every answer is counted.
 
 gRPC's generated registration parses each request before any servicer code runs and answers
 UNKNOWN (logging a traceback) when the bytes do not parse. Here a message that does not parse
 becomes an `Undecodable` marker instead: unary calls are refused with INVALID_ARGUMENT saying
 what was expected; on a stream the servicer answers that one message with its error and the
-stream goes on.
+stream goes on. Each unary answer and each stream message is counted in the metrics by RPC
+and status code.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from types import ModuleType
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+
+from gradserve.server.metrics import Metrics
 
 
 class Undecodable:
@@ -39,35 +44,113 @@ def _tolerant(message_class):
     return parse
 
 
-def _refuse_undecodable(method):
+def _code_name(code: object) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN" if code is None else str(code)
+
+
+def _unary(method, name: str, metrics: Metrics):
+    requests, latency = metrics.requests, metrics.latency.labels(name)
+
     @functools.wraps(method)
     async def unary(request, context):
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await method(request, context)
+        started, code = time.perf_counter(), "OK"
+        try:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await method(request, context)
+        except BaseException:
+            code = _code_name(context.code())
+            raise
+        finally:
+            requests.labels(name, code).inc()
+            latency.observe(time.perf_counter() - started)
 
     return unary
 
 
-def register(
-    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, messages: ModuleType
-) -> None:
-    """Add every method of `service` (unary-unary or stream-stream) implemented by `servicer`."""
-    handlers = {}
-    for method in service.methods:
-        parse = _tolerant(getattr(messages, method.input_type.name))
-        serialize = getattr(messages, method.output_type.name).SerializeToString
-        implementation = getattr(servicer, method.name)
-        if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                implementation, parse, serialize
-            )
-        elif not method.client_streaming and not method.server_streaming:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _refuse_undecodable(implementation), parse, serialize
-            )
-        else:
-            raise ValueError(f"{method.full_name}: only unary and bidirectional RPCs are served")
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
+def _stream(method, name: str, metrics: Metrics, code_of: Callable[[object], str]):
+    @functools.wraps(method)
+    async def stream(request_iterator, context):
+        metrics.streams.inc()
+        try:
+            async for response in method(request_iterator, context):
+                metrics.requests.labels(name, code_of(response)).inc()
+                yield response
+        finally:
+            metrics.streams.dec()
+
+    return stream
+
+
+class Routes(grpc.GenericRpcHandler):
+    """Looks up each call's handler when it arrives, so the server can listen (health,
+    liveness) while the model loads: until a service is added, its methods answer
+    UNAVAILABLE, except the ones given a stand-in answer."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._loading: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        return self._handlers.get(method) or self._loading.get(method)
+
+    def expect(self, service: ServiceDescriptor, standins: dict[str, object] | None = None) -> None:
+        """Before `add`: answer `standins[name]` for those methods, UNAVAILABLE for the rest."""
+        standins = standins or {}
+        for method in service.methods:
+            answer = standins.get(method.name)
+            serialize = type(answer).SerializeToString if answer is not None else None
+            behaviour = _loading_answer(answer)
+            if method.client_streaming:
+                handler = grpc.stream_stream_rpc_method_handler(
+                    _loading_stream, response_serializer=serialize
+                )
+            else:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    behaviour, response_serializer=serialize
+                )
+            self._loading[f"/{service.full_name}/{method.name}"] = handler
+
+    def add(
+        self,
+        servicer: object,
+        service: ServiceDescriptor,
+        messages: ModuleType,
+        stream_code: Callable[[object], str],
+    ) -> None:
+        """Serve every method of `service` (unary-unary or stream-stream) with `servicer`;
+        `stream_code` names the status of one stream response for the metrics."""
+        for method in service.methods:
+            parse = _tolerant(getattr(messages, method.input_type.name))
+            serialize = getattr(messages, method.output_type.name).SerializeToString
+            implementation = getattr(servicer, method.name)
+            if method.client_streaming and method.server_streaming:
+                wrapped = _stream(implementation, method.name, self._metrics, stream_code)
+                handler = grpc.stream_stream_rpc_method_handler(wrapped, parse, serialize)
+            elif not method.client_streaming and not method.server_streaming:
+                wrapped = _unary(implementation, method.name, self._metrics)
+                handler = grpc.unary_unary_rpc_method_handler(wrapped, parse, serialize)
+            else:
+                raise ValueError(f"{method.full_name}: only unary and bidirectional RPCs")
+            self._handlers[f"/{service.full_name}/{method.name}"] = handler
+
+
+_LOADING = "the model is still loading; retry when the health service reports SERVING"
+
+
+def _loading_answer(answer: object | None):
+    async def unary(request, context):
+        if answer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _LOADING)
+        return answer
+
+    return unary
+
+
+async def _loading_stream(request_iterator, context):
+    await context.abort(grpc.StatusCode.UNAVAILABLE, _LOADING)
+    yield  # pragma: no cover - makes this an async generator

@@ -16,7 +16,7 @@ from gradserve.server.app import GradServer
 from gradserve.server.config import BUNDLED_MODEL, ServerConfig
 from gradserve.server.contract import Derivative, Outputs
 
-TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0)
+TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0)
 
 
 def free_port() -> int:

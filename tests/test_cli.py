@@ -40,7 +40,12 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_drains_accepted_requests_then_exits_zero(sig):
     port = free_port()
-    env = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_MAX_DELAY_US": "300000"}
+    env = {
+        **os.environ,
+        "GRADSERVE_METRICS_PORT": "0",
+        "GRADSERVE_XLA": "off",
+        "GRADSERVE_MAX_DELAY_US": "300000",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -95,7 +100,12 @@ def test_serve_help_lists_every_flag_with_its_default():
 def test_sigterm_under_load_loses_nothing_and_reports_not_serving_first():
     """Every request either succeeds or is refused with UNAVAILABLE; none is lost or hangs."""
     port = free_port()
-    env = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_MAX_DELAY_US": "2000"}
+    env = {
+        **os.environ,
+        "GRADSERVE_METRICS_PORT": "0",
+        "GRADSERVE_XLA": "off",
+        "GRADSERVE_MAX_DELAY_US": "2000",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
          "--drain-seconds", "20"],

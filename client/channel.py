@@ -1,0 +1,76 @@
+"""How the SDK and the load-test script connect: targets, balancing, TLS.
+
+Several targets (or a DNS name resolving to several replicas) are balanced per call with
+gRPC's own round_robin policy; a replica that goes away answers UNAVAILABLE, which the SDK
+retries on another.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.lb_policy_name", "round_robin"),
+]
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Client TLS: `ca` verifies the server (None: the system roots); `cert`/`key` for mTLS.
+
+    Paths to PEM files. `server_name` overrides the name checked in the server's certificate.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+    def options(self) -> list[tuple[str, str]]:
+        if not self.server_name:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name)]
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """One gRPC target for one address, a name (dns:///...), or a list of host:port."""
+    if isinstance(target, str):
+        return target
+    targets = list(target)
+    if len(targets) == 1:
+        return targets[0]
+    hosts = [t.rsplit(":", 1)[0].strip("[]") for t in targets]
+    try:
+        versions = {ipaddress.ip_address(h).version for h in hosts}
+    except ValueError:
+        raise ValueError(
+            "several targets must be IP:port (or use one dns:/// name that resolves to all of "
+            f"them); got {targets}"
+        ) from None
+    if len(versions) != 1:
+        raise ValueError(f"several targets must be all IPv4 or all IPv6; got {targets}")
+    return f"ipv{versions.pop()}:" + ",".join(targets)
+
+
+def open_channel(target: str | Sequence[str], tls: Tls | None, *, aio: bool):
+    """A blocking or asyncio channel to `target`, with TLS when `tls` is given."""
+    module = grpc.aio if aio else grpc
+    address = channel_target(target)
+    if tls is None:
+        return module.insecure_channel(address, options=OPTIONS)
+    return module.secure_channel(address, tls.credentials(), options=OPTIONS + tls.options())

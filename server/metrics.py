@@ -1,0 +1,70 @@
+"""Prometheus metrics: what the operators of an inference server expect to scrape.
+
+The batcher reports through the small observer interface below (it knows nothing of
+Prometheus); the RPC layer counts requests and latency per RPC and status code.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gradserve.server.contract import Derivative
+
+_LATENCY_BUCKETS = (
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30,
+)  # fmt: skip
+_ROW_BUCKETS = tuple(float(2**i) for i in range(15))
+
+
+class Metrics:
+    """All gradserve metrics, in a registry of their own (several servers per process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gradserve_requests", "Requests and stream messages answered, by RPC and status code",
+            ["rpc", "code"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "gradserve_request_duration_seconds",
+            "Server-side time from a request's arrival to its answer",
+            ["rpc"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "gradserve_queue_wait_seconds", "Time a request's rows waited for the engine",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute = Histogram(
+            "gradserve_compute_seconds", "Engine time of each batch",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_rows = Histogram(
+            "gradserve_batch_rows", "Rows per engine call", buckets=_ROW_BUCKETS, registry=r
+        )
+        self.rows = Counter(
+            "gradserve_rows_computed", "Rows computed by the engine, by derivative",
+            ["derivative"], registry=r,
+        )  # fmt: skip
+        self.engine_calls = Counter(
+            "gradserve_engine_calls", "Engine calls (batches), by derivative",
+            ["derivative"], registry=r,
+        )  # fmt: skip
+        self.queue_rows = Gauge("gradserve_queue_rows", "Rows waiting in the queue", registry=r)
+        self.streams = Gauge("gradserve_streams_in_flight", "Open streams", registry=r)
+
+    # -- the batcher's observer interface ---------------------------------------------------
+
+    def batch(self, kind: Derivative, rows: int, seconds: float) -> None:
+        self.engine_calls.labels(kind.value).inc()
+        self.rows.labels(kind.value).inc(rows)
+        self.batch_rows.observe(rows)
+        self.compute.observe(seconds)
+
+    def queued(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def serve(self, host: str, port: int):
+        """Expose /metrics over HTTP; returns the HTTP server (call .shutdown() to stop)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,221 @@
+"""The Kubernetes manifests in deploy/k8s agree with the server they deploy.
+
+The container's command line and environment are read through the server's own flag parser
+(`gradserve.server.config.add_arguments`), so a misspelt flag or env var, a port changed on one
+side only, or a grace period no longer than the drain fails here rather than in a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradserve.server import config as cfg
+from gradserve.server.app import SERVICE_NAMES
+from gradserve.server.config import ServerConfig
+
+K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+DEFAULTS = ServerConfig()
+# --metrics-port is new: before ServerConfig has the field, the documented default stands in.
+METRICS_PORT = getattr(DEFAULTS, "metrics_port", 9400)
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+PROBE_HANDLERS = {"grpc", "httpGet", "tcpSocket", "exec"}
+K8S_DEFAULT_GRACE_SECONDS = 30
+
+
+def load(name: str) -> list[dict]:
+    docs = [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc is not None]
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), f"{name}: incomplete object"
+        assert doc["metadata"].get("name"), f"{name}: {doc['kind']} without a name"
+    return docs
+
+
+def only(docs: list[dict], kind: str, name: str = "gradserve") -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind} {name!r}, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict:
+    return only(load("deployment.yaml"), "Deployment")
+
+
+@pytest.fixture(scope="module")
+def service() -> dict:
+    return only(load("service.yaml"), "Service")
+
+
+@pytest.fixture(scope="module")
+def pdb() -> dict:
+    return only(load("pdb.yaml"), "PodDisruptionBudget")
+
+
+@pytest.fixture(scope="module")
+def pod_labels(deployment: dict) -> dict:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels, "the pod template has no labels to select"
+    return labels
+
+
+@pytest.fixture(scope="module")
+def container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    found = [c for c in containers if c["name"] == "gradserve"]
+    assert len(found) == 1, "expected one container named gradserve"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def ports(container: dict) -> dict[str, int]:
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    for p in container["ports"]:
+        assert p.get("protocol", "TCP") == "TCP"
+    return named
+
+
+@pytest.fixture
+def served(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The settings `gradserve serve` would run with, given the container's argv and env."""
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert "serve" in argv, f"the container does not run `gradserve serve`: {argv}"
+    assert all(isinstance(a, str) for a in argv), "command and args must be strings"
+    flags = argv[argv.index("serve") + 1 :]
+
+    for name in [n for n in os.environ if n.startswith("GRADSERVE_")]:
+        monkeypatch.delenv(name)
+    for var in container.get("env", []):
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+
+    parser = argparse.ArgumentParser(prog="gradserve serve")
+    cfg.add_arguments(parser)
+    settings, rest = parser.parse_known_args(flags)
+    if not hasattr(settings, "metrics_port"):  # the flag has not landed in ServerConfig yet
+        extra = argparse.ArgumentParser()
+        env_default = os.environ.get("GRADSERVE_METRICS_PORT", METRICS_PORT)
+        extra.add_argument("--metrics-port", type=int, default=int(env_default))
+        more, rest = extra.parse_known_args(rest)
+        settings.metrics_port = more.metrics_port
+    assert rest == [], f"flags `gradserve serve` does not know: {rest}"
+    return vars(settings)
+
+
+def test_manifest_kinds_and_api_versions(deployment: dict, service: dict, pdb: dict) -> None:
+    assert deployment["apiVersion"] == "apps/v1"
+    assert service["apiVersion"] == "v1"
+    assert pdb["apiVersion"] == "policy/v1"
+
+
+def test_env_is_strings_and_known_settings(container: dict) -> None:
+    known = {"GRADSERVE_" + f.name.upper() for f in fields(ServerConfig)}
+    known.add("GRADSERVE_METRICS_PORT")
+    for var in container.get("env", []):
+        if "value" in var:
+            assert isinstance(var["value"], str), f"{var['name']}: env values must be strings"
+        if var["name"].startswith("GRADSERVE_"):
+            assert var["name"] in known, f"{var['name']} is not a gradserve setting"
+
+
+def test_command_binds_all_interfaces_on_the_declared_ports(
+    served: dict, ports: dict[str, int]
+) -> None:
+    assert served["host"] == "0.0.0.0", "127.0.0.1 is unreachable from outside the pod"
+    assert served["port"] == ports["grpc"] == DEFAULTS.port
+    assert served["metrics_port"] == ports["metrics"] == METRICS_PORT
+    assert served["port"] != served["metrics_port"]
+
+
+def test_named_container_ports(ports: dict[str, int]) -> None:
+    assert ports == {"grpc": DEFAULTS.port, "metrics": METRICS_PORT}
+
+
+@pytest.mark.parametrize("kind", PROBES)
+def test_probe_is_grpc_health_on_the_grpc_port(container: dict, served: dict, kind: str) -> None:
+    probe = container.get(kind)
+    assert probe is not None, f"no {kind}"
+    assert PROBE_HANDLERS & probe.keys() == {"grpc"}, f"{kind} must be a native gRPC probe"
+    # gRPC probes take a port number only (no named ports).
+    assert type(probe["grpc"]["port"]) is int
+    assert probe["grpc"]["port"] == served["port"]
+    service = probe["grpc"].get("service")
+    allowed = {None, ""} if kind == "readinessProbe" else {None, "", *SERVICE_NAMES}
+    assert service in allowed, f"{kind} asks health for {service!r}, which the server never sets"
+
+
+def test_startup_probe_allows_model_load_and_warm_up(container: dict) -> None:
+    probe = container["startupProbe"]
+    budget = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get(
+        "failureThreshold", 3
+    )
+    assert budget >= 300, f"startup probe gives up after {budget} s; warm-up may take 5 min"
+
+
+def test_grace_period_exceeds_drain(deployment: dict, served: dict) -> None:
+    grace = deployment["spec"]["template"]["spec"].get(
+        "terminationGracePeriodSeconds", K8S_DEFAULT_GRACE_SECONDS
+    )
+    # served: --drain-seconds if given, else GRADSERVE_DRAIN_SECONDS, else the server default.
+    assert grace > served["drain_seconds"], (
+        f"SIGKILL after {grace} s would cut a drain of up to {served['drain_seconds']} s"
+    )
+
+
+def test_resources_request_one_gpu_and_cpu_memory(container: dict) -> None:
+    resources = container["resources"]
+    assert int(resources["limits"]["nvidia.com/gpu"]) == 1
+    requests = resources["requests"]
+    if "nvidia.com/gpu" in requests:  # extended resources: a request must equal the limit
+        assert int(requests["nvidia.com/gpu"]) == 1
+    assert str(requests["cpu"]) == "2"
+    assert requests["memory"] == "2Gi"
+
+
+def test_prometheus_annotations_on_the_pod(deployment: dict, served: dict) -> None:
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert all(isinstance(v, str) for v in annotations.values()), "annotations must be strings"
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == served["metrics_port"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_deployment_selects_its_own_pods(deployment: dict, pod_labels: dict) -> None:
+    match = deployment["spec"]["selector"]["matchLabels"]
+    assert match
+    assert match.items() <= pod_labels.items()
+    assert pod_labels["app"] == "gradserve"
+
+
+def test_service_is_headless_over_the_grpc_port(
+    service: dict, pod_labels: dict, ports: dict[str, int]
+) -> None:
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None", "round_robin needs one DNS record per pod"
+    assert spec.get("type", "ClusterIP") == "ClusterIP"
+    assert spec["selector"]
+    assert spec["selector"].items() <= pod_labels.items()
+    grpc_ports = [p for p in spec["ports"] if p.get("name") == "grpc"]
+    assert len(grpc_ports) == 1
+    port = grpc_ports[0]
+    # Headless: clients dial pod IPs directly, so the Service port must be the container's.
+    assert port["port"] == ports["grpc"]
+    target = port.get("targetPort", port["port"])
+    assert ports.get(target, target) == ports["grpc"]
+    assert port.get("protocol", "TCP") == "TCP"
+    assert port["appProtocol"] == "grpc"
+
+
+def test_pdb_covers_the_same_pods(pdb: dict, deployment: dict, pod_labels: dict) -> None:
+    spec = pdb["spec"]
+    assert spec["maxUnavailable"] == 1
+    assert "minAvailable" not in spec
+    selector = spec["selector"]
+    assert "matchExpressions" not in selector
+    assert selector["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert selector["matchLabels"].items() <= pod_labels.items()
