@@ -9,7 +9,14 @@ import grpc
 
 from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
 from gradserve.client.errors import GradserveError
-from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
+from gradserve.client.results import (
+    NEEDS_VECTOR,
+    ModelInfo,
+    Result,
+    make_request,
+    to_model_info,
+    to_result,
+)
 from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -40,8 +47,10 @@ class AsyncGradientClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def evaluate(self, x: object, derivative: str = "gradient", *, model: str = "") -> Result:
-        request = make_request(x, derivative, model=model)
+    async def evaluate(
+        self, x: object, derivative: str = "gradient", *, v: object = None, model: str = ""
+    ) -> Result:
+        request = make_request(x, derivative, model=model, v=v)
         return to_result(await self._call(self._stub.Evaluate, request))
 
     async def _call(self, method, request):
@@ -73,7 +82,7 @@ class AsyncGradientClient:
         async def requests() -> AsyncIterator[pb.EvaluateRequest]:
             i = 0
             async for x in _aiter(xs):
-                yield make_request(x, derivative, request_id=str(i), model=model)
+                yield _message(x, derivative, str(i), model)
                 i += 1
 
         call = self._stub.EvaluateStream(requests(), timeout=self.timeout)
@@ -90,6 +99,11 @@ class AsyncGradientClient:
         finally:
             call.cancel()
 
+    async def list_models(self) -> list[ModelInfo]:
+        """Every model the server serves."""
+        models = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [to_model_info(m) for m in models.models]
+
     async def model_info(self, model: str = "") -> ModelInfo:
         info = await self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model))
         return to_model_info(info)
@@ -102,3 +116,11 @@ async def _aiter(xs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[
     else:
         for x in xs:
             yield x
+
+
+def _message(item: object, derivative: str, request_id: str, model: str) -> pb.EvaluateRequest:
+    """A stream item: x, or (x, v) for the kinds that take a vector."""
+    if derivative.lower() in NEEDS_VECTOR:
+        x, v = item
+        return make_request(x, derivative, request_id, model, v)
+    return make_request(item, derivative, request_id, model)

@@ -10,7 +10,16 @@ from gradserve.client.errors import GradserveError, status_code
 from gradserve.client.tensors import from_tensor, to_tensor
 from gradserve.v1 import gradserve_pb2 as pb
 
-DERIVATIVES = {"gradient": pb.GRADIENT, "jacobian": pb.JACOBIAN, "none": pb.NONE}
+DERIVATIVES = {
+    "gradient": pb.GRADIENT,
+    "jacobian": pb.JACOBIAN,
+    "none": pb.NONE,
+    "vjp": pb.VJP,
+    "jvp": pb.JVP,
+    "hessian": pb.HESSIAN,
+    "hvp": pb.HVP,
+}
+NEEDS_VECTOR = ("vjp", "jvp", "hvp")
 
 
 @dataclass(frozen=True)
@@ -24,7 +33,8 @@ class Timing:
 
 @dataclass(frozen=True)
 class Result:
-    """y [n, m]; dy_dx [n, d] (gradient), [n, m, d] (jacobian) or None; server timing."""
+    """y [n, *Y]; dy_dx shaped per derivative (gradient [n, *X], jacobian [n, *Y, *X],
+    vjp [n, *X], jvp [n, *Y], hessian [n, *X, *X], hvp [n, *X]) or None; server timing."""
 
     id: str
     y: np.ndarray
@@ -42,6 +52,9 @@ class ModelInfo:
     device: str
     max_batch_size: int
     max_request_rows: int
+    input_shape: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    dtype: str = "float32"
 
 
 def as_rows(x: object) -> np.ndarray:
@@ -60,12 +73,20 @@ def as_rows(x: object) -> np.ndarray:
 
 
 def make_request(
-    x: object, derivative: str, request_id: str = "", model: str = ""
+    x: object, derivative: str, request_id: str = "", model: str = "", v: object = None
 ) -> pb.EvaluateRequest:
+    """The request message; `v` is the vector of vjp (y's shape), jvp and hvp (x's shape)."""
     kind = DERIVATIVES.get(derivative.lower())
     if kind is None:
         raise ValueError(f"derivative must be one of {sorted(DERIVATIVES)}, got {derivative!r}")
-    return pb.EvaluateRequest(id=request_id, x=to_tensor(as_rows(x)), derivative=kind, model=model)
+    if (v is None) == (derivative.lower() in NEEDS_VECTOR):
+        raise ValueError(f"v is needed by {', '.join(NEEDS_VECTOR)} and only by them")
+    request = pb.EvaluateRequest(
+        id=request_id, x=to_tensor(as_rows(x)), derivative=kind, model=model
+    )
+    if v is not None:
+        request.v.CopyFrom(to_tensor(as_rows(v)))
+    return request
 
 
 def to_result(response: pb.EvaluateResponse) -> Result:
@@ -92,4 +113,7 @@ def to_model_info(info: pb.ModelInfo) -> ModelInfo:
         device=info.device,
         max_batch_size=info.max_batch_size,
         max_request_rows=info.max_request_rows,
+        input_shape=tuple(info.input_shape),
+        output_shape=tuple(info.output_shape),
+        dtype="float64" if info.dtype == pb.FLOAT64 else "float32",
     )

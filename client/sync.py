@@ -9,7 +9,14 @@ import grpc
 
 from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
 from gradserve.client.errors import GradserveError
-from gradserve.client.results import ModelInfo, Result, make_request, to_model_info, to_result
+from gradserve.client.results import (
+    NEEDS_VECTOR,
+    ModelInfo,
+    Result,
+    make_request,
+    to_model_info,
+    to_result,
+)
 from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -48,9 +55,12 @@ class GradientClient:
     def close(self) -> None:
         self._channel.close()
 
-    def evaluate(self, x: object, derivative: str = "gradient", *, model: str = "") -> Result:
-        """y and the derivative for x: a scalar, a 1-D array of rows, or [n, d]."""
-        request = make_request(x, derivative, model=model)
+    def evaluate(
+        self, x: object, derivative: str = "gradient", *, v: object = None, model: str = ""
+    ) -> Result:
+        """y and the derivative for x: a scalar, a 1-D array of rows, or [n, *X]; `v` is the
+        vector of vjp, jvp and hvp."""
+        request = make_request(x, derivative, model=model, v=v)
         return to_result(self._call(self._stub.Evaluate, request))
 
     def _call(self, method, request):
@@ -75,14 +85,13 @@ class GradientClient:
     ) -> Iterator[Result | GradserveError]:
         """Pipeline every x of `xs` over one stream; results come back in order.
 
-        A message the server rejects raises GradserveError (errors="raise"), or
-        is yielded as that GradserveError in its place (errors="return").
+        For vjp, jvp and hvp each item is a pair (x, v). A message the server rejects
+        raises GradserveError (errors="raise"), or is yielded as that GradserveError in its
+        place (errors="return").
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        requests = (
-            make_request(x, derivative, request_id=str(i), model=model) for i, x in enumerate(xs)
-        )
+        requests = (_message(x, derivative, str(i), model) for i, x in enumerate(xs))
         call = self._stub.EvaluateStream(requests, timeout=self.timeout)
         try:
             for response in call:
@@ -97,5 +106,18 @@ class GradientClient:
         finally:
             call.cancel()
 
+    def list_models(self) -> list[ModelInfo]:
+        """Every model the server serves."""
+        models = self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [to_model_info(m) for m in models.models]
+
     def model_info(self, model: str = "") -> ModelInfo:
         return to_model_info(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model)))
+
+
+def _message(item: object, derivative: str, request_id: str, model: str) -> pb.EvaluateRequest:
+    """A stream item: x, or (x, v) for the kinds that take a vector."""
+    if derivative.lower() in NEEDS_VECTOR:
+        x, v = item
+        return make_request(x, derivative, request_id, model, v)
+    return make_request(item, derivative, request_id, model)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from gradserve.server.contract import ModelSpec
 from gradserve.server.inference_service import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.metrics import Metrics
 from gradserve.server.native_service import GradientServicer
+from gradserve.server.registry import Models, Served
 from gradserve.server.streaming import Streams
 from gradserve.server.wire import Routes
 from gradserve.v1 import gradserve_pb2
@@ -40,28 +42,43 @@ SERVICE_NAMES = [NATIVE_SERVICE.full_name, INFERENCE_SERVICE.full_name]
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def load_engine(config: ServerConfig):  # -> Engine; typed loosely to keep TensorFlow lazy
-    """Load and warm up the model; the only place the app touches the engine module."""
+def load_engines(config: ServerConfig) -> list:  # of Engine; typed loosely: TensorFlow is lazy
+    """Load and warm up every model; the only place the app touches the engine module."""
     from gradserve.server.engine import Engine
 
-    engine = Engine(
-        config.model,
-        device=config.device,
-        xla=config.xla,
-        max_batch_size=config.max_batch_size,
-        name=config.model_name or None,
-    )
-    log.info(
-        "model loaded",
-        extra={"event": "model_load", "model": engine.name, "device": engine.device,
-               "input_width": engine.input_width, "output_width": engine.output_width},
-    )  # fmt: skip
-    seconds = engine.warm_up()
-    log.info(
-        "model warmed up",
-        extra={"event": "warm_up", "seconds": round(seconds, 2), "xla": engine.xla},
-    )
-    return engine
+    paths = config.model_paths()
+    if config.model_name and len(paths) != 1:
+        raise ValueError("--model-name names one model; several are being served")
+    engines = []
+    for path in paths:
+        engine = Engine(
+            path,
+            device=config.device,
+            xla=config.xla,
+            max_batch_size=config.max_batch_size,
+            name=config.model_name or None,
+            unsafe=config.unsafe_deserialization,
+            input_name=config.input or None,
+            output_name=config.output or None,
+        )
+        log.info(
+            "model loaded",
+            extra={"event": "model_load", "model": engine.name, "path": str(path),
+                   "device": engine.device, "input_shape": engine.input_shape,
+                   "output_shape": engine.output_shape, "dtype": engine.dtype.name},
+        )  # fmt: skip
+        seconds = engine.warm_up()
+        log.info(
+            "model warmed up",
+            extra={"event": "warm_up", "model": engine.name, "seconds": round(seconds, 2),
+                   "xla": engine.xla},
+        )  # fmt: skip
+        engines.append(engine)
+    if config.unsafe_deserialization:
+        log.warning(
+            "unsafe deserialization is on: model files may run code", extra={"event": "unsafe"}
+        )
+    return engines
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -85,13 +102,13 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class GradServer:
     """A running server. `async with GradServer(config) as s:` binds, serves, then drains.
 
-    `engine` (anything with run, name, input_width, output_width, device) skips loading;
-    `load` replaces how the model is loaded (config -> engine).
+    `engine` (anything with run, name, input_shape, output_shape, device; or a list of them)
+    skips loading; `load` replaces how the models are loaded (config -> list of engines).
     """
 
-    def __init__(self, config: ServerConfig, engine=None, load=load_engine) -> None:
+    def __init__(self, config: ServerConfig, engine=None, load=load_engines) -> None:
         self.config = config
-        self._engine = engine
+        self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
         self._load = load
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -99,7 +116,8 @@ class GradServer:
         self.ready = False
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
-        self._batcher: Batcher | None = None
+        self._batchers: list[Batcher] = []
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = HealthServicer()
         self._streams = Streams()
         self._routes = Routes(self.metrics)
@@ -116,12 +134,13 @@ class GradServer:
         config = self.config
         log.info("starting", extra={"event": "start", **_loggable(config)})
         await self._listen()
-        engine = self._engine or await asyncio.to_thread(self._load, config)
-        self._serve(engine)
+        engines = self._engines or await asyncio.to_thread(self._load, config)
+        self._serve(engines)
         for name in ["", *SERVICE_NAMES]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
-        log.info("serving", extra={"event": "serving", "port": self.port, "model": engine.name})
+        names = [e.name for e in engines]
+        log.info("serving", extra={"event": "serving", "port": self.port, "models": names})
 
     async def _listen(self) -> None:
         config = self.config
@@ -168,36 +187,48 @@ class GradServer:
                    "metrics_port": self.metrics_port},
         )  # fmt: skip
 
-    def _serve(self, engine) -> None:
+    @property
+    def _batcher(self) -> Batcher | None:
+        """The batcher of the first model (tests and single-model callers)."""
+        return self._batchers[0] if self._batchers else None
+
+    def _serve(self, engines: list) -> None:
         config = self.config
-        spec = ModelSpec(
-            name=engine.name,
-            version="1",
-            input_width=engine.input_width,
-            output_width=engine.output_width,
-            device=engine.device,
-            max_batch_size=config.max_batch_size,
-            max_request_rows=config.max_queue_rows,
-        )
-        self._batcher = Batcher(
-            engine.run,
-            max_batch_size=config.max_batch_size,
-            max_delay_s=config.max_delay_us / 1e6,
-            max_queue_rows=config.max_queue_rows,
-            observer=self.metrics,
-        )
-        self._batcher.start()
-        batcher = self._batcher
-        self.metrics.queue_rows.set_function(lambda: batcher.queued_rows)
+        served = []
+        for engine in engines:
+            spec = ModelSpec(
+                name=engine.name,
+                version="1",
+                input_shape=tuple(engine.input_shape),
+                output_shape=tuple(engine.output_shape),
+                device=engine.device,
+                max_batch_size=config.max_batch_size,
+                max_request_rows=config.max_queue_rows,
+                dtype=getattr(getattr(engine, "dtype", None), "name", "float32"),
+            )
+            batcher = Batcher(
+                engine.run,
+                max_batch_size=config.max_batch_size,
+                max_delay_s=config.max_delay_us / 1e6,
+                max_queue_rows=config.max_queue_rows,
+                observer=self.metrics,
+                executor=self._executor,
+            )
+            batcher.start()
+            self._batchers.append(batcher)
+            served.append(Served(spec, batcher, config.max_result_mb * 2**20))
+        batchers = list(self._batchers)
+        self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers))
+        models = Models(served)
         common = {"stream_window": config.stream_window, "streams": self._streams}
         self._routes.add(
-            GradientServicer(batcher, spec, **common),
+            GradientServicer(models, **common),
             NATIVE_SERVICE,
             gradserve_pb2,
             native_service.stream_code,
         )
         self._routes.add(
-            InferenceServicer(batcher, spec, lambda: self.ready, **common),
+            InferenceServicer(models, lambda: self.ready, **common),
             INFERENCE_SERVICE,
             inference_pb2,
             inference_service.stream_code,
@@ -216,13 +247,14 @@ class GradServer:
         self.ready = False
         log.info("draining", extra={"event": "drain", "grace_seconds": grace})
         await self._health.enter_graceful_shutdown()
-        if self._batcher is not None:
-            self._batcher.stop_accepting()
-            self._streams.drain()
-            if await self._batcher.wait_idle(grace):
+        for batcher in self._batchers:
+            batcher.stop_accepting()
+        self._streams.drain()
+        if self._batchers:
+            if await _all_idle(self._batchers, grace):
                 log.info("drain: every accepted request answered", extra={"event": "drained"})
             else:
-                unfinished = self._batcher.pending
+                unfinished = sum(b.pending for b in self._batchers)
                 log.warning(
                     "drain: %d request(s) unfinished after %.0f s", unfinished, grace,
                     extra={"event": "drain_timeout", "unfinished": unfinished},
@@ -230,11 +262,17 @@ class GradServer:
         if self._server is not None:
             remaining = deadline - asyncio.get_running_loop().time()
             await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
-        if self._batcher is not None:
-            await self._batcher.close()
+        for batcher in self._batchers:
+            await batcher.close()
+        self._executor.shutdown(wait=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped", extra={"event": "stop"})
+
+
+async def _all_idle(batchers: list[Batcher], grace: float) -> bool:
+    results = await asyncio.gather(*(b.wait_idle(grace) for b in batchers))
+    return all(results)
 
 
 def _loggable(config: ServerConfig) -> dict[str, object]:

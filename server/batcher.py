@@ -9,7 +9,9 @@ dropped and its rows freed. If the engine fails on a batch, the batch is bisecte
 so only the request that fails on its own gets the error.
 
 This module knows nothing of gRPC or protobuf: `compute` is any function
-(Derivative, float32 [n, d] array) -> Outputs, run on one dedicated thread.
+(Derivative, x [n, ...]) -> Outputs, called as compute(kind, x, v) for the kinds that take
+a vector v (row-aligned with x), run on one dedicated thread. Several batchers (one per
+model) may share that thread by sharing an executor.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from gradserve.server.contract import Derivative, Outputs
 
 log = logging.getLogger(__name__)
 
-Compute = Callable[[Derivative, np.ndarray], Outputs]
+Compute = Callable[..., Outputs]
 
 
 class BatcherError(Exception):
@@ -94,12 +96,14 @@ class _Pending:
         "n",
         "next_row",
         "started",
+        "v",
         "x",
         "y",
     )
 
-    def __init__(self, x, kind, future, deadline, enqueued) -> None:
+    def __init__(self, x, v, kind, future, deadline, enqueued) -> None:
         self.x: np.ndarray = x
+        self.v: np.ndarray | None = v
         self.n: int = x.shape[0]
         self.kind: Derivative = kind
         self.future: asyncio.Future[Result] = future
@@ -133,6 +137,7 @@ class Batcher:
         max_delay_s: float = 0.0,
         max_queue_rows: int = 1 << 20,
         observer: Observer | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_delay_s >= 0")
@@ -148,7 +153,8 @@ class Batcher:
         self._idle.set()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradserve-engine")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._in_flight: list[_Part] = []
         self.batches_run = 0
         self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)
@@ -171,9 +177,14 @@ class Batcher:
             self._worker = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
 
     def submit(
-        self, x: np.ndarray, kind: Derivative, deadline: float | None = None
+        self,
+        x: np.ndarray,
+        kind: Derivative,
+        deadline: float | None = None,
+        v: np.ndarray | None = None,
     ) -> asyncio.Future[Result]:
-        """Queue float32 rows x [n, d]; the future resolves to their Result.
+        """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector); the
+        future resolves to their Result.
 
         `deadline` is on the event loop's clock (loop.time()). Raises at once,
         queueing nothing, when the batcher is closing or the queue is full.
@@ -195,7 +206,7 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        pending = _Pending(x, kind, future, deadline, loop.time())
+        pending = _Pending(x, v, kind, future, deadline, loop.time())
         future.add_done_callback(lambda _f: self._finished(pending))
         self._queues[kind].append(pending)
         self._queued_rows += n
@@ -205,9 +216,13 @@ class Batcher:
         return future
 
     async def evaluate(
-        self, x: np.ndarray, kind: Derivative, deadline: float | None = None
+        self,
+        x: np.ndarray,
+        kind: Derivative,
+        deadline: float | None = None,
+        v: np.ndarray | None = None,
     ) -> Result:
-        return await self.submit(x, kind, deadline)
+        return await self.submit(x, kind, deadline, v)
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Closed); admitted ones still complete."""
@@ -227,7 +242,8 @@ class Batcher:
         self.stop_accepting()
         if self._worker is not None:
             await self._worker
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     def _finished(self, pending: _Pending) -> None:
         self.pending -= 1
@@ -326,15 +342,12 @@ class Batcher:
     async def _execute(self, parts: list[_Part]) -> None:
         """Run one batch; on an engine error, bisect so only the failing request fails."""
         kind = parts[0].pending.kind
-        if len(parts) == 1:
-            p = parts[0]
-            x = p.pending.x[p.start : p.stop]
-        else:
-            x = np.concatenate([p.pending.x[p.start : p.stop] for p in parts])
+        x = _rows(parts, "x")
+        args = (kind, x) if parts[0].pending.v is None else (kind, x, _rows(parts, "v"))
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._compute, kind, x)
+            outputs = await loop.run_in_executor(self._executor, self._compute, *args)
         except Exception as exc:
             if len(parts) == 1:
                 log.warning("engine failed on a request of %d rows: %s", x.shape[0], exc)
@@ -348,6 +361,14 @@ class Batcher:
         self.batches_run += 1
         self._observer.batch(kind, x.shape[0], seconds)
         _deliver(parts, outputs, seconds, loop.time())
+
+
+def _rows(parts: list[_Part], field: str) -> np.ndarray:
+    """The batch's rows of `x` or `v`: a view for one part, a concatenation for several."""
+    if len(parts) == 1:
+        p = parts[0]
+        return getattr(p.pending, field)[p.start : p.stop]
+    return np.concatenate([getattr(p.pending, field)[p.start : p.stop] for p in parts])
 
 
 def _is_dead(pending: _Pending, now: float) -> bool:

@@ -7,13 +7,19 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "quadratic.keras"
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: Path = BUNDLED_MODEL
+    model: str = "quadratic"
+    model_dir: str = ""
     model_name: str = ""
+    unsafe_deserialization: bool = False
+    input: str = ""
+    output: str = ""
+    max_result_mb: int = 64
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "auto"
@@ -35,10 +41,25 @@ class ServerConfig:
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
+    def model_paths(self) -> list[Path]:
+        """Every model to serve: --model entries (comma-separated; a bare bundled name such as
+        `quadratic` or `quadratic_tanh` means the bundled file), plus each entry of --model-dir."""
+        paths = [_resolve_model(entry) for entry in self.model.split(",") if entry.strip()]
+        if self.model_dir:
+            paths += sorted(p for p in Path(self.model_dir).iterdir() if not p.name.startswith("."))
+        return paths
+
 
 _HELP = {
-    "model": "Keras model file (.keras) to serve; default: the bundled quadratic model",
-    "model_name": "name clients use for the model; default: the file name without extension",
+    "model": "models to serve, comma-separated: .keras or .h5 files, SavedModel folders, or "
+    "bundled names (quadratic, quadratic_tanh)",
+    "model_dir": "also serve every model file or SavedModel folder in this folder",
+    "model_name": "name of the model for clients when one is served; default: its file name",
+    "unsafe_deserialization": "allow Keras Lambda layers (runs code from the file: trusted files "
+    "only)",
+    "input": "SavedModel signature input to differentiate by, when it has several",
+    "output": "SavedModel signature output to serve, when it has several",
+    "max_result_mb": "refuse Jacobians/Hessians whose result would exceed this many MiB",
     "host": "address to bind; 0.0.0.0 exposes the server on every interface",
     "port": "port to bind; 0 picks a free one",
     "device": "auto (first GPU, else CPU), cpu, or gpu:N",
@@ -65,6 +86,14 @@ def _parse_bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _resolve_model(entry: str) -> Path:
+    entry = entry.strip()
+    bundled = BUNDLED_DIR / f"{entry}.keras"
+    if "/" not in entry and not Path(entry).exists() and bundled.exists():
+        return bundled
+    return Path(entry)
 
 
 _TYPES = {"Path": Path, "str": str, "int": int, "float": float, "bool": _parse_bool}

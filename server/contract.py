@@ -6,22 +6,34 @@ Free of TensorFlow and protobuf, so every layer can import it.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+Shape = tuple[int, ...]
+
 
 class Derivative(enum.Enum):
-    """What to compute alongside the model's output y for rows x of shape [n, d]."""
+    """What to compute alongside the model's output y, for rows x of per-row shape X
+    (outputs of per-row shape Y). Shapes below are per row."""
 
     NONE = "none"  # y only
-    GRADIENT = "gradient"  # d(sum of outputs)/dx per row: [n, d]
-    JACOBIAN = "jacobian"  # dy/dx per row: [n, m, d]
+    GRADIENT = "gradient"  # d(sum of y)/dx: X
+    JACOBIAN = "jacobian"  # dy/dx: Y + X
+    VJP = "vjp"  # v^T (dy/dx) for a cotangent v of shape Y: X
+    JVP = "jvp"  # (dy/dx) u for a tangent u of shape X, forward mode: Y
+    HESSIAN = "hessian"  # d2(sum of y)/dx2: X + X
+    HVP = "hvp"  # (d2(sum of y)/dx2) v for v of shape X: X
+
+    @property
+    def needs_vector(self) -> bool:
+        return self in (Derivative.VJP, Derivative.JVP, Derivative.HVP)
 
 
 class Outputs(NamedTuple):
-    """One engine call's results: y [n, m] and dy_dx (None for Derivative.NONE)."""
+    """One engine call's results: y [n, *Y] and dy_dx (None for Derivative.NONE)."""
 
     y: np.ndarray
     dy_dx: np.ndarray | None
@@ -29,12 +41,42 @@ class Outputs(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the servicers need to know of the served model, without TensorFlow."""
+    """What the servicers need to know of a served model, without TensorFlow."""
 
     name: str
     version: str
-    input_width: int
-    output_width: int
+    input_shape: Shape
+    output_shape: Shape
     device: str
     max_batch_size: int
     max_request_rows: int
+    dtype: str = "float32"
+
+    @property
+    def input_width(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def output_width(self) -> int:
+        return math.prod(self.output_shape)
+
+    def vector_shape(self, kind: Derivative) -> Shape | None:
+        """Per-row shape of the vector `v` the derivative takes, or None."""
+        if kind is Derivative.VJP:
+            return self.output_shape
+        if kind in (Derivative.JVP, Derivative.HVP):
+            return self.input_shape
+        return None
+
+    def result_shape(self, kind: Derivative) -> Shape | None:
+        """Per-row shape of dy_dx for `kind` (None: no derivative)."""
+        x, y = self.input_shape, self.output_shape
+        return {
+            Derivative.NONE: None,
+            Derivative.GRADIENT: x,
+            Derivative.JACOBIAN: y + x,
+            Derivative.VJP: x,
+            Derivative.JVP: y,
+            Derivative.HESSIAN: x + x,
+            Derivative.HVP: x,
+        }[kind]

@@ -1,10 +1,11 @@
-"""Turn a request's raw tensor bytes into validated float32 rows, or say what is wrong.
+"""Turn a request's raw tensor bytes into validated rows, or say what is wrong.
 
 Shared by every protocol's servicer; knows numpy only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,42 +16,53 @@ class InvalidInput(ValueError):
 
 
 def decode_rows(
-    data: bytes, shape: Sequence[int], dtype: np.dtype, width: int, name: str = "x"
+    data: bytes,
+    shape: Sequence[int],
+    dtype: np.dtype,
+    row_shape: Sequence[int],
+    name: str = "x",
+    to: np.dtype = np.float32,
 ) -> np.ndarray:
-    """Validate little-endian row-major `data` of `shape` and return float32 rows [n, width].
+    """Validate little-endian row-major `data` of `shape` = [n, *row_shape]; return it as `to`.
 
-    Rejects: a shape that is not [n, d], n < 1, d != width, a byte count that
-    does not match the shape, and any NaN or Inf (also after float64 -> float32
-    conversion, where a value beyond float32's range becomes Inf).
+    Rejects: a shape that is not [n, *row_shape], n < 1, a byte count that does not match
+    the shape, and any NaN or Inf (also after conversion to `to`, where a value beyond its
+    range becomes Inf).
     """
-    n, d = check_shape(shape, width, name)
+    shape = check_shape(shape, row_shape, name)
     itemsize = np.dtype(dtype).itemsize
-    expected = n * d * itemsize
+    expected = math.prod(shape) * itemsize
     if len(data) != expected:
+        product = "*".join(str(s) for s in shape)
         raise InvalidInput(
-            f"{name} has {len(data)} bytes, but shape {[n, d]} of {np.dtype(dtype).name} "
-            f"needs {expected} bytes ({n}*{d}*{itemsize})"
+            f"{name} has {len(data)} bytes, but shape {shape} of {np.dtype(dtype).name} "
+            f"needs {expected} bytes ({product}*{itemsize})"
         )
-    rows = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(n, d)
+    rows = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
-        rows = rows.astype(np.float32, copy=False)
+        rows = rows.astype(to, copy=False)
     check_finite(rows, name)
     return rows
 
 
-def check_shape(shape: Sequence[int], width: int, name: str = "x") -> tuple[int, int]:
-    """Return (n, d) for a shape [n >= 1, width]; raise InvalidInput saying what is wrong."""
-    shape = [int(s) for s in shape]
-    if len(shape) != 2:
-        raise InvalidInput(f"{name} must have shape [n, {width}] (2 dims); got shape {shape}")
-    n, d = shape
-    if n < 1:
-        raise InvalidInput(f"{name} has shape {shape}: it needs at least one row")
-    if d != width:
+def check_shape(shape: Sequence[int], row_shape: Sequence[int], name: str = "x") -> list[int]:
+    """Return `shape` if it is [n >= 1, *row_shape]; raise InvalidInput saying what is wrong."""
+    shape, row = [int(s) for s in shape], [int(s) for s in row_shape]
+    expected = f"[n, {', '.join(str(d) for d in row)}]"
+    if len(shape) != len(row) + 1:
         raise InvalidInput(
-            f"{name} has shape {shape}: the model expects {width} value(s) per row, got {d}"
+            f"{name} must have shape {expected} ({len(row) + 1} dims); got shape {shape}"
         )
-    return n, d
+    if shape[0] < 1:
+        raise InvalidInput(f"{name} has shape {shape}: it needs at least one row")
+    if shape[1:] != row:
+        if len(row) == 1:
+            raise InvalidInput(
+                f"{name} has shape {shape}: the model expects {row[0]} value(s) per row, "
+                f"got {shape[1]}"
+            )
+        raise InvalidInput(f"{name} has shape {shape}: the model expects rows of shape {row}")
+    return shape
 
 
 def check_finite(rows: np.ndarray, name: str = "x") -> None:
@@ -58,8 +70,8 @@ def check_finite(rows: np.ndarray, name: str = "x") -> None:
     finite = np.isfinite(rows)
     if not finite.all():
         bad = np.argwhere(~finite)
-        row, col = (int(i) for i in bad[0])
+        where = ", ".join(str(int(i)) for i in bad[0])
         raise InvalidInput(
-            f"{name} has {len(bad)} non-finite value(s) (NaN or Inf, or beyond float32 range), "
-            f"first at row {row}, column {col}; every value must be a finite number"
+            f"{name} has {len(bad)} non-finite value(s) (NaN or Inf, or beyond the model's "
+            f"float range), first at index [{where}]; every value must be a finite number"
         )

@@ -1,9 +1,10 @@
 """The standard inference protocol (KServe v2 `inference.GRPCInferenceService`), with
 Triton's ModelStreamInfer and ModelConfig extensions, on the same batcher as the native API.
 
-Tensors: input `x` (FP32 or FP64, [n, d]); outputs `y` (FP32, [n, m]) and `dy_dx` (FP32,
-[n, d] for the gradient, [n, m, d] with request parameter derivative="jacobian").
-Requesting only `y` computes no derivative.
+Tensors: input `x` ([n, *X], FP32 or FP64) and, for derivative="vjp", "jvp" or "hvp", input
+`v`; outputs `y` ([n, *Y]) and `dy_dx` (shaped per derivative: [n, *X] for the default
+gradient, [n, *Y, *X] for "jacobian", ...), in the model's float type. Requesting only `y`
+computes no derivative.
 """
 
 from __future__ import annotations
@@ -18,23 +19,21 @@ import numpy as np
 
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.inference import grpc_service_pb2_grpc as pb_grpc
-from gradserve.server.batcher import Batcher, Result
-from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.decode import InvalidInput, check_shape, decode_rows
-from gradserve.server.status import RequestFailed, deadline_of, not_found
+from gradserve.server.batcher import Result
+from gradserve.server.contract import Derivative
+from gradserve.server.decode import InvalidInput, check_shape
+from gradserve.server.registry import Models, Served
+from gradserve.server.status import RequestFailed, deadline_of
 from gradserve.server.streaming import Streams, pipelined
 from gradserve.server.wire import Undecodable
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "tensorflow_keras"
-INPUT, OUTPUT, DERIVATIVE = "x", "y", "dy_dx"
+INPUT, VECTOR, OUTPUT, DERIVATIVE = "x", "v", "y", "dy_dx"
 _DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
-_DERIVATIVES = {
-    "gradient": Derivative.GRADIENT,
-    "jacobian": Derivative.JACOBIAN,
-    "none": Derivative.NONE,
-}
+_DERIVATIVES = {kind.value: kind for kind in Derivative}
+_KIND_NAMES = ", ".join(f'"{k}"' for k in _DERIVATIVES)
 _INT32_MAX = 2**31 - 1
 
 
@@ -52,34 +51,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(
         self,
-        batcher: Batcher,
-        spec: ModelSpec,
+        models: Models,
         is_ready: Callable[[], bool],
         *,
         stream_window: int = 256,
         streams: Streams | None = None,
     ) -> None:
-        self._batcher = batcher
-        self._spec = spec
+        self._models = models
         self._is_ready = is_ready
         self._window = stream_window
         self._streams = streams or Streams()
 
     # -- health and metadata ---------------------------------------------------------------
 
-    def _check_model(self, name: str, version: str) -> None:
-        if name != self._spec.name:
-            raise not_found("model", name, self._spec.name)
-        if version not in ("", self._spec.version):
+    def _model(self, name: str, version: str) -> Served:
+        served = self._models.get(name or "\0")  # the standard protocol always names the model
+        if version not in ("", served.spec.version):
             raise RequestFailed(
                 grpc.StatusCode.NOT_FOUND,
                 f"version {version!r} of model {name!r} is not served; "
-                f"available: {self._spec.version!r}",
+                f"available: {served.spec.version!r}",
             )
+        return served
 
-    async def _checked(self, context: grpc.aio.ServicerContext, name: str, version: str) -> None:
+    async def _checked(self, context: grpc.aio.ServicerContext, name: str, version: str) -> Served:
         try:
-            self._check_model(name, version)
+            return self._model(name, version)
         except RequestFailed as failure:
             await context.abort(failure.code, failure.message)
 
@@ -99,32 +96,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        await self._checked(context, request.name, request.version)
-        spec = self._spec
+        spec = (await self._checked(context, request.name, request.version)).spec
         tensor = pb.ModelMetadataResponse.TensorMetadata
+        datatype = _datatype(spec.dtype)
         return pb.ModelMetadataResponse(
             name=spec.name,
             versions=[spec.version],
             platform=PLATFORM,
-            inputs=[tensor(name=INPUT, datatype="FP32", shape=[-1, spec.input_width])],
+            inputs=[tensor(name=INPUT, datatype=datatype, shape=[-1, *spec.input_shape])],
             outputs=[
-                tensor(name=OUTPUT, datatype="FP32", shape=[-1, spec.output_width]),
-                tensor(name=DERIVATIVE, datatype="FP32", shape=[-1, spec.input_width]),
+                tensor(name=OUTPUT, datatype=datatype, shape=[-1, *spec.output_shape]),
+                tensor(name=DERIVATIVE, datatype=datatype, shape=[-1, *spec.input_shape]),
             ],
         )
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
-        await self._checked(context, request.name, request.version)
-        spec = self._spec
+        spec = (await self._checked(context, request.name, request.version)).spec
+        data_type = pb.TYPE_FP64 if spec.dtype == "float64" else pb.TYPE_FP32
         config = pb.ModelConfig(
             name=spec.name,
             platform=PLATFORM,
             backend="tensorflow",
             max_batch_size=min(spec.max_request_rows, _INT32_MAX),
-            input=[pb.ModelInput(name=INPUT, data_type=pb.TYPE_FP32, dims=[spec.input_width])],
+            input=[pb.ModelInput(name=INPUT, data_type=data_type, dims=spec.input_shape)],
             output=[
-                pb.ModelOutput(name=OUTPUT, data_type=pb.TYPE_FP32, dims=[spec.output_width]),
-                pb.ModelOutput(name=DERIVATIVE, data_type=pb.TYPE_FP32, dims=[spec.input_width]),
+                pb.ModelOutput(name=OUTPUT, data_type=data_type, dims=spec.output_shape),
+                pb.ModelOutput(name=DERIVATIVE, data_type=data_type, dims=spec.input_shape),
             ],
         )
         return pb.ModelConfigResponse(config=config)
@@ -142,8 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         kind = _DERIVATIVES.get(derivative)
         if kind is None:
             raise InvalidInput(
-                f'parameter "derivative" is {derivative!r}; expected "gradient", "jacobian" '
-                'or "none"'
+                f'parameter "derivative" is {derivative!r}; expected one of {_KIND_NAMES}'
             )
         names = tuple(o.name for o in request.outputs)
         for name in names:
@@ -160,33 +156,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f'output {DERIVATIVE!r} requested with derivative "none"')
         return _Plan(kind, names, raw=bool(request.raw_input_contents))
 
-    def _decode(self, request: pb.ModelInferRequest) -> np.ndarray:
-        if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
-            names = [i.name for i in request.inputs]
-            raise InvalidInput(f"expected exactly one input tensor {INPUT!r}, got {names}")
-        tensor = request.inputs[0]
+    @staticmethod
+    def _tensor(request: pb.ModelInferRequest, index: int, shape) -> tuple[bytes, list, object]:
+        """(bytes, shape, dtype) of input `index`, from raw or typed contents."""
+        tensor = request.inputs[index]
         dtype = _DTYPES.get(tensor.datatype)
         if dtype is None:
             raise InvalidInput(
-                f"input {INPUT!r} has datatype {tensor.datatype!r}; expected FP32 or FP64"
+                f"input {tensor.name!r} has datatype {tensor.datatype!r}; expected FP32 or FP64"
             )
-        width = self._spec.input_width
         if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
+            if len(request.raw_input_contents) != len(request.inputs):
                 raise InvalidInput(
                     f"raw_input_contents has {len(request.raw_input_contents)} entries; "
-                    "expected one per input (1)"
+                    f"expected one per input ({len(request.inputs)})"
                 )
-            return decode_rows(request.raw_input_contents[0], tensor.shape, dtype, width, INPUT)
-        n, d = check_shape(tensor.shape, width, INPUT)
+            return request.raw_input_contents[index], list(tensor.shape), dtype
+        dims = check_shape(tensor.shape, shape, tensor.name)
         field = "fp32_contents" if tensor.datatype == "FP32" else "fp64_contents"
         values = getattr(tensor.contents, field)
-        if len(values) != n * d:
+        needed = int(np.prod(dims))
+        if len(values) != needed:
             raise InvalidInput(
-                f"input {INPUT!r} has {len(values)} values in contents.{field}, but shape "
-                f"{[n, d]} needs {n * d}"
+                f"input {tensor.name!r} has {len(values)} values in contents.{field}, but "
+                f"shape {dims} needs {needed}"
             )
-        return decode_rows(np.asarray(values, dtype).tobytes(), [n, d], dtype, width, INPUT)
+        return np.asarray(values, dtype).tobytes(), dims, dtype
+
+    def _decode(self, served: Served, kind: Derivative, request: pb.ModelInferRequest):
+        names = [i.name for i in request.inputs]
+        wanted = [INPUT, VECTOR] if kind.needs_vector else [INPUT]
+        if sorted(names) != sorted(wanted):
+            raise InvalidInput(f"expected input tensor(s) {wanted}, got {names}")
+        x = self._tensor(request, names.index(INPUT), served.spec.input_shape)
+        v = None
+        if kind.needs_vector:
+            v = self._tensor(request, names.index(VECTOR), served.spec.vector_shape(kind))
+        return served.decode(kind, x, v)
 
     def _submit(
         self, request: pb.ModelInferRequest, deadline: float | None
@@ -194,16 +200,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(request, Undecodable):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
-            self._check_model(request.model_name, request.model_version)
+            served = self._model(request.model_name, request.model_version)
             plan = self._plan(request)
-            return self._batcher.submit(self._decode(request), plan.kind, deadline)
+            x, v = self._decode(served, plan.kind, request)
+            return served.batcher.submit(x, plan.kind, deadline, v)
         except Exception as exc:
             raise RequestFailed.of(exc) from exc
 
     def _response(self, request: pb.ModelInferRequest, result: Result) -> pb.ModelInferResponse:
         plan = self._plan(request)
+        spec = self._model(request.model_name, request.model_version).spec
         response = pb.ModelInferResponse(
-            model_name=self._spec.name, model_version=self._spec.version, id=request.id
+            model_name=spec.name, model_version=spec.version, id=request.id
         )
         timing = result.timing
         for key, value in (
@@ -213,11 +221,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ):
             response.parameters[key].int64_param = value
         arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
+        datatype = _datatype(spec.dtype)
         for name in plan.outputs:
-            array = np.ascontiguousarray(arrays[name], dtype="<f4")
-            output = response.outputs.add(name=name, datatype="FP32", shape=array.shape)
+            array = np.ascontiguousarray(arrays[name], dtype=_DTYPES[datatype])
+            output = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             if plan.raw:
                 response.raw_output_contents.append(array.tobytes())
+            elif datatype == "FP64":
+                output.contents.fp64_contents.extend(array.ravel().tolist())
             else:
                 output.contents.fp32_contents.extend(array.ravel().tolist())
         return response
@@ -259,6 +270,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield response
         except RequestFailed as failure:
             await context.abort(failure.code, failure.message)
+
+
+def _datatype(dtype: str) -> str:
+    return "FP64" if dtype == "float64" else "FP32"
 
 
 def stream_code(response: pb.ModelStreamInferResponse) -> str:

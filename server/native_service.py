@@ -1,6 +1,6 @@
 """The gradserve.v1 GradientService: protobuf <-> numpy, validation and status codes.
 
-No batching logic here: rows go to the shared Batcher, results come back.
+No batching logic here: rows go to the named model's Batcher, results come back.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gradserve.client.tensors import numpy_dtype, to_tensor
-from gradserve.server.batcher import Batcher, Result
+from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.decode import InvalidInput, decode_rows
-from gradserve.server.status import RequestFailed, deadline_of, not_found
+from gradserve.server.decode import InvalidInput
+from gradserve.server.registry import Models
+from gradserve.server.status import RequestFailed, deadline_of
 from gradserve.server.streaming import Streams, pipelined
 from gradserve.server.wire import Undecodable
 from gradserve.v1 import gradserve_pb2 as pb
@@ -25,28 +26,30 @@ _KINDS = {
     pb.GRADIENT: Derivative.GRADIENT,
     pb.JACOBIAN: Derivative.JACOBIAN,
     pb.NONE: Derivative.NONE,
+    pb.VJP: Derivative.VJP,
+    pb.JVP: Derivative.JVP,
+    pb.HESSIAN: Derivative.HESSIAN,
+    pb.HVP: Derivative.HVP,
 }
+_KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in _KINDS)
+
+
+def _raw(tensor: pb.Tensor, name: str) -> tuple[bytes, list[int], object]:
+    dtype = numpy_dtype(tensor.dtype)
+    if dtype is None:
+        raise InvalidInput(f"{name} has dtype {tensor.dtype}; expected FLOAT32 (0) or FLOAT64 (1)")
+    return tensor.data, list(tensor.shape), dtype
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
-    """Serves one model through one Batcher."""
+    """Serves every registered model through its Batcher."""
 
     def __init__(
-        self,
-        batcher: Batcher,
-        spec: ModelSpec,
-        *,
-        stream_window: int = 256,
-        streams: Streams | None = None,
+        self, models: Models, *, stream_window: int = 256, streams: Streams | None = None
     ) -> None:
-        self._batcher = batcher
-        self._spec = spec
+        self._models = models
         self._window = stream_window
         self._streams = streams or Streams()
-
-    def _check_model(self, name: str) -> None:
-        if name and name != self._spec.name:
-            raise not_found("model", name, self._spec.name)
 
     def _submit(
         self, request: pb.EvaluateRequest, deadline: float | None
@@ -55,24 +58,18 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         if isinstance(request, Undecodable):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
-            self._check_model(request.model)
+            served = self._models.get(request.model)
             kind = _KINDS.get(request.derivative)
             if kind is None:
                 raise InvalidInput(
-                    f"derivative {request.derivative} is unknown; expected GRADIENT (0), "
-                    "JACOBIAN (1) or NONE (2)"
+                    f"derivative {request.derivative} is unknown; expected one of {_KIND_LIST}"
                 )
             if not request.HasField("x"):
-                raise InvalidInput(
-                    f"x is missing; send rows of shape [n, {self._spec.input_width}]"
-                )
-            dtype = numpy_dtype(request.x.dtype)
-            if dtype is None:
-                raise InvalidInput(
-                    f"x has dtype {request.x.dtype}; expected FLOAT32 (0) or FLOAT64 (1)"
-                )
-            x = decode_rows(request.x.data, request.x.shape, dtype, self._spec.input_width)
-            return self._batcher.submit(x, kind, deadline)
+                shape = ", ".join(map(str, served.spec.input_shape))
+                raise InvalidInput(f"x is missing; send rows of shape [n, {shape}]")
+            v = _raw(request.v, "v") if request.HasField("v") else None
+            x, v = served.decode(kind, _raw(request.x, "x"), v)
+            return served.batcher.submit(x, kind, deadline, v)
         except Exception as exc:
             raise RequestFailed.of(exc) from exc
 
@@ -125,20 +122,31 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
-            self._check_model(request.model)
+            served = self._models.get(request.model)
         except RequestFailed as failure:
             await context.abort(failure.code, failure.message)
-        spec = self._spec
-        return pb.ModelInfo(
-            name=spec.name,
-            version=spec.version,
-            input_width=spec.input_width,
-            output_width=spec.output_width,
-            derivatives=list(_KINDS),
-            device=spec.device,
-            max_batch_size=spec.max_batch_size,
-            max_request_rows=spec.max_request_rows,
-        )
+        return model_info(served.spec)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelList:
+        return pb.ModelList(models=[model_info(s.spec) for s in self._models])
+
+
+def model_info(spec: ModelSpec) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=spec.name,
+        version=spec.version,
+        input_width=spec.input_width,
+        output_width=spec.output_width,
+        input_shape=spec.input_shape,
+        output_shape=spec.output_shape,
+        dtype=pb.FLOAT64 if spec.dtype == "float64" else pb.FLOAT32,
+        derivatives=list(_KINDS),
+        device=spec.device,
+        max_batch_size=spec.max_batch_size,
+        max_request_rows=spec.max_request_rows,
+    )
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

@@ -66,15 +66,15 @@ class GatedEngine:
         self.gate.set()
         self.calls: list[tuple[Derivative, np.ndarray]] = []
         self.entered = 0  # engine calls started (possibly still waiting at the gate)
-        for attr in ("name", "input_width", "output_width", "device"):
+        for attr in ("name", "input_shape", "output_shape", "device", "dtype"):
             setattr(self, attr, getattr(engine, attr))
 
-    def run(self, kind: Derivative, x: np.ndarray) -> Outputs:
+    def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         self.entered += 1
         if not self.gate.wait(timeout=30):
             raise TimeoutError("test gate never opened")
         self.calls.append((kind, x.copy()))
-        return self._engine.run(kind, x)
+        return self._engine.run(kind, x, v)
 
     @property
     def rows_computed(self) -> int:

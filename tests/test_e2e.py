@@ -126,7 +126,7 @@ def test_async_client_same_surface(server, bundled_engine):
 
     info, single, many, streamed = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert info.name == "quadratic" and info.input_width == 1
-    assert set(info.derivatives) == {"gradient", "jacobian", "none"}
+    assert set(info.derivatives) == {"gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp"}
     assert abs(single.dy_dx[0, 0] - 0.8) < 0.3
     grid = np.linspace(0, 1, 50, dtype=np.float32).reshape(-1, 1)
     alone = bundled_engine.run(Derivative.GRADIENT, grid).dy_dx[:, 0]
@@ -144,4 +144,4 @@ def test_server_errors_surface_as_gradserve_errors(server):
             client.evaluate(0.1, model="resnet")
         assert info.value.code.name == "NOT_FOUND"
         with pytest.raises(ValueError, match="derivative must be one of"):
-            client.evaluate(0.1, derivative="hessian")
+            client.evaluate(0.1, derivative="laplacian")

@@ -145,16 +145,20 @@ def test_errors_name_the_tensor_and_what_was_expected(client, stub):
     )
     wrong = triton.InferInput("w", [1, 1], "FP32")
     wrong.set_data_from_numpy(x)
-    expect_error(lambda: client.infer(MODEL, [wrong]), "INVALID_ARGUMENT", "one input tensor 'x'")
+    expect_error(
+        lambda: client.infer(MODEL, [wrong]),
+        "INVALID_ARGUMENT",
+        "expected input tensor(s) ['x'], got ['w']",
+    )
     expect_error(
         lambda: client.infer(MODEL, [x_input(x)], outputs=[triton.InferRequestedOutput("z")]),
         "INVALID_ARGUMENT",
         "unknown output 'z'",
     )
     expect_error(
-        lambda: client.infer(MODEL, [x_input(x)], parameters={"derivative": "hessian"}),
+        lambda: client.infer(MODEL, [x_input(x)], parameters={"derivative": "laplacian"}),
         "INVALID_ARGUMENT",
-        "\"derivative\" is 'hessian'",
+        "\"derivative\" is 'laplacian'",
     )
     short = service_pb2.ModelInferRequest(model_name=MODEL)
     short.inputs.add(name="x", datatype="FP32", shape=[3, 1])

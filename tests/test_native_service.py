@@ -89,7 +89,7 @@ BAD_REQUESTS = {
     "float64 beyond float32 range": (
         pb.EvaluateRequest(x=raw_x(np.array([[1e300]]), dtype=pb.FLOAT64)),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "beyond float32 range",
+        "beyond the model's float range",
     ),
     "unknown model": (
         pb.EvaluateRequest(x=raw_x(np.zeros((1, 1))), model="resnet50"),

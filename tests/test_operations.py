@@ -44,7 +44,7 @@ def test_health_is_not_serving_while_the_model_loads(bundled_engine):
 
     def slow_load(_config):
         assert released.wait(30)
-        return bundled_engine
+        return [bundled_engine]
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

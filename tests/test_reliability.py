@@ -32,12 +32,12 @@ class FaultyEngine(GatedEngine):
         super().__init__(engine)
         self.delay_s = delay_s
 
-    def run(self, kind: Derivative, x: np.ndarray) -> Outputs:
+    def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         if self.delay_s:
             time.sleep(self.delay_s)
         if (x == MARKER).any():
             raise FloatingPointError("injected fault")
-        return super().run(kind, x)
+        return super().run(kind, x, v)
 
 
 def wait_until(predicate, timeout: float = 15.0) -> None:

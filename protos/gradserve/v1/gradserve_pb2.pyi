@@ -17,11 +17,19 @@ class Derivative(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GRADIENT: _ClassVar[Derivative]
     JACOBIAN: _ClassVar[Derivative]
     NONE: _ClassVar[Derivative]
+    VJP: _ClassVar[Derivative]
+    JVP: _ClassVar[Derivative]
+    HESSIAN: _ClassVar[Derivative]
+    HVP: _ClassVar[Derivative]
 FLOAT32: DType
 FLOAT64: DType
 GRADIENT: Derivative
 JACOBIAN: Derivative
 NONE: Derivative
+VJP: Derivative
+JVP: Derivative
+HESSIAN: Derivative
+HVP: Derivative
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -34,16 +42,18 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("id", "x", "derivative", "model")
+    __slots__ = ("id", "x", "derivative", "model", "v")
     ID_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     DERIVATIVE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
     id: str
     x: Tensor
     derivative: Derivative
     model: str
-    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    v: Tensor
+    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_us", "compute_us", "batch_rows")
@@ -84,7 +94,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_width", "output_width", "derivatives", "device", "max_batch_size", "max_request_rows")
+    __slots__ = ("name", "version", "input_width", "output_width", "derivatives", "device", "max_batch_size", "max_request_rows", "input_shape", "output_shape", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +103,9 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_ROWS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_width: int
@@ -101,4 +114,17 @@ class ModelInfo(_message.Message):
     device: str
     max_batch_size: int
     max_request_rows: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_width: _Optional[int] = ..., output_width: _Optional[int] = ..., derivatives: _Optional[_Iterable[_Union[Derivative, str]]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_rows: _Optional[int] = ...) -> None: ...
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_width: _Optional[int] = ..., output_width: _Optional[int] = ..., derivatives: _Optional[_Iterable[_Union[Derivative, str]]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_rows: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/gradserve.v1.GradientService/ListModels',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ModelList.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -74,6 +79,12 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +102,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ModelInfoRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ModelList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +190,33 @@ class GradientService:
             '/gradserve.v1.GradientService/GetModelInfo',
             gradserve_dot_v1_dot_gradserve__pb2.ModelInfoRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/ListModels',
+            gradserve_dot_v1_dot_gradserve__pb2.ListModelsRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,93 @@
+"""The served models by name: each with its spec and its own batcher (queue).
+
+All batchers share one engine thread, so the device is driven from one place; batches never
+mix models. Validation that depends on the model (shapes, result size) lives here, shared by
+every protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from gradserve.server.batcher import Batcher
+from gradserve.server.contract import Derivative, ModelSpec
+from gradserve.server.decode import InvalidInput, decode_rows
+from gradserve.server.status import RequestFailed
+
+
+@dataclass(frozen=True)
+class Served:
+    spec: ModelSpec
+    batcher: Batcher
+    max_result_bytes: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.spec.dtype)
+
+    def decode(
+        self, kind: Derivative, x: tuple[bytes, list[int], np.dtype], v: tuple | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validated rows x (and the vector v the kind needs), in the model's dtype."""
+        rows = decode_rows(*x, self.spec.input_shape, "x", self.dtype)
+        vector_shape = self.spec.vector_shape(kind)
+        if vector_shape is None:
+            if v is not None:
+                raise InvalidInput(f"v is only for vjp, jvp and hvp, not {kind.value}")
+            vector = None
+        else:
+            if v is None:
+                rows_shape = f"[n, {', '.join(map(str, vector_shape))}]"
+                raise InvalidInput(f"{kind.value} needs the vector v, shape {rows_shape}")
+            vector = decode_rows(*v, vector_shape, "v", self.dtype)
+            if vector.shape[0] != rows.shape[0]:
+                raise InvalidInput(
+                    f"v has {vector.shape[0]} rows but x has {rows.shape[0]}; one v per row of x"
+                )
+        self._check_result_size(kind, rows.shape[0])
+        return rows, vector
+
+    def _check_result_size(self, kind: Derivative, n: int) -> None:
+        shape = self.spec.result_shape(kind)
+        if shape is None:
+            return
+        size = n * math.prod(shape) * self.dtype.itemsize
+        if size > self.max_result_bytes:
+            raise InvalidInput(
+                f"the {kind.value} of {n} rows would be {size / 2**20:.1f} MiB, over the "
+                f"{self.max_result_bytes / 2**20:.0f} MiB limit (--max-result-mb); send fewer "
+                "rows, or ask for products instead: vjp, jvp or hvp"
+            )
+
+
+class Models:
+    """Name -> Served, with the one-model default."""
+
+    def __init__(self, served: list[Served]) -> None:
+        self._by_name = {s.spec.name: s for s in served}
+
+    def __iter__(self) -> Iterator[Served]:
+        return iter(self._by_name.values())
+
+    def get(self, name: str) -> Served:
+        if not name and len(self._by_name) == 1:
+            return next(iter(self._by_name.values()))
+        served = self._by_name.get(name)
+        if served is None:
+            names = sorted(self._by_name)
+            if not name:
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"several models are served; name one of {names}",
+                )
+            served_names = ", ".join(map(repr, names))
+            raise RequestFailed(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} is not served here; this server serves {served_names}",
+            )
+        return served
