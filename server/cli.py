@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from pathlib import Path
 
-        from gradserve.server.train import train_quadratic
+        from gradserve.server.train import train_bundled
 
-        loss = train_quadratic(Path(args.out))
-        print(f"trained {args.out} (final mse {loss:.2e})")
+        for name, loss in train_bundled(Path(args.out)).items():
+            print(f"trained {Path(args.out) / name}.keras (final mse {loss:.2e})")
         return 0
     try:
         from gradserve.server.app import serve

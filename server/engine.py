@@ -54,9 +54,9 @@ def batch_ladder(max_batch_size: int) -> list[int]:
 class _Forward:
     """A differentiable map from a batch x [n, *X] to y [n, *Y], whatever the file format."""
 
-    def __init__(self, fn: Callable, input_shape: Shape, output_shape: Shape, dtype, weights):
+    def __init__(self, fn: Callable, input_shape: Shape, output_shape: Shape, dtype) -> None:
         self.fn, self.input_shape, self.output_shape = fn, input_shape, output_shape
-        self.dtype, self.weights = dtype, weights
+        self.dtype = dtype
 
 
 def _load(path: Path, *, unsafe: bool, input_name: str | None, output_name: str | None):
@@ -81,9 +81,7 @@ def _load(path: Path, *, unsafe: bool, input_name: str | None, output_name: str 
             f"its output {out_shape}"
         )
     dtype = tf.as_dtype(model.inputs[0].dtype)
-    forward = _Forward(
-        lambda x: model(x, training=False), in_shape[1:], out_shape[1:], dtype, model.weights
-    )
+    forward = _Forward(lambda x: model(x, training=False), in_shape[1:], out_shape[1:], dtype)
     return forward, model
 
 
@@ -113,7 +111,7 @@ def _load_saved_model(path: Path, input_name: str | None, output_name: str | Non
     def fn(x):
         return signature(**{name_in: x})[name_out]
 
-    forward = _Forward(fn, in_shape[1:], out_shape[1:], spec_in.dtype, loaded.variables)
+    forward = _Forward(fn, in_shape[1:], out_shape[1:], spec_in.dtype)
     _check_differentiable(forward, path)
     return forward, loaded
 
@@ -131,9 +129,14 @@ def _choose(what: str, specs: dict, chosen: str | None, flag: str) -> str:
 
 def _check_differentiable(forward: _Forward, path: Path) -> None:
     x = tf.zeros((1, *forward.input_shape), forward.dtype)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = forward.fn(x)
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = forward.fn(x)
+    except Exception as exc:
+        raise ModelError(
+            f"SavedModel {path}: its signature cannot be called with only that input: {exc}"
+        ) from exc
     if tape.gradient(y, x) is None:
         raise ModelError(f"SavedModel {path}: its output is not differentiable in its input")
 
