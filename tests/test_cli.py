@@ -181,3 +181,39 @@ def test_sigterm_under_load_loses_nothing_and_reports_not_serving_first():
     serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                             health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
     assert statuses[:1] == [serving] and not_serving in statuses
+
+
+def test_serve_keras_h5_and_savedmodel_from_the_command_line(tmp_path):
+    import keras
+
+    from gradserve.client import GradientClient
+
+    model = keras.Sequential([keras.Input(shape=(3,)), keras.layers.Dense(2, activation="tanh")])
+    model.save(tmp_path / "small.h5")
+    model.export(tmp_path / "exported", verbose=False)
+    port = free_port()
+    models = f"quadratic_tanh,{tmp_path / 'small.h5'},{tmp_path / 'exported'}"
+    env = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+         "--model", models],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+        with GradientClient(f"127.0.0.1:{port}", timeout=10) as client:
+            names = {m.name: m for m in client.list_models()}
+            assert set(names) == {"quadratic_tanh", "small", "exported"}
+            x = np.random.default_rng(0).normal(size=(4, 3))
+            h5 = client.evaluate(x, "jacobian", model="small")
+            saved = client.evaluate(x, "jacobian", model="exported")
+            np.testing.assert_allclose(h5.dy_dx, saved.dy_dx, rtol=1e-5, atol=1e-7)
+            assert h5.dy_dx.shape == (4, 2, 3)
+            hessian = client.evaluate([0.5], "hessian", model="quadratic_tanh").dy_dx
+            assert abs(hessian[0, 0, 0] - 8) < 1.5
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
