@@ -10,7 +10,6 @@ computes no derivative.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -23,8 +22,8 @@ from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative
 from gradserve.server.decode import InvalidInput, check_shape
 from gradserve.server.registry import Models, Served
-from gradserve.server.status import RequestFailed, deadline_of
-from gradserve.server.streaming import Streams, pipelined
+from gradserve.server.status import RequestFailed
+from gradserve.server.streaming import Streams, answer_stream, answer_unary
 from gradserve.server.wire import Undecodable
 
 SERVER_NAME = "gradserve"
@@ -236,12 +235,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        try:
-            result = await self._submit(request, deadline_of(context))
-        except Exception as exc:
-            failure = RequestFailed.of(exc)
-            await context.abort(failure.code, failure.message)
-        return self._response(request, result)
+        return await answer_unary(request, context, self._submit, self._response)
 
     def _stream_response(
         self, request: pb.ModelInferRequest, outcome: Result | RequestFailed
@@ -256,20 +250,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        deadline = deadline_of(context)
-        responses = pipelined(
+        responses = answer_stream(
             request_iterator,
-            lambda r: self._submit(r, deadline),
+            context,
+            self._submit,
             self._stream_response,
             self._window,
             self._streams,
         )
-        try:
-            async with contextlib.aclosing(responses):
-                async for response in responses:
-                    yield response
-        except RequestFailed as failure:
-            await context.abort(failure.code, failure.message)
+        async for response in responses:
+            yield response
 
 
 def _datatype(dtype: str) -> str:

@@ -6,7 +6,6 @@ No batching logic here: rows go to the named model's Batcher, results come back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,8 +15,8 @@ from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.decode import InvalidInput
 from gradserve.server.registry import Models
-from gradserve.server.status import RequestFailed, deadline_of
-from gradserve.server.streaming import Streams, pipelined
+from gradserve.server.status import RequestFailed
+from gradserve.server.streaming import Streams, answer_stream, answer_unary
 from gradserve.server.wire import Undecodable
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -93,30 +92,16 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
-        try:
-            result = await self._submit(request, deadline_of(context))
-        except Exception as exc:
-            failure = RequestFailed.of(exc)
-            await context.abort(failure.code, failure.message)
-        return self._response(request, result)
+        return await answer_unary(request, context, self._submit, self._response)
 
     async def EvaluateStream(
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EvaluateResponse]:
-        deadline = deadline_of(context)
-        responses = pipelined(
-            request_iterator,
-            lambda r: self._submit(r, deadline),
-            self._response,
-            self._window,
-            self._streams,
+        responses = answer_stream(
+            request_iterator, context, self._submit, self._response, self._window, self._streams
         )
-        try:
-            async with contextlib.aclosing(responses):
-                async for response in responses:
-                    yield response
-        except RequestFailed as failure:
-            await context.abort(failure.code, failure.message)
+        async for response in responses:
+            yield response
 
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext

@@ -39,13 +39,6 @@ class RequestFailed(Exception):
         return cls(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def not_found(what: str, name: str, served: str) -> RequestFailed:
-    return RequestFailed(
-        grpc.StatusCode.NOT_FOUND,
-        f"{what} {name!r} is not served here; this server serves {served!r}",
-    )
-
-
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on the event loop's clock, or None when the caller set none."""
     remaining = context.time_remaining()

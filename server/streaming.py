@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from gradserve.server.batcher import Result
-from gradserve.server.status import RequestFailed
+from gradserve.server.status import RequestFailed, deadline_of
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -95,3 +95,40 @@ async def pipelined(
                 item[1].cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
+
+
+Submit = Callable[[Request, float | None], asyncio.Future[Result]]
+
+
+async def answer_unary(
+    request: Request,
+    context: grpc.aio.ServicerContext,
+    submit: Submit,
+    respond: Callable[[Request, Result], Response],
+) -> Response:
+    """One unary call: validate and queue, wait, answer; a failure becomes the call's status."""
+    try:
+        result = await submit(request, deadline_of(context))
+    except Exception as exc:
+        failure = RequestFailed.of(exc)
+        await context.abort(failure.code, failure.message)
+    return respond(request, result)
+
+
+async def answer_stream(
+    requests: AsyncIterator[Request],
+    context: grpc.aio.ServicerContext,
+    submit: Submit,
+    respond: Callable[[Request, Result | RequestFailed], Response],
+    window: int,
+    streams: Streams,
+) -> AsyncIterator[Response]:
+    """A pipelined stream with the call's deadline; a drain ends it with its status."""
+    deadline = deadline_of(context)
+    responses = pipelined(requests, lambda r: submit(r, deadline), respond, window, streams)
+    try:
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
+    except RequestFailed as failure:
+        await context.abort(failure.code, failure.message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,15 @@ from gradserve.server.config import BUNDLED_MODEL, ServerConfig
 from gradserve.server.contract import Derivative, Outputs
 
 TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0)
+
+
+def wait_until(predicate, timeout: float = 15.0) -> None:
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
 
 
 def free_port() -> int:

@@ -21,6 +21,15 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 
+def start_gradserve(port: int, *args: str, **env: str) -> subprocess.Popen:
+    """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise)."""
+    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", **env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port), *args],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
@@ -40,16 +49,7 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_drains_accepted_requests_then_exits_zero(sig):
     port = free_port()
-    env = {
-        **os.environ,
-        "GRADSERVE_METRICS_PORT": "0",
-        "GRADSERVE_XLA": "off",
-        "GRADSERVE_MAX_DELAY_US": "300000",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_gradserve(port, GRADSERVE_MAX_DELAY_US="300000")
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, process)
@@ -100,17 +100,7 @@ def test_serve_help_lists_every_flag_with_its_default():
 def test_sigterm_under_load_loses_nothing_and_reports_not_serving_first():
     """Every request either succeeds or is refused with UNAVAILABLE; none is lost or hangs."""
     port = free_port()
-    env = {
-        **os.environ,
-        "GRADSERVE_METRICS_PORT": "0",
-        "GRADSERVE_XLA": "off",
-        "GRADSERVE_MAX_DELAY_US": "2000",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
-         "--drain-seconds", "20"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_gradserve(port, "--drain-seconds", "20", GRADSERVE_MAX_DELAY_US="2000")
     target = f"127.0.0.1:{port}"
     outcomes: list[str] = []
     statuses: list[int] = []
@@ -193,12 +183,7 @@ def test_serve_keras_h5_and_savedmodel_from_the_command_line(tmp_path):
     model.export(tmp_path / "exported", verbose=False)
     port = free_port()
     models = f"quadratic_tanh,{tmp_path / 'small.h5'},{tmp_path / 'exported'}"
-    env = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
-         "--model", models],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_gradserve(port, "--model", models)
     try:
         wait_serving(f"127.0.0.1:{port}", process)
         with GradientClient(f"127.0.0.1:{port}", timeout=10) as client:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, RunningServer
+from conftest import TEST_CONFIG, RunningServer, wait_until
 
 from gradserve.client import GradientClient, GradserveError
 from gradserve.v1 import gradserve_pb2 as pb
@@ -164,14 +164,6 @@ def test_oversized_message_is_refused_by_the_transport(bundled_engine):
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in info.value.message
         assert client.evaluate(0.5).y.shape == (1, 1)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def test_queue_full_is_refused_at_once_and_loses_nothing(gated_server):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from conftest import TEST_CONFIG, RunningServer, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_cli import wait_serving
+from test_cli import start_gradserve, wait_serving
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy, Tls
 from gradserve.server.app import GradServer
@@ -143,12 +142,7 @@ def test_metrics_count_what_happened(bundled_engine):
 
 def test_json_logs_one_line_per_event_and_none_per_request(tmp_path):
     port = free_port()
-    env = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
-         "--log-format", "json", "--max-batch-size", "64"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_gradserve(port, "--log-format", "json", "--max-batch-size", "64")
     try:
         wait_serving(f"127.0.0.1:{port}", process)
         with GradientClient(f"127.0.0.1:{port}", timeout=10) as client:

@@ -15,7 +15,7 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, GatedEngine, RunningServer
+from conftest import TEST_CONFIG, GatedEngine, RunningServer, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
@@ -38,14 +38,6 @@ class FaultyEngine(GatedEngine):
         if (x == MARKER).any():
             raise FloatingPointError("injected fault")
         return super().run(kind, x, v)
-
-
-def wait_until(predicate, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def test_engine_fault_fails_only_the_offending_request(bundled_engine):
