@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench loadtest soak
+.PHONY: serve test lint format proto train clean bench loadtest soak nginx cluster cluster-load
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/gradserve serve $(ARGS)
 
-test: lint
+test: lint nginx
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
@@ -45,3 +45,18 @@ loadtest: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(ARGS)
+
+# nginx for deploy/cluster.py: Debian's package, installed only when missing (root or sudo).
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  echo "installing nginx (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; }
+
+# N replicas (default 3) behind nginx until Ctrl-C: make cluster ARGS="--replicas 2 --xla off"
+cluster: $(STAMP) nginx
+	$(BIN)/python deploy/cluster.py $(ARGS)
+
+# loadtest: 1 replica direct and via nginx, then 3 replicas via nginx, at concurrency 1,16,64
+cluster-load: $(STAMP) nginx
+	$(BIN)/python deploy/cluster.py --load $(ARGS)
