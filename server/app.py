@@ -149,6 +149,8 @@ class GradServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # A second server on a taken port must fail, not silently share it.
+                ("grpc.so_reuseport", 0),
             ]
         )
         self._routes.expect(NATIVE_SERVICE)

@@ -154,8 +154,10 @@ def test_stream_cancellation_storm_frees_everything(bundled_engine):
 
 
 def test_overload_from_several_processes_stays_responsive(bundled_engine, tmp_path):
-    slow = FaultyEngine(bundled_engine, delay_s=0.002)
-    config = replace(TEST_CONFIG, max_queue_rows=32)
+    # 128 callers with one request each against room for 32 queued + 16 computing rows:
+    # refusals are certain however slow the machine is.
+    slow = FaultyEngine(bundled_engine, delay_s=0.02)
+    config = replace(TEST_CONFIG, max_queue_rows=32, max_batch_size=16)
     with RunningServer(config, slow) as running:
         loads = [
             subprocess.Popen(
