@@ -24,7 +24,7 @@ RETRYABLE = frozenset(
 class RetryPolicy:
     """`attempts` in all (1 = no retry); delays drawn from [0, min(max, initial * 2**i)]."""
 
-    attempts: int = 6
+    attempts: int = 10
     initial_backoff: float = 0.05
     max_backoff: float = 2.0
     codes: frozenset[grpc.StatusCode] = RETRYABLE
