@@ -28,7 +28,7 @@ class Metrics:
         )  # fmt: skip
         self.latency = Histogram(
             "gradserve_request_duration_seconds",
-            "Server-side time from a request's arrival to its answer",
+            "Server-side time from a request's (or stream message's) arrival to its answer",
             ["rpc"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(

@@ -10,6 +10,7 @@ and status code.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Callable
@@ -71,12 +72,25 @@ def _unary(method, name: str, metrics: Metrics):
 
 
 def _stream(method, name: str, metrics: Metrics, code_of: Callable[[object], str]):
+    """Counts each stream message by status and times it from arrival to answer (streams
+    answer every message exactly once, in order, so arrivals pair with answers FIFO)."""
+    requests, latency = metrics.requests, metrics.latency.labels(name)
+
     @functools.wraps(method)
     async def stream(request_iterator, context):
+        arrivals: collections.deque[float] = collections.deque()
+
+        async def timed():
+            async for request in request_iterator:
+                arrivals.append(time.perf_counter())
+                yield request
+
         metrics.streams.inc()
         try:
-            async for response in method(request_iterator, context):
-                metrics.requests.labels(name, code_of(response)).inc()
+            async for response in method(timed(), context):
+                requests.labels(name, code_of(response)).inc()
+                if arrivals:
+                    latency.observe(time.perf_counter() - arrivals.popleft())
                 yield response
         finally:
             metrics.streams.dec()

@@ -137,6 +137,7 @@ def test_metrics_count_what_happened(bundled_engine):
     assert m["gradserve_batch_rows_sum"] == 62
     assert m["gradserve_queue_wait_seconds_count"] == 22
     assert m['gradserve_request_duration_seconds_count{rpc="Evaluate"}'] == 24
+    assert m['gradserve_request_duration_seconds_count{rpc="EvaluateStream"}'] == 3
     assert m["gradserve_queue_rows"] == 0 and m["gradserve_streams_in_flight"] == 0
 
 
