@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
-from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
+from gradserve.client.channel import ClientBase
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import (
     NEEDS_VECTOR,
@@ -17,26 +17,14 @@ from gradserve.client.results import (
     to_model_info,
     to_result,
 )
-from gradserve.client.retry import Attempts, RetryPolicy
+from gradserve.client.retry import Attempts
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 
-class AsyncGradientClient:
+class AsyncGradientClient(ClientBase):
     """`async with AsyncGradientClient() as c: r = await c.evaluate(0.2)`."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        tls: Tls | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = open_channel(target, tls, aio=True)
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
+    _aio = True
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import grpc
 
+from gradserve.client.retry import RetryPolicy
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 OPTIONS = [
@@ -74,3 +77,22 @@ def open_channel(target: str | Sequence[str], tls: Tls | None, *, aio: bool):
     if tls is None:
         return module.insecure_channel(address, options=OPTIONS)
     return module.secure_channel(address, tls.credentials(), options=OPTIONS + tls.options())
+
+
+class ClientBase:
+    """What both SDK clients hold: target, deadline, retry policy, channel and stub."""
+
+    _aio = False
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        tls: Tls | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = open_channel(target, tls, aio=self._aio)
+        self._stub = pb_grpc.GradientServiceStub(self._channel)

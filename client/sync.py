@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import grpc
 
-from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
+from gradserve.client.channel import ClientBase
 from gradserve.client.errors import GradserveError
 from gradserve.client.results import (
     NEEDS_VECTOR,
@@ -17,12 +17,11 @@ from gradserve.client.results import (
     to_model_info,
     to_result,
 )
-from gradserve.client.retry import Attempts, RetryPolicy
+from gradserve.client.retry import Attempts
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 
-class GradientClient:
+class GradientClient(ClientBase):
     """Evaluate y and dy/dx on a gradserve server. Use as `with GradientClient() as c:`.
 
     `target` is one address, a `dns:///name:port` that resolves to several replicas, or a
@@ -32,19 +31,6 @@ class GradientClient:
     UNAVAILABLE and RESOURCE_EXHAUSTED per `retry` (evaluation is idempotent); pass
     RetryPolicy(attempts=1) to disable.
     """
-
-    def __init__(
-        self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        tls: Tls | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = open_channel(target, tls, aio=False)
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
 
     def __enter__(self) -> GradientClient:
         return self
