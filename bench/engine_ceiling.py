@@ -19,7 +19,7 @@ from gradserve.server.engine import Engine
 
 def seconds_per_call(engine: Engine, kind: Derivative, batch: int, repeats: int) -> float:
     """Median over `repeats` of the mean time of a run of calls lasting about 0.2 s."""
-    x = np.random.default_rng(0).uniform(0, 1, (batch, engine.input_width)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(0, 1, (batch, *engine.input_shape)).astype(np.float32)
     engine.run(kind, x)
     calls = max(1, int(0.2 / max(_one_call(engine, kind, x), 1e-6)))
     samples = []

@@ -175,14 +175,6 @@ class Engine:
         self._functions = self._compile()
 
     @property
-    def input_width(self) -> int:
-        return int(np.prod(self.input_shape))
-
-    @property
-    def output_width(self) -> int:
-        return int(np.prod(self.output_shape))
-
-    @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype.as_numpy_dtype)
 
