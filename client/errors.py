@@ -20,11 +20,3 @@ class GradserveError(Exception):
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> GradserveError:
         return cls(error.code(), error.details() or "", attempts=attempts)
-
-
-_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    """The grpc.StatusCode for a wire status number (UNKNOWN for one this grpc does not know)."""
-    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)

@@ -2,9 +2,12 @@
 
 Unary mode runs C callers, each sending its next request when the last one is answered.
 Stream mode opens C streams, each keeping up to --window messages in flight. Per step it
-prints requests/s, rows/s, latency percentiles, errors by status code and the server-side
-batch sizes the responses report. Bounded: every step stops after --duration seconds or
---requests requests, whichever comes first. Imports neither TensorFlow nor the server.
+prints requests/s, rows/s, latency percentiles, errors by status code, the server-side
+batch sizes the responses report, and where a request's time went: the client's latency
+split into the server's hops (decode, queue, handoff, compute, encode; medians) and the
+rest, "outside" (the network, gRPC and the client itself). Bounded: every step stops after
+--duration seconds or --requests requests, whichever comes first. Imports neither TensorFlow
+nor the server.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import numpy as np
 
 from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
 from gradserve.client.results import DERIVATIVES
-from gradserve.client.tensors import to_tensor
+from gradserve.codec import status_code, to_tensor
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 PERCENTILES = (50, 90, 95, 99)
+HOPS = ("decode", "queue", "handoff", "compute", "encode")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class StepResult:
     rows_per_s: float
     latency_ms: dict[str, float]
     batch_rows: dict[str, float]
+    breakdown_us: dict[str, float] = field(default_factory=dict)  # hop -> median us
 
     def unexpected_errors(self, expected: set[str] = frozenset()) -> int:
         return sum(n for code, n in self.errors.items() if code not in expected)
@@ -55,24 +60,25 @@ class StepResult:
 class _Tally:
     latencies: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
+    hops: list[tuple[int, ...]] = field(default_factory=list)  # per answer: HOPS + total_us
     errors: Counter = field(default_factory=Counter)
     done: int = 0
 
     def ok(self, seconds: float, response: pb.EvaluateResponse) -> None:
         self.done += 1
         if response.HasField("error"):
-            self.errors[_code_name(response.error.code)] += 1
+            self.errors[status_code(response.error.code).name] += 1
             return
         self.latencies.append(seconds)
-        self.batch_rows.append(response.timing.batch_rows)
+        t = response.timing
+        self.batch_rows.append(t.batch_rows)
+        self.hops.append(
+            (t.decode_us, t.queue_us, t.handoff_us, t.compute_us, t.encode_us, t.total_us)
+        )
 
     def failed(self, code: grpc.StatusCode) -> None:
         self.done += 1
         self.errors[code.name] += 1
-
-
-def _code_name(number: int) -> str:
-    return next((c.name for c in grpc.StatusCode if c.value[0] == number), str(number))
 
 
 def make_request(width: int, rows: int, derivative: str, seed: int = 0) -> pb.EvaluateRequest:
@@ -201,6 +207,7 @@ def _summarise(tally: _Tally, label, mode, concurrency, rows, seconds) -> StepRe
         "max": float(batches.max()) if ok else 0.0,
     }
     return StepResult(
+        breakdown_us=_breakdown(tally, latencies),
         label=label,
         mode=mode,
         concurrency=concurrency,
@@ -213,6 +220,33 @@ def _summarise(tally: _Tally, label, mode, concurrency, rows, seconds) -> StepRe
         latency_ms=latency,
         batch_rows=batch,
     )
+
+
+def _breakdown(tally: _Tally, latencies_ms: np.ndarray) -> dict[str, float]:
+    """Median of each server hop, of the server's total and of the time outside the server
+    (client latency minus server total, per request), in microseconds."""
+    if not tally.hops:
+        return {}
+    hops = np.array(tally.hops, dtype=float)
+    medians = dict(zip((*HOPS, "server"), np.median(hops, axis=0).tolist(), strict=True))
+    medians["outside"] = float(np.median(latencies_ms * 1e3 - hops[:, -1]))
+    return medians
+
+
+def format_breakdown(results: list[StepResult]) -> str:
+    """Where a request's time went, per step: the server's hops and the rest (medians, us)."""
+    columns = (*HOPS, "server", "outside")
+    head = f"{'run':<16} {'mode':<6} {'conc':>5} {'rows':>5} " + " ".join(
+        f"{c:>8}" for c in columns
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.breakdown_us:
+            cells = " ".join(f"{r.breakdown_us[c]:>8.0f}" for c in columns)
+            lines.append(
+                f"{r.label:<16} {r.mode:<6} {r.concurrency:>5} {r.rows_per_request:>5} {cells}"
+            )
+    return "\n".join(lines)
 
 
 def format_table(results: list[StepResult]) -> str:
@@ -242,14 +276,16 @@ def write_csv(results: list[StepResult], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(
             ["label", "mode", "concurrency", "rows", "seconds", "requests", "errors", "req_per_s",
-             "rows_per_s", *[f"p{p}_ms" for p in PERCENTILES], "max_ms", "batch_mean"]
+             "rows_per_s", *[f"p{p}_ms" for p in PERCENTILES], "max_ms", "batch_mean",
+             *[f"{h}_us" for h in (*HOPS, "server", "outside")]]
         )  # fmt: skip
         for r in results:
             writer.writerow(
                 [r.label, r.mode, r.concurrency, r.rows_per_request, f"{r.seconds:.3f}",
                  r.requests, sum(r.errors.values()), f"{r.requests_per_s:.1f}",
                  f"{r.rows_per_s:.1f}", *[f"{r.latency_ms[f'p{p}']:.3f}" for p in PERCENTILES],
-                 f"{r.latency_ms['max']:.3f}", f"{r.batch_rows['mean']:.2f}"]
+                 f"{r.latency_ms['max']:.3f}", f"{r.batch_rows['mean']:.2f}",
+                 *[f"{r.breakdown_us.get(h, 0.0):.0f}" for h in (*HOPS, "server", "outside")]]
             )  # fmt: skip
 
 
@@ -354,6 +390,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"cannot reach the server: {error.code().name}: {error.details()}", file=sys.stderr)
         return 2
     print(format_table(results))
+    print("\nwhere the time went (medians, microseconds):")
+    print(format_breakdown(results))
     if args.json:
         write_json(results, args.json)
     if args.csv:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.client.errors import GradserveError, status_code
-from gradserve.client.tensors import from_tensor, to_tensor
+from gradserve.client.errors import GradserveError
+from gradserve.codec import FLOAT64, from_tensor, status_code, to_tensor
 from gradserve.v1 import gradserve_pb2 as pb
 
 DERIVATIVES = {
@@ -24,11 +24,18 @@ NEEDS_VECTOR = ("vjp", "jvp", "hvp")
 
 @dataclass(frozen=True)
 class Timing:
-    """Server-side timing of one request, in microseconds, and the rows of its batch."""
+    """The server's latency breakdown of one request, in microseconds, and the rows of its
+    (largest) batch: decode (arrival to queued), queue (to dispatched in a batch), handoff
+    (to engine start), compute (engine), encode (engine end to answer); total is arrival to
+    answer inside the server."""
 
     queue_us: int
     compute_us: int
     batch_rows: int
+    decode_us: int = 0
+    handoff_us: int = 0
+    encode_us: int = 0
+    total_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,15 @@ def to_result(response: pb.EvaluateResponse) -> Result:
         id=response.id,
         y=from_tensor(response.y),
         dy_dx=from_tensor(response.dy_dx) if response.HasField("dy_dx") else None,
-        timing=Timing(t.queue_us, t.compute_us, t.batch_rows),
+        timing=Timing(
+            t.queue_us,
+            t.compute_us,
+            t.batch_rows,
+            t.decode_us,
+            t.handoff_us,
+            t.encode_us,
+            t.total_us,
+        ),
     )
 
 
@@ -115,5 +130,5 @@ def to_model_info(info: pb.ModelInfo) -> ModelInfo:
         max_request_rows=info.max_request_rows,
         input_shape=tuple(info.input_shape),
         output_shape=tuple(info.output_shape),
-        dtype="float64" if info.dtype == pb.FLOAT64 else "float32",
+        dtype="float64" if info.dtype == FLOAT64.wire else "float32",
     )

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,16 +22,15 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.inference import grpc_service_pb2 as inference_pb2
-from gradserve.server import inference_service, native_service
+from gradserve.server.answering import Streams
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
-from gradserve.server.contract import ModelSpec
+from gradserve.server.contract import Engine, ModelSpec
 from gradserve.server.inference_service import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.metrics import Metrics
 from gradserve.server.native_service import GradientServicer
 from gradserve.server.registry import Models, Served
-from gradserve.server.streaming import Streams
-from gradserve.server.wire import Routes
+from gradserve.server.routing import Routes
 from gradserve.v1 import gradserve_pb2
 
 log = logging.getLogger("gradserve")
@@ -42,16 +42,17 @@ SERVICE_NAMES = [NATIVE_SERVICE.full_name, INFERENCE_SERVICE.full_name]
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def load_engines(config: ServerConfig) -> list:  # of Engine; typed loosely: TensorFlow is lazy
-    """Load and warm up every model; the only place the app touches the engine module."""
-    from gradserve.server.engine import Engine
+def load_engines(config: ServerConfig) -> list[Engine]:
+    """Load and warm up every model; the only place the app touches the engine module
+    (imported here, so that TensorFlow loads only when a model does)."""
+    from gradserve.server import engine as tf_engine
 
     paths = config.model_paths()
     if config.model_name and len(paths) != 1:
         raise ValueError("--model-name names one model; several are being served")
     engines = []
     for path in paths:
-        engine = Engine(
+        engine = tf_engine.Engine(
             path,
             device=config.device,
             xla=config.xla,
@@ -102,11 +103,16 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class GradServer:
     """A running server. `async with GradServer(config) as s:` binds, serves, then drains.
 
-    `engine` (anything with run, name, input_shape, output_shape, device; or a list of them)
-    skips loading; `load` replaces how the models are loaded (config -> list of engines).
+    `engine` (an Engine, or a list of them) skips loading; `load` replaces how the models are
+    loaded (config -> list of engines).
     """
 
-    def __init__(self, config: ServerConfig, engine=None, load=load_engines) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        engine: Engine | list[Engine] | None = None,
+        load: Callable[[ServerConfig], list[Engine]] = load_engines,
+    ) -> None:
         self.config = config
         self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
         self._load = load
@@ -116,7 +122,7 @@ class GradServer:
         self.ready = False
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
-        self._batchers: list[Batcher] = []
+        self.batchers: list[Batcher] = []  # one per served model, in serving order
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = HealthServicer()
         self._streams = Streams()
@@ -189,25 +195,11 @@ class GradServer:
                    "metrics_port": self.metrics_port},
         )  # fmt: skip
 
-    @property
-    def _batcher(self) -> Batcher | None:
-        """The batcher of the first model (tests and single-model callers)."""
-        return self._batchers[0] if self._batchers else None
-
-    def _serve(self, engines: list) -> None:
+    def _serve(self, engines: list[Engine]) -> None:
         config = self.config
         served = []
         for engine in engines:
-            spec = ModelSpec(
-                name=engine.name,
-                version="1",
-                input_shape=tuple(engine.input_shape),
-                output_shape=tuple(engine.output_shape),
-                device=engine.device,
-                max_batch_size=config.max_batch_size,
-                max_request_rows=config.max_queue_rows,
-                dtype=getattr(getattr(engine, "dtype", None), "name", "float32"),
-            )
+            spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows)
             batcher = Batcher(
                 engine.run,
                 max_batch_size=config.max_batch_size,
@@ -217,24 +209,16 @@ class GradServer:
                 executor=self._executor,
             )
             batcher.start()
-            self._batchers.append(batcher)
+            self.batchers.append(batcher)
             served.append(Served(spec, batcher, config.max_result_mb * 2**20))
-        batchers = list(self._batchers)
+        batchers = list(self.batchers)
         self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers))
         models = Models(served)
         common = {"stream_window": config.stream_window, "streams": self._streams}
-        self._routes.add(
-            GradientServicer(models, **common),
-            NATIVE_SERVICE,
-            gradserve_pb2,
-            native_service.stream_code,
-        )
-        self._routes.add(
-            InferenceServicer(models, lambda: self.ready, **common),
-            INFERENCE_SERVICE,
-            inference_pb2,
-            inference_service.stream_code,
-        )
+        native = GradientServicer(models, self.metrics, **common)
+        self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
+        inference = InferenceServicer(models, self.metrics, lambda: self.ready, **common)
+        self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new requests and stream messages (UNAVAILABLE),
@@ -249,14 +233,14 @@ class GradServer:
         self.ready = False
         log.info("draining", extra={"event": "drain", "grace_seconds": grace})
         await self._health.enter_graceful_shutdown()
-        for batcher in self._batchers:
+        for batcher in self.batchers:
             batcher.stop_accepting()
         self._streams.drain()
-        if self._batchers:
-            if await _all_idle(self._batchers, grace):
+        if self.batchers:
+            if await _all_idle(self.batchers, grace):
                 log.info("drain: every accepted request answered", extra={"event": "drained"})
             else:
-                unfinished = sum(b.pending for b in self._batchers)
+                unfinished = sum(b.pending for b in self.batchers)
                 log.warning(
                     "drain: %d request(s) unfinished after %.0f s", unfinished, grace,
                     extra={"event": "drain_timeout", "unfinished": unfinished},
@@ -264,7 +248,7 @@ class GradServer:
         if self._server is not None:
             remaining = deadline - asyncio.get_running_loop().time()
             await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
-        for batcher in self._batchers:
+        for batcher in self.batchers:
             await batcher.close()
         self._executor.shutdown(wait=True)
         if self._metrics_http is not None:

@@ -28,44 +28,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.server.contract import Derivative, Outputs
+from gradserve.server.errors import (
+    Closed,
+    DeadlineExpired,
+    EngineFailed,
+    QueueFull,
+    RequestError,
+    RequestTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
 Compute = Callable[..., Outputs]
 
 
-class BatcherError(Exception):
-    """Base of the errors a submitted request can end with."""
-
-
-class QueueFull(BatcherError):
-    """The queue holds too many rows to admit this request now; retrying later may work."""
-
-
-class RequestTooLarge(BatcherError):
-    """The request has more rows than the queue can ever hold."""
-
-
-class DeadlineExpired(BatcherError):
-    """The caller's deadline passed before the request's rows were computed."""
-
-
-class EngineFailed(BatcherError):
-    """The engine raised on this request's rows (isolated from the rest of its batch)."""
-
-
-class Closed(BatcherError):
-    """The batcher is shutting down and accepts no new requests."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Timing:
-    queue_us: int
-    compute_us: int
-    batch_rows: int
+    """A request's hops inside the batcher. A request split over several engine calls waits
+    in the queue until its first rows leave; its hand-off and compute times are summed."""
+
+    queue_us: int  # queued -> first rows dispatched in a batch
+    handoff_us: int  # batch dispatched -> engine started (concatenation, thread hand-off)
+    compute_us: int  # inside the engine
+    batch_rows: int  # the largest batch it was part of
+    done: float  # time.perf_counter() when its last engine call ended
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Result:
     y: np.ndarray
     dy_dx: np.ndarray | None
@@ -92,6 +81,7 @@ class _Pending:
         "dy_dx",
         "enqueued",
         "future",
+        "handoff_s",
         "kind",
         "n",
         "next_row",
@@ -112,6 +102,7 @@ class _Pending:
         self.next_row = 0
         self.started: float | None = None
         self.compute_s = 0.0
+        self.handoff_s = 0.0
         self.batch_rows = 0
         self.y: np.ndarray | None = None
         self.dy_dx: np.ndarray | None = None
@@ -206,7 +197,7 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        pending = _Pending(x, v, kind, future, deadline, loop.time())
+        pending = _Pending(x, v, kind, future, deadline, time.perf_counter())
         future.add_done_callback(lambda _f: self._finished(pending))
         self._queues[kind].append(pending)
         self._queued_rows += n
@@ -286,17 +277,15 @@ class Batcher:
             if not parts:
                 await asyncio.sleep(0)  # let pending done-callbacks run before looking again
                 continue
-            self._in_flight = parts
-            await self._execute(parts)
+            await self._execute(parts, time.perf_counter())
             self._in_flight = []
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
-        loop = asyncio.get_running_loop()
         heads = [q[0].enqueued for q in self._queues.values() if q]
-        until = min(heads, default=loop.time()) + self.max_delay_s
+        until = min(heads, default=time.perf_counter()) + self.max_delay_s
         while self._queued_rows < self.max_batch_size and not self._closing:
-            remaining = until - loop.time()
+            remaining = until - time.perf_counter()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -306,6 +295,7 @@ class Batcher:
     def _take_batch(self) -> list[_Part]:
         """Up to max_batch_size rows of one kind, oldest request first."""
         now = asyncio.get_running_loop().time()
+        taken = time.perf_counter()
         for queue in self._queues.values():
             while queue and self._drop_if_dead(queue[0], now):
                 queue.popleft()
@@ -314,6 +304,7 @@ class Batcher:
             return []
         queue = min(live, key=lambda q: q[0].enqueued)
         parts: list[_Part] = []
+        self._in_flight = parts  # so that a fault from here on fails these, not strands them
         room = self.max_batch_size
         while queue and room:
             pending = queue[0]
@@ -326,8 +317,8 @@ class Batcher:
             self._queued_rows -= take
             room -= take
             if pending.started is None:
-                pending.started = now
-                self._observer.queued(now - pending.enqueued)
+                pending.started = taken
+                self._observer.queued(taken - pending.enqueued)
             if pending.next_row == pending.n:
                 queue.popleft()
         return parts
@@ -339,28 +330,35 @@ class Batcher:
             return True
         return False
 
-    async def _execute(self, parts: list[_Part]) -> None:
+    async def _execute(self, parts: list[_Part], dispatched: float) -> None:
         """Run one batch; on an engine error, bisect so only the failing request fails."""
         kind = parts[0].pending.kind
         x = _rows(parts, "x")
         args = (kind, x) if parts[0].pending.v is None else (kind, x, _rows(parts, "v"))
         loop = asyncio.get_running_loop()
-        began = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._compute, *args)
+            outputs, began, ended = await loop.run_in_executor(
+                self._executor, _timed, self._compute, args
+            )
         except Exception as exc:
             if len(parts) == 1:
                 log.warning("engine failed on a request of %d rows: %s", x.shape[0], exc)
                 _fail(parts, EngineFailed(f"the engine failed on this request: {exc}"))
                 return
             middle = len(parts) // 2
-            await self._execute(parts[:middle])
-            await self._execute(parts[middle:])
+            await self._execute(parts[:middle], dispatched)
+            await self._execute(parts[middle:], dispatched)
             return
-        seconds = time.perf_counter() - began
         self.batches_run += 1
-        self._observer.batch(kind, x.shape[0], seconds)
-        _deliver(parts, outputs, seconds, loop.time())
+        self._observer.batch(kind, x.shape[0], ended - began)
+        _deliver(parts, outputs, began - dispatched, ended - began, ended)
+
+
+def _timed(compute: Compute, args: tuple) -> tuple[Outputs, float, float]:
+    """Run on the engine thread: the outputs and when the call began and ended."""
+    began = time.perf_counter()
+    outputs = compute(*args)
+    return outputs, began, time.perf_counter()
 
 
 def _rows(parts: list[_Part], field: str) -> np.ndarray:
@@ -383,13 +381,15 @@ def _is_dead(pending: _Pending, now: float) -> bool:
     return False
 
 
-def _fail(parts: list[_Part], error: BatcherError) -> None:
+def _fail(parts: list[_Part], error: RequestError) -> None:
     for part in parts:
         if not part.pending.future.done():
             part.pending.future.set_exception(error)
 
 
-def _deliver(parts: list[_Part], outputs: Outputs, compute_s: float, now: float) -> None:
+def _deliver(
+    parts: list[_Part], outputs: Outputs, handoff_s: float, compute_s: float, ended: float
+) -> None:
     """Split a batch's outputs back to its requests; resolve those now complete."""
     batch_rows = sum(p.stop - p.start for p in parts)
     offset = 0
@@ -400,6 +400,7 @@ def _deliver(parts: list[_Part], outputs: Outputs, compute_s: float, now: float)
         if pending.future.done():
             continue
         pending.compute_s += compute_s
+        pending.handoff_s += handoff_s
         pending.batch_rows = max(pending.batch_rows, batch_rows)
         if rows == pending.n:
             pending.y = outputs.y[chunk]
@@ -409,8 +410,10 @@ def _deliver(parts: list[_Part], outputs: Outputs, compute_s: float, now: float)
         if part.stop == pending.n:  # parts of a request run in order, so this one completes it
             timing = Timing(
                 queue_us=round((pending.started - pending.enqueued) * 1e6),
+                handoff_us=round(pending.handoff_s * 1e6),
                 compute_us=round(pending.compute_s * 1e6),
                 batch_rows=pending.batch_rows,
+                done=ended,
             )
             pending.future.set_result(Result(pending.y, pending.dy_dx, timing))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -39,6 +39,20 @@ class Outputs(NamedTuple):
     dy_dx: np.ndarray | None
 
 
+class Engine(Protocol):
+    """What the server needs of a loaded model (server.engine.Engine; fakes in tests)."""
+
+    name: str
+    input_shape: Shape
+    output_shape: Shape
+    device: str
+
+    @property
+    def numpy_dtype(self) -> np.dtype: ...
+
+    def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs: ...
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the servicers need to know of a served model, without TensorFlow."""
@@ -59,6 +73,19 @@ class ModelSpec:
     @property
     def output_width(self) -> int:
         return math.prod(self.output_shape)
+
+    @classmethod
+    def of(cls, engine: Engine, max_batch_size: int, max_request_rows: int) -> ModelSpec:
+        return cls(
+            name=engine.name,
+            version="1",
+            input_shape=tuple(engine.input_shape),
+            output_shape=tuple(engine.output_shape),
+            device=engine.device,
+            max_batch_size=max_batch_size,
+            max_request_rows=max_request_rows,
+            dtype=np.dtype(engine.numpy_dtype).name,
+        )
 
     def vector_shape(self, kind: Derivative) -> Shape | None:
         """Per-row shape of the vector `v` the derivative takes, or None."""

@@ -9,75 +9,67 @@ computes no derivative.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from gradserve import codec
 from gradserve.inference import grpc_service_pb2 as pb
-from gradserve.inference import grpc_service_pb2_grpc as pb_grpc
+from gradserve.server.answering import Answerer, Streams
 from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative
-from gradserve.server.decode import InvalidInput, check_shape
+from gradserve.server.errors import InvalidInput, RequestError, UnknownModel
+from gradserve.server.metrics import Metrics
 from gradserve.server.registry import Models, Served
-from gradserve.server.status import RequestFailed
-from gradserve.server.streaming import Streams, answer_stream, answer_unary
-from gradserve.server.wire import Undecodable
+from gradserve.server.status import Failure, abort
+from gradserve.server.tickets import Hops, Ticket
+from gradserve.server.validation import check_shape
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "tensorflow_keras"
 INPUT, VECTOR, OUTPUT, DERIVATIVE = "x", "v", "y", "dy_dx"
-_DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 _DERIVATIVES = {kind.value: kind for kind in Derivative}
 _KIND_NAMES = ", ".join(f'"{k}"' for k in _DERIVATIVES)
 _INT32_MAX = 2**31 - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Plan:
-    """What one ModelInfer request asks for: derivative kind, outputs in order, encoding."""
+    """What one ModelInfer request asks for besides its rows: outputs in order, encoding."""
 
-    kind: Derivative
     outputs: tuple[str, ...]
     raw: bool
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Serves one model through the shared Batcher; `is_ready` reports the server's state."""
+class InferenceServicer:
+    """The standard protocol over every registered model; `is_ready` reports readiness."""
 
     def __init__(
         self,
         models: Models,
+        metrics: Metrics,
         is_ready: Callable[[], bool],
         *,
-        stream_window: int = 256,
-        streams: Streams | None = None,
+        stream_window: int,
+        streams: Streams,
     ) -> None:
         self._models = models
         self._is_ready = is_ready
-        self._window = stream_window
-        self._streams = streams or Streams()
+        self._answer = Answerer(
+            InferenceCodec(models), metrics, streams, stream_rpc="ModelStreamInfer",
+            window=stream_window,
+        )  # fmt: skip
 
     # -- health and metadata ---------------------------------------------------------------
 
-    def _model(self, name: str, version: str) -> Served:
-        served = self._models.get(name or "\0")  # the standard protocol always names the model
-        if version not in ("", served.spec.version):
-            raise RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
-                f"version {version!r} of model {name!r} is not served; "
-                f"available: {served.spec.version!r}",
-            )
-        return served
-
     async def _checked(self, context: grpc.aio.ServicerContext, name: str, version: str) -> Served:
         try:
-            return self._model(name, version)
-        except RequestFailed as failure:
-            await context.abort(failure.code, failure.message)
+            return _model(self._models, name, version)
+        except RequestError as exc:
+            await abort(context, exc)
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -97,7 +89,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
         tensor = pb.ModelMetadataResponse.TensorMetadata
-        datatype = _datatype(spec.dtype)
+        datatype = codec.float_type(spec.dtype).kserve
         return pb.ModelMetadataResponse(
             name=spec.name,
             versions=[spec.version],
@@ -111,7 +103,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
-        data_type = pb.TYPE_FP64 if spec.dtype == "float64" else pb.TYPE_FP32
+        data_type = pb.DataType.Value(codec.float_type(spec.dtype).triton_config)
         config = pb.ModelConfig(
             name=spec.name,
             platform=PLATFORM,
@@ -127,148 +119,136 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------
 
-    def _plan(self, request: pb.ModelInferRequest) -> _Plan:
-        """Which derivative and outputs the request asks for; InvalidInput if inconsistent."""
-        derivative = "gradient"
-        if "derivative" in request.parameters:
-            param = request.parameters["derivative"]
-            if param.WhichOneof("parameter_choice") != "string_param":
-                raise InvalidInput('parameter "derivative" must be a string')
-            derivative = param.string_param.lower()
-        kind = _DERIVATIVES.get(derivative)
-        if kind is None:
-            raise InvalidInput(
-                f'parameter "derivative" is {derivative!r}; expected one of {_KIND_NAMES}'
-            )
-        names = tuple(o.name for o in request.outputs)
-        for name in names:
-            if name not in (OUTPUT, DERIVATIVE):
-                raise InvalidInput(
-                    f"unknown output {name!r}; the model's outputs are {OUTPUT!r} and "
-                    f"{DERIVATIVE!r}"
-                )
-        if not names:
-            names = (OUTPUT,) if kind is Derivative.NONE else (OUTPUT, DERIVATIVE)
-        elif DERIVATIVE not in names:
-            kind = Derivative.NONE
-        elif kind is Derivative.NONE:
-            raise InvalidInput(f'output {DERIVATIVE!r} requested with derivative "none"')
-        return _Plan(kind, names, raw=bool(request.raw_input_contents))
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._answer.unary(request, context)
 
-    @staticmethod
-    def _tensor(request: pb.ModelInferRequest, index: int, shape) -> tuple[bytes, list, object]:
-        """(bytes, shape, dtype) of input `index`, from raw or typed contents."""
-        tensor = request.inputs[index]
-        dtype = _DTYPES.get(tensor.datatype)
-        if dtype is None:
-            raise InvalidInput(
-                f"input {tensor.name!r} has datatype {tensor.datatype!r}; expected FP32 or FP64"
-            )
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != len(request.inputs):
-                raise InvalidInput(
-                    f"raw_input_contents has {len(request.raw_input_contents)} entries; "
-                    f"expected one per input ({len(request.inputs)})"
-                )
-            return request.raw_input_contents[index], list(tensor.shape), dtype
-        dims = check_shape(tensor.shape, shape, tensor.name)
-        field = "fp32_contents" if tensor.datatype == "FP32" else "fp64_contents"
-        values = getattr(tensor.contents, field)
-        needed = int(np.prod(dims))
-        if len(values) != needed:
-            raise InvalidInput(
-                f"input {tensor.name!r} has {len(values)} values in contents.{field}, but "
-                f"shape {dims} needs {needed}"
-            )
-        return np.asarray(values, dtype).tobytes(), dims, dtype
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for response in self._answer.stream(requests, context):
+            yield response
 
-    def _decode(self, served: Served, kind: Derivative, request: pb.ModelInferRequest):
+
+def _model(models: Models, name: str, version: str) -> Served:
+    """The standard protocol always names the model."""
+    if not name:
+        raise UnknownModel(f"no model named; this server serves {[s.spec.name for s in models]}")
+    return models.get(name, version)
+
+
+class InferenceCodec:
+    """Standard-protocol messages <-> tickets and results."""
+
+    def __init__(self, models: Models) -> None:
+        self._models = models
+
+    def decode(self, request: pb.ModelInferRequest, ticket: Ticket) -> None:
+        ticket.id, ticket.model = request.id, request.model_name
+        served = _model(self._models, request.model_name, request.model_version)
+        kind, outputs = _plan(request)
         names = [i.name for i in request.inputs]
         wanted = [INPUT, VECTOR] if kind.needs_vector else [INPUT]
         if sorted(names) != sorted(wanted):
             raise InvalidInput(f"expected input tensor(s) {wanted}, got {names}")
-        x = self._tensor(request, names.index(INPUT), served.spec.input_shape)
+        x = _tensor(request, names.index(INPUT), served.spec.input_shape)
         v = None
         if kind.needs_vector:
-            v = self._tensor(request, names.index(VECTOR), served.spec.vector_shape(kind))
-        return served.decode(kind, x, v)
+            v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind))
+        ticket.x, ticket.v = served.decode(kind, x, v)
+        ticket.served, ticket.kind = served, kind
+        ticket.plan = _Plan(outputs, raw=bool(request.raw_input_contents))
 
-    def _submit(
-        self, request: pb.ModelInferRequest, deadline: float | None
-    ) -> asyncio.Future[Result]:
-        if isinstance(request, Undecodable):
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        try:
-            served = self._model(request.model_name, request.model_version)
-            plan = self._plan(request)
-            x, v = self._decode(served, plan.kind, request)
-            return served.batcher.submit(x, plan.kind, deadline, v)
-        except Exception as exc:
-            raise RequestFailed.of(exc) from exc
-
-    def _response(self, request: pb.ModelInferRequest, result: Result) -> pb.ModelInferResponse:
-        plan = self._plan(request)
-        spec = self._model(request.model_name, request.model_version).spec
+    def encode(self, ticket: Ticket, result: Result) -> pb.ModelInferResponse:
+        spec, plan = ticket.served.spec, ticket.plan
         response = pb.ModelInferResponse(
-            model_name=spec.name, model_version=spec.version, id=request.id
+            model_name=spec.name, model_version=spec.version, id=ticket.id
         )
-        timing = result.timing
-        for key, value in (
-            ("queue_us", timing.queue_us),
-            ("compute_us", timing.compute_us),
-            ("batch_rows", timing.batch_rows),
-        ):
-            response.parameters[key].int64_param = value
         arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
-        datatype = _datatype(spec.dtype)
+        kind = codec.float_type(spec.dtype)
         for name in plan.outputs:
-            array = np.ascontiguousarray(arrays[name], dtype=_DTYPES[datatype])
-            output = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+            array = np.ascontiguousarray(arrays[name], dtype=kind.numpy)
+            output = response.outputs.add(name=name, datatype=kind.kserve, shape=array.shape)
             if plan.raw:
                 response.raw_output_contents.append(array.tobytes())
-            elif datatype == "FP64":
+            elif kind is codec.FLOAT64:
                 output.contents.fp64_contents.extend(array.ravel().tolist())
             else:
                 output.contents.fp32_contents.extend(array.ravel().tolist())
         return response
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await answer_unary(request, context, self._submit, self._response)
+    def stamp(self, response: pb.ModelInferResponse, breakdown: Hops) -> None:
+        parameters = response.parameters
+        for key in TIMING_PARAMETERS:
+            parameters[key].int64_param = getattr(breakdown, key)
 
-    def _stream_response(
-        self, request: pb.ModelInferRequest, outcome: Result | RequestFailed
+    def encode_stream(
+        self, ticket: Ticket, outcome: pb.ModelInferResponse | Failure
     ) -> pb.ModelStreamInferResponse:
-        if isinstance(outcome, RequestFailed):
+        if isinstance(outcome, Failure):
             return pb.ModelStreamInferResponse(
                 error_message=f"{outcome.code.name}: {outcome.message}",
-                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                infer_response=pb.ModelInferResponse(model_name=ticket.model, id=ticket.id),
             )
-        return pb.ModelStreamInferResponse(infer_response=self._response(request, outcome))
+        return pb.ModelStreamInferResponse(infer_response=outcome)
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        responses = answer_stream(
-            request_iterator,
-            context,
-            self._submit,
-            self._stream_response,
-            self._window,
-            self._streams,
+
+TIMING_PARAMETERS = (
+    "decode_us", "queue_us", "handoff_us", "compute_us", "encode_us", "total_us", "batch_rows",
+)  # fmt: skip
+
+
+def _plan(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
+    """Which derivative and outputs the request asks for; InvalidInput if inconsistent."""
+    derivative = "gradient"
+    if "derivative" in request.parameters:
+        param = request.parameters["derivative"]
+        if param.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidInput('parameter "derivative" must be a string')
+        derivative = param.string_param.lower()
+    kind = _DERIVATIVES.get(derivative)
+    if kind is None:
+        raise InvalidInput(
+            f'parameter "derivative" is {derivative!r}; expected one of {_KIND_NAMES}'
         )
-        async for response in responses:
-            yield response
+    names = tuple(o.name for o in request.outputs)
+    for name in names:
+        if name not in (OUTPUT, DERIVATIVE):
+            raise InvalidInput(
+                f"unknown output {name!r}; the model's outputs are {OUTPUT!r} and {DERIVATIVE!r}"
+            )
+    if not names:
+        names = (OUTPUT,) if kind is Derivative.NONE else (OUTPUT, DERIVATIVE)
+    elif DERIVATIVE not in names:
+        kind = Derivative.NONE
+    elif kind is Derivative.NONE:
+        raise InvalidInput(f'output {DERIVATIVE!r} requested with derivative "none"')
+    return kind, names
 
 
-def _datatype(dtype: str) -> str:
-    return "FP64" if dtype == "float64" else "FP32"
-
-
-def stream_code(response: pb.ModelStreamInferResponse) -> str:
-    """The status of one stream response, for the metrics (errors start with the code name)."""
-    if not response.error_message:
-        return "OK"
-    name = response.error_message.split(":", 1)[0]
-    return name if name in grpc.StatusCode.__members__ else "UNKNOWN"
+def _tensor(request: pb.ModelInferRequest, index: int, shape) -> tuple[bytes, list, np.dtype]:
+    """(bytes, shape, dtype) of input `index`, from raw or typed contents."""
+    tensor = request.inputs[index]
+    kind = codec.by_kserve(tensor.datatype)
+    if kind is None:
+        raise InvalidInput(
+            f"input {tensor.name!r} has datatype {tensor.datatype!r}; expected FP32 or FP64"
+        )
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries; "
+                f"expected one per input ({len(request.inputs)})"
+            )
+        return request.raw_input_contents[index], list(tensor.shape), kind.numpy
+    dims = check_shape(tensor.shape, shape, tensor.name)
+    field = "fp32_contents" if kind is codec.FLOAT32 else "fp64_contents"
+    values = getattr(tensor.contents, field)
+    needed = int(np.prod(dims))
+    if len(values) != needed:
+        raise InvalidInput(
+            f"input {tensor.name!r} has {len(values)} values in contents.{field}, but "
+            f"shape {dims} needs {needed}"
+        )
+    return np.asarray(values, kind.numpy).tobytes(), dims, kind.numpy

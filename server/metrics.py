@@ -9,10 +9,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from gradserve.server.contract import Derivative
+from gradserve.server.tickets import Hops
 
 _LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30,
 )  # fmt: skip
+_HOP_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, *_LATENCY_BUCKETS)
+HOPS = ("decode", "queue", "handoff", "compute", "encode")
 _ROW_BUCKETS = tuple(float(2**i) for i in range(15))
 
 
@@ -50,6 +53,14 @@ class Metrics:
             "gradserve_engine_calls", "Engine calls (batches), by derivative",
             ["derivative"], registry=r,
         )  # fmt: skip
+        self.hop = Histogram(
+            "gradserve_request_hop_seconds",
+            "Each request's time per hop: decode (arrival to queued), queue (to dispatched "
+            "in a batch), handoff (to engine start), compute (engine), encode (engine end to "
+            "answer)",
+            ["hop"], buckets=_HOP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._hops = [self.hop.labels(name) for name in HOPS]
         self.queue_rows = Gauge("gradserve_queue_rows", "Rows waiting in the queue", registry=r)
         self.streams = Gauge("gradserve_streams_in_flight", "Open streams", registry=r)
 
@@ -63,6 +74,15 @@ class Metrics:
 
     def queued(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
+
+    def hops(self, breakdown: Hops) -> None:
+        """One answered request's latency breakdown."""
+        decode, queue, handoff, compute, encode = self._hops
+        decode.observe(breakdown.decode_us * 1e-6)
+        queue.observe(breakdown.queue_us * 1e-6)
+        handoff.observe(breakdown.handoff_us * 1e-6)
+        compute.observe(breakdown.compute_us * 1e-6)
+        encode.observe(breakdown.encode_us * 1e-6)
 
     def serve(self, host: str, port: int):
         """Expose /metrics over HTTP; returns the HTTP server (call .shutdown() to stop)."""

@@ -1,25 +1,24 @@
-"""The gradserve.v1 GradientService: protobuf <-> numpy, validation and status codes.
+"""The gradserve.v1 GradientService: protobuf <-> numpy and the native codec.
 
-No batching logic here: rows go to the named model's Batcher, results come back.
+No batching logic here: the Answerer hands decoded rows to the named model's batcher.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
-from gradserve.client.tensors import numpy_dtype, to_tensor
+from gradserve import codec
+from gradserve.server.answering import Answerer, Streams
 from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.decode import InvalidInput
+from gradserve.server.errors import InvalidInput, RequestError
+from gradserve.server.metrics import Metrics
 from gradserve.server.registry import Models
-from gradserve.server.status import RequestFailed
-from gradserve.server.streaming import Streams, answer_stream, answer_unary
-from gradserve.server.wire import Undecodable
+from gradserve.server.status import Failure, abort
+from gradserve.server.tickets import Hops, Ticket
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 _KINDS = {
     pb.GRADIENT: Derivative.GRADIENT,
@@ -34,83 +33,84 @@ _KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in _KINDS)
 
 
 def _raw(tensor: pb.Tensor, name: str) -> tuple[bytes, list[int], object]:
-    dtype = numpy_dtype(tensor.dtype)
-    if dtype is None:
+    kind = codec.by_wire(tensor.dtype)
+    if kind is None:
         raise InvalidInput(f"{name} has dtype {tensor.dtype}; expected FLOAT32 (0) or FLOAT64 (1)")
-    return tensor.data, list(tensor.shape), dtype
+    return tensor.data, list(tensor.shape), kind.numpy
 
 
-class GradientServicer(pb_grpc.GradientServiceServicer):
-    """Serves every registered model through its Batcher."""
+class NativeCodec:
+    """gradserve.v1 messages <-> tickets and results."""
+
+    def __init__(self, models: Models) -> None:
+        self._models = models
+
+    def decode(self, request: pb.EvaluateRequest, ticket: Ticket) -> None:
+        ticket.id, ticket.model = request.id, request.model
+        served = self._models.get(request.model)
+        kind = _KINDS.get(request.derivative)
+        if kind is None:
+            raise InvalidInput(
+                f"derivative {request.derivative} is unknown; expected one of {_KIND_LIST}"
+            )
+        if not request.HasField("x"):
+            shape = ", ".join(map(str, served.spec.input_shape))
+            raise InvalidInput(f"x is missing; send rows of shape [n, {shape}]")
+        v = _raw(request.v, "v") if request.HasField("v") else None
+        ticket.x, ticket.v = served.decode(kind, _raw(request.x, "x"), v)
+        ticket.served, ticket.kind = served, kind
+
+    def encode(self, ticket: Ticket, result: Result) -> pb.EvaluateResponse:
+        response = pb.EvaluateResponse(id=ticket.id, y=codec.to_tensor(result.y))
+        if result.dy_dx is not None:
+            response.dy_dx.CopyFrom(codec.to_tensor(result.dy_dx))
+        return response
+
+    def stamp(self, response: pb.EvaluateResponse, breakdown: Hops) -> None:
+        t = response.timing
+        t.decode_us, t.queue_us = breakdown.decode_us, breakdown.queue_us
+        t.handoff_us, t.compute_us = breakdown.handoff_us, breakdown.compute_us
+        t.encode_us, t.total_us = breakdown.encode_us, breakdown.total_us
+        t.batch_rows = breakdown.batch_rows
+
+    def encode_stream(
+        self, ticket: Ticket, outcome: pb.EvaluateResponse | Failure
+    ) -> pb.EvaluateResponse:
+        if isinstance(outcome, Failure):
+            error = pb.Error(code=outcome.code.value[0], message=outcome.message)
+            return pb.EvaluateResponse(id=ticket.id, error=error)
+        return outcome
+
+
+class GradientServicer:
+    """gradserve.v1.GradientService over every registered model."""
 
     def __init__(
-        self, models: Models, *, stream_window: int = 256, streams: Streams | None = None
+        self, models: Models, metrics: Metrics, *, stream_window: int, streams: Streams
     ) -> None:
         self._models = models
-        self._window = stream_window
-        self._streams = streams or Streams()
-
-    def _submit(
-        self, request: pb.EvaluateRequest, deadline: float | None
-    ) -> asyncio.Future[Result]:
-        """Validate and queue one request; raises RequestFailed for anything wrong."""
-        if isinstance(request, Undecodable):
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        try:
-            served = self._models.get(request.model)
-            kind = _KINDS.get(request.derivative)
-            if kind is None:
-                raise InvalidInput(
-                    f"derivative {request.derivative} is unknown; expected one of {_KIND_LIST}"
-                )
-            if not request.HasField("x"):
-                shape = ", ".join(map(str, served.spec.input_shape))
-                raise InvalidInput(f"x is missing; send rows of shape [n, {shape}]")
-            v = _raw(request.v, "v") if request.HasField("v") else None
-            x, v = served.decode(kind, _raw(request.x, "x"), v)
-            return served.batcher.submit(x, kind, deadline, v)
-        except Exception as exc:
-            raise RequestFailed.of(exc) from exc
-
-    @staticmethod
-    def _response(
-        request: pb.EvaluateRequest, outcome: Result | RequestFailed
-    ) -> pb.EvaluateResponse:
-        if isinstance(outcome, RequestFailed):
-            error = pb.Error(code=outcome.code.value[0], message=outcome.message)
-            return pb.EvaluateResponse(id=request.id, error=error)
-        t = outcome.timing
-        response = pb.EvaluateResponse(
-            id=request.id,
-            y=to_tensor(outcome.y),
-            timing=pb.Timing(queue_us=t.queue_us, compute_us=t.compute_us, batch_rows=t.batch_rows),
+        self._answer = Answerer(
+            NativeCodec(models), metrics, streams, stream_rpc="EvaluateStream", window=stream_window
         )
-        if outcome.dy_dx is not None:
-            response.dy_dx.CopyFrom(to_tensor(outcome.dy_dx))
-        return response
 
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
-        return await answer_unary(request, context, self._submit, self._response)
+        return await self._answer.unary(request, context)
 
     async def EvaluateStream(
-        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EvaluateResponse]:
-        responses = answer_stream(
-            request_iterator, context, self._submit, self._response, self._window, self._streams
-        )
-        async for response in responses:
+        async for response in self._answer.stream(requests, context):
             yield response
 
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
-            served = self._models.get(request.model)
-        except RequestFailed as failure:
-            await context.abort(failure.code, failure.message)
-        return model_info(served.spec)
+            return model_info(self._models.get(request.model).spec)
+        except RequestError as exc:
+            await abort(context, exc)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -126,19 +126,9 @@ def model_info(spec: ModelSpec) -> pb.ModelInfo:
         output_width=spec.output_width,
         input_shape=spec.input_shape,
         output_shape=spec.output_shape,
-        dtype=pb.FLOAT64 if spec.dtype == "float64" else pb.FLOAT32,
+        dtype=codec.float_type(spec.dtype).wire,
         derivatives=list(_KINDS),
         device=spec.device,
         max_batch_size=spec.max_batch_size,
         max_request_rows=spec.max_request_rows,
     )
-
-
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
-def stream_code(response: pb.EvaluateResponse) -> str:
-    """The status of one stream response, for the metrics."""
-    if not response.HasField("error"):
-        return "OK"
-    return _CODE_NAMES.get(response.error.code, "UNKNOWN")

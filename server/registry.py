@@ -11,13 +11,12 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from gradserve.server.batcher import Batcher
 from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.decode import InvalidInput, decode_rows
-from gradserve.server.status import RequestFailed
+from gradserve.server.errors import InvalidInput, UnknownModel
+from gradserve.server.validation import decode_rows
 
 
 @dataclass(frozen=True)
@@ -74,20 +73,23 @@ class Models:
     def __iter__(self) -> Iterator[Served]:
         return iter(self._by_name.values())
 
-    def get(self, name: str) -> Served:
+    def get(self, name: str, version: str = "") -> Served:
+        """The model a request names ("" for the only one); `version` "" means any."""
         if not name and len(self._by_name) == 1:
-            return next(iter(self._by_name.values()))
-        served = self._by_name.get(name)
+            served = next(iter(self._by_name.values()))
+        else:
+            served = self._by_name.get(name)
         if served is None:
             names = sorted(self._by_name)
             if not name:
-                raise RequestFailed(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"several models are served; name one of {names}",
-                )
+                raise InvalidInput(f"several models are served; name one of {names}")
             served_names = ", ".join(map(repr, names))
-            raise RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
-                f"model {name!r} is not served here; this server serves {served_names}",
+            raise UnknownModel(
+                f"model {name!r} is not served here; this server serves {served_names}"
+            )
+        if version not in ("", served.spec.version):
+            raise UnknownModel(
+                f"version {version!r} of model {served.spec.name!r} is not served; "
+                f"available: {served.spec.version!r}"
             )
         return served

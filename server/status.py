@@ -1,41 +1,41 @@
-"""How a request's failure becomes a gRPC status: one mapping for every protocol."""
+"""How a request's failure becomes a gRPC status: the one table for every protocol."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
-from gradserve.server import batcher as b
-from gradserve.server.decode import InvalidInput
+from gradserve.server import errors
 
-_STATUS = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    b.RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
-    b.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    b.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    b.EngineFailed: grpc.StatusCode.INTERNAL,
-    b.Closed: grpc.StatusCode.UNAVAILABLE,
+_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RequestTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
+    errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.EngineFailed: grpc.StatusCode.INTERNAL,
+    errors.Closed: grpc.StatusCode.UNAVAILABLE,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    asyncio.CancelledError: grpc.StatusCode.CANCELLED,
 }
 
 
-class RequestFailed(Exception):
+@dataclass(frozen=True)
+class Failure:
     """A request's outcome as a gRPC status code and message."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code: grpc.StatusCode
+    message: str
 
     @classmethod
-    def of(cls, exc: BaseException) -> RequestFailed:
-        if isinstance(exc, RequestFailed):
-            return exc
-        for kind, code in _STATUS.items():
-            if isinstance(exc, kind):
-                return cls(code, str(exc))
-        if isinstance(exc, asyncio.CancelledError):
-            return cls(grpc.StatusCode.CANCELLED, "the request was cancelled")
+    def of(cls, exc: BaseException) -> Failure:
+        for kind in type(exc).__mro__:
+            code = _CODES.get(kind)
+            if code is not None:
+                return cls(code, str(exc) or "the request was cancelled")
         return cls(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -45,3 +45,10 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     if remaining is None:
         return None
     return asyncio.get_running_loop().time() + remaining
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the call with the status `exc` maps to."""
+    failure = Failure.of(exc)
+    await context.abort(failure.code, failure.message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

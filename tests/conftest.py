@@ -51,7 +51,7 @@ class RunningServer:
 
     @property
     def batcher(self):
-        return self.server._batcher
+        return self.server.batchers[0]
 
     def stop(self) -> None:
         try:
@@ -76,7 +76,7 @@ class GatedEngine:
         self.gate.set()
         self.calls: list[tuple[Derivative, np.ndarray]] = []
         self.entered = 0  # engine calls started (possibly still waiting at the gate)
-        for attr in ("name", "input_shape", "output_shape", "device", "dtype"):
+        for attr in ("name", "input_shape", "output_shape", "device", "numpy_dtype"):
             setattr(self, attr, getattr(engine, attr))
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:

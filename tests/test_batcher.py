@@ -29,17 +29,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradserve.server.batcher import (
-    Batcher,
-    BatcherError,
+from gradserve.server.batcher import Batcher, Result
+from gradserve.server.contract import Derivative, Outputs
+from gradserve.server.errors import (
     Closed,
     DeadlineExpired,
     EngineFailed,
     QueueFull,
+    RequestError,
     RequestTooLarge,
-    Result,
 )
-from gradserve.server.contract import Derivative, Outputs
 
 NONE, GRADIENT, JACOBIAN = Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN
 KINDS = (NONE, GRADIENT, JACOBIAN)
@@ -457,7 +456,7 @@ def test_queue_full_and_request_too_large() -> None:
 
                 with pytest.raises(QueueFull, match="20") as full:
                     batcher.submit(make_x(GRADIENT, 1), GRADIENT)  # raised synchronously
-                assert isinstance(full.value, BatcherError)
+                assert isinstance(full.value, RequestError)
                 assert batcher.queued_rows == 20  # the refused request queued nothing
                 with pytest.raises(RequestTooLarge, match="20"):
                     batcher.submit(make_x(NONE, 21), NONE)

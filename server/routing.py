@@ -1,36 +1,37 @@
-"""Registering servicers: malformed bytes get INVALID_ARGUMENT, every answer is counted.
+"""Routing calls to servicers: per-call lookup, malformed bytes, unary metrics.
 
-gRPC's generated registration parses each request before any servicer code runs and answers
-UNKNOWN (logging a traceback) when the bytes do not parse. Here a message that does not parse
-becomes an `Undecodable` marker instead: unary calls are refused with INVALID_ARGUMENT saying
-what was expected; on a stream the servicer answers that one message with its error and the
-stream goes on. Each unary answer and each stream message is counted in the metrics by RPC
-and status code.
+Handlers are looked up when each call arrives, so the server can listen (health, liveness)
+while the models load. gRPC's generated registration parses each request before any servicer
+code runs and answers UNKNOWN (logging a traceback) when the bytes do not parse; here such a
+message becomes an `Undecodable` carrying its InvalidInput error instead: unary calls are
+refused with INVALID_ARGUMENT saying what was expected; on a stream that one message gets its
+error answer and the stream goes on. Each unary call is counted and timed here by RPC and
+status code; stream messages are counted where they are answered (answering.py).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import time
-from collections.abc import Callable
 from types import ModuleType
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from gradserve.server.errors import InvalidInput
 from gradserve.server.metrics import Metrics
 
 
 class Undecodable:
     """Stands in for a request message whose bytes did not parse."""
 
-    id = ""
-    model_name = ""
+    __slots__ = ("error",)
 
     def __init__(self, type_name: str, size: int, error: str) -> None:
-        self.message = f"the request ({size} bytes) is not a valid {type_name} message: {error}"
+        self.error = InvalidInput(
+            f"the request ({size} bytes) is not a valid {type_name} message: {error}"
+        )
 
 
 def _tolerant(message_class):
@@ -59,7 +60,7 @@ def _unary(method, name: str, metrics: Metrics):
         started, code = time.perf_counter(), "OK"
         try:
             if isinstance(request, Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
             return await method(request, context)
         except BaseException:
             code = _code_name(context.code())
@@ -69,33 +70,6 @@ def _unary(method, name: str, metrics: Metrics):
             latency.observe(time.perf_counter() - started)
 
     return unary
-
-
-def _stream(method, name: str, metrics: Metrics, code_of: Callable[[object], str]):
-    """Counts each stream message by status and times it from arrival to answer (streams
-    answer every message exactly once, in order, so arrivals pair with answers FIFO)."""
-    requests, latency = metrics.requests, metrics.latency.labels(name)
-
-    @functools.wraps(method)
-    async def stream(request_iterator, context):
-        arrivals: collections.deque[float] = collections.deque()
-
-        async def timed():
-            async for request in request_iterator:
-                arrivals.append(time.perf_counter())
-                yield request
-
-        metrics.streams.inc()
-        try:
-            async for response in method(timed(), context):
-                requests.labels(name, code_of(response)).inc()
-                if arrivals:
-                    latency.observe(time.perf_counter() - arrivals.popleft())
-                yield response
-        finally:
-            metrics.streams.dec()
-
-    return stream
 
 
 class Routes(grpc.GenericRpcHandler):
@@ -129,22 +103,14 @@ class Routes(grpc.GenericRpcHandler):
                 )
             self._loading[f"/{service.full_name}/{method.name}"] = handler
 
-    def add(
-        self,
-        servicer: object,
-        service: ServiceDescriptor,
-        messages: ModuleType,
-        stream_code: Callable[[object], str],
-    ) -> None:
-        """Serve every method of `service` (unary-unary or stream-stream) with `servicer`;
-        `stream_code` names the status of one stream response for the metrics."""
+    def add(self, servicer: object, service: ServiceDescriptor, messages: ModuleType) -> None:
+        """Serve every method of `service` (unary-unary or stream-stream) with `servicer`."""
         for method in service.methods:
             parse = _tolerant(getattr(messages, method.input_type.name))
             serialize = getattr(messages, method.output_type.name).SerializeToString
             implementation = getattr(servicer, method.name)
             if method.client_streaming and method.server_streaming:
-                wrapped = _stream(implementation, method.name, self._metrics, stream_code)
-                handler = grpc.stream_stream_rpc_method_handler(wrapped, parse, serialize)
+                handler = grpc.stream_stream_rpc_method_handler(implementation, parse, serialize)
             elif not method.client_streaming and not method.server_streaming:
                 wrapped = _unary(implementation, method.name, self._metrics)
                 handler = grpc.unary_unary_rpc_method_handler(wrapped, parse, serialize)

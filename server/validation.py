@@ -10,9 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-class InvalidInput(ValueError):
-    """The request's tensor is malformed; the message says what was expected."""
+from gradserve.server.errors import InvalidInput
 
 
 def decode_rows(

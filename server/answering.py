@@ -1,0 +1,172 @@
+"""Answering model requests, the same way for every protocol: unary calls and pipelined
+bidirectional streams.
+
+A protocol supplies a `Codec`: decode a request into a Ticket, encode a result (or a
+failure, on a stream) into its response. This module does the rest, once: hand the ticket's
+rows to its model's batcher, await the result, stamp the latency breakdown, count each
+stream message in the metrics by its status, and end streams on a drain.
+
+Streams are read ahead (up to `window` messages) while earlier messages wait in the batcher
+or compute, so one stream keeps the engine busy; responses are written in request order. A
+message that fails becomes its own error response; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Generic, Protocol, TypeVar
+
+import grpc
+
+from gradserve.server.batcher import Result
+from gradserve.server.errors import Closed
+from gradserve.server.metrics import Metrics
+from gradserve.server.routing import Undecodable
+from gradserve.server.status import Failure, abort, deadline_of
+from gradserve.server.tickets import Hops, Ticket, hops
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+StreamResponse = TypeVar("StreamResponse")
+
+_DRAINING = Closed(
+    "the server is shutting down: every message answered before this status was read and "
+    "computed; send the rest again (to another replica)"
+)
+
+
+class Codec(Protocol[Request, Response, StreamResponse]):
+    """One protocol's message conversions (the servicer implements it)."""
+
+    def decode(self, request: Request, ticket: Ticket) -> None:
+        """Fill `ticket` from `request` (model, kind, validated rows, plan), or raise a
+        RequestError saying what is wrong."""
+
+    def encode(self, ticket: Ticket, result: Result) -> Response:
+        """The answer to a unary call, without its timing."""
+
+    def stamp(self, response: Response, breakdown: Hops) -> None:
+        """Write the latency breakdown into an encoded answer."""
+
+    def encode_stream(self, ticket: Ticket, outcome: Response | Failure) -> StreamResponse:
+        """One stream answer: an encoded (stamped) answer or a failure."""
+
+
+class Streams:
+    """The readers of every open stream, so that a drain can stop them all at once."""
+
+    def __init__(self) -> None:
+        self._readers: set[asyncio.Task] = set()
+        self.draining = False
+
+    def add(self, reader: asyncio.Task) -> None:
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+
+    def drain(self) -> None:
+        """Stop reading every stream; each still answers what it already read, then ends."""
+        self.draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+
+class Answerer(Generic[Request, Response, StreamResponse]):
+    """Answers one protocol's model RPCs through its codec."""
+
+    def __init__(
+        self,
+        codec: Codec[Request, Response, StreamResponse],
+        metrics: Metrics,
+        streams: Streams,
+        *,
+        stream_rpc: str,
+        window: int,
+    ) -> None:
+        self._codec = codec
+        self._metrics = metrics
+        self._streams = streams
+        self._window = window
+        self._stream_requests = {
+            code: metrics.requests.labels(stream_rpc, code.name) for code in grpc.StatusCode
+        }
+        self._stream_latency = metrics.latency.labels(stream_rpc)
+
+    def _start(
+        self, request: Request, ticket: Ticket, deadline: float | None
+    ) -> asyncio.Future[Result]:
+        """Decode and queue one request; raises a RequestError if it cannot be queued."""
+        if isinstance(request, Undecodable):
+            raise request.error
+        self._codec.decode(request, ticket)
+        ticket.queued = time.perf_counter()
+        return ticket.served.batcher.submit(ticket.x, ticket.kind, deadline, ticket.v)
+
+    def _finish(self, ticket: Ticket, result: Result) -> Response:
+        response = self._codec.encode(ticket, result)
+        breakdown = hops(ticket, result.timing)
+        self._codec.stamp(response, breakdown)
+        self._metrics.hops(breakdown)
+        return response
+
+    async def unary(self, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        """One unary call: decode and queue, wait, answer; a failure becomes its status."""
+        ticket = Ticket()
+        try:
+            result = await self._start(request, ticket, deadline_of(context))
+        except Exception as exc:
+            await abort(context, exc)
+        return self._finish(ticket, result)
+
+    async def stream(
+        self, requests: AsyncIterator[Request], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamResponse]:
+        """A pipelined stream with the call's deadline; a drain ends it with UNAVAILABLE
+        after the answers to every message already read."""
+        if self._streams.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
+        deadline = deadline_of(context)
+        inflight: asyncio.Queue[tuple[Ticket, asyncio.Future[Result] | Failure] | None]
+        inflight = asyncio.Queue(self._window)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    ticket = Ticket()
+                    try:
+                        outcome = self._start(request, ticket, deadline)
+                    except Exception as exc:
+                        outcome = Failure.of(exc)
+                    await inflight.put((ticket, outcome))
+            finally:
+                await inflight.put(None)
+
+        reader = asyncio.create_task(read())
+        self._streams.add(reader)
+        self._metrics.streams.inc()
+        try:
+            while (item := await inflight.get()) is not None:
+                ticket, outcome = item
+                if isinstance(outcome, asyncio.Future):
+                    try:
+                        outcome = self._finish(ticket, await outcome)
+                    except Exception as exc:
+                        outcome = Failure.of(exc)
+                code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
+                self._stream_requests[code].inc()
+                self._stream_latency.observe(time.perf_counter() - ticket.arrived)
+                yield self._codec.encode_stream(ticket, outcome)
+            if reader.cancelled() and self._streams.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
+            await reader
+        finally:
+            self._metrics.streams.dec()
+            reader.cancel()
+            while not inflight.empty():
+                item = inflight.get_nowait()
+                if item is not None and isinstance(item[1], asyncio.Future):
+                    item[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader

@@ -1,0 +1,42 @@
+"""What can go wrong with one request, in the server's own terms (no gRPC here).
+
+Every layer raises these; `status.py` is the one table that maps them to gRPC codes.
+"""
+
+from __future__ import annotations
+
+
+class RequestError(Exception):
+    """Base of every error that ends one request (and only that request)."""
+
+
+class InvalidInput(RequestError, ValueError):
+    """The request is malformed; the message says what was expected."""
+
+
+class UnknownModel(RequestError):
+    """The request names a model (or version) this server does not serve."""
+
+
+class QueueFull(RequestError):
+    """The queue holds too many rows to admit this request now; retrying later may work."""
+
+
+class RequestTooLarge(RequestError):
+    """The request has more rows than the queue can ever hold."""
+
+
+class DeadlineExpired(RequestError):
+    """The caller's deadline passed before the request's rows were computed."""
+
+
+class EngineFailed(RequestError):
+    """The engine raised on this request's rows (isolated from the rest of its batch)."""
+
+
+class Closed(RequestError):
+    """The server is shutting down and accepts no new requests or stream messages."""
+
+
+class NotReady(RequestError):
+    """The models are still loading."""
