@@ -51,6 +51,27 @@ def batch_ladder(max_batch_size: int) -> list[int]:
     return sizes
 
 
+class _Compiled:
+    """A concrete function called through its compiled graph function directly.
+
+    The public call of a concrete function binds and type-checks its arguments in Python on
+    every call; that cost more than the bundled model itself (batch 8, XLA: 133 us per call
+    against 60 us this way). The engine builds its arguments itself, always of the traced
+    dtype and rank, so the checks add nothing. Falls back to the public call if this
+    TensorFlow has no such graph function.
+    """
+
+    def __init__(self, concrete) -> None:
+        self.concrete = concrete
+        graph_fn = getattr(concrete, "_inference_function", None)
+        self._call_flat = getattr(graph_fn, "call_flat", None)
+
+    def __call__(self, *args: tf.Tensor) -> list[tf.Tensor]:
+        if self._call_flat is None:
+            return list(self.concrete(*args))
+        return self._call_flat(*args, *self.concrete.captured_inputs)
+
+
 class _Forward:
     """A differentiable map from a batch x [n, *X] to y [n, *Y], whatever the file format."""
 
@@ -198,9 +219,11 @@ class Engine:
         }
         with tf.device(self.device):
             return {
-                kind: tf.function(
-                    body, input_signature=spec, jit_compile=self._uses_xla(kind)
-                ).get_concrete_function()
+                kind: _Compiled(
+                    tf.function(
+                        body, input_signature=spec, jit_compile=self._uses_xla(kind)
+                    ).get_concrete_function()
+                )
                 for kind, (body, spec) in bodies.items()
             }
 
