@@ -32,7 +32,7 @@ PLOT = ROOT / "docs" / "benchmarks.png"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
-STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)]
+STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)] + [("stream", 16, 1)]
 
 
 def free_port() -> int:
@@ -133,6 +133,7 @@ def _median(runs: list[StepResult]) -> StepResult:
         rows_per_s=med(lambda r: r.rows_per_s),
         latency_ms={k: med(lambda r, k=k: r.latency_ms[k]) for k in runs[0].latency_ms},
         batch_rows={k: med(lambda r, k=k: r.batch_rows[k]) for k in runs[0].batch_rows},
+        breakdown_us={k: med(lambda r, k=k: r.breakdown_us[k]) for k in runs[0].breakdown_us},
     )
 
 

@@ -101,7 +101,6 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if isinstance(request, Undecodable):
             raise request.error
         self._codec.decode(request, ticket)
-        ticket.queued = time.perf_counter()
         return ticket.served.batcher.submit(ticket.x, ticket.kind, deadline, ticket.v)
 
     def _finish(self, ticket: Ticket, result: Result) -> Response:

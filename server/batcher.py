@@ -44,13 +44,14 @@ Compute = Callable[..., Outputs]
 
 @dataclass(frozen=True, slots=True)
 class Timing:
-    """A request's hops inside the batcher. A request split over several engine calls waits
-    in the queue until its first rows leave; its hand-off and compute times are summed."""
+    """A request's hops inside the batcher, which add up to its time there. A request split
+    over several engine calls also waits between them; each hop is summed over its calls."""
 
-    queue_us: int  # queued -> first rows dispatched in a batch
+    queue_us: int  # waiting to be dispatched (a split request: also between its batches)
     handoff_us: int  # batch dispatched -> engine started (concatenation, thread hand-off)
     compute_us: int  # inside the engine
     batch_rows: int  # the largest batch it was part of
+    queued: float  # time.perf_counter() when it was admitted
     done: float  # time.perf_counter() when its last engine call ended
 
 
@@ -83,10 +84,12 @@ class _Pending:
         "future",
         "handoff_s",
         "kind",
+        "last_end",
         "n",
         "next_row",
         "started",
         "v",
+        "waited_s",
         "x",
         "y",
     )
@@ -103,6 +106,8 @@ class _Pending:
         self.started: float | None = None
         self.compute_s = 0.0
         self.handoff_s = 0.0
+        self.waited_s = 0.0
+        self.last_end = 0.0
         self.batch_rows = 0
         self.y: np.ndarray | None = None
         self.dy_dx: np.ndarray | None = None
@@ -273,11 +278,12 @@ class Batcher:
                 continue
             if self.max_delay_s > 0:
                 await self._wait_for_fill()
-            parts = self._take_batch()
+            dispatched = time.perf_counter()
+            parts = self._take_batch(dispatched)
             if not parts:
                 await asyncio.sleep(0)  # let pending done-callbacks run before looking again
                 continue
-            await self._execute(parts, time.perf_counter())
+            await self._execute(parts, dispatched)
             self._in_flight = []
 
     async def _wait_for_fill(self) -> None:
@@ -292,10 +298,10 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_batch(self) -> list[_Part]:
-        """Up to max_batch_size rows of one kind, oldest request first."""
+    def _take_batch(self, taken: float) -> list[_Part]:
+        """Up to max_batch_size rows of one kind, oldest request first, dispatched at `taken`
+        (time.perf_counter())."""
         now = asyncio.get_running_loop().time()
-        taken = time.perf_counter()
         for queue in self._queues.values():
             while queue and self._drop_if_dead(queue[0], now):
                 queue.popleft()
@@ -318,7 +324,10 @@ class Batcher:
             room -= take
             if pending.started is None:
                 pending.started = taken
-                self._observer.queued(taken - pending.enqueued)
+                pending.waited_s = taken - pending.enqueued
+                self._observer.queued(pending.waited_s)
+            else:  # the next part of a split request
+                pending.waited_s += taken - pending.last_end
             if pending.next_row == pending.n:
                 queue.popleft()
         return parts
@@ -401,6 +410,7 @@ def _deliver(
             continue
         pending.compute_s += compute_s
         pending.handoff_s += handoff_s
+        pending.last_end = ended
         pending.batch_rows = max(pending.batch_rows, batch_rows)
         if rows == pending.n:
             pending.y = outputs.y[chunk]
@@ -409,10 +419,11 @@ def _deliver(
             _store(pending, outputs, chunk, part)
         if part.stop == pending.n:  # parts of a request run in order, so this one completes it
             timing = Timing(
-                queue_us=round((pending.started - pending.enqueued) * 1e6),
+                queue_us=round(pending.waited_s * 1e6),
                 handoff_us=round(pending.handoff_s * 1e6),
                 compute_us=round(pending.compute_s * 1e6),
                 batch_rows=pending.batch_rows,
+                queued=pending.enqueued,
                 done=ended,
             )
             pending.future.set_result(Result(pending.y, pending.dy_dx, timing))

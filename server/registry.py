@@ -7,6 +7,7 @@ every protocol.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,9 +26,19 @@ class Served:
     batcher: Batcher
     max_result_bytes: int
 
-    @property
+    @functools.cached_property
     def dtype(self) -> np.dtype:
         return np.dtype(self.spec.dtype)
+
+    @functools.cached_property
+    def _result_row_bytes(self) -> dict[Derivative, int]:
+        """Bytes of one row's derivative, per kind that has one."""
+        shapes = {kind: self.spec.result_shape(kind) for kind in Derivative}
+        return {
+            kind: math.prod(shape) * self.dtype.itemsize
+            for kind, shape in shapes.items()
+            if shape is not None
+        }
 
     def decode(
         self, kind: Derivative, x: tuple[bytes, list[int], np.dtype], v: tuple | None
@@ -52,10 +63,7 @@ class Served:
         return rows, vector
 
     def _check_result_size(self, kind: Derivative, n: int) -> None:
-        shape = self.spec.result_shape(kind)
-        if shape is None:
-            return
-        size = n * math.prod(shape) * self.dtype.itemsize
+        size = n * self._result_row_bytes.get(kind, 0)
         if size > self.max_result_bytes:
             raise InvalidInput(
                 f"the {kind.value} of {n} rows would be {size / 2**20:.1f} MiB, over the "

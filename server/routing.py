@@ -53,21 +53,23 @@ def _code_name(code: object) -> str:
 
 
 def _unary(method, name: str, metrics: Metrics):
-    requests, latency = metrics.requests, metrics.latency.labels(name)
+    latency = metrics.latency.labels(name)
+    answered = metrics.requests.labels(name, "OK")
 
     @functools.wraps(method)
     async def unary(request, context):
-        started, code = time.perf_counter(), "OK"
+        started = time.perf_counter()
         try:
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
-            return await method(request, context)
+            response = await method(request, context)
         except BaseException:
-            code = _code_name(context.code())
-            raise
-        finally:
-            requests.labels(name, code).inc()
+            metrics.requests.labels(name, _code_name(context.code())).inc()
             latency.observe(time.perf_counter() - started)
+            raise
+        answered.inc()
+        latency.observe(time.perf_counter() - started)
+        return response
 
     return unary
 

@@ -32,7 +32,6 @@ class Ticket:
     x: np.ndarray | None = None
     v: np.ndarray | None = None
     plan: object = None  # the protocol's own: which outputs, in which encoding
-    queued: float = 0.0  # time.perf_counter() when the rows went to the batcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +51,7 @@ def hops(ticket: Ticket, timing: Timing) -> Hops:
     """The breakdown of a ticket answered now with `timing` from the batcher."""
     now = time.perf_counter()
     return Hops(
-        decode_us=round((ticket.queued - ticket.arrived) * 1e6),
+        decode_us=round((timing.queued - ticket.arrived) * 1e6),
         queue_us=timing.queue_us,
         handoff_us=timing.handoff_us,
         compute_us=timing.compute_us,

@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,20 @@ async def engine_busy(engine: FakeEngine, calls: int = 1) -> None:
     await until(lambda: len(engine.calls) >= calls)
 
 
+@contextlib.asynccontextmanager
+async def holding_first(
+    engine: FakeEngine, batcher: Batcher, kind: Derivative, rows: int
+) -> AsyncIterator[tuple[np.ndarray, asyncio.Future[Result]]]:
+    """Submit a first request and hold the engine inside its call: whatever the block submits
+    queues behind it. Yields that first request's rows and future; the engine is released
+    when the block exits."""
+    with engine.held():
+        x = make_x(kind, rows)
+        future = batcher.submit(x, kind)
+        await engine_busy(engine)
+        yield x, future
+
+
 async def idle(engine: FakeEngine, batcher: Batcher) -> None:
     """Wait until the engine has finished every call it entered and nothing is queued."""
     await until(lambda: engine.returned == len(engine.calls) and batcher.queued_rows == 0)
@@ -316,10 +331,7 @@ def test_requests_accumulate_while_engine_busy_and_run_in_one_batch() -> None:
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=64) as batcher:
-            with engine.held():
-                first_x = make_x(NONE, 2)
-                first = batcher.submit(first_x, NONE)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, NONE, 2) as (first_x, first):
                 assert engine.rows() == [2]
                 xs = [make_x(NONE, n) for n in (3, 5, 1, 4)]
                 futures = []
@@ -370,10 +382,7 @@ def test_accumulated_batch_is_capped_and_a_request_straddles_two_batches() -> No
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=8) as batcher:
-            with engine.held():
-                first_x = make_x(GRADIENT, 1)
-                first = batcher.submit(first_x, GRADIENT)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, GRADIENT, 1) as (first_x, first):
                 xs = [make_x(GRADIENT, 3) for _ in range(5)]
                 futures = [batcher.submit(x, GRADIENT) for x in xs]
             assert_result(await wait(first), GRADIENT, first_x)
@@ -445,10 +454,7 @@ def test_queue_full_and_request_too_large() -> None:
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=4, max_queue_rows=20) as batcher:
-            with engine.held():
-                first_x = make_x(NONE, 4)
-                first = batcher.submit(first_x, NONE)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, NONE, 4) as (first_x, first):
                 assert batcher.queued_rows == 0  # dispatched rows no longer count
                 xs = [make_x(NONE, 5) for _ in range(4)]
                 futures = [batcher.submit(x, NONE) for x in xs]  # exactly fills 20 rows
@@ -493,10 +499,7 @@ def test_cancelled_queued_requests_are_never_computed() -> None:
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=64) as batcher:
-            with engine.held():
-                first_x = make_x(NONE, 1)
-                first = batcher.submit(first_x, NONE)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, NONE, 1) as (first_x, first):
                 xs = [make_x(kind, n) for kind, n in [(NONE, 2), (NONE, 3), (GRADIENT, 4)]]
                 xs.append(make_x(NONE, 5))
                 kinds = [NONE, NONE, GRADIENT, NONE]
@@ -525,10 +528,7 @@ def test_cancelling_every_queued_request_leaves_batcher_usable() -> None:
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=64) as batcher:
-            with engine.held():
-                first_x = make_x(NONE, 1)
-                first = batcher.submit(first_x, NONE)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, NONE, 1) as (first_x, first):
                 gone = batcher.submit(make_x(NONE, 6), NONE)
                 gone.cancel()
                 await asyncio.sleep(0)
@@ -599,10 +599,7 @@ def test_deadline_passing_in_queue_fails_the_request_without_computing_it() -> N
     async def test() -> None:
         loop = asyncio.get_running_loop()
         async with Batcher(engine, max_batch_size=64) as batcher:
-            with engine.held():
-                first_x = make_x(NONE, 1)
-                first = batcher.submit(first_x, NONE)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, NONE, 1) as (first_x, first):
                 late_x = make_x(NONE, 4)
                 late = batcher.submit(late_x, NONE, deadline=loop.time() + 0.02)
                 roomy_x = make_x(NONE, 2)
@@ -631,10 +628,7 @@ def test_engine_error_is_isolated_to_the_failing_request() -> None:
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=64) as batcher:
-            with engine.held():
-                first_x = make_x(JACOBIAN, 1)
-                first = batcher.submit(first_x, JACOBIAN)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, JACOBIAN, 1) as (first_x, first):
                 xs = [make_x(JACOBIAN, n) for n in (2, 3)]
                 xs.append(make_x(JACOBIAN, 4, marker_row=2))
                 xs += [make_x(JACOBIAN, n) for n in (1, 5)]
@@ -685,10 +679,7 @@ def test_split_request_failing_in_engine_stops_after_the_failing_part() -> None:
 
     async def test() -> None:
         async with Batcher(engine, max_batch_size=10) as batcher:
-            with engine.held():
-                first_x = make_x(NONE, 1)
-                first = batcher.submit(first_x, NONE)
-                await engine_busy(engine)
+            async with holding_first(engine, batcher, NONE, 1) as (first_x, first):
                 bad_x = make_x(NONE, 25, marker_row=0)
                 bad = batcher.submit(bad_x, NONE)
                 after_x = make_x(NONE, 2)  # something live queued behind it
@@ -835,7 +826,6 @@ def test_timing_fields() -> None:
         assert engine.rows() == [3, 4, 3]
         for x, r in ((a, ra), (b, rb), (c, rc)):
             assert_result(r, NONE, x)
-            assert r.timing.queue_us >= 0
             assert r.timing.compute_us > 0
         assert ra.timing.batch_rows == 3
         assert rb.timing.batch_rows == 4
@@ -847,6 +837,142 @@ def test_timing_fields() -> None:
         assert rc.timing.compute_us >= 10_000  # two engine calls of >= 5 ms each
 
     run(test)
+
+
+def test_timing_reports_the_handoff_to_a_busy_engine_thread() -> None:
+    """A batch dispatched while the engine thread is still busy (here with a job of another
+    batcher sharing it) reports that wait as hand-off, not as queue or compute time."""
+    engine = FakeEngine()
+    executor = ThreadPoolExecutor(1)
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=8, executor=executor) as batcher:
+            gate = threading.Event()
+            blocker = executor.submit(gate.wait, WAIT_S)
+            x = make_x(NONE, 2)
+            before = time.perf_counter()
+            future = batcher.submit(x, NONE)
+            await until(lambda: batcher.queued_rows == 0)  # dispatched, waiting for the thread
+            await asyncio.sleep(0.05)
+            gate.set()
+            result = await wait(future)
+            after = time.perf_counter()
+            assert blocker.result(timeout=WAIT_S)
+        assert_result(result, NONE, x)
+        assert result.timing.handoff_us >= 45_000
+        assert result.timing.queue_us < result.timing.handoff_us
+        assert before < result.timing.done < after
+
+    try:
+        run(test)
+    finally:
+        executor.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------- 12. vectors
+
+
+def vector_compute(kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
+    """A fake engine for the kinds that take a vector: dy_dx = v * x + 1, per row."""
+    assert v is not None and v.shape == x.shape, "v must reach the engine row-aligned with x"
+    return Outputs(x.sum(axis=1, keepdims=True), v * x + 1)
+
+
+def test_vectors_stay_aligned_with_their_rows_across_merges_and_splits() -> None:
+    rng = np.random.default_rng(3)
+    shapes = [int(n) for n in rng.integers(1, 12, size=30)]
+
+    async def test() -> None:
+        async with Batcher(vector_compute, max_batch_size=7) as batcher:
+            xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in shapes]
+            vs = [rng.normal(size=(n, 3)).astype(np.float32) for n in shapes]
+            futures = [batcher.submit(x, Derivative.VJP, v=v) for x, v in zip(xs, vs, strict=True)]
+            results = await wait(asyncio.gather(*futures))
+        for x, v, result in zip(xs, vs, results, strict=True):
+            np.testing.assert_array_equal(result.dy_dx, v * x + 1)
+            np.testing.assert_array_equal(result.y, x.sum(axis=1, keepdims=True))
+        assert max(r.timing.batch_rows for r in results) == 7
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 13. observer
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.batches: list[tuple[Derivative, int, float]] = []
+        self.waits: list[float] = []
+
+    def batch(self, kind: Derivative, rows: int, seconds: float) -> None:
+        self.batches.append((kind, rows, seconds))
+
+    def queued(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_observer_sees_every_engine_call_and_each_request_leaving_the_queue_once() -> None:
+    engine = FakeEngine(delay_s=0.002)
+    observer = RecordingObserver()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=4, observer=observer) as batcher:
+            async with holding_first(engine, batcher, GRADIENT, 1) as (_, first):
+                rest = [batcher.submit(make_x(GRADIENT, n), GRADIENT) for n in (3, 6)]
+            await wait(asyncio.gather(first, *rest))
+
+    run(test)
+    assert [(kind, rows) for kind, rows, _ in observer.batches] == [
+        (GRADIENT, rows) for rows in engine.rows()
+    ]
+    assert engine.rows() == [1, 4, 4, 1]  # 3 + 1 of the 6-row request, then 4, then 1
+    assert all(seconds >= 0.002 for _, _, seconds in observer.batches)
+    assert len(observer.waits) == 3  # once per request, when its first rows leave
+
+
+# --------------------------------------------------------------------------- 14. shared thread
+
+
+def test_batchers_sharing_one_engine_thread_never_overlap_or_mix_models() -> None:
+    """Two models' batchers on one executor: their engine calls run one at a time, each on
+    its own model's rows only, and every caller gets its own answer."""
+    active, overlaps, seen = [0], [0], []
+    lock = threading.Lock()
+
+    def model(scale: float):
+        def compute(kind: Derivative, x: np.ndarray) -> Outputs:
+            with lock:
+                active[0] += 1
+                overlaps[0] = max(overlaps[0], active[0])
+                seen.append((scale, set(np.unique(x[:, 0]).tolist())))
+            time.sleep(0.001)
+            with lock:
+                active[0] -= 1
+            return Outputs(x * scale, None)
+
+        return compute
+
+    executor = ThreadPoolExecutor(1)
+
+    async def test() -> None:
+        async with (
+            Batcher(model(2.0), max_batch_size=16, executor=executor) as first,
+            Batcher(model(3.0), max_batch_size=16, executor=executor) as second,
+        ):
+            calls = []
+            for i in range(40):
+                batcher, tag = (first, 2.0) if i % 2 else (second, 3.0)
+                x = np.full((1 + i % 5, 2), tag, np.float32)
+                calls.append((x, tag, batcher.submit(x, NONE)))
+            for x, tag, future in calls:
+                np.testing.assert_array_equal((await wait(future)).y, x * tag)
+
+    try:
+        run(test)
+    finally:
+        executor.shutdown(wait=True)
+    assert overlaps[0] == 1
+    assert all(tags == {scale} for scale, tags in seen)  # a call holds one model's rows only
 
 
 # --------------------------------------------------------------------------- stuck event loop

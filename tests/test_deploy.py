@@ -21,8 +21,7 @@ from gradserve.server.config import ServerConfig
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 DEFAULTS = ServerConfig()
-# --metrics-port is new: before ServerConfig has the field, the documented default stands in.
-METRICS_PORT = getattr(DEFAULTS, "metrics_port", 9400)
+METRICS_PORT = DEFAULTS.metrics_port
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 PROBE_HANDLERS = {"grpc", "httpGet", "tcpSocket", "exec"}
 K8S_DEFAULT_GRACE_SECONDS = 30
@@ -97,12 +96,6 @@ def served(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     parser = argparse.ArgumentParser(prog="gradserve serve")
     cfg.add_arguments(parser)
     settings, rest = parser.parse_known_args(flags)
-    if not hasattr(settings, "metrics_port"):  # the flag has not landed in ServerConfig yet
-        extra = argparse.ArgumentParser()
-        env_default = os.environ.get("GRADSERVE_METRICS_PORT", METRICS_PORT)
-        extra.add_argument("--metrics-port", type=int, default=int(env_default))
-        more, rest = extra.parse_known_args(rest)
-        settings.metrics_port = more.metrics_port
     assert rest == [], f"flags `gradserve serve` does not know: {rest}"
     return vars(settings)
 

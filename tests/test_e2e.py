@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
 import numpy as np
 import pytest
@@ -62,6 +63,26 @@ def test_input_forms_scalar_vector_matrix_and_float64(server):
     np.testing.assert_allclose(scalar.dy_dx[0], vector.dy_dx[0], rtol=1e-5, atol=1e-6)
     assert none.dy_dx is None
     assert scalar.timing.compute_us > 0 and scalar.timing.batch_rows >= 1
+
+
+def _hop_sum(t) -> int:
+    return t.decode_us + t.queue_us + t.handoff_us + t.compute_us + t.encode_us
+
+
+def test_latency_breakdown_adds_up_within_the_callers_latency(server):
+    """Each answer's hops are parts of the server's own arrival-to-answer time, which is
+    itself part of what the caller waited."""
+    with GradientClient(server.target, timeout=10) as client:
+        for x in (0.3, np.linspace(0, 1, 300)):
+            started = time.perf_counter()
+            t = client.evaluate(x).timing
+            waited_us = (time.perf_counter() - started) * 1e6
+            assert t.compute_us > 0 and t.total_us > 0
+            assert abs(_hop_sum(t) - t.total_us) <= 6  # each hop rounded to 1 us
+            assert t.total_us < waited_us
+        for result in client.stream([0.1, 0.2, 0.3]):
+            assert result.timing.compute_us > 0
+            assert _hop_sum(result.timing) <= result.timing.total_us + 6
 
 
 def test_batched_equals_unbatched_under_concurrent_callers(server, bundled_engine):

@@ -30,8 +30,15 @@ def test_loadtest_json_counts_add_up(server, tmp_path, mode):
         lat = step["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert step["batch_rows"]["mean"] >= 3
+        hops = step["breakdown_us"]
+        assert hops["compute"] > 0 and hops["server"] > 0
+        # Medians of parts need not add up exactly, but no part exceeds the server's total,
+        # and the server's total fits in the client's latency.
+        assert max(hops[h] for h in ("decode", "queue", "handoff", "compute")) <= hops["server"]
+        assert hops["server"] <= lat["p99"] * 1e3
     assert len(csv.read_text().splitlines()) == 3
     assert "req/s" in run.stdout and "p99" in run.stdout
+    assert "where the time went" in run.stdout and "handoff" in run.stdout
 
 
 def test_loadtest_exits_non_zero_when_requests_fail(bundled_engine, tmp_path):

@@ -139,6 +139,8 @@ def test_metrics_count_what_happened(bundled_engine):
     assert m['gradserve_request_duration_seconds_count{rpc="Evaluate"}'] == 24
     assert m['gradserve_request_duration_seconds_count{rpc="EvaluateStream"}'] == 3
     assert m["gradserve_queue_rows"] == 0 and m["gradserve_streams_in_flight"] == 0
+    for hop in ("decode", "queue", "handoff", "compute", "encode"):  # once per answered request
+        assert m[f'gradserve_request_hop_seconds_count{{hop="{hop}"}}'] == 22
 
 
 def test_json_logs_one_line_per_event_and_none_per_request(tmp_path):

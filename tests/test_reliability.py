@@ -114,26 +114,27 @@ def test_cancellation_storm_leaves_nothing_behind(bundled_engine):
     async def storm(target: str) -> tuple[int, int]:
         rng = random.Random(11)
         async with AsyncGradientClient(target, timeout=30) as client:
-            tasks = [
-                asyncio.create_task(client.evaluate(np.full((rng.randint(1, 8), 1), 0.4)))
-                for _ in range(2000)
-            ]
+            sizes = [rng.randint(1, 8) for _ in range(2000)]
+            tasks = [asyncio.create_task(client.evaluate(np.full((n, 1), 0.4))) for n in sizes]
             for task in tasks:
                 if rng.random() < 0.7:
                     asyncio.get_running_loop().call_later(rng.uniform(0, 0.05), task.cancel)
             done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-            answered = sum(1 for d in done if not isinstance(d, BaseException))
+            answered = [
+                n for n, d in zip(sizes, done, strict=True) if not isinstance(d, BaseException)
+            ]
             cancelled = sum(1 for d in done if isinstance(d, asyncio.CancelledError))
-            return answered, cancelled
+            return len(answered), cancelled, sum(answered), sum(sizes)
 
     with RunningServer(config, slow) as running:
-        answered, cancelled = asyncio.run(storm(running.target))
+        answered, cancelled, answered_rows, sent_rows = asyncio.run(storm(running.target))
         wait_until(lambda: running.batcher.pending == 0 and running.batcher.queued_rows == 0)
         assert answered + cancelled == 2000 and cancelled > 0
         rows_answered = slow.rows_computed
         with GradientClient(running.target, timeout=10) as client:
             assert abs(client.evaluate(0.6).dy_dx[0, 0] - 0.8) < 0.3
-    assert rows_answered < 2000 * 8
+    # Every answered row was computed; rows of requests cancelled while queued never were.
+    assert answered_rows <= rows_answered < sent_rows
 
 
 def test_stream_cancellation_storm_frees_everything(bundled_engine):
