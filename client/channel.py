@@ -23,6 +23,10 @@ OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.lb_policy_name", "round_robin"),
+    # Each client (and each load-test connection) gets connections of its own rather than
+    # sharing one per address across the process: a server whose frontend processes share
+    # a port is spread over them per connection.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 

@@ -155,9 +155,12 @@ async def run_step(
     label: str = "",
     progress: bool = False,
     tls: Tls | None = None,
+    connections: int | None = None,
 ) -> StepResult:
-    """Run one load step and summarise it; callers are spread over `targets` round-robin."""
-    channels = [open_channel(t, tls, aio=True) for t in targets]
+    """Run one load step and summarise it; callers are spread round-robin over `connections`
+    connections to each of `targets` (default: one per caller, at most 16)."""
+    connections = connections or min(concurrency, 16)
+    channels = [open_channel(t, tls, aio=True) for t in targets for _ in range(connections)]
     try:
         stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
         info = await stubs[0].GetModelInfo(pb.ModelInfoRequest(), timeout=timeout)
@@ -338,6 +341,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--derivative", choices=sorted(DERIVATIVES), default="gradient")
     parser.add_argument("--window", type=int, default=16, help="messages in flight per stream")
+    parser.add_argument(
+        "--connections", type=int, default=None,
+        help="connections per target (default: one per caller, at most 16)",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call (s)")
     parser.add_argument("--label", default="gradserve", help="name of this run in tables and plots")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
@@ -364,6 +371,7 @@ async def run(args: argparse.Namespace) -> list[StepResult]:
             "window": args.window,
             "timeout": args.timeout,
             "tls": _tls(args),
+            "connections": args.connections,
         }
         if args.warmup > 0:
             await run_step(targets, duration=args.warmup, **common)

@@ -89,9 +89,8 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         self._metrics = metrics
         self._streams = streams
         self._window = window
-        self._stream_requests = {
-            code: metrics.requests.labels(stream_rpc, code.name) for code in grpc.StatusCode
-        }
+        self._stream_rpc = stream_rpc
+        self._stream_requests: dict[grpc.StatusCode, object] = {}  # bound per code on first use
         self._stream_latency = metrics.latency.labels(stream_rpc)
 
     def _start(
@@ -109,6 +108,13 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         self._codec.stamp(response, breakdown)
         self._metrics.hops(breakdown)
         return response
+
+    def _count_stream_message(self, code: grpc.StatusCode) -> None:
+        counter = self._stream_requests.get(code)
+        if counter is None:
+            counter = self._metrics.requests.labels(self._stream_rpc, code.name)
+            self._stream_requests[code] = counter
+        counter.inc()
 
     async def unary(self, request: Request, context: grpc.aio.ServicerContext) -> Response:
         """One unary call: decode and queue, wait, answer; a failure becomes its status."""
@@ -154,7 +160,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                     except Exception as exc:
                         outcome = Failure.of(exc)
                 code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
-                self._stream_requests[code].inc()
+                self._count_stream_message(code)
                 self._stream_latency.observe(time.perf_counter() - ticket.arrived)
                 yield self._codec.encode_stream(ticket, outcome)
             if reader.cancelled() and self._streams.draining:

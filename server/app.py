@@ -104,7 +104,9 @@ class GradServer:
     """A running server. `async with GradServer(config) as s:` binds, serves, then drains.
 
     `engine` (an Engine, or a list of them) skips loading; `load` replaces how the models are
-    loaded (config -> list of engines).
+    loaded (config -> list of engines). A frontend of a multi-process server shares its port
+    with its siblings (`reuse_port`) and serves its metrics on an ephemeral 127.0.0.1 port
+    for the supervisor to gather (`internal_metrics`).
     """
 
     def __init__(
@@ -112,10 +114,15 @@ class GradServer:
         config: ServerConfig,
         engine: Engine | list[Engine] | None = None,
         load: Callable[[ServerConfig], list[Engine]] = load_engines,
+        *,
+        reuse_port: bool = False,
+        internal_metrics: bool = False,
     ) -> None:
         self.config = config
         self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
         self._load = load
+        self._reuse_port = reuse_port
+        self._internal_metrics = internal_metrics
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics = Metrics()
@@ -127,6 +134,7 @@ class GradServer:
         self._health = HealthServicer()
         self._streams = Streams()
         self._routes = Routes(self.metrics)
+        self._health_update: asyncio.Future | None = None
 
     async def __aenter__(self) -> GradServer:
         await self.start()
@@ -142,8 +150,7 @@ class GradServer:
         await self._listen()
         engines = self._engines or await asyncio.to_thread(self._load, config)
         self._serve(engines)
-        for name in ["", *SERVICE_NAMES]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
         self.ready = True
         names = [e.name for e in engines]
         log.info("serving", extra={"event": "serving", "port": self.port, "models": names})
@@ -155,8 +162,9 @@ class GradServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                # A second server on a taken port must fail, not silently share it.
-                ("grpc.so_reuseport", 0),
+                # A second server on a taken port must fail, not silently share it (frontends
+                # of one multi-process server share it on purpose; their supervisor checks).
+                ("grpc.so_reuseport", int(self._reuse_port)),
             ]
         )
         self._routes.expect(NATIVE_SERVICE)
@@ -175,8 +183,7 @@ class GradServer:
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, HEALTH_NAME, reflection.SERVICE_NAME], self._server, _reflection_pool()
         )
-        for name in ["", *SERVICE_NAMES]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(False)
         address = f"{config.host}:{config.port}"
         credentials = _credentials(config)
         if credentials is None:
@@ -186,8 +193,11 @@ class GradServer:
         if not self.port:
             raise OSError(f"cannot bind {address}")
         await self._server.start()
-        if config.metrics_port:
+        if self._internal_metrics:
+            self._metrics_http = self.metrics.serve("127.0.0.1", 0)
+        elif config.metrics_port:
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
+        if self._metrics_http is not None:
             self.metrics_port = self._metrics_http.server_port
         log.info(
             "listening",
@@ -219,6 +229,22 @@ class GradServer:
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
         inference = InferenceServicer(models, self.metrics, lambda: self.ready, **common)
         self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        for name in ["", *SERVICE_NAMES]:
+            await self._health.set(name, status.SERVING if serving else status.NOT_SERVING)
+
+    def engine_lost(self) -> None:
+        """The engine process died: report NOT_SERVING and refuse new work (UNAVAILABLE) at
+        once; the supervisor stops this process next."""
+        if not self.ready:
+            return
+        self.ready = False
+        log.error("engine lost: refusing new requests", extra={"event": "engine_lost"})
+        for batcher in self.batchers:
+            batcher.stop_accepting()
+        self._health_update = asyncio.ensure_future(self._set_health(False))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new requests and stream messages (UNAVAILABLE),

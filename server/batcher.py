@@ -32,6 +32,7 @@ from gradserve.server.errors import (
     Closed,
     DeadlineExpired,
     EngineFailed,
+    EngineUnavailable,
     QueueFull,
     RequestError,
     RequestTooLarge,
@@ -349,10 +350,15 @@ class Batcher:
             outputs, began, ended = await loop.run_in_executor(
                 self._executor, _timed, self._compute, args
             )
+        except EngineUnavailable as exc:  # nothing ran: no request is to blame
+            _fail(parts, exc)
+            return
         except Exception as exc:
             if len(parts) == 1:
                 log.warning("engine failed on a request of %d rows: %s", x.shape[0], exc)
-                _fail(parts, EngineFailed(f"the engine failed on this request: {exc}"))
+                error = EngineFailed(f"the engine failed on this request: {exc}")
+                error.__cause__ = exc
+                _fail(parts, error)
                 return
             middle = len(parts) // 2
             await self._execute(parts[:middle], dispatched)

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"gradserve serve: {error}", file=sys.stderr)
         return 2
+    frontends = config.frontend_count()
+    if frontends > 1:
+        from gradserve.server import frontends as multi
+
+        return multi.serve(config, frontends)
     asyncio.run(serve(config))
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
+AUTO_MIN_CORES = 4  # below this, one process measured faster (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,20 @@ class ServerConfig:
     max_message_mb: int = 64
     stream_window: int = 256
     drain_seconds: float = 30.0
+    frontends: str = "auto"
     metrics_port: int = 9400
     log_format: str = "text"
     log_level: str = "INFO"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+
+    def frontend_count(self) -> int:
+        """How many frontend processes: 1 means today's single process."""
+        if self.frontends == "auto":
+            cores = os.cpu_count() or 1
+            return 1 if cores < AUTO_MIN_CORES else cores // 2
+        return int(self.frontends)
 
     @property
     def max_message_bytes(self) -> int:
@@ -70,6 +79,8 @@ _HELP = {
     "max_message_mb": "largest request or response message, in MiB",
     "stream_window": "messages of one stream read ahead while earlier ones compute",
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
+    "frontends": "protocol processes sharing the port, fed to one engine process: a number, "
+    "or auto (1, one process, below 4 cores; else half the cores)",
     "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -122,6 +133,9 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:
         raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    count = config.frontends
+    if count != "auto" and not (count.isdigit() and int(count) >= 1):
+        raise ValueError(f"--frontends must be a number >= 1 or auto, got {config.frontends!r}")
     if config.log_format not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, got {config.log_format!r}")
     return config

@@ -34,6 +34,10 @@ class EngineFailed(RequestError):
     """The engine raised on this request's rows (isolated from the rest of its batch)."""
 
 
+class EngineUnavailable(RequestError):
+    """The engine (process) is gone: nothing was computed; another replica may answer."""
+
+
 class Closed(RequestError):
     """The server is shutting down and accepts no new requests or stream messages."""
 

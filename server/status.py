@@ -17,6 +17,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.EngineFailed: grpc.StatusCode.INTERNAL,
+    errors.EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Closed: grpc.StatusCode.UNAVAILABLE,
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,
     asyncio.CancelledError: grpc.StatusCode.CANCELLED,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.server.app import GradServer
 from gradserve.server.config import BUNDLED_MODEL, ServerConfig
@@ -33,6 +38,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_gradserve(port: int, *args: str, **env: str) -> subprocess.Popen:
+    """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise)."""
+    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", **env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port), *args],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("server did not become ready")
 
 
 class RunningServer:
@@ -148,3 +178,39 @@ def mimo_engine(mimo_model_path):
 def mimo_server(mimo_engine) -> Iterator[RunningServer]:
     with RunningServer(replace(TEST_CONFIG, max_batch_size=64), mimo_engine) as running:
         yield running
+
+
+class ServerProcess:
+    """`gradserve serve` in a child process (the multi-process server needs its own)."""
+
+    def __init__(self, *args: str, **env: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        metrics = ("--metrics-port", str(self.metrics_port))
+        self.process = start_gradserve(self.port, *metrics, *args, **env)
+        wait_serving(self.target, self.process, timeout=240)
+
+    def stop(self) -> int:
+        """SIGTERM (drain); the exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
+
+
+FRONTENDS_ARGS = ("--frontends", "2", "--max-batch-size", str(TEST_CONFIG.max_batch_size))
+
+
+@pytest.fixture(scope="session")
+def frontends_server() -> Iterator[ServerProcess]:
+    """The bundled model behind 2 frontend processes and one engine process (XLA on, as in
+    the in-process `server`)."""
+    running = ServerProcess(*FRONTENDS_ARGS, GRADSERVE_XLA="on")
+    try:
+        yield running
+    finally:
+        assert running.stop() == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, start_gradserve, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.server import config as cfg
@@ -21,35 +20,11 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 
-def start_gradserve(port: int, *args: str, **env: str) -> subprocess.Popen:
-    """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise)."""
-    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", **env}
-    return subprocess.Popen(
-        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port), *args],
-        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < end:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError("server did not become ready")
-
-
+@pytest.mark.parametrize("frontends", ["1", "2"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_drains_accepted_requests_then_exits_zero(sig):
+def test_signal_drains_accepted_requests_then_exits_zero(sig, frontends):
     port = free_port()
-    process = start_gradserve(port, GRADSERVE_MAX_DELAY_US="300000")
+    process = start_gradserve(port, "--frontends", frontends, GRADSERVE_MAX_DELAY_US="300000")
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, process)
@@ -97,10 +72,13 @@ def test_serve_help_lists_every_flag_with_its_default():
     assert "default: 127.0.0.1" in run.stdout
 
 
-def test_sigterm_under_load_loses_nothing_and_reports_not_serving_first():
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_sigterm_under_load_loses_nothing_and_reports_not_serving_first(frontends):
     """Every request either succeeds or is refused with UNAVAILABLE; none is lost or hangs."""
     port = free_port()
-    process = start_gradserve(port, "--drain-seconds", "20", GRADSERVE_MAX_DELAY_US="2000")
+    process = start_gradserve(
+        port, "--drain-seconds", "20", "--frontends", frontends, GRADSERVE_MAX_DELAY_US="2000"
+    )
     target = f"127.0.0.1:{port}"
     outcomes: list[str] = []
     statuses: list[int] = []

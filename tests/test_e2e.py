@@ -13,6 +13,13 @@ from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
 from gradserve.server.contract import Derivative
 
 
+@pytest.fixture(params=["one process", "2 frontends"])
+def server(request, server, frontends_server):
+    """Every test here runs against the single-process server and against the multi-process
+    one (2 frontend processes sharing the port, one engine process)."""
+    return server if request.param == "one process" else frontends_server
+
+
 def test_bundled_model_serves_the_trained_derivative(server):
     with GradientClient(server.target, timeout=10) as client:
         result = client.evaluate([0.2, 0.6])

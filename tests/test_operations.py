@@ -16,10 +16,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, RunningServer, free_port
+from conftest import TEST_CONFIG, RunningServer, free_port, start_gradserve, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_cli import start_gradserve, wait_serving
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy, Tls
 from gradserve.server.app import GradServer

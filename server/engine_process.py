@@ -1,0 +1,167 @@
+"""The engine process of a multi-frontend server: the one process that imports TensorFlow.
+
+It loads and warms up every model, then listens on a local socket for frontends. Each
+frontend sends sub-batches (its own micro-batches); they go into this process's batchers,
+one per model, which merge the sub-batches of every frontend into one device call per
+batch (never mixing models or derivative kinds, at most --max-batch-size rows), on one
+engine thread. A failing sub-batch is isolated by the batcher's bisection and answered
+with its error; the frontend then bisects it down to the request that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection, Listener
+
+import numpy as np
+
+from gradserve.server import logs
+from gradserve.server.batcher import Batcher, Result
+from gradserve.server.config import ServerConfig
+from gradserve.server.contract import Derivative
+from gradserve.server.ipc import Mapped, Segment
+from gradserve.server.metrics import Metrics
+from gradserve.server.remote import Answer, ModelInfo, SubBatch
+
+log = logging.getLogger("gradserve.engine")
+
+
+class _Session:
+    """One frontend's connection: its sub-batches in, their answers out (loop thread)."""
+
+    def __init__(self, conn: Connection, batchers: dict[str, Batcher], number: int) -> None:
+        self._conn = conn
+        self._batchers = batchers
+        self._requests = Mapped()
+        self._answers = Segment(f"gradserve-{os.getppid()}-e{number}")
+        self._pending: asyncio.Future[Result] | None = None
+        self.closed = False
+
+    def submit(self, message: SubBatch) -> None:
+        x = self._requests.view(message.path, message.x)
+        v = self._requests.view(message.path, message.v)
+        try:
+            future = self._batchers[message.model].submit(x, Derivative(message.kind), None, v)
+        except Exception as exc:
+            self._send(Answer(error=str(exc)))
+            return
+        self._pending = future
+        future.add_done_callback(self._answer)
+
+    def _answer(self, future: asyncio.Future[Result]) -> None:
+        self._pending = None
+        if self.closed or future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self._send(Answer(error=str(error.__cause__ or error)))
+            return
+        result = future.result()
+        path, (y, dy_dx) = self._answers.write([result.y, result.dy_dx])
+        self._send(Answer(path, y, dy_dx))
+
+    def _send(self, answer: Answer) -> None:
+        with contextlib.suppress(OSError):  # the frontend is gone; its reader ends the session
+            self._conn.send(answer)
+
+    def close(self) -> None:
+        """The frontend went away: drop what it had queued; free this session's memory."""
+        self.closed = True
+        if self._pending is not None:
+            self._pending.cancel()
+        self._conn.close()
+        self._answers.close()
+        self._requests.close()
+
+
+def _read(conn: Connection, session: _Session, loop: asyncio.AbstractEventLoop) -> None:
+    """Thread: hand each sub-batch of one frontend to the loop; end the session at EOF."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            loop.call_soon_threadsafe(session.close)
+            return
+        loop.call_soon_threadsafe(session.submit, message)
+
+
+def _accept(listener: Listener, infos, batchers, loop: asyncio.AbstractEventLoop) -> None:
+    """Thread: greet every frontend that connects and start reading its sub-batches."""
+    number = 0
+    while True:
+        try:
+            conn = listener.accept()
+        except OSError:
+            return
+        number += 1
+        conn.send(infos)
+        session = _Session(conn, batchers, number)
+        threading.Thread(target=_read, args=(conn, session, loop), daemon=True).start()
+
+
+def _exit_with_parent(parent: Connection) -> None:
+    """Thread: the supervisor holds the other end; EOF means it died, so this process ends."""
+    with contextlib.suppress(EOFError, OSError):
+        parent.recv()
+    os._exit(1)
+
+
+async def _serve(config: ServerConfig, address: str, parent: Connection) -> None:
+    from gradserve.server.app import load_engines  # imports TensorFlow
+
+    engines = await asyncio.to_thread(load_engines, config)
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
+    batchers = {
+        engine.name: Batcher(
+            engine.run,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_us / 1e6,
+            max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
+            observer=metrics,
+            executor=executor,
+        )
+        for engine in engines
+    }
+    for batcher in batchers.values():
+        batcher.start()
+    metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers.values()))
+    infos = [
+        ModelInfo(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
+                  np.dtype(e.numpy_dtype).name)
+        for e in engines
+    ]  # fmt: skip
+    http = metrics.serve("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    listener = Listener(address, family="AF_UNIX")
+    threading.Thread(target=_accept, args=(listener, infos, batchers, loop), daemon=True).start()
+    parent.send(("ready", http.server_port))
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    log.info("engine process serving", extra={"event": "engine_ready", "address": address})
+    await stop.wait()
+    listener.close()
+    for batcher in batchers.values():
+        await batcher.close()
+    executor.shutdown(wait=True)
+    http.shutdown()
+    log.info("engine process stopped", extra={"event": "engine_stop"})
+
+
+def run(config: ServerConfig, address: str, parent: Connection) -> None:
+    """Entry point of the engine process (spawned by the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders
+    logs.configure(config.log_format, config.log_level)
+    try:
+        asyncio.run(_serve(config, address, parent))
+    except Exception as exc:
+        log.exception("engine process failed")
+        parent.send(("failed", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from exc

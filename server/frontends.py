@@ -1,0 +1,252 @@
+"""`gradserve serve --frontends N` (N >= 2): N protocol processes, one engine process.
+
+The supervisor (this module, in the process the user started) spawns:
+- the engine process (engine_process.py): TensorFlow, the models, the device, and the
+  batchers that merge every frontend's sub-batches into device calls;
+- N frontend processes: each a complete gradserve server (both protocols, streams,
+  validation, health, reflection, local micro-batching, encoding) whose engines are
+  RemoteEngines. They listen on the same port with SO_REUSEPORT, so the kernel spreads
+  connections over them. They never import TensorFlow.
+
+It keeps them running: a frontend that dies is replaced at once (only the calls it held
+fail); if the engine process dies, every frontend is told to stop (they answer UNAVAILABLE
+and report NOT_SERVING while they do) and the supervisor exits with status 1, so that an
+orchestrator restarts the whole server. On SIGTERM/SIGINT it drains the frontends (each
+finishes what it accepted), then stops the engine, and exits 0. One /metrics endpoint
+gathers every process's metrics with a `process` label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from gradserve.server import engine_process, ipc, logs
+from gradserve.server.config import ServerConfig
+from gradserve.server.metrics_gather import MetricsGatherer
+
+log = logging.getLogger("gradserve")
+
+_CONNECT_RETRY_S = 0.05
+_STOP_MARGIN_S = 10.0
+
+
+@dataclasses.dataclass
+class _Child:
+    """A child process, the supervisor's end of its pipe, and its metrics port."""
+
+    name: str
+    process: multiprocessing.process.BaseProcess
+    pipe: Connection
+    metrics_port: int = 0
+
+
+def _connect_engine(address: str, on_lost):
+    """A frontend's model loader: wait until the engine process listens, then connect."""
+    from gradserve.server.remote import EngineLink
+
+    while True:
+        try:
+            return EngineLink(address, on_lost)
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(_CONNECT_RETRY_S)
+
+
+async def _frontend(config: ServerConfig, address: str, parent: Connection) -> None:
+    from gradserve.server.app import GradServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_reader(parent.fileno(), stop.set)  # EOF: the supervisor is gone
+
+    links = []
+
+    def lost() -> None:
+        loop.call_soon_threadsafe(server.engine_lost)
+
+    def load(_config: ServerConfig) -> list:
+        links.append(_connect_engine(address, lost))
+        return links[0].engines()
+
+    server = GradServer(config, load=load, reuse_port=True, internal_metrics=True)
+    try:
+        await server.start()
+        parent.send(("ready", server.metrics_port))
+        await stop.wait()
+        loop.remove_reader(parent.fileno())
+        await server.stop()
+    finally:
+        for link in links:
+            link.close()
+
+
+def run_frontend(config: ServerConfig, address: str, parent: Connection) -> None:
+    """Entry point of a frontend process."""
+    logs.configure(config.log_format, config.log_level)
+    asyncio.run(_frontend(config, address, parent))
+
+
+class Supervisor:
+    """Starts, watches and stops the engine process and the frontends."""
+
+    def __init__(self, config: ServerConfig, frontends: int) -> None:
+        self.config = config
+        self.frontends = frontends
+        self._context = multiprocessing.get_context("spawn")
+        self._run_dir = Path(tempfile.mkdtemp(prefix="gradserve-"))
+        self._address = str(self._run_dir / "engine.sock")
+        self._engine: _Child | None = None
+        self._frontends: list[_Child | None] = [None] * frontends
+        self._stopping = False
+        self._metrics = MetricsGatherer(self._metrics_ports)
+        self.replaced = 0
+
+    def _metrics_ports(self) -> dict[str, int]:
+        children = [self._engine, *self._frontends]
+        return {c.name: c.metrics_port for c in children if c is not None and c.metrics_port}
+
+    def _spawn(self, name: str, target, config: ServerConfig) -> _Child:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=target, args=(config, self._address, theirs), name=name, daemon=False
+        )
+        process.start()
+        theirs.close()
+        return _Child(name, process, ours)
+
+    def _spawn_frontend(self, index: int) -> None:
+        share = max(1, self.config.max_queue_rows // self.frontends)
+        config = dataclasses.replace(self.config, max_queue_rows=share)
+        self._frontends[index] = self._spawn(f"frontend-{index}", run_frontend, config)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit 0 after a drain) or the engine dies (exit 1)."""
+        reserved = _reserve_port(self.config.host, self.config.port)
+        config = dataclasses.replace(self.config, port=reserved.getsockname()[1])
+        self.config = config
+        signals = _SignalFlag()
+        try:
+            self._engine = self._spawn("engine", engine_process.run, config)
+            for i in range(self.frontends):
+                self._spawn_frontend(i)
+            if config.metrics_port:
+                self._metrics.serve(config.host, config.metrics_port)
+            log.info(
+                "supervising", extra={"event": "supervise", "frontends": self.frontends,
+                                      "port": config.port},
+            )  # fmt: skip
+            return self._watch(signals)
+        finally:
+            self._shutdown()
+            reserved.close()
+            signals.restore()
+
+    def _watch(self, signals: _SignalFlag) -> int:
+        while not signals.raised:
+            children = [c for c in (self._engine, *self._frontends) if c is not None]
+            ready = wait([c.process.sentinel for c in children] + [c.pipe for c in children], 0.2)
+            for child in children:
+                if child.pipe in ready:
+                    self._message(child)
+            if self._engine.process.sentinel in ready:
+                log.error(
+                    "the engine process exited (code %s): stopping every frontend; exit 1",
+                    self._engine.process.exitcode, extra={"event": "engine_died"},
+                )  # fmt: skip
+                return 1
+            for i, child in enumerate(self._frontends):
+                if child is not None and child.process.sentinel in ready:
+                    log.warning(
+                        "frontend %d exited (code %s): replacing it", i, child.process.exitcode,
+                        extra={"event": "frontend_replaced"},
+                    )  # fmt: skip
+                    child.pipe.close()
+                    self.replaced += 1
+                    self._spawn_frontend(i)
+        log.info("signal received: draining every frontend", extra={"event": "signal"})
+        return 0
+
+    def _message(self, child: _Child) -> None:
+        try:
+            message = child.pipe.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "ready":
+            child.metrics_port = message[1]
+        elif message[0] == "failed":
+            log.error("%s failed: %s", child.name, message[1], extra={"event": "child_failed"})
+
+    def _shutdown(self) -> None:
+        """Drain the frontends, then stop the engine; kill what does not stop in time."""
+        frontends = [c for c in self._frontends if c is not None]
+        grace = self.config.drain_seconds + _STOP_MARGIN_S
+        _stop(frontends, grace)
+        if self._engine is not None:
+            _stop([self._engine], _STOP_MARGIN_S)
+        self._metrics.close()
+        removed = ipc.remove_leftovers(f"gradserve-{os.getpid()}-")
+        if removed:
+            log.info("removed %d shared-memory segment(s) of stopped processes", removed)
+        for path in self._run_dir.iterdir():
+            path.unlink(missing_ok=True)
+        self._run_dir.rmdir()
+        log.info("stopped", extra={"event": "stop"})
+
+
+def _stop(children: list[_Child], grace: float) -> None:
+    for child in children:
+        if child.process.is_alive():
+            child.process.terminate()
+    end = time.monotonic() + grace
+    for child in children:
+        child.process.join(max(0.0, end - time.monotonic()))
+        if child.process.is_alive():
+            log.warning("%s did not stop in time: killing it", child.name)
+            child.process.kill()
+            child.process.join(5)
+        child.pipe.close()
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Hold the port for the frontends (SO_REUSEPORT, not listening), after checking that no
+    other server listens there: a second server must fail, not silently share the port."""
+    with socket.socket() as probe:
+        if port and probe.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) == 0:
+            raise OSError(f"cannot bind {host}:{port}: another server is listening there")
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind((host, port))
+    return reserved
+
+
+class _SignalFlag:
+    """SIGTERM and SIGINT set a flag (the watch loop checks it every 0.2 s)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = {
+            sig: signal.signal(sig, self._set) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def _set(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(config: ServerConfig, frontends: int) -> int:
+    """Run a multi-process server until stopped; returns the process exit status."""
+    return Supervisor(config, frontends).run()

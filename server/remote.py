@@ -1,0 +1,122 @@
+"""The engine process as a frontend sees it: one RemoteEngine per served model.
+
+A frontend process runs the same servicers and batchers as a single-process server; only
+its engines are these stand-ins, whose `run` hands the frontend's micro-batch (a sub-batch)
+to the engine process and waits for its outputs. The engine process merges sub-batches
+from every frontend into its own device calls. No TensorFlow here.
+
+All of a frontend's batchers share one engine thread, so a frontend has at most one
+sub-batch in flight; the connection is used from that thread only (and read by nobody
+else), which keeps the protocol a plain request/answer exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
+
+import numpy as np
+
+from gradserve.server.contract import Derivative, Outputs, Shape
+from gradserve.server.errors import EngineFailed, EngineUnavailable
+from gradserve.server.ipc import ArrayRef, Mapped, Segment
+
+log = logging.getLogger(__name__)
+_GONE = "the engine process is gone; this server is stopping: retry (another replica)"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the engine process tells a frontend about each model it serves."""
+
+    name: str
+    input_shape: Shape
+    output_shape: Shape
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubBatch:
+    """Frontend -> engine: rows of one model and kind, in the frontend's segment."""
+
+    model: str
+    kind: str
+    path: str
+    x: ArrayRef
+    v: ArrayRef | None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Engine -> frontend: the outputs in the engine's segment, or what went wrong."""
+
+    path: str = ""
+    y: ArrayRef | None = None
+    dy_dx: ArrayRef | None = None
+    error: str = ""
+
+
+class EngineLink:
+    """A frontend's connection to the engine process, shared by its RemoteEngines."""
+
+    def __init__(self, address: str, on_lost: Callable[[], None]) -> None:
+        self._conn: Connection = Client(address, family="AF_UNIX")
+        self._segment = Segment(f"gradserve-{os.getppid()}-f{os.getpid()}")
+        self._answers = Mapped()
+        self._lock = threading.Lock()
+        self._on_lost = on_lost
+        self.lost = False
+        self.models: list[ModelInfo] = self._conn.recv()
+
+    def engines(self) -> list[RemoteEngine]:
+        return [RemoteEngine(self, info) for info in self.models]
+
+    def exchange(self, model: str, kind: Derivative, x: np.ndarray, v: np.ndarray | None):
+        """Send one sub-batch and wait for its outputs (copied out of the engine's segment,
+        which it reuses for the next answer)."""
+        with self._lock:
+            if self.lost:
+                raise EngineUnavailable(_GONE)
+            path, (x_ref, v_ref) = self._segment.write([x, v])
+            try:
+                self._conn.send(SubBatch(model, kind.value, path, x_ref, v_ref))
+                answer: Answer = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._lose(exc)
+                raise EngineUnavailable(_GONE) from exc
+            if answer.error:
+                raise EngineFailed(answer.error)
+            y = np.array(self._answers.view(answer.path, answer.y))
+            dy_dx = self._answers.view(answer.path, answer.dy_dx)
+            return Outputs(y, None if dy_dx is None else np.array(dy_dx))
+
+    def _lose(self, exc: BaseException) -> None:
+        if not self.lost:
+            self.lost = True
+            log.error("lost the engine process: %s", exc, extra={"event": "engine_lost"})
+            self._on_lost()
+
+    def close(self) -> None:
+        self._conn.close()
+        self._segment.close()
+        self._answers.close()
+
+
+class RemoteEngine:
+    """One model of the engine process, with the interface of a local Engine."""
+
+    def __init__(self, link: EngineLink, info: ModelInfo) -> None:
+        self._link = link
+        self.name = info.name
+        self.input_shape = info.input_shape
+        self.output_shape = info.output_shape
+        self.device = info.device
+        self.numpy_dtype = np.dtype(info.dtype)
+
+    def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
+        return self._link.exchange(self.name, kind, x, v)

@@ -1,0 +1,226 @@
+"""The multi-process server (`--frontends 2`): what runs where, merged batches, faults, drain.
+
+Each test runs `gradserve serve --frontends 2` as a child process and looks at it from the
+outside: its processes in /proc, its one /metrics endpoint, its callers' outcomes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import FRONTENDS_ARGS, ServerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve.client import GradientClient, GradserveError, RetryPolicy
+from gradserve.server.contract import Derivative
+
+FRONTEND_RSS_LIMIT_MB = 150
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def maps(pid: int) -> str:
+    """The libraries a process has mapped ("" once it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+def loads_tensorflow(pid: int) -> bool:
+    return "tensorflow" in maps(pid)
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def roles(server: ServerProcess) -> tuple[int, list[int]]:
+    """(engine pid, frontend pids) among the supervisor's children (spawn helpers aside)."""
+    pids = children(server.process.pid)
+    engines = [p for p in pids if loads_tensorflow(p)]
+    frontends = [p for p in pids if p not in engines and "grpc" in maps(p)]
+    assert len(engines) == 1, (pids, engines)
+    return engines[0], frontends
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        name: float(value)
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+        for name, value in [line.rsplit(" ", 1)]
+    }
+
+
+def total(samples: dict[str, float], prefix: str, *labels: str) -> float:
+    return sum(
+        v for k, v in samples.items() if k.startswith(prefix) and all(x in k for x in labels)
+    )
+
+
+@pytest.fixture
+def fresh_server():
+    """A 2-frontend server of its own (XLA off: quick to start), for tests that hurt it."""
+    running = ServerProcess(*FRONTENDS_ARGS, "--drain-seconds", "10")
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait(timeout=10)
+
+
+def test_frontends_never_load_tensorflow_and_stay_small(frontends_server):
+    engine, frontends = roles(frontends_server)
+    assert len(frontends) == 2
+    assert not loads_tensorflow(frontends_server.process.pid)  # nor does the supervisor
+    for pid in frontends:
+        assert rss_mb(pid) < FRONTEND_RSS_LIMIT_MB
+    assert rss_mb(engine) > rss_mb(frontends[0])
+
+
+def call_concurrently(target: str, callers: int, calls: int, **client_args) -> list:
+    """`callers` threads, each with its own client (its own connection, so the kernel spreads
+    them over the frontends), each making `calls` 1-row calls; outcomes per call."""
+    outcomes: list = []
+    lock = threading.Lock()
+
+    def caller(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with GradientClient(target, timeout=30, **client_args) as client:
+            for _ in range(calls):
+                x = float(rng.uniform(0, 1))
+                try:
+                    outcome = (x, client.evaluate(x))
+                except GradserveError as error:
+                    outcome = (x, error)
+                with lock:
+                    outcomes.append(outcome)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a caller hung"
+    return outcomes
+
+
+def test_engine_merges_the_sub_batches_of_both_frontends(frontends_server, bundled_engine):
+    before = scrape(frontends_server)
+    outcomes = call_concurrently(frontends_server.target, callers=16, calls=40)
+    after = scrape(frontends_server)
+    assert not [r for _, r in outcomes if isinstance(r, GradserveError)]
+    xs = np.array([[x] for x, _ in outcomes], np.float32)
+    reference = bundled_engine.run(Derivative.GRADIENT, xs)
+    np.testing.assert_allclose(
+        [r.dy_dx[0, 0] for _, r in outcomes], reference.dy_dx[:, 0], rtol=1e-5, atol=1e-6
+    )
+
+    def calls(process: str) -> float:
+        key = "gradserve_engine_calls_total"
+        return total(after, key, process) - total(before, key, process)
+
+    sub_batches = [calls('process="frontend-0"'), calls('process="frontend-1"')]
+    engine_calls = calls('process="engine"')
+    assert min(sub_batches) > 0  # both frontends took callers
+    # A frontend has one sub-batch in flight at a time: an engine call that serves fewer
+    # calls than there were sub-batches has merged sub-batches of different frontends.
+    assert engine_calls < sum(sub_batches)
+    rows = total(after, "gradserve_rows_computed_total", 'process="engine"') - total(
+        before, "gradserve_rows_computed_total", 'process="engine"'
+    )
+    assert rows == len(outcomes)
+
+
+def wait_for(predicate, timeout: float) -> float:
+    """Seconds until `predicate()` held; fails the test after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_killed_frontend_is_replaced_and_sdk_callers_see_no_error(fresh_server, bundled_engine):
+    _, frontends = roles(fresh_server)
+    results: list = []
+    killed: dict[str, float] = {}
+
+    def load() -> None:
+        results.extend(call_concurrently(fresh_server.target, callers=8, calls=150))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(1.0)
+    victim = frontends[0]
+    os.kill(victim, signal.SIGKILL)
+    killed["at"] = time.monotonic()
+
+    def replaced() -> bool:
+        _, now = roles(fresh_server)
+        return (
+            len(now) == 2
+            and victim not in now
+            and all(f'process="frontend-{i}"' in " ".join(scrape(fresh_server)) for i in (0, 1))
+        )
+
+    replaced_after = wait_for(replaced, timeout=30)
+    loader.join(timeout=180)
+    assert not loader.is_alive()
+    print(f"frontend replaced and serving {replaced_after:.2f} s after SIGKILL")
+    errors = [r for _, r in results if isinstance(r, GradserveError)]
+    assert errors == [], errors[:3]
+    assert len(results) == 8 * 150
+    xs = np.array([[x] for x, _ in results], np.float32)
+    expected = bundled_engine.run(Derivative.GRADIENT, xs).dy_dx[:, 0]
+    np.testing.assert_allclose([r.dy_dx[0, 0] for _, r in results], expected, atol=1e-5)
+    assert fresh_server.stop() == 0
+
+
+def test_killed_engine_fails_calls_fast_reports_not_serving_and_exits_one(fresh_server):
+    engine, _ = roles(fresh_server)
+    no_retry = RetryPolicy(attempts=1)
+    statuses: list[int] = []
+    with grpc.insecure_channel(fresh_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+        os.kill(engine, signal.SIGKILL)
+        started = time.monotonic()
+        outcomes = call_concurrently(fresh_server.target, callers=4, calls=5, retry=no_retry)
+        with_errors = time.monotonic() - started
+        try:
+            statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+        except grpc.RpcError as error:  # the frontend may already be gone
+            statuses.append(-1 if error.code() == grpc.StatusCode.UNAVAILABLE else -2)
+    codes = [r.code for _, r in outcomes if isinstance(r, GradserveError)]
+    # UNAVAILABLE from the frontends; a call that arrives in the instant a frontend's gRPC
+    # server closes is cancelled by the transport instead (the SDK retries both).
+    assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    assert grpc.StatusCode.UNAVAILABLE in codes
+    assert len([r for _, r in outcomes if isinstance(r, GradserveError)]) == len(outcomes)
+    assert statuses[0] in (health_pb2.HealthCheckResponse.NOT_SERVING, -1)
+    assert fresh_server.process.wait(timeout=60) == 1
+    names = sorted(c.name for c in codes)
+    print(f"{len(codes)} calls after the engine died, all answered within {with_errors:.2f} s: "
+          f"{ {n: names.count(n) for n in set(names)} }")  # fmt: skip
