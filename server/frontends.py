@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -50,15 +51,17 @@ class _Child:
     metrics_port: int = 0
 
 
-def _connect_engine(address: str, on_lost):
-    """A frontend's model loader: wait until the engine process listens, then connect."""
+def _connect_engine(address: str, on_lost, abandon: threading.Event):
+    """A frontend's model loader: wait until the engine process listens, then connect;
+    give up if the frontend is told to stop first."""
     from gradserve.server.remote import EngineLink
 
-    while True:
+    while not abandon.is_set():
         try:
             return EngineLink(address, on_lost)
         except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(_CONNECT_RETRY_S)
+            abandon.wait(_CONNECT_RETRY_S)
+    raise RuntimeError("stopped before the engine process was ready")
 
 
 async def _frontend(config: ServerConfig, address: str, parent: Connection) -> None:
@@ -66,25 +69,36 @@ async def _frontend(config: ServerConfig, address: str, parent: Connection) -> N
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_reader(parent.fileno(), stop.set)  # EOF: the supervisor is gone
+    abandon = threading.Event()  # stop waiting for the engine
 
+    def stop_now() -> None:
+        abandon.set()
+        stop.set()
+        loop.remove_reader(parent.fileno())  # at EOF the pipe stays readable
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_now)
+    loop.add_reader(parent.fileno(), stop_now)  # EOF: the supervisor is gone
     links = []
 
     def lost() -> None:
         loop.call_soon_threadsafe(server.engine_lost)
 
     def load(_config: ServerConfig) -> list:
-        links.append(_connect_engine(address, lost))
+        links.append(_connect_engine(address, lost, abandon))
         return links[0].engines()
 
     server = GradServer(config, load=load, reuse_port=True, internal_metrics=True)
     try:
-        await server.start()
+        try:
+            await server.start()
+        except RuntimeError:
+            if not abandon.is_set():
+                raise
+            await server.stop(grace=0)  # told to stop while it waited for the engine
+            return
         parent.send(("ready", server.metrics_port))
         await stop.wait()
-        loop.remove_reader(parent.fileno())
         await server.stop()
     finally:
         for link in links:

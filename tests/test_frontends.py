@@ -224,3 +224,11 @@ def test_killed_engine_fails_calls_fast_reports_not_serving_and_exits_one(fresh_
     names = sorted(c.name for c in codes)
     print(f"{len(codes)} calls after the engine died, all answered within {with_errors:.2f} s: "
           f"{ {n: names.count(n) for n in set(names)} }")  # fmt: skip
+
+
+def test_children_end_when_the_supervisor_is_killed(fresh_server):
+    kids = children(fresh_server.process.pid)
+    assert len(kids) >= 3
+    fresh_server.process.kill()
+    fresh_server.process.wait(timeout=10)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and maps(pid) for pid in kids), 30)
