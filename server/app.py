@@ -151,6 +151,7 @@ class GradServer:
                 ("grpc.max_send_message_length", limit),
                 # A second server on a taken port must fail, not silently share it.
                 ("grpc.so_reuseport", 0),
+                *config.connection_options(),
             ]
         )
         self._routes.expect(NATIVE_SERVICE)
