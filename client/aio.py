@@ -95,7 +95,8 @@ class AsyncGradientClient(ClientBase):
         if self.wait_for_ready:  # a stream is not retried: wait for readiness before it
             started = time.monotonic()
             await self.wait_until_ready(timeout)
-            timeout = None if timeout is None else timeout - (time.monotonic() - started)
+            waited = time.monotonic() - started
+            timeout = None if timeout is None else max(timeout - waited, 0.001)
         call = self._stub.EvaluateStream(
             requests(), timeout=timeout, wait_for_ready=self.wait_for_ready
         )

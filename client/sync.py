@@ -104,7 +104,8 @@ class GradientClient(ClientBase):
         if self.wait_for_ready:  # a stream is not retried: wait for readiness before it
             started = time.monotonic()
             self.wait_until_ready(timeout)
-            timeout = None if timeout is None else timeout - (time.monotonic() - started)
+            waited = time.monotonic() - started
+            timeout = None if timeout is None else max(timeout - waited, 0.001)
         requests = (_message(x, derivative, str(i), model) for i, x in enumerate(xs))
         call = self._stub.EvaluateStream(
             requests, timeout=timeout, wait_for_ready=self.wait_for_ready
