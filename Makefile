@@ -5,7 +5,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench loadtest soak nginx cluster cluster-load
+.PHONY: serve test lint format proto train clean bench loadtest soak nginx cluster cluster-load \
+	image image-host image-test
+
+# The container image: name and tag live in deploy/image.env (the k8s manifests use the same).
+include deploy/image.env
+VARIANT ?= cpu
+TENSORFLOW_cpu := tensorflow==2.21.*
+TENSORFLOW_gpu := tensorflow[and-cuda]==2.21.*
+TENSORFLOW := $(TENSORFLOW_$(VARIANT))
+IMAGE := $(IMAGE_NAME):$(IMAGE_TAG)$(if $(filter gpu,$(VARIANT)),-gpu)
+BASE_IMAGE ?= localhost/debian-python:bookworm
+WHEELS := build/wheels/$(VARIANT)
+PACKAGE_SOURCES := pyproject.toml $(wildcard server/*.py server/models/*.keras client/*.py \
+	protos/gradserve/*/*.py)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -36,6 +49,40 @@ train: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Wheels built on the host with its pip configuration; the image installs only these
+# (--no-index), so its build needs no network. Dependencies (rebuilt when pyproject.toml
+# changes) and gradserve itself (rebuilt when its code changes) are apart, so that a code
+# change rebuilds only the image's small last layer.
+$(WHEELS)/.complete: pyproject.toml | $(STAMP)
+	@test -n "$(TENSORFLOW)" || { echo "VARIANT must be cpu or gpu"; exit 1; }
+	$(BIN)/python -m pip wheel --quiet -w $(WHEELS) '.[server]' '$(TENSORFLOW)'
+	rm -f $(WHEELS)/gradserve-*.whl
+	touch $@
+
+build/wheels/app/.complete: $(PACKAGE_SOURCES) | $(STAMP)
+	rm -rf build/wheels/app
+	$(BIN)/python -m pip wheel --quiet --no-deps -w build/wheels/app .
+	touch $@
+
+# podman, runc and mmdebstrap, and the local base image: each only when missing.
+image-host:
+	deploy/image/prepare-host.sh $(BASE_IMAGE)
+
+# make image [VARIANT=gpu] [BASE_IMAGE=python:3.11-slim]
+image: export CONTAINERS_CONF = $(CURDIR)/deploy/image/containers.conf
+image: image-host $(WHEELS)/.complete build/wheels/app/.complete
+	@start=$$(date +%s); \
+	podman build --network host --build-arg BASE=$(BASE_IMAGE) --build-arg WHEELS=$(WHEELS) \
+	  --build-arg TENSORFLOW='$(TENSORFLOW)' --build-arg VERSION=$(IMAGE_TAG) \
+	  --tag $(IMAGE) --file Dockerfile . && \
+	echo "built $(IMAGE) in $$(( $$(date +%s) - start )) s: \
+	$$(podman image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
+
+# Runs the image and checks it from the host: health, a gradient, SIGTERM drain, exit 0.
+image-test: export CONTAINERS_CONF = $(CURDIR)/deploy/image/containers.conf
+image-test: image
+	$(BIN)/python deploy/image/check_image.py $(IMAGE)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(ARGS)

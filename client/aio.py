@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
 from gradserve.client.channel import ClientBase
 from gradserve.client.errors import GradserveError
+from gradserve.client.readiness import OVERALL, ReadinessWait
 from gradserve.client.results import (
     NEEDS_VECTOR,
     ModelInfo,
@@ -17,7 +19,6 @@ from gradserve.client.results import (
     to_model_info,
     to_result,
 )
-from gradserve.client.retry import Attempts
 from gradserve.v1 import gradserve_pb2 as pb
 
 
@@ -41,11 +42,28 @@ class AsyncGradientClient(ClientBase):
         request = make_request(x, derivative, model=model, v=v)
         return to_result(await self._call(self._stub.Evaluate, request))
 
-    async def _call(self, method, request):
-        attempts = Attempts(self.retry, self.timeout)
+    async def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Like GradientClient.wait_until_ready: return once the health service reports
+        SERVING for the overall server; DEADLINE_EXCEEDED after `timeout` seconds."""
+        wait = ReadinessWait(self.timeout if timeout is None else timeout)
         while True:
             try:
-                return await method(request, timeout=attempts.remaining())
+                answer = await self._health.Check(
+                    OVERALL, timeout=wait.check_timeout(), wait_for_ready=True
+                )
+                if wait.answered(answer):
+                    return
+            except grpc.RpcError as error:
+                wait.failed(error)
+            await asyncio.sleep(wait.next_pause())
+
+    async def _call(self, method, request):
+        attempts = self._attempts()
+        while True:
+            try:
+                return await method(
+                    request, timeout=attempts.remaining(), wait_for_ready=self.wait_for_ready
+                )
             except grpc.RpcError as error:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -73,7 +91,15 @@ class AsyncGradientClient(ClientBase):
                 yield _message(x, derivative, str(i), model)
                 i += 1
 
-        call = self._stub.EvaluateStream(requests(), timeout=self.timeout)
+        timeout = self.timeout
+        if self.wait_for_ready:  # a stream is not retried: wait for readiness before it
+            started = time.monotonic()
+            await self.wait_until_ready(timeout)
+            waited = time.monotonic() - started
+            timeout = None if timeout is None else max(timeout - waited, 0.001)
+        call = self._stub.EvaluateStream(
+            requests(), timeout=timeout, wait_for_ready=self.wait_for_ready
+        )
         try:
             async for response in call:
                 try:

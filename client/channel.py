@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from gradserve.client.retry import RetryPolicy
+from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -84,7 +85,12 @@ def open_channel(target: str | Sequence[str], tls: Tls | None, *, aio: bool):
 
 
 class ClientBase:
-    """What both SDK clients hold: target, deadline, retry policy, channel and stub."""
+    """What both SDK clients hold: target, deadline, retry policy, channel and stubs.
+
+    `wait_for_ready=True` makes each call wait, within its timeout, for a server that is
+    not reachable yet (gRPC's wait_for_ready) or still loading its models (UNAVAILABLE,
+    retried until the deadline); the default fails fast as gRPC does.
+    """
 
     _aio = False
 
@@ -94,9 +100,16 @@ class ClientBase:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         tls: Tls | None = None,
+        wait_for_ready: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.wait_for_ready = wait_for_ready
         self._channel = open_channel(target, tls, aio=self._aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _attempts(self) -> Attempts:
+        """The retry state of one call, bounded by the client's timeout."""
+        return Attempts(self.retry, self.timeout, self.wait_for_ready)

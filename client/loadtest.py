@@ -8,6 +8,9 @@ split into the server's hops (decode, queue, handoff, compute, encode; medians) 
 rest, "outside" (the network, gRPC and the client itself). Bounded: every step stops after
 --duration seconds or --requests requests, whichever comes first. Imports neither TensorFlow
 nor the server.
+
+Requests are built by the SDK's own `make_request` from the served model's shapes (any
+per-row input shape, `v` for vjp, jvp and hvp), from random rows or from a .npy file.
 """
 
 from __future__ import annotations
@@ -19,20 +22,28 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
-from gradserve.client.results import DERIVATIVES
-from gradserve.codec import status_code, to_tensor
+from gradserve.client.results import (
+    DERIVATIVES,
+    NEEDS_VECTOR,
+    ModelInfo,
+    make_request,
+    to_model_info,
+)
+from gradserve.codec import status_code
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 PERCENTILES = (50, 90, 95, 99)
 HOPS = ("decode", "queue", "handoff", "compute", "encode")
+BREAKDOWN = (*HOPS, "server", "outside")  # the server's hops, its total, and the rest
+MAX_DISTINCT_REQUESTS = 256  # requests cut from an --x-file, reused in turn
 
 
 @dataclass
@@ -51,6 +62,8 @@ class StepResult:
     latency_ms: dict[str, float]
     batch_rows: dict[str, float]
     breakdown_us: dict[str, float] = field(default_factory=dict)  # hop -> median us
+    derivative: str = "gradient"
+    model: str = ""
 
     def unexpected_errors(self, expected: set[str] = frozenset()) -> int:
         return sum(n for code, n in self.errors.items() if code not in expected)
@@ -81,9 +94,53 @@ class _Tally:
         self.errors[code.name] += 1
 
 
-def make_request(width: int, rows: int, derivative: str, seed: int = 0) -> pb.EvaluateRequest:
-    x = np.random.default_rng(seed).uniform(0, 1, size=(rows, width)).astype(np.float32)
-    return pb.EvaluateRequest(x=to_tensor(x), derivative=DERIVATIVES[derivative])
+def build_requests(
+    info: ModelInfo,
+    rows: int,
+    derivative: str,
+    x: np.ndarray | None = None,
+    model: str = "",
+    seed: int = 0,
+) -> list[pb.EvaluateRequest]:
+    """Requests of `rows` rows each for the model `info` describes, through the SDK's
+    make_request: random inputs in [0, 1), or consecutive slices of `x` ([N, *input_shape],
+    at most MAX_DISTINCT_REQUESTS of them); `v` (random) for the kinds that need it."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(info.dtype)
+    if x is None:
+        xs = [rng.uniform(0, 1, size=(rows, *info.input_shape)).astype(dtype)]
+    else:
+        check_inputs(x, info, rows)
+        count = min(len(x) // rows, MAX_DISTINCT_REQUESTS)
+        xs = [x[i * rows : (i + 1) * rows] for i in range(count)]
+    requests = []
+    for batch in xs:
+        v = None
+        if derivative == "vjp":
+            v = rng.standard_normal((rows, *info.output_shape)).astype(dtype)
+        elif derivative in NEEDS_VECTOR:
+            v = rng.standard_normal((rows, *info.input_shape)).astype(dtype)
+        requests.append(make_request(batch, derivative, model=model, v=v))
+    return requests
+
+
+def check_inputs(x: np.ndarray, info: ModelInfo, rows: int) -> None:
+    """Raise ValueError unless x is [N >= rows, *input_shape] of real numbers."""
+    if tuple(x.shape[1:]) != tuple(info.input_shape) or x.ndim != len(info.input_shape) + 1:
+        raise ValueError(
+            f"--x-file holds shape {list(x.shape)}; model {info.name!r} takes "
+            f"[N, {', '.join(map(str, info.input_shape))}]"
+        )
+    if len(x) < rows:
+        raise ValueError(f"--x-file has {len(x)} rows, fewer than --rows {rows}")
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"--x-file must hold numbers, not {x.dtype}")
+
+
+def load_inputs(path: Path) -> np.ndarray:
+    """Rows from a .npy file (no pickles), as float32 unless stored as float64."""
+    x = np.load(path, allow_pickle=False)
+    return x if x.dtype == np.float64 else x.astype(np.float32)
 
 
 class _Clock:
@@ -100,8 +157,13 @@ class _Clock:
         return True
 
 
-async def _unary_worker(stub, request, clock: _Clock, tally: _Tally, timeout: float) -> None:
+async def _unary_worker(
+    stub, requests: list[pb.EvaluateRequest], clock: _Clock, tally: _Tally, timeout: float
+) -> None:
+    sent = 0
     while clock.take():
+        request = requests[sent % len(requests)]
+        sent += 1
         started = time.perf_counter()
         try:
             response = await stub.Evaluate(request, timeout=timeout)
@@ -112,7 +174,12 @@ async def _unary_worker(stub, request, clock: _Clock, tally: _Tally, timeout: fl
 
 
 async def _stream_worker(
-    stub, request, clock: _Clock, tally: _Tally, window: int, timeout: float
+    stub,
+    requests: list[pb.EvaluateRequest],
+    clock: _Clock,
+    tally: _Tally,
+    window: int,
+    timeout: float,
 ) -> None:
     """One stream with up to `window` messages in flight; latency is send -> answer."""
     sent: dict[str, float] = {}
@@ -125,7 +192,7 @@ async def _stream_worker(
             if not clock.take():
                 return
             message = pb.EvaluateRequest()
-            message.CopyFrom(request)
+            message.CopyFrom(requests[i % len(requests)])
             message.id = str(i)
             sent[message.id] = time.perf_counter()
             i += 1
@@ -156,20 +223,25 @@ async def run_step(
     progress: bool = False,
     tls: Tls | None = None,
     connections: int | None = None,
+    model: str = "",
+    x: np.ndarray | None = None,
 ) -> StepResult:
     """Run one load step and summarise it; callers are spread round-robin over `connections`
-    connections to each of `targets` (default: one per caller, at most 16)."""
+    connections to each of `targets` (default: one per caller, at most 16).
+
+    The request shapes come from the server's description of `model` (empty: the only one
+    served); `x` ([N, *input_shape]) replaces the random inputs."""
     connections = connections or min(concurrency, 16)
     channels = [open_channel(t, tls, aio=True) for t in targets for _ in range(connections)]
     try:
         stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
-        info = await stubs[0].GetModelInfo(pb.ModelInfoRequest(), timeout=timeout)
-        request = make_request(info.input_width, rows, derivative)
+        info = await stubs[0].GetModelInfo(pb.ModelInfoRequest(model=model), timeout=timeout)
+        requests = build_requests(to_model_info(info), rows, derivative, x, model)
         clock, tally = _Clock(duration, max_requests), _Tally()
         workers = [
-            _unary_worker(stubs[i % len(stubs)], request, clock, tally, timeout)
+            _unary_worker(stubs[i % len(stubs)], requests, clock, tally, timeout)
             if mode == "unary"
-            else _stream_worker(stubs[i % len(stubs)], request, clock, tally, window, timeout)
+            else _stream_worker(stubs[i % len(stubs)], requests, clock, tally, window, timeout)
             for i in range(concurrency)
         ]
         started = time.perf_counter()
@@ -182,7 +254,8 @@ async def run_step(
     finally:
         for channel in channels:
             await channel.close()
-    return _summarise(tally, label, mode, concurrency, rows, seconds)
+    result = _summarise(tally, label, mode, concurrency, rows, seconds)
+    return replace(result, derivative=derivative, model=info.name)
 
 
 async def _report(tally: _Tally, clock: _Clock, started: float, label: str) -> None:
@@ -238,7 +311,7 @@ def _breakdown(tally: _Tally, latencies_ms: np.ndarray) -> dict[str, float]:
 
 def format_breakdown(results: list[StepResult]) -> str:
     """Where a request's time went, per step: the server's hops and the rest (medians, us)."""
-    columns = (*HOPS, "server", "outside")
+    columns = BREAKDOWN
     head = f"{'run':<16} {'mode':<6} {'conc':>5} {'rows':>5} " + " ".join(
         f"{c:>8}" for c in columns
     )
@@ -254,7 +327,7 @@ def format_breakdown(results: list[StepResult]) -> str:
 
 def format_table(results: list[StepResult]) -> str:
     head = (
-        f"{'run':<16} {'mode':<6} {'conc':>5} {'rows':>5} {'req/s':>9} {'rows/s':>10} "
+        f"{'run':<16} {'mode':<6} {'kind':<8} {'conc':>5} {'rows':>5} {'req/s':>9} {'rows/s':>10} "
         + " ".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
         + f" {'max':>7} {'batch':>6} {'errors'}"
     )
@@ -263,9 +336,9 @@ def format_table(results: list[StepResult]) -> str:
         lat = " ".join(f"{r.latency_ms[f'p{p}']:>7.2f}" for p in PERCENTILES)
         errors = ",".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "-"
         lines.append(
-            f"{r.label:<16} {r.mode:<6} {r.concurrency:>5} {r.rows_per_request:>5} "
-            f"{r.requests_per_s:>9.0f} {r.rows_per_s:>10.0f} {lat} {r.latency_ms['max']:>7.2f} "
-            f"{r.batch_rows['mean']:>6.1f} {errors}"
+            f"{r.label:<16} {r.mode:<6} {r.derivative:<8} {r.concurrency:>5} "
+            f"{r.rows_per_request:>5} {r.requests_per_s:>9.0f} {r.rows_per_s:>10.0f} {lat} "
+            f"{r.latency_ms['max']:>7.2f} {r.batch_rows['mean']:>6.1f} {errors}"
         )
     return "\n".join(lines)
 
@@ -280,15 +353,15 @@ def write_csv(results: list[StepResult], path: Path) -> None:
         writer.writerow(
             ["label", "mode", "concurrency", "rows", "seconds", "requests", "errors", "req_per_s",
              "rows_per_s", *[f"p{p}_ms" for p in PERCENTILES], "max_ms", "batch_mean",
-             *[f"{h}_us" for h in (*HOPS, "server", "outside")]]
+             "derivative", "model", *[f"{h}_us" for h in BREAKDOWN]]
         )  # fmt: skip
         for r in results:
             writer.writerow(
                 [r.label, r.mode, r.concurrency, r.rows_per_request, f"{r.seconds:.3f}",
                  r.requests, sum(r.errors.values()), f"{r.requests_per_s:.1f}",
                  f"{r.rows_per_s:.1f}", *[f"{r.latency_ms[f'p{p}']:.3f}" for p in PERCENTILES],
-                 f"{r.latency_ms['max']:.3f}", f"{r.batch_rows['mean']:.2f}",
-                 *[f"{r.breakdown_us.get(h, 0.0):.0f}" for h in (*HOPS, "server", "outside")]]
+                 f"{r.latency_ms['max']:.3f}", f"{r.batch_rows['mean']:.2f}", r.derivative,
+                 r.model, *[f"{r.breakdown_us.get(h, 0.0):.0f}" for h in BREAKDOWN]]
             )  # fmt: skip
 
 
@@ -302,7 +375,7 @@ def plot(results: list[StepResult], path: Path, title: str = "gradserve load tes
     fig, ax = plt.subplots(figsize=(8, 5))
     runs: dict[str, list[StepResult]] = {}
     for r in results:
-        runs.setdefault(f"{r.label} {r.mode} {r.rows_per_request} row", []).append(r)
+        runs.setdefault(f"{r.label} {r.mode} {r.derivative} {r.rows_per_request} row", []).append(r)
     for name, steps in runs.items():
         steps.sort(key=lambda s: s.concurrency)
         xs = [s.latency_ms["p99"] for s in steps]
@@ -339,7 +412,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=float, default=1.0, help="seconds of unrecorded load before each step"
     )
-    parser.add_argument("--derivative", choices=sorted(DERIVATIVES), default="gradient")
+    parser.add_argument(
+        "--derivative",
+        type=_kinds,
+        default=["gradient"],
+        help=f"kind, comma list of kinds, or 'all' ({', '.join(DERIVATIVES)}); one set of "
+        "steps per kind",
+    )
+    parser.add_argument("--model", default="", help="model to call (empty: the only one served)")
+    parser.add_argument(
+        "--x-file",
+        type=Path,
+        help="send these inputs: a .npy array [N, *input_shape]; each request takes the next "
+        "--rows rows (default: random rows in [0, 1))",
+    )
     parser.add_argument("--window", type=int, default=16, help="messages in flight per stream")
     parser.add_argument(
         "--connections", type=int, default=None,
@@ -359,19 +445,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="PEM client key, for mTLS")
 
 
+def _kinds(text: str) -> list[str]:
+    """--derivative: one kind, a comma list, or 'all'."""
+    if text.strip().lower() == "all":
+        return list(DERIVATIVES)
+    kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in DERIVATIVES]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown derivative {', '.join(unknown) or text!r}; choose from "
+            f"{', '.join(DERIVATIVES)} or all"
+        )
+    return kinds
+
+
 async def run(args: argparse.Namespace) -> list[StepResult]:
     targets = args.target or [DEFAULT_TARGET]
+    x = load_inputs(args.x_file) if args.x_file else None
+    kinds = args.derivative if isinstance(args.derivative, list) else _kinds(args.derivative)
     results = []
-    for concurrency in (int(c) for c in str(args.concurrency).split(",")):
+    steps = [(k, int(c)) for k in kinds for c in str(args.concurrency).split(",")]
+    for derivative, concurrency in steps:
         common = {
             "mode": args.mode,
             "concurrency": concurrency,
             "rows": args.rows,
-            "derivative": args.derivative,
+            "derivative": derivative,
             "window": args.window,
             "timeout": args.timeout,
             "tls": _tls(args),
             "connections": args.connections,
+            "model": args.model,
+            "x": x,
         }
         if args.warmup > 0:
             await run_step(targets, duration=args.warmup, **common)
@@ -396,6 +501,9 @@ def main(args: argparse.Namespace) -> int:
         results = asyncio.run(run(args))
     except grpc.aio.AioRpcError as error:
         print(f"cannot reach the server: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:
+        print(f"gradserve loadtest: {error}", file=sys.stderr)
         return 2
     print(format_table(results))
     print("\nwhere the time went (medians, microseconds):")

@@ -9,6 +9,7 @@ import grpc
 
 from gradserve.client.channel import ClientBase
 from gradserve.client.errors import GradserveError
+from gradserve.client.readiness import OVERALL, ReadinessWait
 from gradserve.client.results import (
     NEEDS_VECTOR,
     ModelInfo,
@@ -17,7 +18,6 @@ from gradserve.client.results import (
     to_model_info,
     to_result,
 )
-from gradserve.client.retry import Attempts
 from gradserve.v1 import gradserve_pb2 as pb
 
 
@@ -29,7 +29,8 @@ class GradientClient(ClientBase):
     mTLS with a client certificate). `timeout` (seconds) is the deadline of each call
     (retries included), or of a whole stream. `evaluate` and `model_info` retry
     UNAVAILABLE and RESOURCE_EXHAUSTED per `retry` (evaluation is idempotent); pass
-    RetryPolicy(attempts=1) to disable.
+    RetryPolicy(attempts=1) to disable. `wait_for_ready=True` makes calls wait, within
+    their timeout, for a server that is still starting instead of failing.
     """
 
     def __enter__(self) -> GradientClient:
@@ -49,12 +50,34 @@ class GradientClient(ClientBase):
         request = make_request(x, derivative, model=model, v=v)
         return to_result(self._call(self._stub.Evaluate, request))
 
-    def _call(self, method, request):
-        """One unary call with retries, within the client's timeout."""
-        attempts = Attempts(self.retry, self.timeout)
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Block until the server reports SERVING on the standard health service (overall
+        server ""), i.e. its models are loaded and warmed up.
+
+        `timeout` in seconds defaults to the client's (None: wait as long as it takes).
+        Raises GradserveError DEADLINE_EXCEEDED, naming the last health answer, if the
+        server is not ready in time. With several targets, one ready replica suffices.
+        """
+        wait = ReadinessWait(self.timeout if timeout is None else timeout)
         while True:
             try:
-                return method(request, timeout=attempts.remaining())
+                answer = self._health.Check(
+                    OVERALL, timeout=wait.check_timeout(), wait_for_ready=True
+                )
+                if wait.answered(answer):
+                    return
+            except grpc.RpcError as error:
+                wait.failed(error)
+            time.sleep(wait.next_pause())
+
+    def _call(self, method, request):
+        """One unary call with retries, within the client's timeout."""
+        attempts = self._attempts()
+        while True:
+            try:
+                return method(
+                    request, timeout=attempts.remaining(), wait_for_ready=self.wait_for_ready
+                )
             except grpc.RpcError as error:
                 delay = attempts.backoff(error.code())
                 if delay is None:
@@ -77,8 +100,16 @@ class GradientClient(ClientBase):
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        timeout = self.timeout
+        if self.wait_for_ready:  # a stream is not retried: wait for readiness before it
+            started = time.monotonic()
+            self.wait_until_ready(timeout)
+            waited = time.monotonic() - started
+            timeout = None if timeout is None else max(timeout - waited, 0.001)
         requests = (_message(x, derivative, str(i), model) for i, x in enumerate(xs))
-        call = self._stub.EvaluateStream(requests, timeout=self.timeout)
+        call = self._stub.EvaluateStream(
+            requests, timeout=timeout, wait_for_ready=self.wait_for_ready
+        )
         try:
             for response in call:
                 try:

@@ -165,6 +165,7 @@ class GradServer:
                 # A second server on a taken port must fail, not silently share it (frontends
                 # of one multi-process server share it on purpose; their supervisor checks).
                 ("grpc.so_reuseport", int(self._reuse_port)),
+                *config.connection_options(),
             ]
         )
         self._routes.expect(NATIVE_SERVICE)

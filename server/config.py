@@ -32,6 +32,8 @@ class ServerConfig:
     stream_window: int = 256
     drain_seconds: float = 30.0
     frontends: str = "auto"
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 0.0
     metrics_port: int = 9400
     log_format: str = "text"
     log_level: str = "INFO"
@@ -49,6 +51,16 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """gRPC server options for --max-connection-age and its grace (none when off)."""
+        options = []
+        if self.max_connection_age > 0:
+            options.append(("grpc.max_connection_age_ms", round(self.max_connection_age * 1000)))
+        if self.max_connection_age_grace > 0:
+            grace_ms = round(self.max_connection_age_grace * 1000)
+            options.append(("grpc.max_connection_age_grace_ms", grace_ms))
+        return options
 
     def model_paths(self) -> list[Path]:
         """Every model to serve: --model entries (comma-separated; a bare bundled name such as
@@ -81,6 +93,11 @@ _HELP = {
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
     "frontends": "protocol processes sharing the port, fed to one engine process: a number, "
     "or auto (1, one process, below 4 cores; else half the cores)",
+    "max_connection_age": "seconds after which a client connection is asked to reconnect "
+    "(GOAWAY, +-10%% jitter), so balancing clients re-resolve and spread over new replicas "
+    "(0: never)",
+    "max_connection_age_grace": "seconds the calls in flight on such a connection may still "
+    "take before it is closed (0: no limit)",
     "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -129,6 +146,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
     config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
     if config.max_batch_size < 1 or config.max_queue_rows < 1 or config.max_delay_us < 0:
         raise ValueError("max-batch-size and max-queue-rows must be >= 1, max-delay-us >= 0")
+    if config.max_connection_age < 0 or config.max_connection_age_grace < 0:
+        raise ValueError("--max-connection-age and --max-connection-age-grace must be >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

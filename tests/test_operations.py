@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import json
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -293,3 +295,60 @@ def test_native_stub_reaches_the_inference_port_too(server):
     with grpc.insecure_channel(server.target) as channel:
         info = pb_grpc.GradientServiceStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=5)
     assert info.name == "quadratic"
+
+
+def _states(channel: grpc.Channel) -> list[grpc.ChannelConnectivity]:
+    seen: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(seen.append, try_to_connect=False)
+    return seen
+
+
+def test_max_connection_age_sends_clients_to_reconnect_without_failing_calls(bundled_engine):
+    """With --max-connection-age 0.4 the server ends a connection (GOAWAY) after about 0.4 s:
+    the channel leaves READY and reconnects, a call in flight across that moment (held 1.5 s
+    by the gate) still gets its answer, and later calls work on the new connection."""
+    from conftest import GatedEngine
+
+    gated = GatedEngine(bundled_engine)
+    config = replace(TEST_CONFIG, max_connection_age=0.4)
+    with RunningServer(config, gated) as running, grpc.insecure_channel(running.target) as ch:
+        stub = pb_grpc.GradientServiceStub(ch)
+        request = pb.EvaluateRequest(x=pb.Tensor(shape=[1, 1], data=np.float32(0.6).tobytes()))
+        stub.Evaluate(request, timeout=10)
+        seen = _states(ch)
+        gated.gate.clear()
+        held = stub.Evaluate.future(request, timeout=20)
+        threading.Timer(1.5, gated.gate.set).start()
+        answer = held.result(timeout=20)
+        assert np.frombuffer(answer.dy_dx.data, "<f4")[0] == pytest.approx(0.8, abs=0.3)
+        deadline = time.monotonic() + 10
+        while grpc.ChannelConnectivity.IDLE not in seen:
+            assert time.monotonic() < deadline, f"no reconnect after the age: {seen}"
+            time.sleep(0.05)
+        stub.Evaluate(request, timeout=10)
+
+
+def test_without_max_connection_age_the_connection_stays(server):
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        request = pb.EvaluateRequest(x=pb.Tensor(shape=[1, 1], data=np.float32(0.6).tobytes()))
+        stub.Evaluate(request, timeout=10)
+        seen = _states(channel)
+        time.sleep(1.2)
+        stub.Evaluate(request, timeout=10)
+    assert grpc.ChannelConnectivity.IDLE not in seen, seen
+
+
+def test_connection_age_flags_become_grpc_options():
+    from gradserve.server import config as cfg
+
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    args = parser.parse_args(["--max-connection-age", "300", "--max-connection-age-grace", "2.5"])
+    assert cfg.from_namespace(args).connection_options() == [
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 2500),
+    ]
+    assert cfg.ServerConfig().connection_options() == []
+    with pytest.raises(ValueError, match="max-connection-age"):
+        cfg.from_namespace(parser.parse_args(["--max-connection-age", "-1"]))
