@@ -7,7 +7,10 @@ import os
 import platform
 from pathlib import Path
 
+from bench import scaling
 from gradserve.client.loadtest import HOPS, StepResult
+
+FRONTENDS = 2
 
 
 def _cpu() -> str:
@@ -32,12 +35,17 @@ def _engine(engine: list[dict], batch: int, xla: str = "on", kind: str = "gradie
     return next(e for e in engine if (e["batch"], e["xla"], e["kind"]) == (batch, xla, kind))
 
 
-def render(engine: list[dict], results: list[StepResult], rss: dict, elapsed: float, args) -> str:
+def render(
+    engine: list[dict], results: list[StepResult], rss: dict, elapsed: float, args, costs: dict
+) -> str:
     lines = [
         f"Run of {datetime.date.today()} on {os.cpu_count()} cores ({_cpu()}), "
         f"{args.repeats} repeats of {args.seconds:g} s per step, medians; "
         f"whole run {elapsed:.0f} s. Load generator: `gradserve loadtest` (one asyncio "
-        "process on the same machine, so it shares the 2 cores with the server).",
+        "process on the same machine, so it shares the 2 cores with the server). `batched` is "
+        "the default configuration (`--frontends auto`, one process on this machine); "
+        f"`frontends={FRONTENDS}` is `--frontends {FRONTENDS}`: {FRONTENDS} protocol "
+        "processes and one engine process.",
         "",
         "### Engine alone (in-process, bundled model)",
         "",
@@ -68,6 +76,8 @@ def render(engine: list[dict], results: list[StepResult], rss: dict, elapsed: fl
             f"| {r.latency_ms['p99']:.2f} | {r.batch_rows['mean']:.1f} | {errors} |"
         )
     lines += ["", *_breakdown(results)]
+    if costs:
+        lines += ["", *scaling.render(costs, FRONTENDS)]
     lines += ["", "### Targets", "", *_targets(engine, results, rss), ""]
     lines += ["![rows/s against p99 latency](benchmarks.png)"]
     return "\n".join(lines)
@@ -133,4 +143,26 @@ def _targets(engine: list[dict], results: list[StepResult], rss: dict) -> list[s
         row("1 stream, 256 rows/msg: batched / engine@256", f"{r_stream:.2f}", ">= 0.5",
             r_stream >= 0.5),
         row("peak server RSS (MB), gradserve", f"{peak:.0f}", "< 1500", peak < 1500),
+        *_frontend_targets(results),
     ]  # fmt: skip
+
+
+def _frontend_targets(results: list[StepResult]) -> list[str]:
+    label = f"frontends={FRONTENDS}"
+    if not any(r.label == label for r in results):
+        return []
+    multi64 = _find(results, label, "unary", 64, 1).rows_per_s
+    single64 = _find(results, "batched", "unary", 64, 1).rows_per_s
+    transport64 = _find(results, "transport", "unary", 64, 1).rows_per_s
+    p50 = {r.label: r.latency_ms["p50"] for r in results if (r.mode, r.concurrency) == ("unary", 1)}
+    best = min(p50["batched"], p50["unbatched"])
+    return [
+        f"| unary c=64: {label} / batched (one process) | {multi64 / single64:.2f} | >= 1.3 "
+        f"| {'met' if multi64 >= 1.3 * single64 else 'NOT met'} |",
+        f"| unary c=64: {label} / transport ceiling | {multi64 / transport64:.2f} | >= 0.8 "
+        f"| {'met' if multi64 >= 0.8 * transport64 else 'NOT met'} |",
+        f"| c=1 p50 (ms): auto (= batched here) vs best one-process | {p50['batched']:.2f} vs "
+        f"{best:.2f} | <= 1.1x | {'met' if p50['batched'] <= 1.1 * best else 'NOT met'} |",
+        f"| c=1 p50 (ms): {label} vs best one-process | {p50[label]:.2f} vs {best:.2f} "
+        "| (informative) | |",
+    ]

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import scaling
 from gradserve.client import loadtest
 from gradserve.client.loadtest import StepResult
 
@@ -32,6 +33,7 @@ PLOT = ROOT / "docs" / "benchmarks.png"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
+FRONTENDS = 2
 STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)] + [("stream", 16, 1)]
 
 
@@ -155,25 +157,31 @@ def main() -> int:
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
     serve = ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"]
+    metrics_port = free_port()
+    frontends = ["--frontends", str(FRONTENDS), "--metrics-port", str(metrics_port)]
     configs = [
         ("transport", ["bench/transport_server.py"], False),
         ("unbatched", [*serve, "--max-batch-size", "1"], True),
         ("batched", serve, True),
+        (f"frontends={FRONTENDS}", [*serve, *frontends], True),
     ]
     results: list[StepResult] = []
     rss: dict[str, float] = {}
+    costs: dict = {}
     for label, argv, health in configs:
         print(f"{label}...", flush=True)
         server = Server(label, argv, health)
         try:
             results += measure(server, UNARY + STREAMS, args.repeats, args.seconds)
+            if label.startswith("frontends"):
+                costs = scaling.measure(server.target, metrics_port, server.process.pid)
         finally:
             server.stop()
         rss[label] = server.peak_rss_mb
     elapsed = time.monotonic() - started
     from bench.report import render
 
-    text = render(engine, results, rss, elapsed, args)
+    text = render(engine, results, rss, elapsed, args, costs)
     print(text)
     if not args.no_write:
         write_doc(text)

@@ -233,6 +233,8 @@ class Cluster:
 
     def _spawn_replica(self, index: int, port: int, metrics_port: int) -> Replica:
         argv = [sys.executable, "-m", "gradserve.server.cli", "serve", *self.server_args]
+        if not any(a.startswith("--frontends") for a in self.server_args):
+            argv += ["--frontends", "1"]  # replicas share this machine's cores: one process each
         if self.xla is not None:
             argv += ["--xla", "on" if self.xla else "off"]
         # last, so they win over anything in server_args: loopback, the ports handed out here

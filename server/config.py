@@ -44,7 +44,7 @@ class ServerConfig:
     def frontend_count(self) -> int:
         """How many frontend processes: 1 means today's single process."""
         if self.frontends == "auto":
-            cores = os.cpu_count() or 1
+            cores = len(os.sched_getaffinity(0))  # the cores this process may run on
             return 1 if cores < AUTO_MIN_CORES else cores // 2
         return int(self.frontends)
 

@@ -168,7 +168,7 @@ def test_resources_request_one_gpu_and_cpu_memory(container: dict) -> None:
     requests = resources["requests"]
     if "nvidia.com/gpu" in requests:  # extended resources: a request must equal the limit
         assert int(requests["nvidia.com/gpu"]) == 1
-    assert str(requests["cpu"]) == "2"
+    assert str(requests["cpu"]) == "8"  # a core per frontend process, the engine, the rest
     assert requests["memory"] == "2Gi"
 
 
@@ -301,3 +301,10 @@ def test_hadolint_flags_a_careless_dockerfile(tmp_path: Path) -> None:
     run = hadolint(careless)
     assert run.returncode != 0
     assert "DL3006" in run.stdout and "DL3008" in run.stdout
+
+
+def test_frontends_fit_the_pods_cpu_request(container: dict, served: dict) -> None:
+    """Each frontend process wants a core; the engine process and the supervisor want theirs."""
+    cpus = float(container["resources"]["requests"]["cpu"])
+    frontends = int(served["frontends"])
+    assert 1 <= frontends <= cpus - 2
