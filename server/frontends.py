@@ -8,10 +8,11 @@ The supervisor (this module, in the process the user started) spawns:
   RemoteEngines. They listen on the same port with SO_REUSEPORT, so the kernel spreads
   connections over them. They never import TensorFlow.
 
-It keeps them running: a frontend that dies is replaced at once (only the calls it held
-fail); if the engine process dies, every frontend is told to stop (they answer UNAVAILABLE
-and report NOT_SERVING while they do) and the supervisor exits with status 1, so that an
-orchestrator restarts the whole server. On SIGTERM/SIGINT it drains the frontends (each
+It keeps them running: a frontend that dies is replaced at once by a standby frontend
+that has already started and imported everything (only the calls the dead one held
+fail); if the engine process dies, every frontend is told to stop (they answer
+UNAVAILABLE and report NOT_SERVING while they do) and the supervisor exits with status 1,
+so that an orchestrator restarts the whole server. On SIGTERM/SIGINT it drains the frontends (each
 finishes what it accepted), then stops the engine, and exits 0. One /metrics endpoint
 gathers every process's metrics with a `process` label.
 """
@@ -105,9 +106,19 @@ async def _frontend(config: ServerConfig, address: str, parent: Connection) -> N
             link.close()
 
 
-def run_frontend(config: ServerConfig, address: str, parent: Connection) -> None:
-    """Entry point of a frontend process."""
+def run_frontend(
+    config: ServerConfig, address: str, parent: Connection, standby: bool = False
+) -> None:
+    """Entry point of a frontend process. A standby imports everything first, then waits
+    for the supervisor's word to start, so that it replaces a dead frontend at once."""
     logs.configure(config.log_format, config.log_level)
+    if standby:
+        import gradserve.server.app  # noqa: F401  (the expensive part of starting)
+
+        try:
+            parent.recv()
+        except (EOFError, OSError):
+            return
     asyncio.run(_frontend(config, address, parent))
 
 
@@ -122,6 +133,7 @@ class Supervisor:
         self._address = str(self._run_dir / "engine.sock")
         self._engine: _Child | None = None
         self._frontends: list[_Child | None] = [None] * frontends
+        self._standby: _Child | None = None
         self._stopping = False
         self._metrics = MetricsGatherer(self._metrics_ports)
         self.replaced = 0
@@ -130,19 +142,37 @@ class Supervisor:
         children = [self._engine, *self._frontends]
         return {c.name: c.metrics_port for c in children if c is not None and c.metrics_port}
 
-    def _spawn(self, name: str, target, config: ServerConfig) -> _Child:
+    def _spawn(self, name: str, target, config: ServerConfig, *extra: object) -> _Child:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
-            target=target, args=(config, self._address, theirs), name=name, daemon=False
+            target=target, args=(config, self._address, theirs, *extra), name=name, daemon=False
         )
         process.start()
         theirs.close()
         return _Child(name, process, ours)
 
-    def _spawn_frontend(self, index: int) -> None:
+    def _frontend_config(self) -> ServerConfig:
         share = max(1, self.config.max_queue_rows // self.frontends)
-        config = dataclasses.replace(self.config, max_queue_rows=share)
-        self._frontends[index] = self._spawn(f"frontend-{index}", run_frontend, config)
+        return dataclasses.replace(self.config, max_queue_rows=share)
+
+    def _spawn_frontend(self, index: int) -> None:
+        self._frontends[index] = self._spawn(
+            f"frontend-{index}", run_frontend, self._frontend_config()
+        )
+
+    def _spawn_standby(self) -> None:
+        self._standby = self._spawn("standby", run_frontend, self._frontend_config(), True)
+
+    def _replace_frontend(self, index: int) -> None:
+        """Start the standby in the dead frontend's place, and a new standby."""
+        standby = self._standby
+        if standby is None or not standby.process.is_alive():
+            self._spawn_frontend(index)
+        else:
+            standby.name = f"frontend-{index}"
+            standby.pipe.send(("start",))
+            self._frontends[index] = standby
+        self._spawn_standby()
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit 0 after a drain) or the engine dies (exit 1)."""
@@ -154,6 +184,7 @@ class Supervisor:
             self._engine = self._spawn("engine", engine_process.run, config)
             for i in range(self.frontends):
                 self._spawn_frontend(i)
+            self._spawn_standby()
             if config.metrics_port:
                 self._metrics.serve(config.host, config.metrics_port)
             log.info(
@@ -168,7 +199,7 @@ class Supervisor:
 
     def _watch(self, signals: _SignalFlag) -> int:
         while not signals.raised:
-            children = [c for c in (self._engine, *self._frontends) if c is not None]
+            children = [c for c in (self._engine, self._standby, *self._frontends) if c is not None]
             ready = wait([c.process.sentinel for c in children] + [c.pipe for c in children], 0.2)
             for child in children:
                 if child.pipe in ready:
@@ -187,7 +218,10 @@ class Supervisor:
                     )  # fmt: skip
                     child.pipe.close()
                     self.replaced += 1
-                    self._spawn_frontend(i)
+                    self._replace_frontend(i)
+            if self._standby is not None and self._standby.process.sentinel in ready:
+                self._standby.pipe.close()
+                self._spawn_standby()
         log.info("signal received: draining every frontend", extra={"event": "signal"})
         return 0
 
@@ -203,7 +237,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         """Drain the frontends, then stop the engine; kill what does not stop in time."""
-        frontends = [c for c in self._frontends if c is not None]
+        frontends = [c for c in (self._standby, *self._frontends) if c is not None]
         grace = self.config.drain_seconds + _STOP_MARGIN_S
         _stop(frontends, grace)
         if self._engine is not None:

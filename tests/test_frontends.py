@@ -54,11 +54,26 @@ def rss_mb(pid: int) -> float:
     return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) / 1024
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """True if the process holds a socket listening on `port` (a standby frontend does not)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on v4-mapped IPv6
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:
+        return False
+    return any(link[len("socket:[") : -1] in inodes for link in links if link.startswith("socket:"))
+
+
 def roles(server: ServerProcess) -> tuple[int, list[int]]:
-    """(engine pid, frontend pids) among the supervisor's children (spawn helpers aside)."""
+    """(engine pid, frontend pids) among the supervisor's children (the standby aside)."""
     pids = children(server.process.pid)
     engines = [p for p in pids if loads_tensorflow(p)]
-    frontends = [p for p in pids if p not in engines and "grpc" in maps(p)]
+    frontends = [p for p in pids if p not in engines and listens_on(p, server.port)]
     assert len(engines) == 1, (pids, engines)
     return engines[0], frontends
 
