@@ -20,6 +20,14 @@ from gradserve.server.errors import QueueFull, RequestTooLarge
 MIB = 2**20
 
 
+def size_text(nbytes: float) -> str:
+    """A byte count for people: 512 B, 3.5 KiB, 240.0 MiB."""
+    for unit, scale in (("MiB", MIB), ("KiB", 1024)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 class MemoryBudget:
     """Bytes held by admitted requests, against a limit shared by every batcher of a server."""
 
@@ -34,13 +42,13 @@ class MemoryBudget:
         could never fit, QueueFull when they do not fit now."""
         if nbytes > self.limit:
             raise RequestTooLarge(
-                f"request needs {nbytes / MIB:.1f} MiB (its message, rows and result); at most "
-                f"{self.limit / MIB:.0f} MiB may be queued at once; send fewer rows per request"
+                f"request needs {size_text(nbytes)} (its message, rows and result); at most "
+                f"{size_text(self.limit)} may be queued at once; send fewer rows per request"
             )
         if self.held + nbytes > self.limit:
             raise QueueFull(
-                f"queue full: {self.held / MIB:.1f} MiB of {self.limit / MIB:.0f} MiB are held "
-                f"by queued and running requests and this request needs {nbytes / MIB:.1f} MiB; "
+                f"queue full: {size_text(self.held)} of {size_text(self.limit)} are held by "
+                f"queued and running requests and this request needs {size_text(nbytes)}; "
                 "retry later"
             )
         self.held += nbytes
@@ -112,7 +120,8 @@ class CostModel:
         if estimate is None or estimate.per_row_s <= 0:
             return max_rows
         if sizes:
-            fitting = [s for s in sizes if s <= max_rows and estimate.seconds(s) <= budget_s]
+            within = budget_s * (1 + 1e-9)  # not lost to rounding when a size fits exactly
+            fitting = [s for s in sizes if s <= max_rows and estimate.seconds(s) <= within]
             return max(fitting, default=1)
-        rows = int((budget_s - estimate.fixed_s) / estimate.per_row_s)
+        rows = int((budget_s - estimate.fixed_s) / estimate.per_row_s + 1e-6)
         return max(1, min(max_rows, rows))
