@@ -20,8 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH_MS = 20
-MAX_QUEUE_MB = 16
-LATENCY_MARGIN_MS = 250
+MAX_QUEUE_MB = 8
+# The light caller shares 2 busy cores with the flood and its clients: this margin only
+# catches starvation (seconds); the batcher tests check the order of service exactly.
+LATENCY_MARGIN_MS = 1000
 RSS_MARGIN_MB = 200
 
 
@@ -48,11 +50,11 @@ def head_model(tmp_path_factory) -> Path:
 def test_flood_is_fair_bounded_and_loses_nothing(head_model: Path) -> None:
     args = ["--xla", "off", "--max-batch-size", "256", "--max-queue-mb", str(MAX_QUEUE_MB)]
     args += ["--max-batch-ms", str(MAX_BATCH_MS)]
-    result = flood.run_flood(head_model, args, callers=6, rows=40, seconds=3, idle_seconds=1)
+    result = flood.run_flood(head_model, args, callers=4, rows=32, seconds=3, idle_seconds=1)
 
     assert result.lost == {}, result
     assert result.answered > 0, result
-    assert result.refused > 0, result  # 6 x 40 rows of 48 KiB (x, message, result) > 16 MiB
+    assert result.refused > 0, result  # 4 x 32 rows x 3 x 48 KiB (message, x, result) > 8 MiB
 
     idle_p99, flood_p99 = result.light_idle_ms["p99"], result.light_flood_ms["p99"]
     assert result.light_flood_ms["n"] >= 5, result
