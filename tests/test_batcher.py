@@ -1242,7 +1242,7 @@ def test_batches_are_capped_to_the_time_budget_once_the_cost_is_learned(ladder) 
             assert batcher.row_cap(Derivative.NONE) == 256  # a kind not measured yet
             learned = {c.kind: c for c in batcher.costs()}
             assert set(learned) == {GRADIENT}
-            assert learned[GRADIENT].estimate.per_row_s >= 0.0002
+            assert learned[GRADIENT].estimate.calls == len(rows)
             # a busy machine only makes calls slower, so the cap lower: bound it from above,
             # and from below only against a tenfold slowdown
             assert 4 <= learned[GRADIENT].row_cap <= cap
