@@ -166,3 +166,50 @@ def _frontend_targets(results: list[StepResult]) -> list[str]:
         f"| c=1 p50 (ms): {label} vs best one-process | {p50[label]:.2f} vs {best:.2f} "
         "| (informative) | |",
     ]
+def render_flood(floods: dict) -> list[str]:
+    """The flood step: the light caller's latency idle and under the flood, the flooders'
+    rows/s, refusals, losses and the server's memory, with and without fairness and the
+    time cap; then the targets."""
+    fair, fifo = floods["fair"], floods["fifo"]
+    lines = [
+        f"### Flood ({fair.callers} callers x {fair.rows}-row requests of a 64x64x3 model in a "
+        f"loop, plus one 1-row caller; {fair.seconds:.0f} s)",
+        "",
+        "fair: default flags (fairness on, `--max-batch-ms` 20, `--max-queue-mb` 256); fifo: "
+        "`--fairness off --max-batch-ms 0`. Refused flood calls wait 50 ms and try again.",
+        "",
+        "| server | light p50 idle ms | light p99 idle ms | light p50 flood ms "
+        "| light p99 flood ms | light max flood ms | flood rows/s | answered | refused | lost "
+        "| RSS baseline MB | RSS peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for label, f in floods.items():
+        lost = ", ".join(f"{k} {v}" for k, v in f.lost.items()) or "0"
+        lines.append(
+            f"| {label} | {f.light_idle_ms['p50']:.1f} | {f.light_idle_ms['p99']:.1f} "
+            f"| {f.light_flood_ms['p50']:.1f} | {f.light_flood_ms['p99']:.1f} "
+            f"| {f.light_flood_ms['max']:.1f} | {f.flood_rows_per_s:,.0f} | {f.answered} "
+            f"| {f.refused} | {lost} | {f.baseline_rss_mb:.0f} | {f.peak_rss_mb:.0f} |"
+        )
+    latency_bound = fair.light_idle_ms["p99"] + 3 * 20
+    ratio = fair.flood_rows_per_s / fifo.flood_rows_per_s if fifo.flood_rows_per_s else 0.0
+    rss_bound = fair.baseline_rss_mb + 256 * 1.2
+    lost = sum(fair.lost.values()) + sum(fifo.lost.values())
+
+    def row(name: str, value: str, target: str, ok: bool) -> str:
+        return f"| {name} | {value} | {target} | {'met' if ok else 'NOT met'} |"
+
+    return [
+        *lines,
+        "",
+        "| measure | value | target | |",
+        "|---|---:|---|---|",
+        row("light p99 under flood (ms)", f"{fair.light_flood_ms['p99']:.1f}",
+            f"<= idle p99 + 3 x 20 = {latency_bound:.1f}",
+            fair.light_flood_ms["p99"] <= latency_bound),
+        row("flood rows/s: fair / fifo", f"{ratio:.2f}", ">= 0.8", ratio >= 0.8),
+        row("peak RSS (MB), fair", f"{fair.peak_rss_mb:.0f}",
+            f"<= baseline + 256 x 1.2 = {rss_bound:.0f}", fair.peak_rss_mb <= rss_bound),
+        row("flood calls lost (neither answered nor RESOURCE_EXHAUSTED)", str(lost), "0",
+            lost == 0),
+    ]  # fmt: skip

@@ -1,4 +1,6 @@
-"""`make bench`: engine ceiling, transport ceiling, gradserve unbatched and batched, in ONE run.
+"""`make bench`: engine ceiling, transport ceiling, gradserve unbatched and batched, and the
+flood (fairness and memory bounds), in ONE run. `--only flood` runs the flood step alone
+(printed, not written).
 
 Writes the generated part of docs/benchmarks.md (between the bench markers; the tuning log
 around it is kept) and docs/benchmarks.png. Numbers are medians over repeats; the ratios
@@ -147,12 +149,42 @@ def engine_ceiling(repeats: int) -> list[dict]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+FLOOD_CALLERS, FLOOD_ROWS, FLOOD_SECONDS = 40, 300, 10.0
+# Fairness and the time cap on (the defaults), then both off: the flooders' rows/s compared.
+FLOOD_CONFIGS = {"fair": [], "fifo": ["--fairness", "off", "--max-batch-ms", "0"]}
+
+
+def flood_step() -> dict:
+    """The flood (40 callers x 300-row requests of a 64x64x3 model, plus one 1-row caller)
+    against the default server and against one with fairness and the time cap off."""
+    import tempfile
+
+    from bench.flood import build_model, run_flood
+
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_model(Path(folder) / "head64x64x3.keras")
+        for label, server_args in FLOOD_CONFIGS.items():
+            print(f"flood ({label})...", flush=True)
+            results[label] = run_flood(
+                model, server_args, callers=FLOOD_CALLERS, rows=FLOOD_ROWS,
+                seconds=FLOOD_SECONDS, idle_seconds=3.0,
+            )  # fmt: skip
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per repeat of a step")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--only", choices=["flood"], help="run this step alone and print it")
     args = parser.parse_args()
+    if args.only == "flood":
+        from bench.report import render_flood
+
+        print("\n".join(render_flood(flood_step())))
+        return 0
     started = time.monotonic()
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
@@ -178,16 +210,20 @@ def main() -> int:
         finally:
             server.stop()
         rss[label] = server.peak_rss_mb
+    floods = flood_step()
     elapsed = time.monotonic() - started
-    from bench.report import render
+    from bench.report import render, render_flood
 
-    text = render(engine, results, rss, elapsed, args, costs)
+    text = render(engine, results, rss, elapsed, args, costs) + "\n\n" + "\n".join(
+        render_flood(floods)
+    )
     print(text)
     if not args.no_write:
         write_doc(text)
         loadtest.plot(results, PLOT, title="gradserve benchmark: rows/s vs p99 latency")
         print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
     failures = sum(r.unexpected_errors() for r in results)
+    failures += sum(sum(f.lost.values()) for f in floods.values())
     return 1 if failures else 0
 
 

@@ -6,9 +6,14 @@ failure, on a stream) into its response. This module does the rest, once: hand t
 rows to its model's batcher, await the result, stamp the latency breakdown, count each
 stream message in the metrics by its status, and end streams on a drain.
 
-Streams are read ahead (up to `window` messages) while earlier messages wait in the batcher
-or compute, so one stream keeps the engine busy; responses are written in request order. A
-message that fails becomes its own error response; the stream goes on.
+Streams are read ahead (up to `window.messages` messages and `window.bytes` bytes) while
+earlier messages wait in the batcher or compute, so one stream keeps the engine busy;
+responses are written in request order. A message that fails becomes its own error
+response; the stream goes on.
+
+Every request is submitted with the key of its caller (the `x-gradserve-client` metadata
+value when the call carries one, else its connection), so the batcher can share batches
+fairly between callers, and with the priority its protocol asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import grpc
@@ -31,6 +37,8 @@ from gradserve.server.tickets import Hops, Ticket, hops
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 StreamResponse = TypeVar("StreamResponse")
+
+CLIENT_ID_KEY = "x-gradserve-client"
 
 _DRAINING = Closed(
     "the server is shutting down: every message answered before this status was read and "
@@ -53,6 +61,51 @@ class Codec(Protocol[Request, Response, StreamResponse]):
 
     def encode_stream(self, ticket: Ticket, outcome: Response | Failure) -> StreamResponse:
         """One stream answer: an encoded (stamped) answer or a failure."""
+
+
+@dataclass(frozen=True)
+class StreamWindow:
+    """How far one stream may read ahead of its answers: messages, and bytes they hold."""
+
+    messages: int = 256
+    bytes: int = 64 * 2**20
+
+
+class _ReadAhead:
+    """Bytes one stream's read, unanswered messages hold; reading waits while over the limit
+    (one message is always allowed, whatever its size)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._freed = asyncio.Event()
+
+    async def room(self) -> None:
+        while self.held >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+
+    def add(self, nbytes: int) -> None:
+        self.held += nbytes
+
+    def remove(self, nbytes: int) -> None:
+        self.held -= nbytes
+        self._freed.set()
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for fair batching: the client id the call's metadata names, else the
+    connection (gRPC's peer address)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_KEY:
+            return f"client:{value}"
+    return f"peer:{context.peer()}"
+
+
+def _wire_bytes(request: object) -> int:
+    """The size of a received message, which stays in memory while its request is served."""
+    size = getattr(request, "ByteSize", None)
+    return size() if size is not None else 0
 
 
 class Streams:
@@ -83,7 +136,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         streams: Streams,
         *,
         stream_rpc: str,
-        window: int,
+        window: StreamWindow,
     ) -> None:
         self._codec = codec
         self._metrics = metrics
@@ -94,13 +147,20 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         self._stream_latency = metrics.latency.labels(stream_rpc)
 
     def _start(
-        self, request: Request, ticket: Ticket, deadline: float | None
+        self, request: Request, ticket: Ticket, deadline: float | None, caller: str, *, kept: bool
     ) -> asyncio.Future[Result]:
-        """Decode and queue one request; raises a RequestError if it cannot be queued."""
+        """Decode and queue one request; raises a RequestError if it cannot be queued.
+        `kept`: the message itself stays in memory until the answer (a unary call's does)."""
         if isinstance(request, Undecodable):
             raise request.error
         self._codec.decode(request, ticket)
-        return ticket.served.batcher.submit(ticket.x, ticket.kind, deadline, ticket.v)
+        batcher = ticket.served.batcher
+        wire = _wire_bytes(request) if kept else 0
+        ticket.nbytes = batcher.request_bytes(ticket.x, ticket.kind, ticket.v, wire)
+        return batcher.submit(
+            ticket.x, ticket.kind, deadline, ticket.v,
+            caller=caller, priority=ticket.priority, extra_bytes=wire,
+        )  # fmt: skip
 
     def _finish(self, ticket: Ticket, result: Result) -> Response:
         response = self._codec.encode(ticket, result)
@@ -120,7 +180,8 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         """One unary call: decode and queue, wait, answer; a failure becomes its status."""
         ticket = Ticket()
         try:
-            result = await self._start(request, ticket, deadline_of(context))
+            deadline, caller = deadline_of(context), caller_of(context)
+            result = await self._start(request, ticket, deadline, caller, kept=True)
         except Exception as exc:
             await abort(context, exc)
         return self._finish(ticket, result)
@@ -132,18 +193,27 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         after the answers to every message already read."""
         if self._streams.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
-        deadline = deadline_of(context)
+        deadline, caller = deadline_of(context), caller_of(context)
         inflight: asyncio.Queue[tuple[Ticket, asyncio.Future[Result] | Failure] | None]
-        inflight = asyncio.Queue(self._window)
+        inflight = asyncio.Queue(self._window.messages)
+        ahead = _ReadAhead(self._window.bytes)
 
         async def read() -> None:
             try:
-                async for request in requests:
+                messages = aiter(requests)
+                while True:
+                    await ahead.room()
+                    try:
+                        request = await anext(messages)
+                    except StopAsyncIteration:
+                        return
                     ticket = Ticket()
                     try:
-                        outcome = self._start(request, ticket, deadline)
+                        outcome = self._start(request, ticket, deadline, caller, kept=False)
                     except Exception as exc:
                         outcome = Failure.of(exc)
+                    ahead.add(ticket.nbytes)
+                    del request  # the decoded rows are all a queued message still needs
                     await inflight.put((ticket, outcome))
             finally:
                 await inflight.put(None)
@@ -162,7 +232,9 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                 code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
                 self._count_stream_message(code)
                 self._stream_latency.observe(time.perf_counter() - ticket.arrived)
-                yield self._codec.encode_stream(ticket, outcome)
+                answer = self._codec.encode_stream(ticket, outcome)
+                ahead.remove(ticket.nbytes)
+                yield answer
             if reader.cancelled() and self._streams.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
             await reader

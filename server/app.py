@@ -22,10 +22,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.inference import grpc_service_pb2 as inference_pb2
-from gradserve.server.answering import Streams
+from gradserve.server.answering import Streams, StreamWindow
 from gradserve.server.batcher import Batcher
+from gradserve.server.budget import MemoryBudget
 from gradserve.server.config import ServerConfig
-from gradserve.server.contract import Engine, ModelSpec
+from gradserve.server.contract import Derivative, Engine, ModelSpec
 from gradserve.server.inference_service import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.metrics import Metrics
 from gradserve.server.native_service import GradientServicer
@@ -130,6 +131,7 @@ class GradServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self.batchers: list[Batcher] = []  # one per served model, in serving order
+        self.memory = MemoryBudget(config.max_queue_bytes)  # shared by every model's batcher
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = HealthServicer()
         self._streams = Streams()
@@ -216,6 +218,11 @@ class GradServer:
                 max_batch_size=config.max_batch_size,
                 max_delay_s=config.max_delay_us / 1e6,
                 max_queue_rows=config.max_queue_rows,
+                memory=self.memory,
+                result_row_bytes={kind: spec.answer_row_bytes(kind) for kind in Derivative},
+                fair=config.fairness,
+                max_batch_s=config.max_batch_ms / 1e3,
+                ladder=getattr(engine, "ladder", ()),
                 observer=self.metrics,
                 executor=self._executor,
             )
@@ -224,8 +231,11 @@ class GradServer:
             served.append(Served(spec, batcher, config.max_result_mb * 2**20))
         batchers = list(self.batchers)
         self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers))
+        self.metrics.queue_bytes.set_function(lambda: self.memory.held)
+        self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in served])
         models = Models(served)
-        common = {"stream_window": config.stream_window, "streams": self._streams}
+        window = StreamWindow(config.stream_window, config.stream_window_bytes)
+        common = {"stream_window": window, "streams": self._streams}
         native = GradientServicer(models, self.metrics, **common)
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
         inference = InferenceServicer(models, self.metrics, lambda: self.ready, **common)

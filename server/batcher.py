@@ -1,12 +1,25 @@
-"""Micro-batching: every caller's rows go into one queue, one worker runs them on the engine.
+"""Micro-batching: every caller's rows are queued, one worker runs them on the engine.
 
 The worker forms a batch as soon as the engine is free, from whatever is queued
 (no fixed wait at low load); while the engine computes, new rows accumulate for
 the next batch, up to `max_batch_size` rows. Batches never mix derivative kinds.
 A request larger than a batch is split across batches and reassembled. A request
 that is cancelled, or whose deadline passes, before its rows are dispatched is
-dropped and its rows freed. If the engine fails on a batch, the batch is bisected
-so only the request that fails on its own gets the error.
+dropped and its rows (and bytes) freed. If the engine fails on a batch, the batch is
+bisected so only the request that fails on its own gets the error.
+
+Bounds and fairness:
+- Admission counts rows (`max_queue_rows`) and bytes (a MemoryBudget shared by every
+  batcher of a server): past either, a request is refused at once and nothing queued is
+  dropped.
+- Each caller (a plain key given to `submit`) has its own queue per priority and kind; a
+  batch is filled deficit round robin in rows across the callers with rows of its kind, so
+  a caller with one row is in the next batch however many rows another caller has queued.
+  HIGH priority rows go before NORMAL ones. With `fair=False` every caller shares one queue
+  (first come, first served).
+- With `max_batch_s`, a batch holds at most the rows whose expected engine time (a CostModel
+  per kind, learned from the calls measured) fits that budget, on the engine's padding
+  ladder where it pads; a request larger than that is split.
 
 This module knows nothing of gRPC or protobuf: `compute` is any function
 (Derivative, x [n, ...]) -> Outputs, called as compute(kind, x, v) for the kinds that take
@@ -21,13 +34,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.server.contract import Derivative, Outputs
+from gradserve.server.budget import CostEstimate, CostModel, MemoryBudget
+from gradserve.server.contract import Derivative, Outputs, Priority
 from gradserve.server.errors import (
     Closed,
     DeadlineExpired,
@@ -78,6 +92,7 @@ class _Pending:
 
     __slots__ = (
         "batch_rows",
+        "caller",
         "compute_s",
         "deadline",
         "dy_dx",
@@ -87,6 +102,7 @@ class _Pending:
         "kind",
         "last_end",
         "n",
+        "nbytes",
         "next_row",
         "started",
         "v",
@@ -95,14 +111,16 @@ class _Pending:
         "y",
     )
 
-    def __init__(self, x, v, kind, future, deadline, enqueued) -> None:
-        self.x: np.ndarray = x
+    def __init__(self, x, v, kind, future, deadline, enqueued, caller, nbytes) -> None:
+        self.x: np.ndarray | None = x
         self.v: np.ndarray | None = v
         self.n: int = x.shape[0]
         self.kind: Derivative = kind
         self.future: asyncio.Future[Result] = future
         self.deadline: float | None = deadline
         self.enqueued: float = enqueued
+        self.caller: Hashable = caller
+        self.nbytes: int = nbytes
         self.next_row = 0
         self.started: float | None = None
         self.compute_s = 0.0
@@ -114,6 +132,48 @@ class _Pending:
         self.dy_dx: np.ndarray | None = None
 
 
+class _CallerQueue:
+    """One caller's requests of one priority and kind, oldest first, and its turn's credit."""
+
+    __slots__ = ("deficit", "requests", "since")
+
+    def __init__(self, since: float) -> None:
+        self.requests: deque[_Pending] = deque()
+        self.deficit = 0  # rows it may still take in its current turn
+        self.since = since  # when it last became due: its first request queued, or last served
+
+
+class _Lane:
+    """The requests of one priority and kind: a queue per caller, callers in turn order."""
+
+    __slots__ = ("callers", "order")
+
+    def __init__(self) -> None:
+        self.callers: dict[Hashable, _CallerQueue] = {}
+        self.order: deque[Hashable] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self.order)
+
+    def add(self, pending: _Pending) -> None:
+        queue = self.callers.get(pending.caller)
+        if queue is None:
+            queue = self.callers[pending.caller] = _CallerQueue(pending.enqueued)
+            self.order.append(pending.caller)
+        queue.requests.append(pending)
+
+    def due_since(self) -> float:
+        """How long the most neglected of its callers has waited for a turn."""
+        return min(queue.since for queue in self.callers.values())
+
+    def front(self) -> _CallerQueue:
+        return self.callers[self.order[0]]
+
+    def drop_front(self) -> None:
+        """The caller whose turn it is has nothing left: it leaves the rotation."""
+        del self.callers[self.order.popleft()]
+
+
 @dataclass
 class _Part:
     """Rows [start, stop) of one pending request, placed in a batch."""
@@ -121,6 +181,15 @@ class _Part:
     pending: _Pending
     start: int
     stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class KindCost:
+    """What the batcher has learned of one derivative kind's engine cost, and its batch cap."""
+
+    kind: Derivative
+    estimate: CostEstimate
+    row_cap: int  # the most rows a batch of this kind takes now
 
 
 class Batcher:
@@ -133,17 +202,37 @@ class Batcher:
         max_batch_size: int = 1024,
         max_delay_s: float = 0.0,
         max_queue_rows: int = 1 << 20,
+        memory: MemoryBudget | None = None,
+        result_row_bytes: Mapping[Derivative, int] | None = None,
+        fair: bool = True,
+        max_batch_s: float = 0.0,
+        ladder: Sequence[int] = (),
         observer: Observer | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_delay_s >= 0")
+        """`memory`: the byte budget admission counts against (None: bytes unbounded);
+        `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
+        `fair`: a queue per caller, batches filled round robin (False: one shared queue);
+        `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
+        the engine pads to (empty: it does not pad)."""
+        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or max_batch_s < 0:
+            raise ValueError(
+                "max_batch_size and max_queue_rows must be >= 1, max_delay_s and max_batch_s >= 0"
+            )
         self._compute = compute
         self._observer = observer or Observer()
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
-        self._queues: dict[Derivative, deque[_Pending]] = {kind: deque() for kind in Derivative}
+        self.max_batch_s = max_batch_s
+        self.fair = fair
+        self.memory = memory
+        self._result_row_bytes = dict(result_row_bytes or {})
+        self._ladder = sorted(ladder)
+        self._costs: dict[Derivative, CostModel] = {kind: CostModel() for kind in Derivative}
+        self._lanes: dict[Priority, dict[Derivative, _Lane]] = {
+            priority: {kind: _Lane() for kind in Derivative} for priority in Priority
+        }
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -173,19 +262,34 @@ class Batcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
 
+    def request_bytes(
+        self, x: np.ndarray, kind: Derivative, v: np.ndarray | None = None, extra_bytes: int = 0
+    ) -> int:
+        """The bytes a request holds until it is answered: its rows, its vectors, the answer
+        it will produce, and `extra_bytes` its caller holds for it (e.g. the message read)."""
+        vector = 0 if v is None else v.nbytes
+        return x.nbytes + vector + x.shape[0] * self._result_row_bytes.get(kind, 0) + extra_bytes
+
     def submit(
         self,
         x: np.ndarray,
         kind: Derivative,
         deadline: float | None = None,
         v: np.ndarray | None = None,
+        *,
+        caller: Hashable = None,
+        priority: Priority = Priority.NORMAL,
+        extra_bytes: int = 0,
     ) -> asyncio.Future[Result]:
         """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector); the
         future resolves to their Result.
 
-        `deadline` is on the event loop's clock (loop.time()). Raises at once,
-        queueing nothing, when the batcher is closing or the queue is full.
-        Cancelling the future withdraws whatever rows are not yet dispatched.
+        `deadline` is on the event loop's clock (loop.time()). `caller` is any key that names
+        who sends the request (batches are shared fairly between callers); `priority` HIGH
+        goes before NORMAL; `extra_bytes` are counted as held besides the arrays (see
+        `request_bytes`). Raises at once, queueing nothing, when the batcher is closing or
+        the queue is full (rows or bytes). Cancelling the future withdraws whatever rows are
+        not yet dispatched and frees the request's bytes.
         """
         if self._closing:
             raise Closed("the server is shutting down and accepts no new requests")
@@ -201,11 +305,15 @@ class Batcher:
                 f"queue full: {self._queued_rows} of {self.max_queue_rows} rows are waiting and "
                 f"this request adds {n}; retry later"
             )
+        nbytes = self.request_bytes(x, kind, v, extra_bytes)
+        if self.memory is not None:
+            self.memory.reserve(nbytes)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        pending = _Pending(x, v, kind, future, deadline, time.perf_counter())
+        key = caller if self.fair else None
+        pending = _Pending(x, v, kind, future, deadline, time.perf_counter(), key, nbytes)
         future.add_done_callback(lambda _f: self._finished(pending))
-        self._queues[kind].append(pending)
+        self._lanes[Priority(priority)][kind].add(pending)
         self._queued_rows += n
         self.pending += 1
         self._idle.clear()
@@ -218,8 +326,27 @@ class Batcher:
         kind: Derivative,
         deadline: float | None = None,
         v: np.ndarray | None = None,
+        *,
+        caller: Hashable = None,
+        priority: Priority = Priority.NORMAL,
     ) -> Result:
-        return await self.submit(x, kind, deadline, v)
+        return await self.submit(x, kind, deadline, v, caller=caller, priority=priority)
+
+    def row_cap(self, kind: Derivative) -> int:
+        """The most rows the next batch of `kind` may take: max_batch_size, or fewer when
+        the learned cost of more would exceed max_batch_s."""
+        if not self.max_batch_s:
+            return self.max_batch_size
+        return self._costs[kind].rows_within(self.max_batch_s, self.max_batch_size, self._ladder)
+
+    def costs(self) -> list[KindCost]:
+        """The learned engine cost and current batch cap of every kind measured so far."""
+        learned = []
+        for kind, model in self._costs.items():
+            estimate = model.estimate()
+            if estimate is not None:
+                learned.append(KindCost(kind, estimate, self.row_cap(kind)))
+        return learned
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Closed); admitted ones still complete."""
@@ -243,8 +370,13 @@ class Batcher:
             self._executor.shutdown(wait=True)
 
     def _finished(self, pending: _Pending) -> None:
+        """A request is answered, failed or cancelled: free its rows and bytes, and drop its
+        arrays (a cancelled one may still sit in its caller's queue until its turn)."""
         self.pending -= 1
         self._withdraw(pending)
+        if self.memory is not None:
+            self.memory.release(pending.nbytes)
+        pending.x = pending.v = pending.y = pending.dy_dx = None
         if self.pending == 0:
             self._idle.set()
 
@@ -289,8 +421,9 @@ class Batcher:
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
-        heads = [q[0].enqueued for q in self._queues.values() if q]
-        until = min(heads, default=time.perf_counter()) + self.max_delay_s
+        lanes = [lane for by_kind in self._lanes.values() for lane in by_kind.values() if lane]
+        oldest = min((lane.due_since() for lane in lanes), default=time.perf_counter())
+        until = oldest + self.max_delay_s
         while self._queued_rows < self.max_batch_size and not self._closing:
             remaining = until - time.perf_counter()
             if remaining <= 0:
@@ -299,39 +432,79 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
+    def _next_kind(self) -> Derivative | None:
+        """The kind of the next batch: that of the lane whose most neglected caller has
+        waited longest, among the HIGH lanes if any has rows, else the NORMAL ones."""
+        for priority in (Priority.HIGH, Priority.NORMAL):
+            live = [
+                (lane.due_since(), kind) for kind, lane in self._lanes[priority].items() if lane
+            ]
+            if live:
+                return min(live, key=lambda due: due[0])[1]
+        return None
+
     def _take_batch(self, taken: float) -> list[_Part]:
-        """Up to max_batch_size rows of one kind, oldest request first, dispatched at `taken`
-        (time.perf_counter())."""
-        now = asyncio.get_running_loop().time()
-        for queue in self._queues.values():
-            while queue and self._drop_if_dead(queue[0], now):
-                queue.popleft()
-        live = [q for q in self._queues.values() if q]
-        if not live:
+        """Up to row_cap rows of one kind, HIGH callers first, each priority's callers in
+        deficit round robin, dispatched at `taken` (time.perf_counter())."""
+        kind = self._next_kind()
+        if kind is None:
             return []
-        queue = min(live, key=lambda q: q[0].enqueued)
-        parts: list[_Part] = []
-        self._in_flight = parts  # so that a fault from here on fails these, not strands them
-        room = self.max_batch_size
-        while queue and room:
-            pending = queue[0]
-            if self._drop_if_dead(pending, now):
-                queue.popleft()
+        now = asyncio.get_running_loop().time()
+        starts: dict[_Pending, int] = {}  # request -> its first row in this batch
+        room = self.row_cap(kind)
+        try:
+            for priority in (Priority.HIGH, Priority.NORMAL):
+                room = self._fill(self._lanes[priority][kind], room, starts, taken, now)
+        finally:  # even on a fault, so that the worker fails these rather than strands them
+            parts = [_Part(pending, start, pending.next_row) for pending, start in starts.items()]
+            self._in_flight = parts
+        return parts
+
+    def _fill(
+        self, lane: _Lane, room: int, starts: dict[_Pending, int], taken: float, now: float
+    ) -> int:
+        """Give up to `room` rows of `lane` to the batch, deficit round robin: the caller
+        whose turn it is gets a quantum (an equal share of the room) of rows from its oldest
+        requests, then the next caller; a turn cut short by a full batch resumes in the next
+        one. Returns the room left."""
+        if not lane:
+            return room
+        quantum = max(1, room // len(lane.order))
+        while room and lane:
+            queue = lane.front()
+            while queue.requests and self._drop_if_dead(queue.requests[0], now):
+                queue.requests.popleft()
+            if not queue.requests:
+                lane.drop_front()
                 continue
-            take = min(room, pending.n - pending.next_row)
-            parts.append(_Part(pending, pending.next_row, pending.next_row + take))
+            if queue.deficit <= 0:
+                queue.deficit = quantum
+            pending = queue.requests[0]
+            take = min(room, queue.deficit, pending.n - pending.next_row)
+            if pending not in starts:
+                starts[pending] = pending.next_row
+                self._dispatching(pending, taken)
             pending.next_row += take
             self._queued_rows -= take
             room -= take
-            if pending.started is None:
-                pending.started = taken
-                pending.waited_s = taken - pending.enqueued
-                self._observer.queued(pending.waited_s)
-            else:  # the next part of a split request
-                pending.waited_s += taken - pending.last_end
+            queue.deficit -= take
+            queue.since = taken
             if pending.next_row == pending.n:
-                queue.popleft()
-        return parts
+                queue.requests.popleft()
+            if not queue.requests:
+                lane.drop_front()
+            elif queue.deficit == 0:
+                lane.order.rotate(-1)
+        return room
+
+    def _dispatching(self, pending: _Pending, taken: float) -> None:
+        """Account for a request's rows leaving the queue in a batch dispatched at `taken`."""
+        if pending.started is None:
+            pending.started = taken
+            pending.waited_s = taken - pending.enqueued
+            self._observer.queued(pending.waited_s)
+        else:  # the next part of a split request
+            pending.waited_s += taken - pending.last_end
 
     def _drop_if_dead(self, pending: _Pending, now: float) -> bool:
         """True (and its rows freed now, not in a later callback) for a finished request."""
@@ -340,8 +513,15 @@ class Batcher:
             return True
         return False
 
+    def _padded(self, rows: int) -> int:
+        """The rows the engine computes for a batch of `rows`: the next ladder size."""
+        return next((size for size in self._ladder if size >= rows), rows)
+
     async def _execute(self, parts: list[_Part], dispatched: float) -> None:
         """Run one batch; on an engine error, bisect so only the failing request fails."""
+        parts = [p for p in parts if not p.pending.future.done()]  # e.g. cancelled meanwhile
+        if not parts:
+            return
         kind = parts[0].pending.kind
         x = _rows(parts, "x")
         args = (kind, x) if parts[0].pending.v is None else (kind, x, _rows(parts, "v"))
@@ -365,6 +545,7 @@ class Batcher:
             await self._execute(parts[middle:], dispatched)
             return
         self.batches_run += 1
+        self._costs[kind].observe(self._padded(x.shape[0]), ended - began)
         self._observer.batch(kind, x.shape[0], ended - began)
         _deliver(parts, outputs, began - dispatched, ended - began, ended)
 

@@ -28,8 +28,12 @@ class ServerConfig:
     max_batch_size: int = 4096
     max_delay_us: int = 0
     max_queue_rows: int = 262144
+    max_queue_mb: int = 256
+    max_batch_ms: float = 20.0
+    fairness: bool = True
     max_message_mb: int = 64
     stream_window: int = 256
+    stream_window_mb: int = 64
     drain_seconds: float = 30.0
     frontends: str = "auto"
     max_connection_age: float = 0.0
@@ -61,6 +65,13 @@ class ServerConfig:
             grace_ms = round(self.max_connection_age_grace * 1000)
             options.append(("grpc.max_connection_age_grace_ms", grace_ms))
         return options
+    @property
+    def max_queue_bytes(self) -> int:
+        return self.max_queue_mb * 1024 * 1024
+
+    @property
+    def stream_window_bytes(self) -> int:
+        return self.stream_window_mb * 1024 * 1024
 
     def model_paths(self) -> list[Path]:
         """Every model to serve: --model entries (comma-separated; a bare bundled name such as
@@ -88,8 +99,15 @@ _HELP = {
     "max_batch_size": "most rows per engine call; larger requests are split",
     "max_delay_us": "hold an idle engine up to this long to gather a larger batch (0: never)",
     "max_queue_rows": "most rows waiting at once (and per request); beyond: RESOURCE_EXHAUSTED",
+    "max_queue_mb": "most MiB that admitted requests may hold at once (messages, rows, "
+    "vectors, results), over every model; beyond: RESOURCE_EXHAUSTED",
+    "max_batch_ms": "engine-time budget per batch, from each kind's learned cost per row; "
+    "larger requests are split (0: rows only)",
+    "fairness": "fill batches round robin across callers (x-gradserve-client metadata, else "
+    "the connection); off: first come, first served",
     "max_message_mb": "largest request or response message, in MiB",
     "stream_window": "messages of one stream read ahead while earlier ones compute",
+    "stream_window_mb": "MiB of one stream's messages read ahead and not yet answered",
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
     "frontends": "protocol processes sharing the port, fed to one engine process: a number, "
     "or auto (1, one process, below 4 cores; else half the cores)",
@@ -148,6 +166,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("max-batch-size and max-queue-rows must be >= 1, max-delay-us >= 0")
     if config.max_connection_age < 0 or config.max_connection_age_grace < 0:
         raise ValueError("--max-connection-age and --max-connection-age-grace must be >= 0")
+    if config.max_queue_mb < 1 or config.stream_window_mb < 1 or config.max_batch_ms < 0:
+        raise ValueError("max-queue-mb and stream-window-mb must be >= 1, max-batch-ms >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

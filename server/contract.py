@@ -32,6 +32,14 @@ class Derivative(enum.Enum):
         return self in (Derivative.VJP, Derivative.JVP, Derivative.HVP)
 
 
+class Priority(enum.IntEnum):
+    """How urgently a request wants its rows computed: HIGH (interactive) rows go into the
+    next batch before any NORMAL (bulk) rows."""
+
+    NORMAL = 0
+    HIGH = 1
+
+
 class Outputs(NamedTuple):
     """One engine call's results: y [n, *Y] and dy_dx (None for Derivative.NONE)."""
 
@@ -94,6 +102,12 @@ class ModelSpec:
         if kind in (Derivative.JVP, Derivative.HVP):
             return self.input_shape
         return None
+
+    def answer_row_bytes(self, kind: Derivative) -> int:
+        """Bytes one row of the answer to `kind` takes: its y and its dy_dx."""
+        result = self.result_shape(kind)
+        values = self.output_width + (math.prod(result) if result is not None else 0)
+        return values * np.dtype(self.dtype).itemsize
 
     def result_shape(self, kind: Derivative) -> Shape | None:
         """Per-row shape of dy_dx for `kind` (None: no derivative)."""

@@ -17,9 +17,9 @@ import numpy as np
 
 from gradserve import codec
 from gradserve.inference import grpc_service_pb2 as pb
-from gradserve.server.answering import Answerer, Streams
+from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
-from gradserve.server.contract import Derivative
+from gradserve.server.contract import Derivative, Priority
 from gradserve.server.errors import InvalidInput, RequestError, UnknownModel
 from gradserve.server.metrics import Metrics
 from gradserve.server.registry import Models, Served
@@ -53,7 +53,7 @@ class InferenceServicer:
         metrics: Metrics,
         is_ready: Callable[[], bool],
         *,
-        stream_window: int,
+        stream_window: StreamWindow,
         streams: Streams,
     ) -> None:
         self._models = models
@@ -157,7 +157,7 @@ class InferenceCodec:
         if kind.needs_vector:
             v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind))
         ticket.x, ticket.v = served.decode(kind, x, v)
-        ticket.served, ticket.kind = served, kind
+        ticket.served, ticket.kind, ticket.priority = served, kind, _priority(request)
         ticket.plan = _Plan(outputs, raw=bool(request.raw_input_contents))
 
     def encode(self, ticket: Ticket, result: Result) -> pb.ModelInferResponse:
@@ -225,6 +225,21 @@ def _plan(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
     elif kind is Derivative.NONE:
         raise InvalidInput(f'output {DERIVATIVE!r} requested with derivative "none"')
     return kind, names
+
+
+def _priority(request: pb.ModelInferRequest) -> Priority:
+    """The request's `priority` parameter, Triton's way: 1 is the highest level (HIGH here);
+    0 or absent is the default (NORMAL), as is any lower level (2 and up)."""
+    if "priority" not in request.parameters:
+        return Priority.NORMAL
+    param = request.parameters["priority"]
+    choice = param.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise InvalidInput('parameter "priority" must be an integer (1: high, 0 or 2+: normal)')
+    level = getattr(param, choice)
+    if level < 0:
+        raise InvalidInput(f'parameter "priority" is {level}; expected 0 or more')
+    return Priority.HIGH if level == 1 else Priority.NORMAL
 
 
 def _tensor(request: pb.ModelInferRequest, index: int, shape) -> tuple[bytes, list, np.dtype]:

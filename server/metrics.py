@@ -6,8 +6,13 @@ Prometheus); the RPC layer counts requests and latency per RPC and status code.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gradserve.server.batcher import KindCost
 from gradserve.server.contract import Derivative
 from gradserve.server.tickets import Hops
 
@@ -62,7 +67,17 @@ class Metrics:
         )  # fmt: skip
         self._hops = [self.hop.labels(name) for name in HOPS]
         self.queue_rows = Gauge("gradserve_queue_rows", "Rows waiting in the queue", registry=r)
+        self.queue_bytes = Gauge(
+            "gradserve_queue_bytes",
+            "Bytes held by admitted, unanswered requests (counted against --max-queue-mb)",
+            registry=r,
+        )
         self.streams = Gauge("gradserve_streams_in_flight", "Open streams", registry=r)
+
+    def watch_costs(self, source: Callable[[], list[tuple[str, list[KindCost]]]]) -> None:
+        """Report, at each scrape, what every model's batcher has learned of its engine
+        cost per kind: (model name, its KindCosts) from `source`."""
+        self.registry.register(_CostCollector(source))
 
     # -- the batcher's observer interface ---------------------------------------------------
 
@@ -88,3 +103,35 @@ class Metrics:
         """Expose /metrics over HTTP; returns the HTTP server (call .shutdown() to stop)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+class _CostCollector(Collector):
+    """The learned engine costs and batch caps, read from the batchers at scrape time."""
+
+    def __init__(self, source: Callable[[], list[tuple[str, list[KindCost]]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model", "derivative"]
+        fixed = GaugeMetricFamily(
+            "gradserve_batch_cost_fixed_seconds",
+            "Learned engine seconds per call, whatever its rows (fit of fixed + per-row cost)",
+            labels=labels,
+        )
+        per_row = GaugeMetricFamily(
+            "gradserve_batch_cost_per_row_seconds",
+            "Learned engine seconds per row of a call (fit of fixed + per-row cost)",
+            labels=labels,
+        )
+        cap = GaugeMetricFamily(
+            "gradserve_batch_row_cap",
+            "Most rows a batch takes now: --max-batch-size, or fewer to fit --max-batch-ms",
+            labels=labels,
+        )
+        for model, costs in self._source():
+            for cost in costs:
+                key = [model, cost.kind.value]
+                fixed.add_metric(key, cost.estimate.fixed_s)
+                per_row.add_metric(key, cost.estimate.per_row_s)
+                cap.add_metric(key, cost.row_cap)
+        yield from (fixed, per_row, cap)

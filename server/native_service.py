@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gradserve import codec
-from gradserve.server.answering import Answerer, Streams
+from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
-from gradserve.server.contract import Derivative, ModelSpec
+from gradserve.server.contract import Derivative, ModelSpec, Priority
 from gradserve.server.errors import InvalidInput, RequestError
 from gradserve.server.metrics import Metrics
 from gradserve.server.registry import Models
@@ -30,6 +30,7 @@ _KINDS = {
     pb.HVP: Derivative.HVP,
 }
 _KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in _KINDS)
+_PRIORITIES = {pb.NORMAL: Priority.NORMAL, pb.HIGH: Priority.HIGH}
 
 
 def _raw(tensor: pb.Tensor, name: str) -> tuple[bytes, list[int], object]:
@@ -56,9 +57,14 @@ class NativeCodec:
         if not request.HasField("x"):
             shape = ", ".join(map(str, served.spec.input_shape))
             raise InvalidInput(f"x is missing; send rows of shape [n, {shape}]")
+        priority = _PRIORITIES.get(request.priority)
+        if priority is None:
+            raise InvalidInput(
+                f"priority {request.priority} is unknown; expected NORMAL (0) or HIGH (1)"
+            )
         v = _raw(request.v, "v") if request.HasField("v") else None
         ticket.x, ticket.v = served.decode(kind, _raw(request.x, "x"), v)
-        ticket.served, ticket.kind = served, kind
+        ticket.served, ticket.kind, ticket.priority = served, kind, priority
 
     def encode(self, ticket: Ticket, result: Result) -> pb.EvaluateResponse:
         response = pb.EvaluateResponse(id=ticket.id, y=codec.to_tensor(result.y))
@@ -86,7 +92,7 @@ class GradientServicer:
     """gradserve.v1.GradientService over every registered model."""
 
     def __init__(
-        self, models: Models, metrics: Metrics, *, stream_window: int, streams: Streams
+        self, models: Models, metrics: Metrics, *, stream_window: StreamWindow, streams: Streams
     ) -> None:
         self._models = models
         self._answer = Answerer(

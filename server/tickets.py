@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradserve.server.batcher import Timing
-from gradserve.server.contract import Derivative
+from gradserve.server.contract import Derivative, Priority
 from gradserve.server.registry import Served
 
 
@@ -32,6 +32,8 @@ class Ticket:
     x: np.ndarray | None = None
     v: np.ndarray | None = None
     plan: object = None  # the protocol's own: which outputs, in which encoding
+    priority: Priority = Priority.NORMAL
+    nbytes: int = 0  # what it holds while queued and computed (message, arrays, answer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 from gradserve.server.batcher import Batcher, Result
-from gradserve.server.contract import Derivative, Outputs
+from gradserve.server.budget import CostModel, MemoryBudget
+from gradserve.server.contract import Derivative, Outputs, Priority
 from gradserve.server.errors import (
     Closed,
     DeadlineExpired,
@@ -973,6 +974,302 @@ def test_batchers_sharing_one_engine_thread_never_overlap_or_mix_models() -> Non
         executor.shutdown(wait=True)
     assert overlaps[0] == 1
     assert all(tags == {scale} for scale, tags in seen)  # a call holds one model's rows only
+
+
+# --------------------------------------------------------------------------- 15. fairness
+
+
+def test_a_light_caller_enters_the_next_batch_behind_a_bulk_caller() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=16) as batcher:
+            async with holding_first(engine, batcher, GRADIENT, 1) as (_, first):
+                bulk = make_x(GRADIENT, 400)
+                bulk_future = batcher.submit(bulk, GRADIENT, caller="bulk")
+                light = make_x(GRADIENT, 1)
+                light_future = batcher.submit(light, GRADIENT, caller="light")
+            assert_result(await wait(light_future), GRADIENT, light)
+            assert not bulk_future.done()  # the light row did not wait for the 400 bulk rows
+            assert_result(await wait(bulk_future), GRADIENT, bulk)
+            await wait(first)
+        second = engine.calls[1]
+        assert cid_of(light) in second.callers and second.rows == 16
+        assert_calls_well_formed(engine, 16)
+        assert sum(engine.rows()) == 1 + 400 + 1
+
+    run(test)
+
+
+def test_batches_are_shared_equally_between_callers_with_rows_queued() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=30) as batcher:
+            async with holding_first(engine, batcher, NONE, 1) as (_, first):
+                xs = [make_x(NONE, 100) for _ in range(3)]
+                futures = [batcher.submit(x, NONE, caller=f"c{i}") for i, x in enumerate(xs)]
+            results = await wait(asyncio.gather(first, *futures))
+        for x, result in zip(xs, results[1:], strict=True):
+            assert_result(result, NONE, x)
+        for call in engine.calls[1:10]:  # while all three have rows: 10 rows each per batch
+            per_caller = Counter(cid for cid, _ in call.keys)
+            assert sorted(per_caller.values()) == [10, 10, 10], per_caller
+            # each caller's rows are contiguous and in order within the batch
+            for x in xs:
+                rows = [row for cid, row in call.keys if cid == cid_of(x)]
+                assert rows == list(range(rows[0], rows[0] + 10))
+
+    run(test)
+
+
+def test_a_caller_with_many_small_requests_gets_one_share_not_one_per_request() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=8) as batcher:
+            async with holding_first(engine, batcher, NONE, 1) as (_, first):
+                many = [make_x(NONE, 1) for _ in range(12)]
+                many_futures = [batcher.submit(x, NONE, caller="many") for x in many]
+                other = make_x(NONE, 12)
+                other_future = batcher.submit(other, NONE, caller="other")
+            await wait(asyncio.gather(first, other_future, *many_futures))
+        second = engine.calls[1]
+        assert Counter(cid == cid_of(other) for cid, _ in second.keys) == {True: 4, False: 4}
+
+    run(test)
+
+
+def test_without_fairness_callers_share_one_first_come_first_served_queue() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=16, fair=False) as batcher:
+            async with holding_first(engine, batcher, GRADIENT, 1) as (_, first):
+                bulk = make_x(GRADIENT, 64)
+                bulk_future = batcher.submit(bulk, GRADIENT, caller="bulk")
+                light = make_x(GRADIENT, 1)
+                light_future = batcher.submit(light, GRADIENT, caller="light")
+            await wait(asyncio.gather(first, bulk_future, light_future))
+        assert [c.rows for c in engine.calls] == [1, 16, 16, 16, 16, 1]
+        assert engine.calls[-1].callers == {cid_of(light)}
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 16. priority
+
+
+def test_high_priority_rows_go_first_and_the_rest_of_the_batch_is_filled_with_normal() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=16) as batcher:
+            async with holding_first(engine, batcher, GRADIENT, 1) as (_, first):
+                bulk = make_x(GRADIENT, 100)
+                bulk_future = batcher.submit(bulk, GRADIENT, caller="bulk")
+                urgent = make_x(GRADIENT, 3)
+                urgent_future = batcher.submit(
+                    urgent, GRADIENT, caller="bulk", priority=Priority.HIGH
+                )
+            assert_result(await wait(urgent_future), GRADIENT, urgent)
+            assert not bulk_future.done()
+            assert_result(await wait(bulk_future), GRADIENT, bulk)
+            await wait(first)
+        second = engine.calls[1]
+        assert second.rows == 16
+        assert second.keys[:3] == tuple((cid_of(urgent), i) for i in range(3))
+        assert {cid for cid, _ in second.keys[3:]} == {cid_of(bulk)}
+
+    run(test)
+
+
+def test_a_high_priority_kind_goes_before_an_older_normal_kind() -> None:
+    engine = FakeEngine()
+
+    async def test() -> None:
+        async with Batcher(engine, max_batch_size=64) as batcher:
+            async with holding_first(engine, batcher, NONE, 1) as (_, first):
+                old = batcher.submit(make_x(NONE, 5), NONE, caller="a")
+                await asyncio.sleep(0.002)
+                urgent = batcher.submit(make_x(JACOBIAN, 2), JACOBIAN, priority=Priority.HIGH)
+            await wait(asyncio.gather(first, old, urgent))
+        assert [(c.kind, c.rows) for c in engine.calls] == [(NONE, 1), (JACOBIAN, 2), (NONE, 5)]
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 17. bytes
+
+
+ROW_X_BYTES = D * 4  # float32 x
+ROW_ANSWER_BYTES = {NONE: M * 4, GRADIENT: (M + D) * 4, JACOBIAN: (M + M * D) * 4}
+
+
+def test_admission_counts_bytes_of_rows_and_answers_and_refuses_past_the_budget() -> None:
+    engine = FakeEngine()
+    per_row = ROW_X_BYTES + ROW_ANSWER_BYTES[GRADIENT]
+    memory = MemoryBudget(10 * per_row + 100)
+
+    async def test() -> None:
+        async with Batcher(
+            engine, max_batch_size=64, memory=memory, result_row_bytes=ROW_ANSWER_BYTES
+        ) as batcher:
+            async with holding_first(engine, batcher, GRADIENT, 2) as (first_x, first):
+                assert memory.held == 2 * per_row  # computing rows still hold their bytes
+                x = make_x(GRADIENT, 8)
+                future = batcher.submit(x, GRADIENT, extra_bytes=100)
+                assert memory.held == 10 * per_row + 100
+                with pytest.raises(QueueFull, match=r"retry later") as full:
+                    batcher.submit(make_x(NONE, 1), NONE)
+                assert f"{10 * per_row + 100} B" in str(full.value)
+                assert memory.held == 10 * per_row + 100  # the refused request holds nothing
+                with pytest.raises(RequestTooLarge, match="fewer rows"):
+                    batcher.submit(make_x(GRADIENT, 13), GRADIENT)
+                future.cancel()  # a cancelled request frees its bytes at once
+                await asyncio.sleep(0)
+                assert memory.held == 2 * per_row
+                again = make_x(GRADIENT, 8)
+                again_future = batcher.submit(again, GRADIENT)
+            assert_result(await wait(first), GRADIENT, first_x)
+            assert_result(await wait(again_future), GRADIENT, again)
+            await idle(engine, batcher)
+            assert memory.held == 0
+        assert cid_of(x) not in engine.seen_callers()
+
+    run(test)
+
+
+def test_one_memory_budget_bounds_every_batcher_sharing_it() -> None:
+    engine = FakeEngine()
+    memory = MemoryBudget(20 * ROW_X_BYTES)
+
+    async def test() -> None:
+        async with (
+            Batcher(engine, memory=memory) as first_model,
+            Batcher(engine, memory=memory) as second_model,
+        ):
+            with engine.held():
+                held = first_model.submit(make_x(NONE, 15), NONE)
+                await engine_busy(engine)
+                with pytest.raises(QueueFull):
+                    second_model.submit(make_x(NONE, 6), NONE)
+                fits = second_model.submit(make_x(NONE, 5), NONE)
+            await wait(asyncio.gather(held, fits))
+            await idle(engine, second_model)
+        assert memory.held == 0
+
+    run(test)
+
+
+def test_bytes_of_a_failed_or_expired_request_are_freed() -> None:
+    engine = FakeEngine()
+    memory = MemoryBudget(1 << 20)
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        async with Batcher(engine, max_batch_size=8, memory=memory) as batcher:
+            async with holding_first(engine, batcher, NONE, 1) as (_, first):
+                late = batcher.submit(make_x(NONE, 4), NONE, deadline=loop.time() + 0.01)
+                bad = batcher.submit(make_x(NONE, 20, marker_row=15), NONE)
+                await asyncio.sleep(0.03)
+            await wait(first)
+            with pytest.raises(DeadlineExpired):
+                await wait(late)
+            with pytest.raises(EngineFailed):
+                await wait(bad)
+            await idle(engine, batcher)
+            assert memory.held == 0 and batcher.queued_rows == 0
+
+    run(test)
+
+
+# --------------------------------------------------------------------------- 18. time budget
+
+
+def test_cost_model_fits_fixed_and_per_row_cost_and_caps_on_the_ladder() -> None:
+    model = CostModel()
+    assert model.estimate() is None
+    assert model.rows_within(0.01, 4096) == 4096  # nothing known: rows only
+    for rows in (1, 8, 64, 512, 1, 64):
+        model.observe(rows, 0.001 + 0.0001 * rows)
+    estimate = model.estimate()
+    assert estimate is not None and estimate.calls == 6
+    assert estimate.fixed_s == pytest.approx(0.001, rel=1e-6)
+    assert estimate.per_row_s == pytest.approx(0.0001, rel=1e-6)
+    assert model.rows_within(0.011, 4096) == 100
+    assert model.rows_within(0.011, 80) == 80
+    ladder = [2**i for i in range(13)]
+    assert model.rows_within(0.011, 4096, ladder) == 64
+    assert model.rows_within(0.0005, 4096, ladder) == 1  # never less than one row
+
+
+def test_one_size_only_puts_the_whole_cost_on_the_rows() -> None:
+    model = CostModel()
+    for _ in range(3):
+        model.observe(100, 0.01)
+    estimate = model.estimate()
+    assert estimate is not None
+    assert (estimate.fixed_s, estimate.per_row_s) == (0.0, pytest.approx(0.0001))
+    assert model.rows_within(0.02, 4096) == 200
+
+
+def slow_compute(per_row_s: float, ladder: tuple[int, ...] = ()):
+    """A fake engine whose calls take `per_row_s` per row (it sleeps; padded to the next
+    `ladder` size, as an engine that pads does), and record their rows."""
+    rows: list[int] = []
+
+    def compute(kind: Derivative, x: np.ndarray) -> Outputs:
+        n = x.shape[0]
+        rows.append(n)
+        time.sleep(per_row_s * next((size for size in ladder if size >= n), n))
+        return reference(kind, x)
+
+    return compute, rows
+
+
+@pytest.mark.parametrize("ladder", [(), tuple(2**i for i in range(9))])
+def test_batches_are_capped_to_the_time_budget_once_the_cost_is_learned(ladder) -> None:
+    compute, rows = slow_compute(0.0002, ladder)  # 50 rows fit the 10 ms budget
+    cap = 32 if ladder else 50
+
+    async def test() -> None:
+        async with Batcher(compute, max_batch_size=256, max_batch_s=0.01, ladder=ladder) as batcher:
+            first = make_x(GRADIENT, 20)  # teaches the batcher the cost per row
+            assert_result(await wait(batcher.evaluate(first, GRADIENT)), GRADIENT, first)
+            big = make_x(GRADIENT, 300)  # alone over the budget: split
+            assert_result(await wait(batcher.evaluate(big, GRADIENT)), GRADIENT, big)
+            assert batcher.row_cap(Derivative.NONE) == 256  # a kind not measured yet
+            learned = {c.kind: c for c in batcher.costs()}
+            assert set(learned) == {GRADIENT}
+            assert learned[GRADIENT].estimate.calls == len(rows)
+            # a busy machine only makes calls slower, so the cap lower: bound it from above,
+            # and from below only against a tenfold slowdown
+            assert 4 <= learned[GRADIENT].row_cap <= cap
+
+        assert rows[0] == 20
+        assert sum(rows[1:]) == 300
+        assert len(rows) >= 1 + 300 // cap  # split in at least that many calls
+        assert all(r <= cap for r in rows[1:]), rows
+        assert max(rows[1:]) >= 4, rows
+        if ladder:
+            assert all(r in ladder for r in rows[1:-1]), rows
+
+    run(test)
+
+
+def test_without_a_time_budget_batches_are_capped_by_rows_only() -> None:
+    compute, rows = slow_compute(0.0001)
+
+    async def test() -> None:
+        async with Batcher(compute, max_batch_size=128) as batcher:
+            for n in (5, 300):
+                x = make_x(NONE, n)
+                assert_result(await wait(batcher.evaluate(x, NONE)), NONE, x)
+            assert batcher.row_cap(NONE) == 128
+
+    run(test)
+    assert rows == [5, 128, 128, 44]
 
 
 # --------------------------------------------------------------------------- stuck event loop

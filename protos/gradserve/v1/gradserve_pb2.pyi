@@ -21,6 +21,11 @@ class Derivative(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JVP: _ClassVar[Derivative]
     HESSIAN: _ClassVar[Derivative]
     HVP: _ClassVar[Derivative]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMAL: _ClassVar[Priority]
+    HIGH: _ClassVar[Priority]
 FLOAT32: DType
 FLOAT64: DType
 GRADIENT: Derivative
@@ -30,6 +35,8 @@ VJP: Derivative
 JVP: Derivative
 HESSIAN: Derivative
 HVP: Derivative
+NORMAL: Priority
+HIGH: Priority
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -42,18 +49,20 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("id", "x", "derivative", "model", "v")
+    __slots__ = ("id", "x", "derivative", "model", "v", "priority")
     ID_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     DERIVATIVE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     V_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     x: Tensor
     derivative: Derivative
     model: str
     v: Tensor
-    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_us", "compute_us", "batch_rows", "decode_us", "handoff_us", "encode_us", "total_us")

@@ -1,0 +1,252 @@
+"""The flood: many callers sending large requests in a loop while one caller sends 1-row ones.
+
+Serves a model with 64x64x3 inputs (a small Dense head on 12,288 inputs, built here) in a
+server subprocess, measures the light caller's latency alone, then during the flood, and
+the server's resident memory (baseline after warm-up; peak during the flood from the
+kernel's high-water mark, reset just before). Used by `make bench` (full size) and by
+tests/test_flood.py (scaled down). Refused flood calls (RESOURCE_EXHAUSTED) back off
+briefly and try again, as the SDK does; any other failure counts as lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve.codec import to_tensor
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+INPUT_SHAPE = (64, 64, 3)
+REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
+BACKOFF_S = 0.05  # a refused flood caller waits this long before trying again
+
+
+def build_model(path: Path) -> Path:
+    """Save a small Dense head on 64x64x3 inputs as .keras (imports Keras here only)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=INPUT_SHAPE),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.save(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`gradserve serve` in a subprocess on a free loopback port, with its memory figures."""
+
+    def __init__(self, model: Path, args: list[str], start_timeout: float = 120) -> None:
+        self.port = _free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "gradserve.server.cli", "serve", "--model", str(model)]
+        argv += ["--port", str(self.port), "--metrics-port", "0", "--drain-seconds", "10", *args]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            self._wait_ready(start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while time.monotonic() < end:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited: {self.process.stderr.read()[-2000:]}")
+                try:
+                    if check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError("server did not become ready in time")
+
+    def _status_mb(self, key: str) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+
+    def rss_mb(self) -> float:
+        return self._status_mb("VmRSS")
+
+    def reset_peak(self) -> bool:
+        """Reset the kernel's peak-RSS mark to the current RSS (False where unsupported)."""
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process.stderr.close()
+
+
+@dataclass
+class FloodResult:
+    """One flood run's figures (latencies in ms, memory in MB)."""
+
+    callers: int
+    rows: int
+    seconds: float
+    light_idle_ms: dict[str, float]
+    light_flood_ms: dict[str, float]
+    flood_rows_per_s: float
+    answered: int
+    refused: int
+    lost: dict[str, int]
+    baseline_rss_mb: float
+    peak_rss_mb: float
+    args: list[str] = field(default_factory=list)
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    if not latencies:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
+    ms = np.array(latencies) * 1e3
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+        "n": len(ms),
+    }
+
+
+def _request(rows: int, seed: int) -> pb.EvaluateRequest:
+    x = np.random.default_rng(seed).uniform(0, 1, size=(rows, *INPUT_SHAPE))
+    return pb.EvaluateRequest(x=to_tensor(x.astype(np.float32)))
+
+
+async def _light(target: str, until: float, timeout: float) -> tuple[list[float], dict]:
+    """1-row calls back to back until `until`: their latencies and any failures."""
+    request, latencies, failures = _request(1, 0), [], {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        while time.perf_counter() < until:
+            began = time.perf_counter()
+            try:
+                await stub.Evaluate(request, timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                failures[error.code().name] = failures.get(error.code().name, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - began)
+    return latencies, failures
+
+
+@dataclass
+class _FloodTally:
+    answered: int = 0
+    refused: int = 0
+    lost: dict[str, int] = field(default_factory=dict)
+
+
+async def _flooder(target: str, rows: int, seed: int, until: float, tally: _FloodTally) -> None:
+    """One flooding caller on its own connection: `rows`-row calls in a loop until `until`."""
+    request = _request(rows, seed)
+    async with grpc.aio.insecure_channel(target, options=_BIG_MESSAGES) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        while time.perf_counter() < until:
+            try:
+                await stub.Evaluate(request, timeout=120)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == REFUSED:
+                    tally.refused += 1
+                    await asyncio.sleep(BACKOFF_S)
+                else:
+                    tally.lost[error.code().name] = tally.lost.get(error.code().name, 0) + 1
+                continue
+            tally.answered += 1
+
+
+_BIG_MESSAGES = [("grpc.max_receive_message_length", 256 << 20)]
+
+
+async def _flood(target: str, callers: int, rows: int, seconds: float, light_timeout: float):
+    started = time.perf_counter()
+    until = started + seconds
+    tally = _FloodTally()
+    flooders = [_flooder(target, rows, i + 1, until, tally) for i in range(callers)]
+    light = asyncio.ensure_future(_light(target, until, light_timeout))
+    await asyncio.gather(*flooders)
+    elapsed = time.perf_counter() - started  # flooders finish their last call after `until`
+    latencies, failures = await light
+    for code, n in failures.items():
+        tally.lost[f"light:{code}"] = n
+    return tally, latencies, elapsed
+
+
+def run_flood(
+    model: Path,
+    server_args: list[str],
+    *,
+    callers: int,
+    rows: int,
+    seconds: float,
+    idle_seconds: float,
+    light_timeout: float = 30,
+) -> FloodResult:
+    """Start a server with `server_args`, measure the light caller idle, then the flood."""
+    server = ServerProcess(model, server_args)
+    try:
+        asyncio.run(_light(server.target, time.perf_counter() + 0.5, light_timeout))  # warm
+        idle, _ = asyncio.run(
+            _light(server.target, time.perf_counter() + idle_seconds, light_timeout)
+        )
+        baseline = server.rss_mb()
+        reset = server.reset_peak()
+        tally, latencies, elapsed = asyncio.run(
+            _flood(server.target, callers, rows, seconds, light_timeout)
+        )
+        peak = server.peak_rss_mb() if reset else float("nan")
+    finally:
+        server.stop()
+    return FloodResult(
+        callers=callers,
+        rows=rows,
+        seconds=elapsed,
+        light_idle_ms=_percentiles(idle),
+        light_flood_ms=_percentiles(latencies),
+        flood_rows_per_s=tally.answered * rows / elapsed,
+        answered=tally.answered,
+        refused=tally.refused,
+        lost=tally.lost,
+        baseline_rss_mb=baseline,
+        peak_rss_mb=peak,
+        args=server_args,
+    )

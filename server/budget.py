@@ -1,0 +1,127 @@
+"""What the batcher measures its work against: bytes held in memory, and engine time.
+
+`MemoryBudget` counts the bytes every admitted, unfinished request holds (its message,
+rows, vectors and the result it will produce) against one limit; every batcher of a server
+shares one, so the bound is the server's, whatever the model. `CostModel` learns how long
+an engine call of n rows of one kind takes from the calls it has seen, so that a batch can
+be capped to fit a latency budget.
+
+No gRPC, no TensorFlow: plain numbers, so a process that forwards batches elsewhere can
+swap in a counter shared with other processes behind the same two methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gradserve.server.errors import QueueFull, RequestTooLarge
+
+MIB = 2**20
+
+
+def size_text(nbytes: float) -> str:
+    """A byte count for people: 512 B, 3.5 KiB, 240.0 MiB."""
+    for unit, scale in (("MiB", MIB), ("KiB", 1024)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+class MemoryBudget:
+    """Bytes held by admitted requests, against a limit shared by every batcher of a server."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes < 1:
+            raise ValueError("a memory budget needs at least one byte")
+        self.limit = limit_bytes
+        self.held = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Count `nbytes` more as held, or raise (holding nothing): RequestTooLarge when they
+        could never fit, QueueFull when they do not fit now."""
+        if nbytes > self.limit:
+            raise RequestTooLarge(
+                f"request needs {size_text(nbytes)} (its message, rows and result); at most "
+                f"{size_text(self.limit)} may be queued at once; send fewer rows per request"
+            )
+        if self.held + nbytes > self.limit:
+            raise QueueFull(
+                f"queue full: {size_text(self.held)} of {size_text(self.limit)} are held by "
+                f"queued and running requests and this request needs {size_text(nbytes)}; "
+                "retry later"
+            )
+        self.held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """A request finished (answered, failed or cancelled): its bytes are free again."""
+        self.held -= nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class CostEstimate:
+    """Expected engine seconds of a call of n rows: fixed_s + per_row_s * n."""
+
+    fixed_s: float
+    per_row_s: float
+    calls: int  # engine calls measured so far
+
+    def seconds(self, rows: int) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+
+class CostModel:
+    """An engine's cost per call of one kind, fitted as fixed + per-row seconds to the calls
+    measured, each older call weighing `decay` times less than the next (so the fit follows
+    a machine whose speed changes, e.g. when it is shared).
+
+    With calls of one size only, the whole cost is put on the rows (fixed = 0): that
+    overestimates larger batches, so a cap learned from it errs on the short side and then
+    grows as larger batches are measured.
+    """
+
+    def __init__(self, decay: float = 0.8) -> None:
+        if not 0 < decay < 1:
+            raise ValueError("decay must be between 0 and 1")
+        self._decay = decay
+        self._w = self._n = self._nn = self._t = self._nt = 0.0
+        self.calls = 0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """One engine call of `rows` rows (as computed: padded, where the engine pads) took
+        `seconds`."""
+        d = self._decay
+        self._w = d * self._w + 1
+        self._n = d * self._n + rows
+        self._nn = d * self._nn + rows * rows
+        self._t = d * self._t + seconds
+        self._nt = d * self._nt + rows * seconds
+        self.calls += 1
+
+    def estimate(self) -> CostEstimate | None:
+        """The current fit, or None before any call was measured."""
+        if not self.calls:
+            return None
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        variance = self._nn / self._w - mean_n * mean_n
+        per_row = mean_t / mean_n
+        fixed = 0.0
+        if variance > (0.05 * mean_n) ** 2:  # sizes differ enough to tell the two terms apart
+            slope = (self._nt / self._w - mean_n * mean_t) / variance
+            if slope > 0:
+                per_row, fixed = slope, max(0.0, mean_t - slope * mean_n)
+        return CostEstimate(fixed, per_row, self.calls)
+
+    def rows_within(self, budget_s: float, max_rows: int, sizes: Sequence[int] = ()) -> int:
+        """The most rows (at most `max_rows`; one of `sizes` when the engine pads to them)
+        whose expected cost fits `budget_s`; at least one row, and `max_rows` while nothing
+        is known yet."""
+        estimate = self.estimate()
+        if estimate is None or estimate.per_row_s <= 0:
+            return max_rows
+        if sizes:
+            within = budget_s * (1 + 1e-9)  # not lost to rounding when a size fits exactly
+            fitting = [s for s in sizes if s <= max_rows and estimate.seconds(s) <= within]
+            return max(fitting, default=1)
+        rows = int((budget_s - estimate.fixed_s) / estimate.per_row_s + 1e-6)
+        return max(1, min(max_rows, rows))
