@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.server.contract import Derivative, Outputs
+from gradserve.server.contract import ENGINE_KINDS, Derivative, Outputs
 from gradserve.server.errors import (
     Closed,
     DeadlineExpired,
@@ -143,7 +143,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
-        self._queues: dict[Derivative, deque[_Pending]] = {kind: deque() for kind in Derivative}
+        self._queues: dict[Derivative, deque[_Pending]] = {kind: deque() for kind in ENGINE_KINDS}
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
