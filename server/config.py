@@ -64,7 +64,8 @@ class ServerConfig:
 
     def model_paths(self) -> list[Path]:
         """Every model to serve: --model entries (comma-separated; a bare bundled name such as
-        `quadratic` or `quadratic_tanh` means the bundled file), plus each entry of --model-dir."""
+        `quadratic`, `quadratic_tanh` or `digits` means the bundled file), plus each entry of
+        --model-dir."""
         paths = [_resolve_model(entry) for entry in self.model.split(",") if entry.strip()]
         if self.model_dir:
             paths += sorted(p for p in Path(self.model_dir).iterdir() if not p.name.startswith("."))
@@ -73,7 +74,7 @@ class ServerConfig:
 
 _HELP = {
     "model": "models to serve, comma-separated: .keras or .h5 files, SavedModel folders, or "
-    "bundled names (quadratic, quadratic_tanh)",
+    "bundled names (quadratic, quadratic_tanh, digits)",
     "model_dir": "also serve every model file or SavedModel folder in this folder",
     "model_name": "name of the model for clients when one is served; default: its file name",
     "unsafe_deserialization": "allow Keras Lambda layers (runs code from the file: trusted files "
