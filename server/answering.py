@@ -21,6 +21,7 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
+from gradserve.server import explain
 from gradserve.server.batcher import Result
 from gradserve.server.errors import Closed
 from gradserve.server.metrics import Metrics
@@ -100,7 +101,11 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if isinstance(request, Undecodable):
             raise request.error
         self._codec.decode(request, ticket)
-        return ticket.served.batcher.submit(ticket.x, ticket.kind, deadline, ticket.v)
+        # Plain rows go straight to the batcher; targets, explanations and k tangents are
+        # expanded into rows first and reduced when they come back.
+        served = ticket.served
+        return explain.submit(served.batcher.submit, served.spec, served.limits, ticket.kind,
+                              ticket.x, ticket.v, ticket.options, deadline)  # fmt: skip
 
     def _finish(self, ticket: Ticket, result: Result) -> Response:
         response = self._codec.encode(ticket, result)
