@@ -251,3 +251,58 @@ def test_expansion_limits(bundled_engine, gated_server):
         assert first.result(timeout=30) and blocker.result(timeout=30)
         ig = client.integrated_gradients(0.5, steps=8)
         assert ig.attributions.shape == (1, 1)
+
+
+def test_the_standard_protocol_with_tritonclient(running, client):
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(3, 3)).astype(np.float32)
+    baseline = rng.normal(size=(1, 3)).astype(np.float32)
+
+    def tensor(name, array):
+        t = triton.InferInput(name, list(array.shape), "FP32")
+        t.set_data_from_numpy(array)
+        return t
+
+    with triton.InferenceServerClient(running.target) as triton_client:
+        ig = triton_client.infer(
+            "mimo", [tensor("x", x), tensor("baseline", baseline)],
+            parameters={"derivative": "integrated_gradients", "steps": 16, "target": 1},
+        )  # fmt: skip
+        want = client.integrated_gradients(x, baseline, steps=16, target=1, model="mimo")
+        assert [o.name for o in ig.get_response().outputs] == ["y", "attributions", "delta"]
+        np.testing.assert_array_equal(ig.as_numpy("attributions"), want.attributions)
+        np.testing.assert_array_equal(ig.as_numpy("delta"), want.delta)
+        sg = triton_client.infer(
+            "mimo", [tensor("x", x)],
+            parameters={"derivative": "smooth_grad", "samples": 6, "noise": 0.2, "seed": 3},
+            outputs=[triton.InferRequestedOutput("attributions")],
+        )  # fmt: skip
+        want = client.smooth_grad(x, samples=6, noise=0.2, seed=3, model="mimo")
+        np.testing.assert_array_equal(sg.as_numpy("attributions"), want.attributions)
+        assert sg.as_numpy("y") is None
+        target = triton_client.infer("mimo", [tensor("x", x)], parameters={"target": 0})
+        np.testing.assert_array_equal(
+            target.as_numpy("dy_dx"), client.evaluate(x, target=0, model="mimo").dy_dx
+        )
+        v = rng.normal(size=(3, 4, 3)).astype(np.float32)
+        jvp = triton_client.infer("mimo", [tensor("x", x), tensor("v", v)],
+                                  parameters={"derivative": "jvp"})  # fmt: skip
+        assert jvp.as_numpy("dy_dx").shape == (3, 4, 2)
+        np.testing.assert_array_equal(
+            jvp.as_numpy("dy_dx"), client.evaluate(x, "jvp", v=v, model="mimo").dy_dx
+        )
+        with pytest.raises(InferenceServerException) as info:
+            triton_client.infer("mimo", [tensor("x", x)],
+                                parameters={"derivative": "smooth_grad", "steps": 4})  # fmt: skip
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "['steps'] do not apply" in info.value.message()
+        with pytest.raises(InferenceServerException) as info:
+            triton_client.infer(
+                "mimo", [tensor("x", x)],
+                parameters={"derivative": "integrated_gradients", "steps": 1 << 20},
+            )  # fmt: skip
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "fewer steps" in info.value.message()
