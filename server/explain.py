@@ -214,14 +214,19 @@ def trapezoid_weights(steps: int) -> np.ndarray:
 
 def path_rows(x: np.ndarray, baseline: np.ndarray, steps: int) -> np.ndarray:
     """[n * (steps + 1), *X]: for each row, b + (j / steps)(x - b) for j = 0..steps, with the
-    ends exactly b and x."""
+    ends exactly b and x (`baseline` is [1, *X] or [n, *X])."""
+    return _path(x, baseline, steps)[0]
+
+
+def _path(x: np.ndarray, baseline: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(path rows, x - baseline in float64)."""
     alphas = np.arange(steps + 1, dtype=np.float64) / steps
-    x64, b64 = x.astype(np.float64), np.broadcast_to(baseline, x.shape).astype(np.float64)
-    shape = (1, -1) + (1,) * (x.ndim - 1)
-    path = b64[:, None] + alphas.reshape(shape) * (x64 - b64)[:, None]
-    path = path.astype(x.dtype)
-    path[:, 0], path[:, -1] = np.broadcast_to(baseline, x.shape), x
-    return path.reshape(-1, *x.shape[1:])
+    b64 = baseline.astype(np.float64)
+    difference = x.astype(np.float64) - b64
+    alphas = alphas.reshape((1, -1) + (1,) * (x.ndim - 1))
+    path = (b64[:, None] + alphas * difference[:, None]).astype(x.dtype)
+    path[:, 0], path[:, -1] = baseline, x
+    return path.reshape(-1, *x.shape[1:]), difference
 
 
 def _baseline(x: np.ndarray, baseline: np.ndarray | None) -> np.ndarray:
@@ -242,20 +247,20 @@ def _integrated_gradients(
     if steps < 1:
         raise InvalidRequest(f"steps is {steps}; integrated gradients needs steps >= 1")
     baseline = _baseline(x, options.baseline)
-    rows = path_rows(x, baseline, steps)
+    rows, difference = _path(x, baseline, steps)
     kind, v = _derivative_rows(spec, rows, target)
     n, points = x.shape[0], steps + 1
     weights = trapezoid_weights(steps)
 
     def reduce(result: Result) -> Answer:
-        gradients = result.dy_dx.reshape(n, points, -1).astype(np.float64)
-        mean = np.einsum("j,njk->nk", weights, gradients).reshape(x.shape)
-        difference = x.astype(np.float64) - np.broadcast_to(baseline, x.shape)
-        attributions = difference * mean
-        f = _scalar(spec, result.y, target).reshape(n, points)
-        delta = attributions.reshape(n, -1).sum(axis=1) - (f[:, -1] - f[:, 0])
-        y = result.y.reshape(n, points, *result.y.shape[1:])[:, -1]
-        return Answer(y, None, result.timing, attributions.astype(x.dtype), delta.astype(x.dtype))
+        gradients = result.dy_dx.reshape(n, points, -1)
+        mean = np.matmul(weights, gradients)  # float64 [n, prod(X)]: the rule's weighted sum
+        attributions = difference * mean.reshape(x.shape)
+        y = result.y.reshape(n, points, *result.y.shape[1:])
+        gap = _scalar(spec, y[:, -1], target) - _scalar(spec, y[:, 0], target)
+        delta = attributions.reshape(n, -1).sum(axis=1) - gap
+        return Answer(y[:, -1], None, result.timing, attributions.astype(x.dtype),
+                      delta.astype(x.dtype))  # fmt: skip
 
     what = f"integrated gradients of {n} row(s) x {points} path points = {n * points} rows"
     return Plan(kind, rows, v, points, reduce, what, "fewer steps")
