@@ -89,7 +89,7 @@ def render(
             "",
             "### Integrated gradients over one stream (batched server)",
             "",
-            f"{explain['rows']} rows x {explain['steps']} steps per message (trapezoid rule: "
+            f"{explain['rows']} rows x {explain['steps']} steps per message (Simpson rule: "
             f"{explain['steps'] + 1} path rows per row, all counted), "
             f"{explain['messages']} messages over all repeats, p50 {explain['p50_ms']:.2f} ms: "
             f"**{explain['path_rows_per_s']:,.0f} path rows/s**, mean engine batch "

@@ -38,7 +38,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
 FRONTENDS = 2
 STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)] + [("stream", 16, 1)]
-IG_ROWS, IG_STEPS = 16, 64  # integrated gradients: rows per message, trapezoid intervals
+IG_ROWS, IG_STEPS = 16, 64  # integrated gradients: rows per message, quadrature intervals
 # Messages in flight on the stream: each expands to 1040 rows, and the queue bound counts
 # expanded rows, so 256 in flight (the server's default read-ahead) would fill the queue.
 IG_WINDOW = 16

@@ -66,7 +66,7 @@ class GradientClient(ClientBase):
         model: str = "",
     ) -> Result:
         """Integrated gradients of each row from `baseline` (one row for all, or one per row;
-        default zeros) with `steps` trapezoid intervals: `.attributions` [n, *X], `.delta` [n]
+        default zeros) with `steps` Simpson-rule intervals: `.attributions` [n, *X], `.delta` [n]
         (sum of attributions - (F(x) - F(baseline))), `.y` = F(x)."""
         request = make_request(
             x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps

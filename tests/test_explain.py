@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy.integrate import simpson
 
 from gradserve.server import explain
 from gradserve.server.batcher import Batcher, Result, Timing
@@ -110,13 +111,15 @@ def tape_gradient(twin, rows: np.ndarray, target: int | None):
 
 
 def reference_ig(twin, x, baseline, steps, target=None):
-    """Integrated gradients in float64 with numpy's trapezoid rule on steps + 1 points."""
+    """Integrated gradients in float64 with scipy's Simpson rule on steps + 1 points (the
+    same rule as the server's for an even number of steps)."""
+    assert steps % 2 == 0
     x, b = x.astype(np.float64), np.broadcast_to(baseline, x.shape).astype(np.float64)
     alphas = np.linspace(0.0, 1.0, steps + 1).reshape(1, -1, *([1] * (x.ndim - 1)))
     path = b[:, None] + alphas * (x - b)[:, None]
     f, g = tape_gradient(twin, path.reshape(-1, *x.shape[1:]), target)
     g = g.reshape(path.shape)
-    attributions = (x - b) * np.trapezoid(g, dx=1.0 / steps, axis=1)
+    attributions = (x - b) * simpson(g, dx=1.0 / steps, axis=1)
     f = f.reshape(x.shape[0], steps + 1)
     return attributions, attributions.reshape(len(x), -1).sum(1) - (f[:, -1] - f[:, 0])
 
@@ -132,8 +135,8 @@ def assert_relative(actual, expected, rtol):
 
 
 class Quadratic:
-    """F(x) = sum over outputs j of (j + 1) * sum(x^2): gradient linear in x, so the
-    trapezoid rule is exact and delta is zero up to rounding."""
+    """F(x) = sum over outputs j of (j + 1) * sum(x^2): gradient linear in x, so the rule
+    is exact and delta is zero up to rounding."""
 
     name, input_shape, output_shape, numpy_dtype = "fake", (3,), (2,), np.float64
 
@@ -148,16 +151,46 @@ class Quadratic:
         return Outputs(y, 2 * x * (v[:, :1] + 2 * v[:, 1:]))
 
 
-def test_path_rows_and_weights():
+def test_path_rows():
     x = np.array([[1.0, 2.0], [3.0, -1.0]], np.float32)
     b = np.array([[0.5, 0.25]], np.float32)
     rows = explain.path_rows(x, b, 4).reshape(2, 5, 2)
     np.testing.assert_array_equal(rows[:, 0], np.broadcast_to(b, x.shape))
     np.testing.assert_array_equal(rows[:, -1], x)
     np.testing.assert_allclose(rows[0, 2], [0.75, 1.125])
-    weights = explain.trapezoid_weights(4)
-    np.testing.assert_allclose(weights, [0.125, 0.25, 0.25, 0.25, 0.125])
-    assert math.isclose(weights.sum(), 1.0)
+
+
+@pytest.mark.parametrize("steps", range(1, 10))
+def test_quadrature_weights_integrate_cubics_exactly(steps):
+    weights = explain.quadrature_weights(steps)
+    alphas = np.linspace(0.0, 1.0, steps + 1)
+    assert len(weights) == steps + 1 and (weights > 0).all()
+    for degree in range(2 if steps == 1 else 4):
+        assert math.isclose(weights @ alphas**degree, 1 / (degree + 1), rel_tol=1e-12)
+    if steps == 4:
+        np.testing.assert_allclose(weights, np.array([1, 4, 2, 4, 1]) / 12)
+    if steps > 1:  # a quartic is not exact: the rule is Simpson's, not a higher one
+        assert not math.isclose(weights @ alphas**4, 0.2, rel_tol=1e-12)
+
+
+class Quartic:
+    """F(x) = sum(x^4): along a straight path the gradient is a cubic in alpha, which the
+    rule integrates exactly for any steps >= 2: attributions x_i^4 - b_i^4, delta 0."""
+
+    name, input_shape, output_shape, numpy_dtype = "quartic", (2,), (1,), np.float64
+
+    def run(self, kind, x, v=None):
+        y = (x**4).sum(axis=1, keepdims=True)
+        return Outputs(y, None if kind is Derivative.NONE else 4 * x**3)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5, 8])
+def test_integrated_gradients_of_a_quartic_are_exact(steps):
+    x = np.array([[1.0, -2.0], [0.5, 3.0]])
+    b = np.array([[0.5, 1.0], [-1.0, 0.0]])
+    out = answer(Quartic(), IG, x, steps=steps, baseline=b)
+    np.testing.assert_allclose(out.attributions, x**4 - b**4, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out.delta, 0.0, atol=1e-10)
 
 
 def test_integrated_gradients_of_a_quadratic_are_exact():
@@ -252,7 +285,7 @@ def test_integrated_gradients_equal_the_float64_reference(models, name, target):
 
 def test_bundled_tanh_model_completes_within_a_thousandth_at_64_steps():
     engine = Engine(BUNDLED_DIR / "quadratic_tanh.keras", xla=False, max_batch_size=1024)
-    x = np.array([[0.9], [0.1], [0.75], [0.3]], np.float32)
+    x = np.array([[0.95], [0.9], [0.1], [0.75], [0.3]], np.float32)
     out = answer(engine, IG, x, steps=64)
     f = engine.run(Derivative.NONE, np.concatenate([x, np.zeros((1, 1), np.float32)])).y[:, 0]
     gap = np.abs(f[:-1].astype(np.float64) - f[-1])
