@@ -81,14 +81,16 @@ _HELP = {
     "only)",
     "input": "SavedModel signature input to differentiate by, when it has several",
     "output": "SavedModel signature output to serve, when it has several",
-    "max_result_mb": "refuse Jacobians/Hessians whose result would exceed this many MiB",
+    "max_result_mb": "refuse Jacobians/Hessians (and explanations whose expanded gradients) that "
+    "would exceed this many MiB",
     "host": "address to bind; 0.0.0.0 exposes the server on every interface",
     "port": "port to bind; 0 picks a free one",
     "device": "auto (first GPU, else CPU), cpu, or gpu:N",
     "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
     "max_batch_size": "most rows per engine call; larger requests are split",
     "max_delay_us": "hold an idle engine up to this long to gather a larger batch (0: never)",
-    "max_queue_rows": "most rows waiting at once (and per request); beyond: RESOURCE_EXHAUSTED",
+    "max_queue_rows": "most rows waiting at once (and per request, counting an explanation's "
+    "expanded rows); beyond: RESOURCE_EXHAUSTED",
     "max_message_mb": "largest request or response message, in MiB",
     "stream_window": "messages of one stream read ahead while earlier ones compute",
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
