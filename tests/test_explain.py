@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 
 import keras
@@ -382,3 +383,33 @@ def test_mixed_load_through_the_batcher_answers_every_caller_exactly(models):
                                        atol=1e-6)  # fmt: skip
         if kind is IG:
             np.testing.assert_allclose(got.delta, alone.delta, atol=1e-5)
+
+
+def test_a_cancelled_explanation_never_computes_its_rows():
+    gate = threading.Event()
+    computed = []
+
+    def gated(kind, x, v=None):
+        if not gate.wait(timeout=WAIT_S):
+            raise TimeoutError("gate never opened")
+        computed.append(len(x))
+        return Quadratic().run(kind, x, v)
+
+    async def scenario():
+        fake = Quadratic()
+        async with Batcher(gated, max_batch_size=8) as batcher:
+            blocker = batcher.submit(np.ones((1, 3)), Derivative.GRADIENT)
+            while batcher.queued_rows:  # the blocker is dispatched and held at the gate
+                await asyncio.sleep(0.01)
+            future = explain.submit(batcher.submit, spec_of(fake), LIMITS, IG, np.ones((2, 3)),
+                                    options=Options(steps=9))  # fmt: skip
+            await asyncio.sleep(0)
+            assert batcher.queued_rows == 20
+            future.cancel()
+            await asyncio.sleep(0.05)
+            assert batcher.queued_rows == 0
+            gate.set()
+            await blocker
+        return computed
+
+    assert run(scenario()) == [1]  # only the blocker's row reached the engine
