@@ -253,7 +253,9 @@ def _plan(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
     return kind, names
 
 
-def _options(request: pb.ModelInferRequest, kind: Derivative, baseline) -> Options | None:
+def _options(
+    request: pb.ModelInferRequest, kind: Derivative, baseline: np.ndarray | None
+) -> Options | None:
     """The target and explanation options from the request parameters (None: neither)."""
     given = {key: _parameter(request, key) for key in (*_INT_PARAMETERS, "noise",
              "noise_absolute") if key in request.parameters}  # fmt: skip

@@ -16,7 +16,7 @@ from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.errors import InvalidInput, RequestError
 from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
 from gradserve.server.metrics import Metrics
-from gradserve.server.registry import Models
+from gradserve.server.registry import Models, Served
 from gradserve.server.status import Failure, abort
 from gradserve.server.tickets import Hops, Ticket
 from gradserve.v1 import gradserve_pb2 as pb
@@ -91,7 +91,7 @@ class NativeCodec:
         return outcome
 
 
-def _options(request: pb.EvaluateRequest, kind: Derivative, served) -> Options | None:
+def _options(request: pb.EvaluateRequest, kind: Derivative, served: Served) -> Options | None:
     """The target and explanation options of a request; None when it has neither."""
     has_explain = request.HasField("explain")
     if has_explain and not kind.explains:
