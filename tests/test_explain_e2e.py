@@ -306,3 +306,38 @@ def test_the_standard_protocol_with_tritonclient(running, client):
             )  # fmt: skip
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert "fewer steps" in info.value.message()
+
+
+def test_native_options_that_do_not_apply_are_refused(running):
+    from gradserve import codec
+    from gradserve.v1 import gradserve_pb2 as pb
+    from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+    x = codec.to_tensor(np.ones((2, 3), np.float32))
+    baseline = pb.Explain(baseline=codec.to_tensor(np.zeros((1, 3), np.float32)))
+    cases = [
+        (pb.EvaluateRequest(x=x, model="mimo", explain=pb.Explain(steps=4)), "explain options"),
+        (
+            pb.EvaluateRequest(x=x, model="mimo", derivative=pb.SMOOTH_GRAD, explain=baseline),
+            "baseline is for integrated_gradients",
+        ),
+        (
+            pb.EvaluateRequest(x=x, model="mimo", derivative=pb.JACOBIAN, target=0),
+            "target is for gradient",
+        ),
+    ]
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        for request, message in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Evaluate(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in info.value.details()
+        ok = stub.Evaluate(
+            pb.EvaluateRequest(
+                x=x, model="mimo", derivative=pb.INTEGRATED_GRADIENTS, explain=baseline
+            ),
+            timeout=10,
+        )
+        assert list(ok.attributions.shape) == [2, 3] and list(ok.delta.shape) == [2]
+        assert not ok.HasField("dy_dx")
