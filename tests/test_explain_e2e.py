@@ -341,3 +341,27 @@ def test_native_options_that_do_not_apply_are_refused(running):
         )
         assert list(ok.attributions.shape) == [2, 3] and list(ok.delta.shape) == [2]
         assert not ok.HasField("dy_dx")
+
+
+def test_explanations_through_two_frontend_processes(server, frontends_server):
+    """The multi-process server (2 frontends, 1 engine process) expands and reduces in its
+    frontends and answers as the one-process server does."""
+    x = np.linspace(0.05, 0.95, 7)
+    calls = [
+        lambda c: c.integrated_gradients(x, steps=32),
+        lambda c: c.smooth_grad(x, samples=8, seed=1, target=0),
+        lambda c: c.evaluate(x, "jvp", v=np.linspace(-1, 1, 21).reshape(7, 3, 1)),
+        lambda c: c.evaluate(x, target=0),
+    ]
+    with (
+        GradientClient(server.target, timeout=30) as one,
+        GradientClient(frontends_server.target, timeout=30) as two,
+    ):
+        for call in calls:
+            a, b = call(one), call(two)
+            for field in ("y", "dy_dx", "attributions", "delta"):
+                if getattr(a, field) is None:
+                    assert getattr(b, field) is None
+                else:
+                    np.testing.assert_allclose(getattr(b, field), getattr(a, field),
+                                               rtol=1e-5, atol=1e-6)  # fmt: skip
