@@ -25,7 +25,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import scaling
 from gradserve.client import loadtest
 from gradserve.client.loadtest import StepResult
 from gradserve.client.results import make_request
@@ -205,6 +204,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.only_explain:
         return explain_only(args)
+    from bench import scaling  # bench/ is on the path only when run as a script
+
     started = time.monotonic()
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
