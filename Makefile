@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: serve test lint format proto train clean bench loadtest soak nginx cluster cluster-load \
-	image image-host image-test
+	image image-host image-test explain-demo
 
 # The container image: name and tag live in deploy/image.env (the k8s manifests use the same).
 include deploy/image.env
@@ -46,6 +46,10 @@ proto: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/gradserve train
+
+# serves the bundled digits model, explains a few digits, writes docs/explanations.png
+explain-demo: $(STAMP)
+	$(BIN)/python demo/explain_demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,7 @@
-"""`make bench`: engine ceiling, transport ceiling, gradserve unbatched and batched, and the
-flood (fairness and memory bounds), in ONE run. `--only flood` runs the flood step alone
-(printed, not written).
+"""`make bench`: engine ceiling, transport ceiling, gradserve unbatched and batched,
+integrated gradients over one stream, and the flood (fairness and memory bounds), in ONE
+run. `--only flood` runs the flood step alone and `--only-explain` the integrated-gradients
+step (printed, not written).
 
 Writes the generated part of docs/benchmarks.md (between the bench markers; the tuning log
 around it is kept) and docs/benchmarks.png. Numbers are medians over repeats; the ratios
@@ -23,11 +24,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import scaling
 from gradserve.client import loadtest
 from gradserve.client.loadtest import StepResult
+from gradserve.client.results import make_request
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -37,6 +39,10 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
 FRONTENDS = 2
 STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)] + [("stream", 16, 1)]
+IG_ROWS, IG_STEPS = 16, 64  # integrated gradients: rows per message, quadrature intervals
+# Messages in flight on the stream: each expands to 1040 rows, and the queue bound counts
+# expanded rows, so 256 in flight (the server's default read-ahead) would fill the queue.
+IG_WINDOW = 16
 
 
 def free_port() -> int:
@@ -141,9 +147,35 @@ def _median(runs: list[StepResult]) -> StepResult:
     )
 
 
-def engine_ceiling(repeats: int) -> list[dict]:
+def integrated_gradients(server: Server, repeats: int, seconds: float) -> dict:
+    """Integrated gradients of IG_ROWS rows x IG_STEPS steps per message over one stream
+    (IG_WINDOW messages in flight), median over repeats: path rows per second, counting
+    IG_STEPS + 1 path rows per row (every row the engine computes)."""
+    x = np.random.default_rng(0).uniform(0, 1, (IG_ROWS, 1)).astype(np.float32)
+    request = make_request(x, "integrated_gradients", steps=IG_STEPS)
+    step = {"mode": "stream", "concurrency": 1, "rows": IG_ROWS, "window": IG_WINDOW,
+            "request": request}  # fmt: skip
+    asyncio.run(loadtest.run_step([server.target], duration=0.5, **step))
+    runs = [
+        asyncio.run(loadtest.run_step([server.target], duration=seconds, label="ig", **step))
+        for _ in range(repeats)
+    ]
+    result = _median(runs)
+    if result.unexpected_errors():
+        raise RuntimeError(f"integrated gradients failed: {result.errors}")
+    rate = result.rows_per_s * (IG_STEPS + 1)
+    print(f"  {server.label:<12} integrated gradients {IG_ROWS} rows x {IG_STEPS} steps, 1 "
+          f"stream: {rate:,.0f} path rows/s, mean batch {result.batch_rows['mean']:.0f}",
+          flush=True)  # fmt: skip
+    return {"rows": IG_ROWS, "steps": IG_STEPS, "path_rows_per_s": rate,
+            "messages": result.requests, "mean_batch": result.batch_rows["mean"],
+            "p50_ms": result.latency_ms["p50"]}  # fmt: skip
+
+
+def engine_ceiling(repeats: int, *extra: str) -> list[dict]:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "engine_ceiling.py"), "--repeats", str(repeats)],
+        [sys.executable, str(ROOT / "bench" / "engine_ceiling.py"), "--repeats", str(repeats),
+         *extra],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -173,18 +205,39 @@ def flood_step() -> dict:
     return results
 
 
+def explain_only(args) -> int:
+    """Just the integrated-gradients step against the engine at batch 1024 (prints only)."""
+    engine = engine_ceiling(args.repeats, "--batches", "1024", "--xla", "on")
+    server = Server("batched", ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"],
+                    True)  # fmt: skip
+    try:
+        explain = integrated_gradients(server, args.repeats, args.seconds)
+    finally:
+        server.stop()
+    from bench.report import explain_target
+
+    print(explain_target(engine, explain))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per repeat of a step")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--only", choices=["flood"], help="run this step alone and print it")
+    parser.add_argument("--only-explain", action="store_true",
+                        help="run only the integrated-gradients step (prints only)")  # fmt: skip
     args = parser.parse_args()
     if args.only == "flood":
         from bench.report import render_flood
 
         print("\n".join(render_flood(flood_step())))
         return 0
+    if args.only_explain:
+        return explain_only(args)
+    from bench import scaling  # bench/ is on the path only when run as a script
+
     started = time.monotonic()
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
@@ -200,6 +253,7 @@ def main() -> int:
     results: list[StepResult] = []
     rss: dict[str, float] = {}
     costs: dict = {}
+    explain = None
     for label, argv, health in configs:
         print(f"{label}...", flush=True)
         server = Server(label, argv, health)
@@ -207,6 +261,8 @@ def main() -> int:
             results += measure(server, UNARY + STREAMS, args.repeats, args.seconds)
             if label.startswith("frontends"):
                 costs = scaling.measure(server.target, metrics_port, server.process.pid)
+            if label == "batched":
+                explain = integrated_gradients(server, args.repeats, args.seconds)
         finally:
             server.stop()
         rss[label] = server.peak_rss_mb
@@ -214,8 +270,10 @@ def main() -> int:
     elapsed = time.monotonic() - started
     from bench.report import render, render_flood
 
-    text = render(engine, results, rss, elapsed, args, costs) + "\n\n" + "\n".join(
-        render_flood(floods)
+    text = (
+        render(engine, results, rss, elapsed, args, costs, explain)
+        + "\n\n"
+        + "\n".join(render_flood(floods))
     )
     print(text)
     if not args.no_write:

@@ -37,9 +37,45 @@ class AsyncGradientClient(ClientBase):
         await self._channel.close()
 
     async def evaluate(
-        self, x: object, derivative: str = "gradient", *, v: object = None, model: str = ""
+        self,
+        x: object,
+        derivative: str = "gradient",
+        *,
+        v: object = None,
+        model: str = "",
+        target: int | None = None,
     ) -> Result:
-        request = make_request(x, derivative, model=model, v=v)
+        """Like GradientClient.evaluate."""
+        request = make_request(x, derivative, model=model, v=v, target=target)
+        return to_result(await self._call(self._stub.Evaluate, request))
+
+    async def integrated_gradients(
+        self,
+        x: object,
+        baseline: object = None,
+        steps: int = 64,
+        target: int | None = None,
+        model: str = "",
+    ) -> Result:
+        """Like GradientClient.integrated_gradients."""
+        request = make_request(
+            x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps
+        )
+        return to_result(await self._call(self._stub.Evaluate, request))
+
+    async def smooth_grad(
+        self,
+        x: object,
+        samples: int = 32,
+        noise: float = 0.1,
+        seed: int = 0,
+        target: int | None = None,
+        model: str = "",
+        noise_absolute: bool = False,
+    ) -> Result:
+        """Like GradientClient.smooth_grad."""
+        request = make_request(x, "smooth_grad", model=model, target=target, samples=samples,
+                               noise=noise, seed=seed, noise_absolute=noise_absolute)  # fmt: skip
         return to_result(await self._call(self._stub.Evaluate, request))
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
@@ -80,6 +116,7 @@ class AsyncGradientClient(ClientBase):
         *,
         model: str = "",
         errors: str = "raise",
+        **options: object,
     ) -> AsyncIterator[Result | GradserveError]:
         """Like GradientClient.stream; xs may be a plain or an async iterable."""
         if errors not in ("raise", "return"):
@@ -88,7 +125,7 @@ class AsyncGradientClient(ClientBase):
         async def requests() -> AsyncIterator[pb.EvaluateRequest]:
             i = 0
             async for x in _aiter(xs):
-                yield _message(x, derivative, str(i), model)
+                yield _message(x, derivative, str(i), model, options)
                 i += 1
 
         timeout = self.timeout
@@ -132,9 +169,11 @@ async def _aiter(xs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[
             yield x
 
 
-def _message(item: object, derivative: str, request_id: str, model: str) -> pb.EvaluateRequest:
+def _message(
+    item: object, derivative: str, request_id: str, model: str, options: dict
+) -> pb.EvaluateRequest:
     """A stream item: x, or (x, v) for the kinds that take a vector."""
     if derivative.lower() in NEEDS_VECTOR:
         x, v = item
-        return make_request(x, derivative, request_id, model, v)
-    return make_request(item, derivative, request_id, model)
+        return make_request(x, derivative, request_id, model, v, **options)
+    return make_request(item, derivative, request_id, model, **options)

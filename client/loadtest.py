@@ -225,18 +225,23 @@ async def run_step(
     connections: int | None = None,
     model: str = "",
     x: np.ndarray | None = None,
+    request: pb.EvaluateRequest | None = None,
 ) -> StepResult:
     """Run one load step and summarise it; callers are spread round-robin over `connections`
     connections to each of `targets` (default: one per caller, at most 16).
 
     The request shapes come from the server's description of `model` (empty: the only one
-    served); `x` ([N, *input_shape]) replaces the random inputs."""
+    served); `x` ([N, *input_shape]) replaces the random inputs; `request` (e.g. an
+    explanation with its options) replaces them all, `rows` then being its row count."""
     connections = connections or min(concurrency, 16)
     channels = [open_channel(t, tls, aio=True) for t in targets for _ in range(connections)]
     try:
         stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
         info = await stubs[0].GetModelInfo(pb.ModelInfoRequest(model=model), timeout=timeout)
-        requests = build_requests(to_model_info(info), rows, derivative, x, model)
+        if request is not None:
+            requests = [request]
+        else:
+            requests = build_requests(to_model_info(info), rows, derivative, x, model)
         clock, tally = _Clock(duration, max_requests), _Tally()
         workers = [
             _unary_worker(stubs[i % len(stubs)], requests, clock, tally, timeout)

@@ -43,11 +43,51 @@ class GradientClient(ClientBase):
         self._channel.close()
 
     def evaluate(
-        self, x: object, derivative: str = "gradient", *, v: object = None, model: str = ""
+        self,
+        x: object,
+        derivative: str = "gradient",
+        *,
+        v: object = None,
+        model: str = "",
+        target: int | None = None,
     ) -> Result:
         """y and the derivative for x: a scalar, a 1-D array of rows, or [n, *X]; `v` is the
-        vector of vjp, jvp and hvp."""
-        request = make_request(x, derivative, model=model, v=v)
+        vector of vjp, jvp and hvp ([n, k, ...] for k tangents per row); `target` selects one
+        output (index into the flattened output) for gradient instead of the sum."""
+        request = make_request(x, derivative, model=model, v=v, target=target)
+        return to_result(self._call(self._stub.Evaluate, request))
+
+    def integrated_gradients(
+        self,
+        x: object,
+        baseline: object = None,
+        steps: int = 64,
+        target: int | None = None,
+        model: str = "",
+    ) -> Result:
+        """Integrated gradients of each row from `baseline` (one row for all, or one per row;
+        default zeros) with `steps` Simpson-rule intervals: `.attributions` [n, *X], `.delta` [n]
+        (sum of attributions - (F(x) - F(baseline))), `.y` = F(x)."""
+        request = make_request(
+            x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps
+        )
+        return to_result(self._call(self._stub.Evaluate, request))
+
+    def smooth_grad(
+        self,
+        x: object,
+        samples: int = 32,
+        noise: float = 0.1,
+        seed: int = 0,
+        target: int | None = None,
+        model: str = "",
+        noise_absolute: bool = False,
+    ) -> Result:
+        """SmoothGrad: the mean gradient over `samples` copies of each row with Gaussian noise
+        of sigma = noise * (the row's max - min), or sigma = noise when `noise_absolute`;
+        the same `seed` gives the same answer. `.attributions` [n, *X], `.y` = F(x)."""
+        request = make_request(x, "smooth_grad", model=model, target=target, samples=samples,
+                               noise=noise, seed=seed, noise_absolute=noise_absolute)  # fmt: skip
         return to_result(self._call(self._stub.Evaluate, request))
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
@@ -91,12 +131,15 @@ class GradientClient(ClientBase):
         *,
         model: str = "",
         errors: str = "raise",
+        **options: object,
     ) -> Iterator[Result | GradserveError]:
         """Pipeline every x of `xs` over one stream; results come back in order.
 
-        For vjp, jvp and hvp each item is a pair (x, v). A message the server rejects
-        raises GradserveError (errors="raise"), or is yielded as that GradserveError in its
-        place (errors="return").
+        For vjp, jvp and hvp each item is a pair (x, v). `options` apply to every message:
+        target, and the options of integrated_gradients and smooth_grad (baseline, steps;
+        samples, noise, seed, noise_absolute). A message the server rejects raises
+        GradserveError (errors="raise"), or is yielded as that GradserveError in its place
+        (errors="return").
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
@@ -106,7 +149,7 @@ class GradientClient(ClientBase):
             self.wait_until_ready(timeout)
             waited = time.monotonic() - started
             timeout = None if timeout is None else max(timeout - waited, 0.001)
-        requests = (_message(x, derivative, str(i), model) for i, x in enumerate(xs))
+        requests = (_message(x, derivative, str(i), model, options) for i, x in enumerate(xs))
         call = self._stub.EvaluateStream(
             requests, timeout=timeout, wait_for_ready=self.wait_for_ready
         )
@@ -132,9 +175,11 @@ class GradientClient(ClientBase):
         return to_model_info(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model)))
 
 
-def _message(item: object, derivative: str, request_id: str, model: str) -> pb.EvaluateRequest:
+def _message(
+    item: object, derivative: str, request_id: str, model: str, options: dict
+) -> pb.EvaluateRequest:
     """A stream item: x, or (x, v) for the kinds that take a vector."""
     if derivative.lower() in NEEDS_VECTOR:
         x, v = item
-        return make_request(x, derivative, request_id, model, v)
-    return make_request(item, derivative, request_id, model)
+        return make_request(x, derivative, request_id, model, v, **options)
+    return make_request(item, derivative, request_id, model, **options)

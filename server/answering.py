@@ -27,6 +27,7 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
+from gradserve.server import explain
 from gradserve.server.batcher import Result
 from gradserve.server.errors import Closed
 from gradserve.server.metrics import Metrics
@@ -154,13 +155,21 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if isinstance(request, Undecodable):
             raise request.error
         self._codec.decode(request, ticket)
-        batcher = ticket.served.batcher
+        served = ticket.served
         wire = _wire_bytes(request) if kept else 0
-        ticket.nbytes = batcher.request_bytes(ticket.x, ticket.kind, ticket.v, wire)
-        return batcher.submit(
-            ticket.x, ticket.kind, deadline, ticket.v,
-            caller=caller, priority=ticket.priority, extra_bytes=wire,
-        )  # fmt: skip
+
+        def submit_rows(x, kind, deadline, v=None, **admission):
+            # What the request holds while queued: its rows as submitted (an explanation's
+            # expanded rows, vectors and results), and the message when it is kept.
+            ticket.nbytes = served.batcher.request_bytes(x, kind, v, wire)
+            return served.batcher.submit(x, kind, deadline, v, **admission)
+
+        # Plain rows go straight to the batcher; targets, explanations and k tangents are
+        # expanded into rows first and reduced when they come back. Either way the rows are
+        # queued as the caller's, at its priority, their bytes counted.
+        return explain.submit(submit_rows, served.spec, served.limits, ticket.kind, ticket.x,
+                              ticket.v, ticket.options, deadline, caller=caller,
+                              priority=ticket.priority, extra_bytes=wire)  # fmt: skip
 
     def _finish(self, ticket: Ticket, result: Result) -> Response:
         response = self._codec.encode(ticket, result)

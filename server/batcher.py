@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.server.budget import CostEstimate, CostModel, MemoryBudget
-from gradserve.server.contract import Derivative, Outputs, Priority
+from gradserve.server.contract import ENGINE_KINDS, Derivative, Outputs, Priority
 from gradserve.server.errors import (
     Closed,
     DeadlineExpired,
@@ -229,9 +229,9 @@ class Batcher:
         self.memory = memory
         self._result_row_bytes = dict(result_row_bytes or {})
         self._ladder = sorted(ladder)
-        self._costs: dict[Derivative, CostModel] = {kind: CostModel() for kind in Derivative}
+        self._costs: dict[Derivative, CostModel] = {kind: CostModel() for kind in ENGINE_KINDS}
         self._lanes: dict[Priority, dict[Derivative, _Lane]] = {
-            priority: {kind: _Lane() for kind in Derivative} for priority in Priority
+            priority: {kind: _Lane() for kind in ENGINE_KINDS} for priority in Priority
         }
         self._queued_rows = 0
         self._wakeup = asyncio.Event()

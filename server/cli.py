@@ -23,9 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_arguments(serve)
     loadtest = sub.add_parser("loadtest", help="load-test a running server (client only)")
     loadtest_module().add_arguments(loadtest)
-    train = sub.add_parser("train", help="retrain the bundled model (deterministic)")
+    train = sub.add_parser("train", help="retrain the bundled models (deterministic)")
     train.add_argument(
-        "--out", default=str(cfg.BUNDLED_MODEL), help="where to write the .keras file"
+        "--out", default=str(cfg.BUNDLED_DIR), help="folder to write the .keras files to"
     )
     return parser
 
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from gradserve.server.train import train_bundled
 
-        for name, loss in train_bundled(Path(args.out)).items():
-            print(f"trained {Path(args.out) / name}.keras (final mse {loss:.2e})")
+        for name, fit in train_bundled(Path(args.out)).items():
+            print(f"trained {Path(args.out) / name}.keras ({fit})")
         return 0
     try:
         from gradserve.server.app import serve

@@ -65,6 +65,7 @@ class ServerConfig:
             grace_ms = round(self.max_connection_age_grace * 1000)
             options.append(("grpc.max_connection_age_grace_ms", grace_ms))
         return options
+
     @property
     def max_queue_bytes(self) -> int:
         return self.max_queue_mb * 1024 * 1024
@@ -75,7 +76,8 @@ class ServerConfig:
 
     def model_paths(self) -> list[Path]:
         """Every model to serve: --model entries (comma-separated; a bare bundled name such as
-        `quadratic` or `quadratic_tanh` means the bundled file), plus each entry of --model-dir."""
+        `quadratic`, `quadratic_tanh` or `digits` means the bundled file), plus each entry of
+        --model-dir."""
         paths = [_resolve_model(entry) for entry in self.model.split(",") if entry.strip()]
         if self.model_dir:
             paths += sorted(p for p in Path(self.model_dir).iterdir() if not p.name.startswith("."))
@@ -84,23 +86,25 @@ class ServerConfig:
 
 _HELP = {
     "model": "models to serve, comma-separated: .keras or .h5 files, SavedModel folders, or "
-    "bundled names (quadratic, quadratic_tanh)",
+    "bundled names (quadratic, quadratic_tanh, digits)",
     "model_dir": "also serve every model file or SavedModel folder in this folder",
     "model_name": "name of the model for clients when one is served; default: its file name",
     "unsafe_deserialization": "allow Keras Lambda layers (runs code from the file: trusted files "
     "only)",
     "input": "SavedModel signature input to differentiate by, when it has several",
     "output": "SavedModel signature output to serve, when it has several",
-    "max_result_mb": "refuse Jacobians/Hessians whose result would exceed this many MiB",
+    "max_result_mb": "refuse Jacobians/Hessians (and explanations whose expanded gradients) that "
+    "would exceed this many MiB",
     "host": "address to bind; 0.0.0.0 exposes the server on every interface",
     "port": "port to bind; 0 picks a free one",
     "device": "auto (first GPU, else CPU), cpu, or gpu:N",
     "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
     "max_batch_size": "most rows per engine call; larger requests are split",
     "max_delay_us": "hold an idle engine up to this long to gather a larger batch (0: never)",
-    "max_queue_rows": "most rows waiting at once (and per request); beyond: RESOURCE_EXHAUSTED",
+    "max_queue_rows": "most rows waiting at once (and per request, counting an explanation's "
+    "expanded rows); beyond: RESOURCE_EXHAUSTED",
     "max_queue_mb": "most MiB that admitted requests may hold at once (messages, rows, "
-    "vectors, results), over every model; beyond: RESOURCE_EXHAUSTED",
+    "vectors, explanations' expanded rows, results), over every model; beyond: RESOURCE_EXHAUSTED",
     "max_batch_ms": "engine-time budget per batch, from each kind's learned cost per row; "
     "larger requests are split (0: rows only)",
     "fairness": "fill batches round robin across callers (x-gradserve-client metadata, else "

@@ -26,10 +26,28 @@ class Derivative(enum.Enum):
     JVP = "jvp"  # (dy/dx) u for a tangent u of shape X, forward mode: Y
     HESSIAN = "hessian"  # d2(sum of y)/dx2: X + X
     HVP = "hvp"  # (d2(sum of y)/dx2) v for v of shape X: X
+    # Explanations: expanded into many gradient (or one-hot VJP) rows, reduced per row.
+    INTEGRATED_GRADIENTS = "integrated_gradients"  # (x - baseline) * path-mean gradient: X
+    SMOOTH_GRAD = "smooth_grad"  # mean gradient over noisy copies of x: X
 
     @property
     def needs_vector(self) -> bool:
         return self in (Derivative.VJP, Derivative.JVP, Derivative.HVP)
+
+    @property
+    def explains(self) -> bool:
+        """An explanation kind: never computed by the engine itself, only through its rows."""
+        return self in (Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD)
+
+    @property
+    def takes_target(self) -> bool:
+        """Kinds whose differentiated scalar may be one output (`target`) instead of the sum."""
+        return self in (Derivative.GRADIENT, *EXPLANATIONS)
+
+
+EXPLANATIONS = (Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD)
+# What the engine computes in one call; the explanation kinds are built from these.
+ENGINE_KINDS = tuple(kind for kind in Derivative if not kind.explains)
 
 
 class Priority(enum.IntEnum):
@@ -120,4 +138,6 @@ class ModelSpec:
             Derivative.JVP: y,
             Derivative.HESSIAN: x + x,
             Derivative.HVP: x,
+            Derivative.INTEGRATED_GRADIENTS: x,
+            Derivative.SMOOTH_GRAD: x,
         }[kind]

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradserve.server.contract import Derivative, Outputs, Shape
+from gradserve.server.contract import ENGINE_KINDS, Derivative, Outputs, Shape
 
 XLA_KINDS = (Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN)
 
@@ -313,7 +313,7 @@ class Engine:
         padded[:n] = a
         return padded
 
-    def warm_up(self, kinds=tuple(Derivative)) -> float:
+    def warm_up(self, kinds=ENGINE_KINDS) -> float:
         """Trace (and with XLA compile) every function at every batch shape; returns seconds."""
         start = time.perf_counter()
         for kind in kinds:

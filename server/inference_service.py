@@ -2,9 +2,14 @@
 Triton's ModelStreamInfer and ModelConfig extensions, on the same batcher as the native API.
 
 Tensors: input `x` ([n, *X], FP32 or FP64) and, for derivative="vjp", "jvp" or "hvp", input
-`v`; outputs `y` ([n, *Y]) and `dy_dx` (shaped per derivative: [n, *X] for the default
-gradient, [n, *Y, *X] for "jacobian", ...), in the model's float type. Requesting only `y`
-computes no derivative.
+`v` ([n, *V], or [n, k, *V] for k tangents per row); outputs `y` ([n, *Y]) and `dy_dx` (shaped
+per derivative: [n, *X] for the default gradient, [n, *Y, *X] for "jacobian", ...), in the
+model's float type. Requesting only `y` computes no derivative.
+
+Explanations: derivative="integrated_gradients" (optional input `baseline`, [n, *X] or
+[1, *X]; parameter `steps`) answers outputs `y`, `attributions` [n, *X] and `delta` [n];
+derivative="smooth_grad" (parameters `samples`, `noise`, `noise_absolute`, `seed`) answers `y`
+and `attributions`. Parameter `target` (an output index) applies to "gradient" and both.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative, Priority
 from gradserve.server.errors import InvalidInput, RequestError, UnknownModel
+from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
 from gradserve.server.metrics import Metrics
 from gradserve.server.registry import Models, Served
 from gradserve.server.status import Failure, abort
@@ -31,6 +37,17 @@ SERVER_NAME = "gradserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "tensorflow_keras"
 INPUT, VECTOR, OUTPUT, DERIVATIVE = "x", "v", "y", "dy_dx"
+BASELINE, ATTRIBUTIONS, DELTA = "baseline", "attributions", "delta"
+# What each kind answers besides `y` (requesting none of them computes y only).
+_ANSWERS = {
+    Derivative.INTEGRATED_GRADIENTS: (ATTRIBUTIONS, DELTA),
+    Derivative.SMOOTH_GRAD: (ATTRIBUTIONS,),
+}
+_INT_PARAMETERS = ("target", "steps", "samples", "seed")
+_EXPLAIN_PARAMETERS = {
+    Derivative.INTEGRATED_GRADIENTS: ("steps",),
+    Derivative.SMOOTH_GRAD: ("samples", "noise", "noise_absolute", "seed"),
+}
 _DERIVATIVES = {kind.value: kind for kind in Derivative}
 _KIND_NAMES = ", ".join(f'"{k}"' for k in _DERIVATIVES)
 _INT32_MAX = 2**31 - 1
@@ -150,22 +167,31 @@ class InferenceCodec:
         kind, outputs = _plan(request)
         names = [i.name for i in request.inputs]
         wanted = [INPUT, VECTOR] if kind.needs_vector else [INPUT]
+        if kind is Derivative.INTEGRATED_GRADIENTS and BASELINE in names:
+            wanted.append(BASELINE)
         if sorted(names) != sorted(wanted):
             raise InvalidInput(f"expected input tensor(s) {wanted}, got {names}")
         x = _tensor(request, names.index(INPUT), served.spec.input_shape)
         v = None
         if kind.needs_vector:
-            v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind))
+            v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind), tangents=True)
         ticket.x, ticket.v = served.decode(kind, x, v)
+        baseline = None
+        if BASELINE in wanted:
+            raw = _tensor(request, names.index(BASELINE), served.spec.input_shape)
+            baseline = served.decode_baseline(raw)
+        ticket.options = _options(request, kind, baseline)
         ticket.served, ticket.kind, ticket.priority = served, kind, _priority(request)
         ticket.plan = _Plan(outputs, raw=bool(request.raw_input_contents))
 
-    def encode(self, ticket: Ticket, result: Result) -> pb.ModelInferResponse:
+    def encode(self, ticket: Ticket, result: Result | Answer) -> pb.ModelInferResponse:
         spec, plan = ticket.served.spec, ticket.plan
         response = pb.ModelInferResponse(
             model_name=spec.name, model_version=spec.version, id=ticket.id
         )
         arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
+        if isinstance(result, Answer):
+            arrays.update({ATTRIBUTIONS: result.attributions, DELTA: result.delta})
         kind = codec.float_type(spec.dtype)
         for name in plan.outputs:
             array = np.ascontiguousarray(arrays[name], dtype=kind.numpy)
@@ -212,18 +238,18 @@ def _plan(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
         raise InvalidInput(
             f'parameter "derivative" is {derivative!r}; expected one of {_KIND_NAMES}'
         )
+    answers = () if kind is Derivative.NONE else _ANSWERS.get(kind, (DERIVATIVE,))
     names = tuple(o.name for o in request.outputs)
     for name in names:
-        if name not in (OUTPUT, DERIVATIVE):
+        if name not in (OUTPUT, *answers):
+            known = ", ".join(repr(n) for n in (OUTPUT, *answers))
             raise InvalidInput(
-                f"unknown output {name!r}; the model's outputs are {OUTPUT!r} and {DERIVATIVE!r}"
+                f"unknown output {name!r}; derivative {kind.value!r} answers {known}"
             )
     if not names:
-        names = (OUTPUT,) if kind is Derivative.NONE else (OUTPUT, DERIVATIVE)
-    elif DERIVATIVE not in names:
+        names = (OUTPUT, *answers)
+    elif not set(names) & set(answers):
         kind = Derivative.NONE
-    elif kind is Derivative.NONE:
-        raise InvalidInput(f'output {DERIVATIVE!r} requested with derivative "none"')
     return kind, names
 
 
@@ -242,9 +268,53 @@ def _priority(request: pb.ModelInferRequest) -> Priority:
     return Priority.HIGH if level == 1 else Priority.NORMAL
 
 
-def _tensor(request: pb.ModelInferRequest, index: int, shape) -> tuple[bytes, list, np.dtype]:
-    """(bytes, shape, dtype) of input `index`, from raw or typed contents."""
+def _options(
+    request: pb.ModelInferRequest, kind: Derivative, baseline: np.ndarray | None
+) -> Options | None:
+    """The target and explanation options from the request parameters (None: neither)."""
+    given = {key: _parameter(request, key) for key in (*_INT_PARAMETERS, "noise",
+             "noise_absolute") if key in request.parameters}  # fmt: skip
+    allowed = (*_EXPLAIN_PARAMETERS.get(kind, ()), *(("target",) if kind.takes_target else ()))
+    extra = sorted(set(given) - set(allowed))
+    if extra:
+        raise InvalidInput(f"parameter(s) {extra} do not apply to derivative {kind.value!r}")
+    if not kind.explains:
+        return Options(target=given["target"]) if "target" in given else None
+    return Options(
+        target=given.get("target"),
+        steps=given.get("steps", DEFAULT_STEPS),
+        baseline=baseline,
+        samples=given.get("samples", DEFAULT_SAMPLES),
+        noise=given.get("noise", DEFAULT_NOISE),
+        noise_absolute=given.get("noise_absolute", False),
+        seed=given.get("seed", 0),
+    )
+
+
+def _parameter(request: pb.ModelInferRequest, key: str) -> int | float | bool:
+    param = request.parameters[key]
+    which = param.WhichOneof("parameter_choice")
+    value = getattr(param, which) if which else None
+    if key == "noise_absolute":
+        if which != "bool_param":
+            raise InvalidInput(f'parameter "{key}" must be a bool')
+        return value
+    if key == "noise" and which in ("double_param", "int64_param", "uint64_param"):
+        return float(value)
+    if key != "noise" and which in ("int64_param", "uint64_param"):
+        return int(value)
+    wanted = "a number" if key == "noise" else "an integer"
+    raise InvalidInput(f'parameter "{key}" must be {wanted}, got {which or "nothing"}')
+
+
+def _tensor(
+    request: pb.ModelInferRequest, index: int, shape, tangents: bool = False
+) -> tuple[bytes, list, np.dtype]:
+    """(bytes, shape, dtype) of input `index`, from raw or typed contents; `tangents`: the
+    input may carry k vectors per row ([n, k, *shape])."""
     tensor = request.inputs[index]
+    if tangents and len(tensor.shape) == len(shape) + 2:
+        shape = (tensor.shape[1], *shape)
     kind = codec.by_kserve(tensor.datatype)
     if kind is None:
         raise InvalidInput(

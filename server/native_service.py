@@ -14,8 +14,9 @@ from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
 from gradserve.server.contract import Derivative, ModelSpec, Priority
 from gradserve.server.errors import InvalidInput, RequestError
+from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
 from gradserve.server.metrics import Metrics
-from gradserve.server.registry import Models
+from gradserve.server.registry import Models, Served
 from gradserve.server.status import Failure, abort
 from gradserve.server.tickets import Hops, Ticket
 from gradserve.v1 import gradserve_pb2 as pb
@@ -28,6 +29,8 @@ _KINDS = {
     pb.JVP: Derivative.JVP,
     pb.HESSIAN: Derivative.HESSIAN,
     pb.HVP: Derivative.HVP,
+    pb.INTEGRATED_GRADIENTS: Derivative.INTEGRATED_GRADIENTS,
+    pb.SMOOTH_GRAD: Derivative.SMOOTH_GRAD,
 }
 _KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in _KINDS)
 _PRIORITIES = {pb.NORMAL: Priority.NORMAL, pb.HIGH: Priority.HIGH}
@@ -64,12 +67,18 @@ class NativeCodec:
             )
         v = _raw(request.v, "v") if request.HasField("v") else None
         ticket.x, ticket.v = served.decode(kind, _raw(request.x, "x"), v)
+        ticket.options = _options(request, kind, served)
         ticket.served, ticket.kind, ticket.priority = served, kind, priority
 
-    def encode(self, ticket: Ticket, result: Result) -> pb.EvaluateResponse:
+    def encode(self, ticket: Ticket, result: Result | Answer) -> pb.EvaluateResponse:
         response = pb.EvaluateResponse(id=ticket.id, y=codec.to_tensor(result.y))
         if result.dy_dx is not None:
             response.dy_dx.CopyFrom(codec.to_tensor(result.dy_dx))
+        if isinstance(result, Answer):
+            if result.attributions is not None:
+                response.attributions.CopyFrom(codec.to_tensor(result.attributions))
+            if result.delta is not None:
+                response.delta.CopyFrom(codec.to_tensor(result.delta))
         return response
 
     def stamp(self, response: pb.EvaluateResponse, breakdown: Hops) -> None:
@@ -86,6 +95,30 @@ class NativeCodec:
             error = pb.Error(code=outcome.code.value[0], message=outcome.message)
             return pb.EvaluateResponse(id=ticket.id, error=error)
         return outcome
+
+
+def _options(request: pb.EvaluateRequest, kind: Derivative, served: Served) -> Options | None:
+    """The target and explanation options of a request; None when it has neither."""
+    has_explain = request.HasField("explain")
+    if has_explain and not kind.explains:
+        raise InvalidInput(f"explain options are for integrated_gradients and smooth_grad, "
+                           f"not {kind.value}")  # fmt: skip
+    target = request.target if request.HasField("target") else None
+    if not kind.explains:
+        return None if target is None else Options(target=target)
+    e = request.explain
+    baseline = e.baseline if e.HasField("baseline") else None
+    if baseline is not None and kind is not Derivative.INTEGRATED_GRADIENTS:
+        raise InvalidInput("baseline is for integrated_gradients only")
+    return Options(
+        target=target,
+        steps=e.steps or DEFAULT_STEPS,
+        baseline=None if baseline is None else served.decode_baseline(_raw(baseline, "baseline")),
+        samples=e.samples or DEFAULT_SAMPLES,
+        noise=e.noise if e.HasField("noise") else DEFAULT_NOISE,
+        noise_absolute=e.noise_absolute,
+        seed=e.seed,
+    )
 
 
 class GradientServicer:

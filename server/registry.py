@@ -17,6 +17,7 @@ import numpy as np
 from gradserve.server.batcher import Batcher
 from gradserve.server.contract import Derivative, ModelSpec
 from gradserve.server.errors import InvalidInput, UnknownModel
+from gradserve.server.explain import Limits
 from gradserve.server.validation import decode_rows
 
 
@@ -40,6 +41,15 @@ class Served:
             if shape is not None
         }
 
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """What an expanded request (explanations, k tangents) must fit in."""
+        return Limits(max_rows=self.batcher.max_queue_rows, max_result_bytes=self.max_result_bytes)
+
+    def decode_baseline(self, baseline: tuple[bytes, list[int], np.dtype]) -> np.ndarray:
+        """A validated integrated-gradients baseline [m, *X] (m is checked against n later)."""
+        return decode_rows(*baseline, self.spec.input_shape, "baseline", self.dtype)
+
     def decode(
         self, kind: Derivative, x: tuple[bytes, list[int], np.dtype], v: tuple | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -54,6 +64,14 @@ class Served:
             if v is None:
                 rows_shape = f"[n, {', '.join(map(str, vector_shape))}]"
                 raise InvalidInput(f"{kind.value} needs the vector v, shape {rows_shape}")
+            if len(v[1]) == len(vector_shape) + 2:  # k tangents per row: [n, k, *V]
+                if tuple(v[1][2:]) != vector_shape:
+                    dims = ", ".join(map(str, vector_shape))
+                    raise InvalidInput(
+                        f"v has shape {list(v[1])}; {kind.value} takes [n, {dims}] (one per "
+                        f"row) or [n, k, {dims}] (k per row)"
+                    )
+                vector_shape = (v[1][1], *vector_shape)
             vector = decode_rows(*v, vector_shape, "v", self.dtype)
             if vector.shape[0] != rows.shape[0]:
                 raise InvalidInput(

@@ -17,6 +17,7 @@ import numpy as np
 
 from gradserve.server.batcher import Timing
 from gradserve.server.contract import Derivative, Priority
+from gradserve.server.explain import Options
 from gradserve.server.registry import Served
 
 
@@ -31,6 +32,7 @@ class Ticket:
     kind: Derivative = Derivative.GRADIENT
     x: np.ndarray | None = None
     v: np.ndarray | None = None
+    options: Options | None = None  # target and explanation options; None: plain rows
     plan: object = None  # the protocol's own: which outputs, in which encoding
     priority: Priority = Priority.NORMAL
     nbytes: int = 0  # what it holds while queued and computed (message, arrays, answer)

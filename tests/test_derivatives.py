@@ -14,10 +14,10 @@ import tensorflow as tf
 from conftest import TEST_CONFIG, RunningServer
 
 from gradserve.client import GradientClient, GradserveError
-from gradserve.server.contract import Derivative
+from gradserve.server.contract import ENGINE_KINDS, Derivative
 from gradserve.server.engine import Engine, ModelError
 
-KINDS = [k for k in Derivative if k is not Derivative.NONE]
+KINDS = [k for k in ENGINE_KINDS if k is not Derivative.NONE]
 
 
 def mlp(dtype: str = "float32") -> keras.Model:

@@ -154,7 +154,8 @@ def test_async_client_same_surface(server, bundled_engine):
 
     info, single, many, streamed = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert info.name == "quadratic" and info.input_width == 1
-    assert set(info.derivatives) == {"gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp"}
+    assert set(info.derivatives) == {"gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp",
+                                     "integrated_gradients", "smooth_grad"}  # fmt: skip
     assert abs(single.dy_dx[0, 0] - 0.8) < 0.3
     grid = np.linspace(0, 1, 50, dtype=np.float32).reshape(-1, 1)
     alone = bundled_engine.run(Derivative.GRADIENT, grid).dy_dx[:, 0]

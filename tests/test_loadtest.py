@@ -114,7 +114,8 @@ def test_loadtest_every_derivative_kind_on_an_image_model(image_server, tmp_path
                    "--rows", "3", "--json", str(out))  # fmt: skip
     assert run.returncode == 0, run.stderr + run.stdout
     steps = json.loads(out.read_text())
-    kinds = ["gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp"]
+    kinds = ["gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp",
+             "integrated_gradients", "smooth_grad"]  # fmt: skip
     assert [s["derivative"] for s in steps] == kinds
     for step in steps:
         assert step["errors"] == {}, step

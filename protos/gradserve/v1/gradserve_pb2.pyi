@@ -21,6 +21,8 @@ class Derivative(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JVP: _ClassVar[Derivative]
     HESSIAN: _ClassVar[Derivative]
     HVP: _ClassVar[Derivative]
+    INTEGRATED_GRADIENTS: _ClassVar[Derivative]
+    SMOOTH_GRAD: _ClassVar[Derivative]
 
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +37,8 @@ VJP: Derivative
 JVP: Derivative
 HESSIAN: Derivative
 HVP: Derivative
+INTEGRATED_GRADIENTS: Derivative
+SMOOTH_GRAD: Derivative
 NORMAL: Priority
 HIGH: Priority
 
@@ -49,20 +53,40 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("id", "x", "derivative", "model", "v", "priority")
+    __slots__ = ("id", "x", "derivative", "model", "v", "target", "explain", "priority")
     ID_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     DERIVATIVE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     V_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     x: Tensor
     derivative: Derivative
     model: str
     v: Tensor
+    target: int
+    explain: Explain
     priority: Priority
-    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., explain: _Optional[_Union[Explain, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+
+class Explain(_message.Message):
+    __slots__ = ("steps", "baseline", "samples", "noise", "noise_absolute", "seed")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    baseline: Tensor
+    samples: int
+    noise: float
+    noise_absolute: bool
+    seed: int
+    def __init__(self, steps: _Optional[int] = ..., baseline: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., noise_absolute: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_us", "compute_us", "batch_rows", "decode_us", "handoff_us", "encode_us", "total_us")
@@ -91,18 +115,22 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("id", "y", "dy_dx", "timing", "error")
+    __slots__ = ("id", "y", "dy_dx", "timing", "error", "attributions", "delta")
     ID_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     DY_DX_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     id: str
     y: Tensor
     dy_dx: Tensor
     timing: Timing
     error: Error
-    def __init__(self, id: _Optional[str] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., dy_dx: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    attributions: Tensor
+    delta: Tensor
+    def __init__(self, id: _Optional[str] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., dy_dx: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., attributions: _Optional[_Union[Tensor, _Mapping]] = ..., delta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model",)
