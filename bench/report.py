@@ -197,7 +197,7 @@ def render_flood(floods: dict) -> list[str]:
         f"### Flood ({fair.callers} callers x {fair.rows}-row requests of a 64x64x3 model in a "
         f"loop, plus one 1-row caller; {fair.seconds:.0f} s)",
         "",
-        "fair: default flags (fairness on, `--max-batch-ms` 20, `--max-queue-mb` 256); fifo: "
+        "fair: `--fairness on --max-batch-ms 20` (`--max-queue-mb` 256, the default); fifo: "
         "`--fairness off --max-batch-ms 0`. Refused flood calls wait 50 ms and try again.",
         "",
         "| server | light p50 idle ms | light p99 idle ms | light p50 flood ms "
