@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection, Listener
 
 import numpy as np
 
-from gradserve.server import logs
+from gradserve.server import ipc, logs
 from gradserve.server.batcher import Batcher, Result
 from gradserve.server.config import ServerConfig
 from gradserve.server.contract import Derivative
@@ -105,10 +105,13 @@ def _accept(listener: Listener, infos, batchers, loop: asyncio.AbstractEventLoop
         threading.Thread(target=_read, args=(conn, session, loop), daemon=True).start()
 
 
-def _exit_with_parent(parent: Connection) -> None:
-    """Thread: the supervisor holds the other end; EOF means it died, so this process ends."""
+def _exit_with_parent(parent: Connection, segments: str) -> None:
+    """Thread: the supervisor holds the other end; EOF means it died, so this process ends,
+    removing the shared-memory segments of the supervisor's children on its way out (the
+    supervisor would have)."""
     with contextlib.suppress(EOFError, OSError):
         parent.recv()
+    ipc.remove_leftovers(segments)
     os._exit(1)
 
 
@@ -144,7 +147,8 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
     listener = Listener(address, family="AF_UNIX")
     threading.Thread(target=_accept, args=(listener, infos, batchers, loop), daemon=True).start()
     parent.send(("ready", http.server_port))
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    segments = f"gradserve-{os.getppid()}-"
+    threading.Thread(target=_exit_with_parent, args=(parent, segments), daemon=True).start()
     log.info("engine process serving", extra={"event": "engine_ready", "address": address})
     await stop.wait()
     listener.close()

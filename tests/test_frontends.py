@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
 from gradserve.server.contract import Derivative
+from gradserve.server.ipc import SHM_DIR
 
 FRONTEND_RSS_LIMIT_MB = 150
 
@@ -244,6 +245,10 @@ def test_killed_engine_fails_calls_fast_reports_not_serving_and_exits_one(fresh_
 def test_children_end_when_the_supervisor_is_killed(fresh_server):
     kids = children(fresh_server.process.pid)
     assert len(kids) >= 3
+    supervisor = fresh_server.process.pid
+    call_concurrently(fresh_server.target, callers=4, calls=3)  # sub-batches: segments exist
+    assert list(SHM_DIR.glob(f"gradserve-{supervisor}-*"))
     fresh_server.process.kill()
     fresh_server.process.wait(timeout=10)
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and maps(pid) for pid in kids), 30)
+    assert not list(SHM_DIR.glob(f"gradserve-{supervisor}-*"))  # no shared memory left behind
