@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import socket
 import subprocess
@@ -78,6 +79,16 @@ def _serving(target: str) -> bool:
         except grpc.RpcError:
             return False
     return status == health_pb2.HealthCheckResponse.SERVING
+
+
+def load_script(relative_path: str, name: str):
+    """Import a script of this repository that is not part of a package (bench/, deploy/)."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class RunningServer:

@@ -6,35 +6,21 @@ to install it, unless GRADSERVE_SKIP_NGINX=1 asks to skip it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from gradserve.client import GradientClient, GradserveError
 
-ROOT = Path(__file__).resolve().parents[1]
 X = 0.2
 TRUE_SLOPE = 8 * (X - 0.5)  # the bundled model approximates y = 4(x - 0.5)^2
 
 
-def _load_deploy_cluster():
-    """deploy/cluster.py is a script, not a package: import it by path."""
-    spec = importlib.util.spec_from_file_location(
-        "gradserve_deploy_cluster", ROOT / "deploy" / "cluster.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-deploy = _load_deploy_cluster()
+deploy = load_script("deploy/cluster.py", "gradserve_deploy_cluster")
 
 
 def require_nginx() -> None:

@@ -11,14 +11,12 @@ full-size flood and its figures are in `make bench`.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH_MS = 20
 MAX_QUEUE_MB = 8
 # The light caller shares 2 busy cores with the flood and its clients: this margin only
@@ -27,18 +25,7 @@ LATENCY_MARGIN_MS = 1000
 RSS_MARGIN_MB = 200
 
 
-def _load_flood():
-    """bench/flood.py is part of the bench harness, not a package: import it by path."""
-    spec = importlib.util.spec_from_file_location(
-        "gradserve_bench_flood", ROOT / "bench" / "flood.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-flood = _load_flood()
+flood = load_script("bench/flood.py", "gradserve_bench_flood")
 
 
 @pytest.fixture(scope="module")
