@@ -6,11 +6,17 @@ the server's resident memory (baseline after warm-up; peak during the flood from
 kernel's high-water mark, reset just before). Used by `make bench` (full size) and by
 tests/test_flood.py (scaled down). Refused flood calls (RESOURCE_EXHAUSTED) back off
 briefly and try again, as the SDK does; any other failure counts as lost.
+
+The light caller runs in a process of its own (`python bench/flood.py light TARGET SECONDS`),
+so its latencies are the server's and not those of a client event loop busy with the flood;
+the flooders send their request pre-encoded and keep the answer's bytes unparsed, so the
+client spends its CPU on the connection, not on protobuf.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -169,6 +175,21 @@ async def _light(target: str, until: float, timeout: float) -> tuple[list[float]
     return latencies, failures
 
 
+def _light_process(target: str, seconds: float, timeout: float) -> subprocess.Popen:
+    """The light caller in its own process; `_light_result` collects what it measured."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "light", target, str(seconds)]
+    argv.append(str(timeout))
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def _light_result(process: subprocess.Popen, timeout: float) -> tuple[list[float], dict]:
+    out, _ = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise RuntimeError(f"the light caller failed with exit status {process.returncode}")
+    measured = json.loads(out)
+    return measured["latencies"], measured["failures"]
+
+
 @dataclass
 class _FloodTally:
     answered: int = 0
@@ -178,12 +199,12 @@ class _FloodTally:
 
 async def _flooder(target: str, rows: int, seed: int, until: float, tally: _FloodTally) -> None:
     """One flooding caller on its own connection: `rows`-row calls in a loop until `until`."""
-    request = _request(rows, seed)
+    request = _request(rows, seed).SerializeToString()
     async with grpc.aio.insecure_channel(target, options=_BIG_MESSAGES) as channel:
-        stub = pb_grpc.GradientServiceStub(channel)
+        evaluate = channel.unary_unary(EVALUATE)  # bytes in, bytes out: no protobuf work
         while time.perf_counter() < until:
             try:
-                await stub.Evaluate(request, timeout=120)
+                await evaluate(request, timeout=120)
             except grpc.aio.AioRpcError as error:
                 if error.code() == REFUSED:
                     tally.refused += 1
@@ -195,17 +216,22 @@ async def _flooder(target: str, rows: int, seed: int, until: float, tally: _Floo
 
 
 _BIG_MESSAGES = [("grpc.max_receive_message_length", 256 << 20)]
+EVALUATE = "/gradserve.v1.GradientService/Evaluate"
 
 
 async def _flood(target: str, callers: int, rows: int, seconds: float, light_timeout: float):
-    started = time.perf_counter()
-    until = started + seconds
-    tally = _FloodTally()
-    flooders = [_flooder(target, rows, i + 1, until, tally) for i in range(callers)]
-    light = asyncio.ensure_future(_light(target, until, light_timeout))
-    await asyncio.gather(*flooders)
-    elapsed = time.perf_counter() - started  # flooders finish their last call after `until`
-    latencies, failures = await light
+    light = _light_process(target, seconds, light_timeout)
+    try:
+        started = time.perf_counter()
+        until = started + seconds
+        tally = _FloodTally()
+        await asyncio.gather(*[_flooder(target, rows, i + 1, until, tally) for i in range(callers)])
+        elapsed = time.perf_counter() - started  # flooders finish their last call after `until`
+        latencies, failures = _light_result(light, timeout=seconds + light_timeout + 60)
+    finally:
+        if light.poll() is None:
+            light.kill()
+            light.wait(timeout=10)
     for code, n in failures.items():
         tally.lost[f"light:{code}"] = n
     return tally, latencies, elapsed
@@ -250,3 +276,15 @@ def run_flood(
         peak_rss_mb=peak,
         args=server_args,
     )
+
+
+def _light_main(target: str, seconds: str, timeout: str) -> None:
+    until = time.perf_counter() + float(seconds)
+    latencies, failures = asyncio.run(_light(target, until, float(timeout)))
+    print(json.dumps({"latencies": latencies, "failures": failures}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] != "light":
+        sys.exit("usage: flood.py light TARGET SECONDS TIMEOUT")
+    _light_main(*sys.argv[2:])

@@ -29,7 +29,9 @@ import grpc
 
 from gradserve.server import explain
 from gradserve.server.batcher import Result
+from gradserve.server.budget import MemoryBudget
 from gradserve.server.errors import Closed
+from gradserve.server.intake import caller_of
 from gradserve.server.metrics import Metrics
 from gradserve.server.routing import Undecodable
 from gradserve.server.status import Failure, abort, deadline_of
@@ -38,8 +40,6 @@ from gradserve.server.tickets import Hops, Ticket, hops
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 StreamResponse = TypeVar("StreamResponse")
-
-CLIENT_ID_KEY = "x-gradserve-client"
 
 _DRAINING = Closed(
     "the server is shutting down: every message answered before this status was read and "
@@ -74,39 +74,29 @@ class StreamWindow:
 
 class _ReadAhead:
     """Bytes one stream's read, unanswered messages hold; reading waits while over the limit
-    (one message is always allowed, whatever its size)."""
+    (one message is always allowed, whatever its size), and while the server's memory budget
+    has no room for another message as large as the last (streams slow down, not fail)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, memory: MemoryBudget) -> None:
         self.limit = limit
         self.held = 0
+        self.last = 0
+        self._memory = memory
         self._freed = asyncio.Event()
 
     async def room(self) -> None:
         while self.held >= self.limit:
             self._freed.clear()
             await self._freed.wait()
+        await self._memory.room(self.last)
 
     def add(self, nbytes: int) -> None:
         self.held += nbytes
+        self.last = nbytes
 
     def remove(self, nbytes: int) -> None:
         self.held -= nbytes
         self._freed.set()
-
-
-def caller_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling, for fair batching: the client id the call's metadata names, else the
-    connection (gRPC's peer address)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_ID_KEY:
-            return f"client:{value}"
-    return f"peer:{context.peer()}"
-
-
-def _wire_bytes(request: object) -> int:
-    """The size of a received message, which stays in memory while its request is served."""
-    size = getattr(request, "ByteSize", None)
-    return size() if size is not None else 0
 
 
 class Streams:
@@ -138,8 +128,10 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         *,
         stream_rpc: str,
         window: StreamWindow,
+        memory: MemoryBudget,
     ) -> None:
         self._codec = codec
+        self._memory = memory
         self._metrics = metrics
         self._streams = streams
         self._window = window
@@ -148,20 +140,20 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         self._stream_latency = metrics.latency.labels(stream_rpc)
 
     def _start(
-        self, request: Request, ticket: Ticket, deadline: float | None, caller: str, *, kept: bool
+        self, request: Request, ticket: Ticket, deadline: float | None, caller: str
     ) -> asyncio.Future[Result]:
-        """Decode and queue one request; raises a RequestError if it cannot be queued.
-        `kept`: the message itself stays in memory until the answer (a unary call's does)."""
+        """Decode and queue one request; raises a RequestError if it cannot be queued. (The
+        message itself is counted by whoever read it: a unary call's lease, a stream's
+        read-ahead.)"""
         if isinstance(request, Undecodable):
             raise request.error
         self._codec.decode(request, ticket)
         served = ticket.served
-        wire = _wire_bytes(request) if kept else 0
 
         def submit_rows(x, kind, deadline, v=None, **admission):
             # What the request holds while queued: its rows as submitted (an explanation's
-            # expanded rows, vectors and results), and the message when it is kept.
-            ticket.nbytes = served.batcher.request_bytes(x, kind, v, wire)
+            # expanded rows), vectors and results.
+            ticket.nbytes = served.batcher.request_bytes(x, kind, v)
             return served.batcher.submit(x, kind, deadline, v, **admission)
 
         # Plain rows go straight to the batcher; targets, explanations and k tangents are
@@ -169,7 +161,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         # queued as the caller's, at its priority, their bytes counted.
         return explain.submit(submit_rows, served.spec, served.limits, ticket.kind, ticket.x,
                               ticket.v, ticket.options, deadline, caller=caller,
-                              priority=ticket.priority, extra_bytes=wire)  # fmt: skip
+                              priority=ticket.priority)  # fmt: skip
 
     def _finish(self, ticket: Ticket, result: Result) -> Response:
         response = self._codec.encode(ticket, result)
@@ -190,7 +182,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         ticket = Ticket()
         try:
             deadline, caller = deadline_of(context), caller_of(context)
-            result = await self._start(request, ticket, deadline, caller, kept=True)
+            result = await self._start(request, ticket, deadline, caller)
         except Exception as exc:
             await abort(context, exc)
         return self._finish(ticket, result)
@@ -205,7 +197,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         deadline, caller = deadline_of(context), caller_of(context)
         inflight: asyncio.Queue[tuple[Ticket, asyncio.Future[Result] | Failure] | None]
         inflight = asyncio.Queue(self._window.messages)
-        ahead = _ReadAhead(self._window.bytes)
+        ahead = _ReadAhead(self._window.bytes, self._memory)
 
         async def read() -> None:
             try:
@@ -218,7 +210,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                         return
                     ticket = Ticket()
                     try:
-                        outcome = self._start(request, ticket, deadline, caller, kept=False)
+                        outcome = self._start(request, ticket, deadline, caller)
                     except Exception as exc:
                         outcome = Failure.of(exc)
                     ahead.add(ticket.nbytes)

@@ -28,6 +28,7 @@ from gradserve.server.budget import MemoryBudget
 from gradserve.server.config import ServerConfig
 from gradserve.server.contract import Derivative, Engine, ModelSpec
 from gradserve.server.inference_service import SERVER_NAME, SERVER_VERSION, InferenceServicer
+from gradserve.server.intake import Intake
 from gradserve.server.metrics import Metrics
 from gradserve.server.native_service import GradientServicer
 from gradserve.server.registry import Models, Served
@@ -135,7 +136,7 @@ class GradServer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = HealthServicer()
         self._streams = Streams()
-        self._routes = Routes(self.metrics)
+        self._routes = Routes(self.metrics, Intake(self.memory))
         self._health_update: asyncio.Future | None = None
 
     async def __aenter__(self) -> GradServer:
@@ -235,7 +236,7 @@ class GradServer:
         self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in served])
         models = Models(served)
         window = StreamWindow(config.stream_window, config.stream_window_bytes)
-        common = {"stream_window": window, "streams": self._streams}
+        common = {"stream_window": window, "streams": self._streams, "memory": self.memory}
         native = GradientServicer(models, self.metrics, **common)
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
         inference = InferenceServicer(models, self.metrics, lambda: self.ready, **common)

@@ -262,13 +262,11 @@ class Batcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
 
-    def request_bytes(
-        self, x: np.ndarray, kind: Derivative, v: np.ndarray | None = None, extra_bytes: int = 0
-    ) -> int:
-        """The bytes a request holds until it is answered: its rows, its vectors, the answer
-        it will produce, and `extra_bytes` its caller holds for it (e.g. the message read)."""
+    def request_bytes(self, x: np.ndarray, kind: Derivative, v: np.ndarray | None = None) -> int:
+        """The bytes a request holds until it is answered: its rows, its vectors and the
+        answer it will produce (its message is counted by whoever read it)."""
         vector = 0 if v is None else v.nbytes
-        return x.nbytes + vector + x.shape[0] * self._result_row_bytes.get(kind, 0) + extra_bytes
+        return x.nbytes + vector + x.shape[0] * self._result_row_bytes.get(kind, 0)
 
     def submit(
         self,
@@ -279,15 +277,14 @@ class Batcher:
         *,
         caller: Hashable = None,
         priority: Priority = Priority.NORMAL,
-        extra_bytes: int = 0,
     ) -> asyncio.Future[Result]:
         """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector); the
         future resolves to their Result.
 
         `deadline` is on the event loop's clock (loop.time()). `caller` is any key that names
         who sends the request (batches are shared fairly between callers); `priority` HIGH
-        goes before NORMAL; `extra_bytes` are counted as held besides the arrays (see
-        `request_bytes`). Raises at once, queueing nothing, when the batcher is closing or
+        goes before NORMAL; its bytes (`request_bytes`) are counted against the memory
+        budget. Raises at once, queueing nothing, when the batcher is closing or
         the queue is full (rows or bytes). Cancelling the future withdraws whatever rows are
         not yet dispatched and frees the request's bytes.
         """
@@ -305,7 +302,7 @@ class Batcher:
                 f"queue full: {self._queued_rows} of {self.max_queue_rows} rows are waiting and "
                 f"this request adds {n}; retry later"
             )
-        nbytes = self.request_bytes(x, kind, v, extra_bytes)
+        nbytes = self.request_bytes(x, kind, v)
         if self.memory is not None:
             self.memory.reserve(nbytes)
         loop = asyncio.get_running_loop()

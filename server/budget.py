@@ -12,6 +12,7 @@ swap in a counter shared with other processes behind the same two methods.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class MemoryBudget:
             raise ValueError("a memory budget needs at least one byte")
         self.limit = limit_bytes
         self.held = 0
+        self._freed = asyncio.Event()
 
     def reserve(self, nbytes: int) -> None:
         """Count `nbytes` more as held, or raise (holding nothing): RequestTooLarge when they
@@ -53,9 +55,23 @@ class MemoryBudget:
             )
         self.held += nbytes
 
+    def hold(self, nbytes: int) -> None:
+        """Count `nbytes` more as held whatever the limit: bytes that exist already (an
+        answer computed for an admitted request) and must be counted, not refused."""
+        self.held += nbytes
+
     def release(self, nbytes: int) -> None:
         """A request finished (answered, failed or cancelled): its bytes are free again."""
         self.held -= nbytes
+        if nbytes:
+            self._freed.set()
+
+    async def room(self, nbytes: int) -> None:
+        """Wait until `nbytes` more would fit (at once when they never could: admission then
+        refuses them with the reason)."""
+        while nbytes <= self.limit and self.held + nbytes > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,7 +118,7 @@ def submit(
     """Expand, check the limits, queue the rows; the future resolves to the reduced Answer
     (or to the batcher's Result when nothing needed expanding).
 
-    `admission` (the batcher's `caller`, `priority` and `extra_bytes`) is passed on with the
+    `admission` (the batcher's `caller` and `priority`) is passed on with the
     rows as submitted, expanded or not: the expanded rows are queued as their caller's, at
     its priority, and the batcher counts their bytes (rows, vectors, expanded results)
     against its memory budget.

@@ -152,8 +152,11 @@ class Supervisor:
         return _Child(name, process, ours)
 
     def _frontend_config(self) -> ServerConfig:
-        share = max(1, self.config.max_queue_rows // self.frontends)
-        return dataclasses.replace(self.config, max_queue_rows=share)
+        """Each frontend admits an equal share of the queue bounds, so that together they
+        stay within the server's bounds (rows and bytes)."""
+        rows = max(1, self.config.max_queue_rows // self.frontends)
+        mib = max(1, self.config.max_queue_mb // self.frontends)
+        return dataclasses.replace(self.config, max_queue_rows=rows, max_queue_mb=mib)
 
     def _spawn_frontend(self, index: int) -> None:
         self._frontends[index] = self._spawn(

@@ -24,6 +24,7 @@ from gradserve import codec
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
+from gradserve.server.budget import MemoryBudget
 from gradserve.server.contract import Derivative, Priority
 from gradserve.server.errors import InvalidInput, RequestError, UnknownModel
 from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
@@ -72,12 +73,13 @@ class InferenceServicer:
         *,
         stream_window: StreamWindow,
         streams: Streams,
+        memory: MemoryBudget,
     ) -> None:
         self._models = models
         self._is_ready = is_ready
         self._answer = Answerer(
             InferenceCodec(models), metrics, streams, stream_rpc="ModelStreamInfer",
-            window=stream_window,
+            window=stream_window, memory=memory,
         )  # fmt: skip
 
     # -- health and metadata ---------------------------------------------------------------

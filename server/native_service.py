@@ -12,6 +12,7 @@ import grpc
 from gradserve import codec
 from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
+from gradserve.server.budget import MemoryBudget
 from gradserve.server.contract import Derivative, ModelSpec, Priority
 from gradserve.server.errors import InvalidInput, RequestError
 from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
@@ -125,12 +126,19 @@ class GradientServicer:
     """gradserve.v1.GradientService over every registered model."""
 
     def __init__(
-        self, models: Models, metrics: Metrics, *, stream_window: StreamWindow, streams: Streams
+        self,
+        models: Models,
+        metrics: Metrics,
+        *,
+        stream_window: StreamWindow,
+        streams: Streams,
+        memory: MemoryBudget,
     ) -> None:
         self._models = models
         self._answer = Answerer(
-            NativeCodec(models), metrics, streams, stream_rpc="EvaluateStream", window=stream_window
-        )
+            NativeCodec(models), metrics, streams, stream_rpc="EvaluateStream",
+            window=stream_window, memory=memory,
+        )  # fmt: skip
 
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext

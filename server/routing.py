@@ -1,4 +1,5 @@
-"""Routing calls to servicers: per-call lookup, malformed bytes, unary metrics.
+"""Routing calls to servicers: per-call lookup, admission before reading, malformed bytes,
+unary metrics.
 
 Handlers are looked up when each call arrives, so the server can listen (health, liveness)
 while the models load. gRPC's generated registration parses each request before any servicer
@@ -6,7 +7,8 @@ code runs and answers UNKNOWN (logging a traceback) when the bytes do not parse;
 message becomes an `Undecodable` carrying its InvalidInput error instead: unary calls are
 refused with INVALID_ARGUMENT saying what was expected; on a stream that one message gets its
 error answer and the stream goes on. Each unary call is counted and timed here by RPC and
-status code; stream messages are counted where they are answered (answering.py).
+status code; stream messages are counted where they are answered (answering.py). A unary
+call's message is read only once its bytes are admitted (intake.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from gradserve.server.errors import InvalidInput
+from gradserve.server.errors import InvalidInput, RequestError
+from gradserve.server.intake import Intake, Lease, caller_of
 from gradserve.server.metrics import Metrics
+from gradserve.server.status import abort
 
 
 class Undecodable:
@@ -52,24 +56,47 @@ def _code_name(code: object) -> str:
     return "UNKNOWN" if code is None else str(code)
 
 
-def _unary(method, name: str, metrics: Metrics):
+async def _receive(context, intake: Intake, lease: Lease, parse):
+    """Read a unary call's one message, admitted against the memory budget (see intake.py),
+    and parse it; a refusal or a missing message ends the call with its status."""
+    caller = caller_of(context)
+    try:
+        intake.admit(caller, lease)
+        data = await context.read()
+        if data is grpc.aio.EOF:
+            raise InvalidInput("the call carried no request message; expected exactly one")
+        intake.saw(caller, len(data))
+        lease.settle(len(data))
+    except RequestError as exc:
+        await abort(context, exc)
+    request = parse(data)
+    if isinstance(request, Undecodable):
+        await abort(context, request.error)
+    return request
+
+
+def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize):
+    """A unary method, served as request-streaming so that its message is read only once
+    admitted; its answer is encoded here so the lease can count it until it is sent."""
     latency = metrics.latency.labels(name)
     answered = metrics.requests.labels(name, "OK")
 
     @functools.wraps(method)
-    async def unary(request, context):
+    async def unary(_requests, context):
         started = time.perf_counter()
+        lease = Lease(intake.memory)
+        context.add_done_callback(lambda _context: lease.release())
         try:
-            if isinstance(request, Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
-            response = await method(request, context)
+            request = await _receive(context, intake, lease, parse)
+            answer = serialize(await method(request, context))
+            lease.hold(len(answer))
         except BaseException:
             metrics.requests.labels(name, _code_name(context.code())).inc()
             latency.observe(time.perf_counter() - started)
             raise
         answered.inc()
         latency.observe(time.perf_counter() - started)
-        return response
+        return answer
 
     return unary
 
@@ -79,8 +106,9 @@ class Routes(grpc.GenericRpcHandler):
     liveness) while the model loads: until a service is added, its methods answer
     UNAVAILABLE, except the ones given a stand-in answer."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, intake: Intake) -> None:
         self._metrics = metrics
+        self._intake = intake
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._loading: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -114,8 +142,9 @@ class Routes(grpc.GenericRpcHandler):
             if method.client_streaming and method.server_streaming:
                 handler = grpc.stream_stream_rpc_method_handler(implementation, parse, serialize)
             elif not method.client_streaming and not method.server_streaming:
-                wrapped = _unary(implementation, method.name, self._metrics)
-                handler = grpc.unary_unary_rpc_method_handler(wrapped, parse, serialize)
+                wrapped = _unary(implementation, method.name, self._metrics, self._intake,
+                                 parse, serialize)  # fmt: skip
+                handler = grpc.stream_unary_rpc_method_handler(wrapped)
             else:
                 raise ValueError(f"{method.full_name}: only unary and bidirectional RPCs")
             self._handlers[f"/{service.full_name}/{method.name}"] = handler

@@ -1109,7 +1109,7 @@ ROW_ANSWER_BYTES = {NONE: M * 4, GRADIENT: (M + D) * 4, JACOBIAN: (M + M * D) * 
 def test_admission_counts_bytes_of_rows_and_answers_and_refuses_past_the_budget() -> None:
     engine = FakeEngine()
     per_row = ROW_X_BYTES + ROW_ANSWER_BYTES[GRADIENT]
-    memory = MemoryBudget(10 * per_row + 100)
+    memory = MemoryBudget(10 * per_row)
 
     async def test() -> None:
         async with Batcher(
@@ -1118,12 +1118,12 @@ def test_admission_counts_bytes_of_rows_and_answers_and_refuses_past_the_budget(
             async with holding_first(engine, batcher, GRADIENT, 2) as (first_x, first):
                 assert memory.held == 2 * per_row  # computing rows still hold their bytes
                 x = make_x(GRADIENT, 8)
-                future = batcher.submit(x, GRADIENT, extra_bytes=100)
-                assert memory.held == 10 * per_row + 100
+                future = batcher.submit(x, GRADIENT)
+                assert memory.held == 10 * per_row
                 with pytest.raises(QueueFull, match=r"retry later") as full:
                     batcher.submit(make_x(NONE, 1), NONE)
-                assert f"{10 * per_row + 100} B" in str(full.value)
-                assert memory.held == 10 * per_row + 100  # the refused request holds nothing
+                assert f"{10 * per_row} B" in str(full.value)
+                assert memory.held == 10 * per_row  # the refused request holds nothing
                 with pytest.raises(RequestTooLarge, match="fewer rows"):
                     batcher.submit(make_x(GRADIENT, 13), GRADIENT)
                 future.cancel()  # a cancelled request frees its bytes at once

@@ -418,7 +418,7 @@ def test_a_cancelled_explanation_never_computes_its_rows():
 
 def test_expanded_rows_are_queued_as_the_callers_at_its_priority_and_their_bytes_counted():
     """Issue 14 through issue 12: an explanation's expanded rows carry the caller key, the
-    priority and the extra bytes to the batcher, which counts the expanded rows, vectors and
+    priority to the batcher, which counts the expanded rows, vectors and
     results against the memory budget (and frees them when answered)."""
     gate = threading.Event()
 
@@ -443,10 +443,10 @@ def test_expanded_rows_are_queued_as_the_callers_at_its_priority_and_their_bytes
             held = memory.held
             ig = explain.submit(
                 batcher.submit, spec, LIMITS, IG, x, options=Options(steps=4),
-                caller="alice", priority=Priority.HIGH, extra_bytes=100,
+                caller="alice", priority=Priority.HIGH,
             )  # fmt: skip
             # 2 rows x 5 path points = 10 GRADIENT rows, each x (3 floats) and its answer.
-            expanded = 10 * 3 * 8 + 10 * row_bytes[Derivative.GRADIENT] + 100
+            expanded = 10 * 3 * 8 + 10 * row_bytes[Derivative.GRADIENT]
             assert memory.held - held == expanded
             held = memory.held
             target = explain.submit(batcher.submit, spec, LIMITS, Derivative.GRADIENT, target_x,
@@ -459,8 +459,8 @@ def test_expanded_rows_are_queued_as_the_callers_at_its_priority_and_their_bytes
             assert not normal[Derivative.GRADIENT]
             assert list(normal[Derivative.VJP].callers) == ["bob"]
             with pytest.raises(RequestTooLarge, match="integrated gradients of 2 row"):
-                explain.submit(batcher.submit, spec, LIMITS, IG, x, options=Options(steps=4),
-                               extra_bytes=2 << 20)  # fmt: skip
+                explain.submit(batcher.submit, spec, LIMITS, IG, np.ones((2, 3)),
+                               options=Options(steps=20_000))  # fmt: skip
             gate.set()
             await blocker
             return await ig, await target

@@ -8,7 +8,7 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, RunningServer, wait_until
+from conftest import TEST_CONFIG, GatedEngine, RunningServer, wait_until
 
 from gradserve.client import GradientClient, GradserveError
 from gradserve.v1 import gradserve_pb2 as pb
@@ -234,3 +234,41 @@ def test_cancelled_stream_frees_its_queued_rows(gated_server):
     # Only the batch already in the engine when the stream was cancelled ran, plus the probe.
     first_batch = len(gated.calls[0][1])
     assert first_batch < 32 and gated.rows_computed == first_batch + 1
+
+
+def test_a_message_that_cannot_fit_is_refused_before_it_is_read(bundled_engine):
+    """Admission happens before gRPC reads a unary message: a caller whose last message
+    would not fit the memory budget now is refused at once (RESOURCE_EXHAUSTED), even if
+    what it sends this time is a few garbage bytes that, once read, would be INVALID_ARGUMENT;
+    a caller of small messages is still admitted; every byte is given back afterwards."""
+    gated = GatedEngine(bundled_engine)
+    config = replace(TEST_CONFIG, max_queue_mb=2, max_batch_size=1 << 17)
+    big = np.full((120_000, 1), 0.25)  # 480 KB message; ~1.9 MB held with rows and answer
+
+    def client(name: str):
+        return ("x-gradserve-client", name)
+
+    with RunningServer(config, gated) as running, grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        raw = channel.unary_unary("/gradserve.v1.GradientService/Evaluate")
+        for name, rows in (("bulk", big), ("light", np.full((1, 1), 0.5))):  # sizes learned
+            stub.Evaluate(pb.EvaluateRequest(x=raw_x(rows)), metadata=[client(name)], timeout=30)
+        gated.gate.clear()
+        held = stub.Evaluate.future(
+            pb.EvaluateRequest(x=raw_x(big)), metadata=[client("bulk")], timeout=30
+        )
+        wait_until(lambda: gated.entered == 3)
+        with pytest.raises(grpc.RpcError) as refused:
+            raw(b"\xff" * 10, metadata=[client("bulk")], timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert "queue full" in refused.value.details() and "MiB" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as garbage:  # same bytes, a caller that fits: read
+            raw(b"\xff" * 10, metadata=[client("light")], timeout=30)
+        assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        light = stub.Evaluate.future(
+            pb.EvaluateRequest(x=raw_x(np.full((1, 1), 0.5))), metadata=[client("light")]
+        )
+        gated.gate.set()
+        assert held.result(timeout=30).dy_dx.shape == [120_000, 1]
+        assert light.result(timeout=30).y.shape == [1, 1]
+        wait_until(lambda: running.server.memory.held == 0)
