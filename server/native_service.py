@@ -6,10 +6,13 @@ No batching logic here: the Answerer hands decoded rows to the named model's bat
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import grpc
+import numpy as np
 
 from gradserve import codec
+from gradserve.server import bulk
 from gradserve.server.answering import Answerer, Streams, StreamWindow
 from gradserve.server.batcher import Result
 from gradserve.server.budget import MemoryBudget
@@ -37,11 +40,35 @@ _KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in _KINDS)
 _PRIORITIES = {pb.NORMAL: Priority.NORMAL, pb.HIGH: Priority.HIGH}
 
 
-def _raw(tensor: pb.Tensor, name: str) -> tuple[bytes, list[int], object]:
+# Tensor bytes read in place (bulk.py): x.data and v.data of a request.
+LIFTED = {
+    (pb.EvaluateRequest.X_FIELD_NUMBER, pb.Tensor.DATA_FIELD_NUMBER): "x",
+    (pb.EvaluateRequest.V_FIELD_NUMBER, pb.Tensor.DATA_FIELD_NUMBER): "v",
+}
+# Answer tensors written past protobuf when large, by field.
+_SPLICED = (
+    ("dy_dx", pb.EvaluateResponse.DY_DX_FIELD_NUMBER),
+    ("attributions", pb.EvaluateResponse.ATTRIBUTIONS_FIELD_NUMBER),
+)
+
+
+def _raw(tensor: pb.Tensor, name: str, payload: memoryview | None = None) -> tuple:
     kind = codec.by_wire(tensor.dtype)
     if kind is None:
         raise InvalidInput(f"{name} has dtype {tensor.dtype}; expected FLOAT32 (0) or FLOAT64 (1)")
-    return tensor.data, list(tensor.shape), kind.numpy
+    data = tensor.data if payload is None else payload
+    return data, list(tensor.shape), kind.numpy
+
+
+def _answer_tensor(response: bulk.Spliced, name: str, number: int, array: np.ndarray) -> None:
+    """Set tensor `name` of the answer: in the message when small, spliced when large."""
+    if array.nbytes < bulk.LARGE:
+        getattr(response.message, name).CopyFrom(codec.to_tensor(array))
+        return
+    kind = codec.float_type(array.dtype)
+    head = pb.Tensor(shape=array.shape, dtype=kind.wire).SerializeToString()
+    data = np.ascontiguousarray(array, dtype=kind.numpy)
+    response.tensors.append((number, head, pb.Tensor.DATA_FIELD_NUMBER, data))
 
 
 class NativeCodec:
@@ -50,7 +77,8 @@ class NativeCodec:
     def __init__(self, models: Models) -> None:
         self._models = models
 
-    def decode(self, request: pb.EvaluateRequest, ticket: Ticket) -> None:
+    def decode(self, received: bulk.Lifted, ticket: Ticket) -> None:
+        request, payloads = received.message, received.payloads
         ticket.id, ticket.model = request.id, request.model
         served = self._models.get(request.model)
         kind = _KINDS.get(request.derivative)
@@ -66,32 +94,31 @@ class NativeCodec:
             raise InvalidInput(
                 f"priority {request.priority} is unknown; expected NORMAL (0) or HIGH (1)"
             )
-        v = _raw(request.v, "v") if request.HasField("v") else None
-        ticket.x, ticket.v = served.decode(kind, _raw(request.x, "x"), v)
+        v = _raw(request.v, "v", payloads.get("v")) if request.HasField("v") else None
+        ticket.x, ticket.v = served.decode(kind, _raw(request.x, "x", payloads.get("x")), v)
         ticket.options = _options(request, kind, served)
         ticket.served, ticket.kind, ticket.priority = served, kind, priority
 
-    def encode(self, ticket: Ticket, result: Result | Answer) -> pb.EvaluateResponse:
-        response = pb.EvaluateResponse(id=ticket.id, y=codec.to_tensor(result.y))
-        if result.dy_dx is not None:
-            response.dy_dx.CopyFrom(codec.to_tensor(result.dy_dx))
-        if isinstance(result, Answer):
-            if result.attributions is not None:
-                response.attributions.CopyFrom(codec.to_tensor(result.attributions))
-            if result.delta is not None:
-                response.delta.CopyFrom(codec.to_tensor(result.delta))
+    def encode(self, ticket: Ticket, result: Result | Answer) -> bulk.Spliced:
+        response = bulk.Spliced(pb.EvaluateResponse(id=ticket.id, y=codec.to_tensor(result.y)))
+        for name, number in _SPLICED:
+            array = getattr(result, name, None)
+            if array is not None:
+                _answer_tensor(response, name, number, array)
+        if isinstance(result, Answer) and result.delta is not None:
+            response.message.delta.CopyFrom(codec.to_tensor(result.delta))
         return response
 
-    def stamp(self, response: pb.EvaluateResponse, breakdown: Hops) -> None:
-        t = response.timing
+    def stamp(self, response: bulk.Spliced, breakdown: Hops) -> None:
+        t = response.message.timing
         t.decode_us, t.queue_us = breakdown.decode_us, breakdown.queue_us
         t.handoff_us, t.compute_us = breakdown.handoff_us, breakdown.compute_us
         t.encode_us, t.total_us = breakdown.encode_us, breakdown.total_us
         t.batch_rows = breakdown.batch_rows
 
     def encode_stream(
-        self, ticket: Ticket, outcome: pb.EvaluateResponse | Failure
-    ) -> pb.EvaluateResponse:
+        self, ticket: Ticket, outcome: bulk.Spliced | Failure
+    ) -> bulk.Spliced | pb.EvaluateResponse:
         if isinstance(outcome, Failure):
             error = pb.Error(code=outcome.code.value[0], message=outcome.message)
             return pb.EvaluateResponse(id=ticket.id, error=error)
@@ -125,6 +152,8 @@ def _options(request: pb.EvaluateRequest, kind: Derivative, served: Served) -> O
 class GradientServicer:
     """gradserve.v1.GradientService over every registered model."""
 
+    lifted: ClassVar = {"Evaluate": LIFTED, "EvaluateStream": LIFTED}  # see routing.Routes.add
+
     def __init__(
         self,
         models: Models,
@@ -141,13 +170,13 @@ class GradientServicer:
         )  # fmt: skip
 
     async def Evaluate(
-        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EvaluateResponse:
+        self, request: bulk.Lifted, context: grpc.aio.ServicerContext
+    ) -> bulk.Spliced:
         return await self._answer.unary(request, context)
 
     async def EvaluateStream(
-        self, requests: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EvaluateResponse]:
+        self, requests: AsyncIterator[bulk.Lifted], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bulk.Spliced | pb.EvaluateResponse]:
         async for response in self._answer.stream(requests, context):
             yield response
 

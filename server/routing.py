@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from types import ModuleType
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from gradserve.server import bulk
 from gradserve.server.errors import InvalidInput, RequestError
 from gradserve.server.intake import Intake, Lease, caller_of
 from gradserve.server.metrics import Metrics
@@ -38,14 +40,18 @@ class Undecodable:
         )
 
 
-def _tolerant(message_class):
+def _tolerant(message_class, lifted: Mapping[bulk.Path, str] | None = None):
+    """A parser of `message_class` that returns Undecodable rather than raising; with
+    `lifted` paths, the large payloads there are cut out first and it returns bulk.Lifted."""
     type_name = message_class.DESCRIPTOR.full_name
 
     def parse(data: bytes):
+        rest, payloads = bulk.lift(data, lifted) if lifted else (data, {})
         try:
-            return message_class.FromString(data)
+            message = message_class.FromString(rest)
         except DecodeError as error:
             return Undecodable(type_name, len(data), str(error))
+        return bulk.Lifted(message, payloads) if lifted else message
 
     return parse
 
@@ -134,10 +140,15 @@ class Routes(grpc.GenericRpcHandler):
             self._loading[f"/{service.full_name}/{method.name}"] = handler
 
     def add(self, servicer: object, service: ServiceDescriptor, messages: ModuleType) -> None:
-        """Serve every method of `service` (unary-unary or stream-stream) with `servicer`."""
+        """Serve every method of `service` (unary-unary or stream-stream) with `servicer`.
+        The methods named in the servicer's `lifted` mapping get their requests as
+        bulk.Lifted (large payloads cut out at those paths) and may answer bulk.Spliced."""
+        lifted = getattr(servicer, "lifted", {})
         for method in service.methods:
-            parse = _tolerant(getattr(messages, method.input_type.name))
-            serialize = getattr(messages, method.output_type.name).SerializeToString
+            parse = _tolerant(getattr(messages, method.input_type.name), lifted.get(method.name))
+            serialize = bulk.serializer(
+                getattr(messages, method.output_type.name).SerializeToString
+            )
             implementation = getattr(servicer, method.name)
             if method.client_streaming and method.server_streaming:
                 handler = grpc.stream_stream_rpc_method_handler(implementation, parse, serialize)
