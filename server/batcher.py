@@ -520,19 +520,19 @@ class Batcher:
         if not parts:
             return
         kind = parts[0].pending.kind
-        x = _rows(parts, "x")
-        args = (kind, x) if parts[0].pending.v is None else (kind, x, _rows(parts, "v"))
+        xs = _slices(parts, "x")  # views taken here: a cancelled request drops its arrays
+        vs = None if parts[0].pending.v is None else _slices(parts, "v")
         loop = asyncio.get_running_loop()
         try:
             outputs, began, ended = await loop.run_in_executor(
-                self._executor, _timed, self._compute, args
+                self._executor, _timed, self._compute, kind, xs, vs
             )
         except EngineUnavailable as exc:  # nothing ran: no request is to blame
             _fail(parts, exc)
             return
         except Exception as exc:
             if len(parts) == 1:
-                log.warning("engine failed on a request of %d rows: %s", x.shape[0], exc)
+                log.warning("engine failed on a request of %d rows: %s", len(xs[0]), exc)
                 error = EngineFailed(f"the engine failed on this request: {exc}")
                 error.__cause__ = exc
                 _fail(parts, error)
@@ -542,24 +542,31 @@ class Batcher:
             await self._execute(parts[middle:], dispatched)
             return
         self.batches_run += 1
-        self._costs[kind].observe(self._padded(x.shape[0]), ended - began)
-        self._observer.batch(kind, x.shape[0], ended - began)
+        rows = sum(len(x) for x in xs)
+        self._costs[kind].observe(self._padded(rows), ended - began)
+        self._observer.batch(kind, rows, ended - began)
         _deliver(parts, outputs, began - dispatched, ended - began, ended)
 
 
-def _timed(compute: Compute, args: tuple) -> tuple[Outputs, float, float]:
-    """Run on the engine thread: the outputs and when the call began and ended."""
+def _timed(
+    compute: Compute, kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None
+) -> tuple[Outputs, float, float]:
+    """Run on the engine thread (so that joining large batches does not hold up the event
+    loop): join the parts' rows, compute; the outputs and when the call began and ended."""
+    x = _joined(xs)
+    args = (kind, x) if vs is None else (kind, x, _joined(vs))
     began = time.perf_counter()
     outputs = compute(*args)
     return outputs, began, time.perf_counter()
 
 
-def _rows(parts: list[_Part], field: str) -> np.ndarray:
-    """The batch's rows of `x` or `v`: a view for one part, a concatenation for several."""
-    if len(parts) == 1:
-        p = parts[0]
-        return getattr(p.pending, field)[p.start : p.stop]
-    return np.concatenate([getattr(p.pending, field)[p.start : p.stop] for p in parts])
+def _slices(parts: list[_Part], field: str) -> list[np.ndarray]:
+    """The batch's rows of `x` or `v`, as one view per part."""
+    return [getattr(p.pending, field)[p.start : p.stop] for p in parts]
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _is_dead(pending: _Pending, now: float) -> bool:

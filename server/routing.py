@@ -13,6 +13,7 @@ call's message is read only once its bytes are admitted (intake.py).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Mapping
@@ -94,7 +95,11 @@ def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize
         context.add_done_callback(lambda _context: lease.release())
         try:
             request = await _receive(context, intake, lease, parse)
-            answer = serialize(await method(request, context))
+            response = await method(request, context)
+            if isinstance(response, bulk.Spliced) and response.tensors:
+                answer = await asyncio.to_thread(serialize, response)  # large: off the loop
+            else:
+                answer = serialize(response)
             lease.hold(len(answer))
         except BaseException:
             metrics.requests.labels(name, _code_name(context.code())).inc()
