@@ -182,7 +182,7 @@ def engine_ceiling(repeats: int, *extra: str) -> list[dict]:
 
 
 FLOOD_CALLERS, FLOOD_ROWS, FLOOD_SECONDS = 40, 300, 10.0
-# Fairness and the time cap on (the defaults), then both off: the flooders' rows/s compared.
+# Fairness and the time cap on (as by default), then both off: the flooders' rows/s compared.
 FLOOD_CONFIGS = {
     "fair": ["--fairness", "on", "--max-batch-ms", "20"],
     "fifo": ["--fairness", "off", "--max-batch-ms", "0"],

@@ -89,6 +89,8 @@ def lift(data: bytes, paths: Mapping[Path, str]) -> tuple[bytes, dict[str, memor
     """Cut the large payload at each of `paths` (outer field, nested field) out of the
     serialized message `data`: the rest of the message (to parse) and the payloads by name.
     Cuts nothing where the message is unusual, leaving it whole to protobuf."""
+    if len(data) < LARGE:  # nothing in it can be large
+        return data, {}
     view = memoryview(data)
     try:
         fields = _fields(view)

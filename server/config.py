@@ -29,7 +29,7 @@ class ServerConfig:
     max_delay_us: int = 0
     max_queue_rows: int = 262144
     max_queue_mb: int = 256
-    max_batch_ms: float = 0.0
+    max_batch_ms: float = 20.0
     fairness: bool = True
     max_message_mb: int = 64
     stream_window: int = 256
