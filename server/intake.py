@@ -8,9 +8,10 @@ memory budget; a call that does not fit is refused with RESOURCE_EXHAUSTED befor
 message is read (HTTP/2 flow control keeps the rest of it in the caller's memory).
 
 How big a message will be is known only once it is read, so each caller's last message size
-stands in for its next one, and for a caller not seen yet the largest message of the last
-callers seen. A message larger than its estimate is settled once read: it is refused then
-if its real size does not fit.
+stands in for its next one. A caller not seen yet (a new connection) reserves nothing but
+waits for one of a few turns for messages of unknown size, so a crowd of new connections is
+read a few at a time, never all at once. A message larger than its estimate is settled once
+read: it is refused then if its real size does not fit.
 
 The reservation (a `Lease`) lives as long as the call: the message while it is served, then
 the encoded answer until gRPC has sent it.
@@ -18,8 +19,10 @@ the encoded answer until gRPC has sent it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 
 import grpc
 
@@ -73,18 +76,17 @@ class Lease:
 class Intake:
     """Each caller's last message size, and the turn taking for callers not seen yet."""
 
-    def __init__(self, memory: MemoryBudget, remembered: int = 4096) -> None:
+    def __init__(self, memory: MemoryBudget, remembered: int = 4096, unknown: int = 2) -> None:
         self.memory = memory
         self._sizes: OrderedDict[Hashable, int] = OrderedDict()
         self._remembered = remembered
+        self._unknown = asyncio.Semaphore(unknown)  # turns for reads of unknown size
 
-    def expected(self, caller: Hashable) -> int:
-        """The size of `caller`'s last message; before its first, the largest last message
-        of the callers remembered (0 before any)."""
+    def expected(self, caller: Hashable) -> int | None:
+        """The size of `caller`'s last message, or None before its first."""
         size = self._sizes.get(caller)
-        if size is None:
-            return max(self._sizes.values(), default=0)
-        self._sizes.move_to_end(caller)
+        if size is not None:
+            self._sizes.move_to_end(caller)
         return size
 
     def saw(self, caller: Hashable, nbytes: int) -> None:
@@ -93,7 +95,15 @@ class Intake:
         if len(self._sizes) > self._remembered:
             self._sizes.popitem(last=False)
 
-    def admit(self, caller: Hashable, lease: Lease) -> None:
-        """Before reading a unary call's message: reserve its expected size, or raise
-        QueueFull (RequestTooLarge) at once when it does not fit."""
-        lease.reserve(self.expected(caller))
+    @contextlib.asynccontextmanager
+    async def reading(self, caller: Hashable, lease: Lease) -> AsyncIterator[None]:
+        """Around reading a unary call's message: reserve its expected size first, raising
+        QueueFull (RequestTooLarge) at once when it does not fit; for a caller not seen yet,
+        wait for a turn for messages of unknown size."""
+        expected = self.expected(caller)
+        if expected is not None:
+            lease.reserve(expected)
+            yield
+            return
+        async with self._unknown:
+            yield

@@ -68,8 +68,8 @@ async def _receive(context, intake: Intake, lease: Lease, parse):
     and parse it; a refusal or a missing message ends the call with its status."""
     caller = caller_of(context)
     try:
-        intake.admit(caller, lease)
-        data = await context.read()
+        async with intake.reading(caller, lease):
+            data = await context.read()
         if data is grpc.aio.EOF:
             raise InvalidInput("the call carried no request message; expected exactly one")
         intake.saw(caller, len(data))

@@ -266,12 +266,13 @@ def test_a_message_that_cannot_fit_is_refused_before_it_is_read(bundled_engine):
         with pytest.raises(grpc.RpcError) as garbage:  # same bytes, a caller that fits: read
             raw(b"\xff" * 10, metadata=[client("light")], timeout=30)
         assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        light = stub.Evaluate.future(
-            pb.EvaluateRequest(x=raw_x(np.full((1, 1), 0.5))), metadata=[client("light")]
-        )
+        small = pb.EvaluateRequest(x=raw_x(np.full((1, 1), 0.5)))
+        light = stub.Evaluate.future(small, metadata=[client("light")])
+        newcomer = stub.Evaluate.future(small, metadata=[client("new")])  # unknown: read first
         gated.gate.set()
         assert held.result(timeout=30).dy_dx.shape == [120_000, 1]
         assert light.result(timeout=30).y.shape == [1, 1]
+        assert newcomer.result(timeout=30).y.shape == [1, 1]
         wait_until(lambda: running.server.memory.held == 0)
 
 
