@@ -132,7 +132,8 @@ class GradServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self.batchers: list[Batcher] = []  # one per served model, in serving order
-        self.memory = MemoryBudget(config.max_queue_bytes)  # shared by every model's batcher
+        # One budget for every model's batcher; its last 1/16 is kept for small requests.
+        self.memory = MemoryBudget(config.max_queue_bytes, config.max_queue_bytes // 16)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = HealthServicer()
         self._streams = Streams()

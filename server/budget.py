@@ -30,12 +30,17 @@ def size_text(nbytes: float) -> str:
 
 
 class MemoryBudget:
-    """Bytes held by admitted requests, against a limit shared by every batcher of a server."""
+    """Bytes held by admitted requests, against a limit shared by every batcher of a server.
 
-    def __init__(self, limit_bytes: int) -> None:
-        if limit_bytes < 1:
-            raise ValueError("a memory budget needs at least one byte")
+    The last `small_bytes` of the limit are kept for reservations no larger than that, so
+    that large requests filling the budget cannot shut out small ones (a 1-row call behind a
+    flood of 15 MB requests is still admitted)."""
+
+    def __init__(self, limit_bytes: int, small_bytes: int = 0) -> None:
+        if limit_bytes < 1 or not 0 <= small_bytes < limit_bytes:
+            raise ValueError("a memory budget needs at least one byte, and more than it keeps")
         self.limit = limit_bytes
+        self.small = small_bytes
         self.held = 0
         self._freed = asyncio.Event()
 
@@ -47,13 +52,18 @@ class MemoryBudget:
                 f"request needs {size_text(nbytes)} (its message, rows and result); at most "
                 f"{size_text(self.limit)} may be queued at once; send fewer rows per request"
             )
-        if self.held + nbytes > self.limit:
+        if not self.fits(nbytes):
             raise QueueFull(
                 f"queue full: {size_text(self.held)} of {size_text(self.limit)} are held by "
                 f"queued and running requests and this request needs {size_text(nbytes)}; "
                 "retry later"
             )
         self.held += nbytes
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit now (large reservations leave the small ones' share)."""
+        ceiling = self.limit if nbytes <= self.small else self.limit - self.small
+        return self.held + nbytes <= ceiling
 
     def hold(self, nbytes: int) -> None:
         """Count `nbytes` more as held whatever the limit: bytes that exist already (an
@@ -69,7 +79,7 @@ class MemoryBudget:
     async def room(self, nbytes: int) -> None:
         """Wait until `nbytes` more would fit (at once when they never could: admission then
         refuses them with the reason)."""
-        while nbytes <= self.limit and self.held + nbytes > self.limit:
+        while nbytes <= self.limit and not self.fits(nbytes):
             self._freed.clear()
             await self._freed.wait()
 

@@ -1402,3 +1402,21 @@ if __name__ == "__main__":
     faulthandler.dump_traceback_later(CHILD_WATCHDOG_S, exit=True)
     asyncio.run(asyncio.wait_for(STUCK_SCENARIOS[sys.argv[1]](), TEST_S))
     print(CHILD_OK, flush=True)
+
+
+def test_large_requests_leave_the_small_share_of_the_budget_to_small_ones() -> None:
+    memory = MemoryBudget(1000, small_bytes=100)
+    memory.reserve(850)
+    with pytest.raises(QueueFull):
+        memory.reserve(101)  # a large request may fill only up to 900
+    memory.reserve(50)  # a small one still fits
+    memory.reserve(100)
+    assert memory.held == 1000
+    with pytest.raises(QueueFull):
+        memory.reserve(1)
+    memory.release(1000)
+    memory.reserve(900)
+    with pytest.raises(QueueFull, match="queue full"):
+        memory.reserve(101)
+    with pytest.raises(ValueError):
+        MemoryBudget(100, small_bytes=100)
