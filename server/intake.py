@@ -7,11 +7,11 @@ call's message is read only after the bytes it will hold are reserved against th
 memory budget; a call that does not fit is refused with RESOURCE_EXHAUSTED before its
 message is read (HTTP/2 flow control keeps the rest of it in the caller's memory).
 
-How big a message will be is known only once it is read, so each caller's last message size
-stands in for its next one. A caller not seen yet (a new connection) reserves nothing but
-waits for one of a few turns for messages of unknown size, so a crowd of new connections is
-read a few at a time, never all at once. A message larger than its estimate is settled once
-read: it is refused then if its real size does not fit.
+How big a message (and its answer) will be is known only once it is read (answered), so what
+each caller's last call held stands in for its next one. A caller not seen yet (a new
+connection) reserves nothing but waits for one of a few turns for messages of unknown size,
+so a crowd of new connections is read a few at a time, never all at once. A message larger
+than its estimate is settled once read: it is refused then if its real size does not fit.
 
 The reservation (a `Lease`) lives as long as the call: the message while it is served, then
 the encoded answer until gRPC has sent it.
@@ -54,19 +54,17 @@ class Lease:
         self._memory.reserve(nbytes)
         self.nbytes += nbytes
 
-    def settle(self, nbytes: int) -> None:
+    def settle(self, nbytes: int, *, exists: bool = False) -> None:
         """The call holds `nbytes` from now on: give back the excess of the estimate, or
-        reserve what it fell short by (which may refuse the call)."""
-        if nbytes > self.nbytes:
-            self.reserve(nbytes - self.nbytes)
-        else:
+        reserve what it fell short by (which may refuse the call; not when the bytes already
+        `exist`, e.g. an encoded answer, which are counted whatever the limit)."""
+        if nbytes <= self.nbytes:
             self._memory.release(self.nbytes - nbytes)
-            self.nbytes = nbytes
-
-    def hold(self, nbytes: int) -> None:
-        """Hold `nbytes` more whatever the limit: bytes that already exist (an answer)."""
-        self._memory.hold(nbytes)
-        self.nbytes += nbytes
+        elif exists:
+            self._memory.hold(nbytes - self.nbytes)
+        else:
+            self._memory.reserve(nbytes - self.nbytes)
+        self.nbytes = nbytes
 
     def release(self) -> None:
         self._memory.release(self.nbytes)
@@ -74,7 +72,8 @@ class Lease:
 
 
 class Intake:
-    """Each caller's last message size, and the turn taking for callers not seen yet."""
+    """What each caller's last call held (its message and its encoded answer), and the turn
+    taking for callers not seen yet."""
 
     def __init__(self, memory: MemoryBudget, remembered: int = 4096, unknown: int = 2) -> None:
         self.memory = memory
@@ -83,13 +82,15 @@ class Intake:
         self._unknown = asyncio.Semaphore(unknown)  # turns for reads of unknown size
 
     def expected(self, caller: Hashable) -> int | None:
-        """The size of `caller`'s last message, or None before its first."""
+        """The bytes `caller`'s last call held (message and answer), or None before its
+        first."""
         size = self._sizes.get(caller)
         if size is not None:
             self._sizes.move_to_end(caller)
         return size
 
     def saw(self, caller: Hashable, nbytes: int) -> None:
+        """`caller`'s call held `nbytes` (message and answer) at its end."""
         self._sizes[caller] = nbytes
         self._sizes.move_to_end(caller)
         if len(self._sizes) > self._remembered:
@@ -97,9 +98,10 @@ class Intake:
 
     @contextlib.asynccontextmanager
     async def reading(self, caller: Hashable, lease: Lease) -> AsyncIterator[None]:
-        """Around reading a unary call's message: reserve its expected size first, raising
-        QueueFull (RequestTooLarge) at once when it does not fit; for a caller not seen yet,
-        wait for a turn for messages of unknown size."""
+        """Around reading a unary call's message: reserve what the caller's last call held
+        (message and answer, so that the answer's bytes are not taken by others meanwhile),
+        raising QueueFull (RequestTooLarge) at once when it does not fit; for a caller not
+        seen yet, wait for a turn for messages of unknown size."""
         expected = self.expected(caller)
         if expected is not None:
             lease.reserve(expected)

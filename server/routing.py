@@ -63,23 +63,22 @@ def _code_name(code: object) -> str:
     return "UNKNOWN" if code is None else str(code)
 
 
-async def _receive(context, intake: Intake, lease: Lease, parse):
+async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
     """Read a unary call's one message, admitted against the memory budget (see intake.py),
-    and parse it; a refusal or a missing message ends the call with its status."""
-    caller = caller_of(context)
+    and parse it: the request and the message's size; a refusal or a missing message ends
+    the call with its status."""
     try:
         async with intake.reading(caller, lease):
             data = await context.read()
         if data is grpc.aio.EOF:
             raise InvalidInput("the call carried no request message; expected exactly one")
-        intake.saw(caller, len(data))
-        lease.settle(len(data))
+        lease.settle(max(lease.nbytes, len(data)))  # the answer's share stays reserved
     except RequestError as exc:
         await abort(context, exc)
     request = parse(data)
     if isinstance(request, Undecodable):
         await abort(context, request.error)
-    return request
+    return request, len(data)
 
 
 def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize):
@@ -94,13 +93,15 @@ def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize
         lease = Lease(intake.memory)
         context.add_done_callback(lambda _context: lease.release())
         try:
-            request = await _receive(context, intake, lease, parse)
+            caller = caller_of(context)
+            request, received = await _receive(context, caller, intake, lease, parse)
             response = await method(request, context)
             if isinstance(response, bulk.Spliced) and response.tensors:
                 answer = await asyncio.to_thread(serialize, response)  # large: off the loop
             else:
                 answer = serialize(response)
-            lease.hold(len(answer))
+            lease.settle(received + len(answer), exists=True)
+            intake.saw(caller, lease.nbytes)
         except BaseException:
             metrics.requests.labels(name, _code_name(context.code())).inc()
             latency.observe(time.perf_counter() - started)

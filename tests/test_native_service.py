@@ -243,8 +243,10 @@ def test_a_message_that_cannot_fit_is_refused_before_it_is_read(bundled_engine):
     what it sends this time is a few garbage bytes that, once read, would be INVALID_ARGUMENT;
     a caller of small messages is still admitted; every byte is given back afterwards."""
     gated = GatedEngine(bundled_engine)
-    config = replace(TEST_CONFIG, max_queue_mb=2, max_batch_size=1 << 17)
-    big = np.full((120_000, 1), 0.25)  # 480 KB message; ~1.9 MB held with rows and answer
+    config = replace(TEST_CONFIG, max_queue_mb=4, max_batch_size=1 << 17)
+    # 480 KB message: ~2.9 MB held while queued (message and answer reserved by the call,
+    # rows and results by the batcher); another like it does not fit in 4 MiB.
+    big = np.full((120_000, 1), 0.25)
 
     def client(name: str):
         return ("x-gradserve-client", name)
