@@ -72,7 +72,9 @@ async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
             data = await context.read()
         if data is grpc.aio.EOF:
             raise InvalidInput("the call carried no request message; expected exactly one")
-        lease.settle(max(lease.nbytes, len(data)))  # the answer's share stays reserved
+        # Keep the answer's share reserved; until a caller's answers are seen, assume one
+        # as large as its message (a gradient's is).
+        lease.settle(max(lease.nbytes, 2 * len(data)))
     except RequestError as exc:
         await abort(context, exc)
     request = parse(data)
