@@ -9,9 +9,10 @@ message is read (HTTP/2 flow control keeps the rest of it in the caller's memory
 
 How big a message (and its answer) will be is known only once it is read (answered), so what
 each caller's last call held stands in for its next one. A caller not seen yet (a new
-connection) reserves nothing but waits for one of a few turns for messages of unknown size,
-so a crowd of new connections is read a few at a time, never all at once. A message larger
-than its estimate is settled once read: it is refused then if its real size does not fit.
+connection) reserves nothing before its first message is read; it is refused then if that
+message and an answer as large do not fit. (New callers are not made to take turns: a
+client that opens a call and never sends its message would hold a turn and stall every
+other newcomer.) A message larger than its estimate is settled once read the same way.
 
 The reservation (a `Lease`) lives as long as the call: the message while it is served, then
 the encoded answer until gRPC has sent it.
@@ -19,10 +20,8 @@ the encoded answer until gRPC has sent it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import Hashable
 
 import grpc
 
@@ -75,11 +74,10 @@ class Intake:
     """What each caller's last call held (its message and its encoded answer), and the turn
     taking for callers not seen yet."""
 
-    def __init__(self, memory: MemoryBudget, remembered: int = 4096, unknown: int = 2) -> None:
+    def __init__(self, memory: MemoryBudget, remembered: int = 4096) -> None:
         self.memory = memory
         self._sizes: OrderedDict[Hashable, int] = OrderedDict()
         self._remembered = remembered
-        self._unknown = asyncio.Semaphore(unknown)  # turns for reads of unknown size
 
     def expected(self, caller: Hashable) -> int | None:
         """The bytes `caller`'s last call held (message and answer), or None before its
@@ -96,16 +94,9 @@ class Intake:
         if len(self._sizes) > self._remembered:
             self._sizes.popitem(last=False)
 
-    @contextlib.asynccontextmanager
-    async def reading(self, caller: Hashable, lease: Lease) -> AsyncIterator[None]:
-        """Around reading a unary call's message: reserve what the caller's last call held
+    def admit(self, caller: Hashable, lease: Lease) -> None:
+        """Before reading a unary call's message: reserve what the caller's last call held
         (message and answer, so that the answer's bytes are not taken by others meanwhile),
-        raising QueueFull (RequestTooLarge) at once when it does not fit; for a caller not
-        seen yet, wait for a turn for messages of unknown size."""
-        expected = self.expected(caller)
-        if expected is not None:
-            lease.reserve(expected)
-            yield
-            return
-        async with self._unknown:
-            yield
+        raising QueueFull (RequestTooLarge) at once when it does not fit; nothing for a
+        caller not seen yet."""
+        lease.reserve(self.expected(caller) or 0)

@@ -68,8 +68,8 @@ async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
     and parse it: the request and the message's size; a refusal or a missing message ends
     the call with its status."""
     try:
-        async with intake.reading(caller, lease):
-            data = await context.read()
+        intake.admit(caller, lease)
+        data = await context.read()
         if data is grpc.aio.EOF:
             raise InvalidInput("the call carried no request message; expected exactly one")
         # Keep the answer's share reserved; until a caller's answers are seen, assume one

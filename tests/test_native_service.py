@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 
@@ -297,3 +298,30 @@ def test_large_tensors_read_in_place_and_spliced_answer_exactly_as_small_ones(st
         np.testing.assert_array_equal(codec.from_tensor(answer.y), expected_y)
         np.testing.assert_array_equal(codec.from_tensor(answer.dy_dx), expected)
     assert np.abs(expected).max() > 0  # a real derivative, not zeros
+
+
+def test_calls_that_never_send_their_message_do_not_hold_up_new_callers(server):
+    """Admission happens before the message is read, so an open call still waiting for its
+    message must not keep other (new) callers from being read and answered."""
+    stop = threading.Event()
+
+    def never_sends():
+        stop.wait(timeout=30)
+        return
+        yield  # pragma: no cover - a generator that ends without sending anything
+
+    with grpc.insecure_channel(server.target) as idle_channel:
+        method = "/gradserve.v1.GradientService/Evaluate"
+        silent = idle_channel.stream_unary(method)
+        pending = [silent.future(never_sends(), timeout=30) for _ in range(4)]
+        try:
+            for i in range(3):  # each a new connection, so a caller not seen yet
+                with GradientClient(server.target, timeout=10) as client:
+                    assert client.evaluate(0.1 * (i + 1)).y.shape == (1, 1)
+        finally:
+            stop.set()
+        for call in pending:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result(timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no request message" in info.value.details()
