@@ -77,8 +77,11 @@ def _fields(data: memoryview) -> list[tuple[int, int, int, int, int]]:
 
 def _cut(data: memoryview, inner: int) -> tuple[bytes, memoryview] | None:
     """A nested message without its field `inner` (if that occurs once, large), and the
-    field's payload as a view."""
-    found = [f for f in _fields(data) if f[0] == inner]
+    field's payload as a view; None when there is nothing to cut or the message is unusual."""
+    try:
+        found = [f for f in _fields(data) if f[0] == inner]
+    except _Malformed:
+        return None
     if len(found) != 1 or found[0][1] != LENGTH or found[0][4] - found[0][3] < LARGE:
         return None
     _, _, start, payload, end = found[0]
@@ -106,10 +109,7 @@ def lift(data: bytes, paths: Mapping[Path, str]) -> tuple[bytes, dict[str, memor
         target = by_outer.get(number)
         cut = None
         if target is not None and wire == LENGTH and counts[number] == 1:
-            try:
-                cut = _cut(view[payload:end], target[0])
-            except _Malformed:
-                cut = None
+            cut = _cut(view[payload:end], target[0])
         if cut is None:
             pieces.append(view[start:end])
             continue
@@ -131,7 +131,7 @@ class Lifted:
 @dataclass
 class Spliced:
     """An answer whose large tensors are written after its small part, without going through
-    protobuf: each (outer field, nested message head, data field, array)."""
+    protobuf: each (outer field, nested message head, data field, C-contiguous array)."""
 
     message: object
     tensors: list[tuple[int, bytes, int, np.ndarray]] = field(default_factory=list)
@@ -139,7 +139,7 @@ class Spliced:
     def serialize(self) -> bytes:
         pieces: list[bytes | memoryview] = [self.message.SerializeToString()]
         for outer, head, data_field, array in self.tensors:
-            data = memoryview(np.ascontiguousarray(array)).cast("B")
+            data = memoryview(array).cast("B")
             data_key = varint(data_field << 3 | LENGTH) + varint(len(data))
             size = len(head) + len(data_key) + len(data)
             pieces += [varint(outer << 3 | LENGTH), varint(size), head, data_key, data]

@@ -71,8 +71,8 @@ class Lease:
 
 
 class Intake:
-    """What each caller's last call held (its message and its encoded answer), and the turn
-    taking for callers not seen yet."""
+    """What each caller's last call held (its message and its encoded answer), and the
+    reservation made from it before a unary message is read."""
 
     def __init__(self, memory: MemoryBudget, remembered: int = 4096) -> None:
         self.memory = memory
