@@ -17,10 +17,12 @@ TENSORFLOW := $(TENSORFLOW_$(VARIANT))
 IMAGE := $(IMAGE_NAME):$(IMAGE_TAG)$(if $(filter gpu,$(VARIANT)),-gpu)
 BASE_IMAGE ?= localhost/debian-python:bookworm
 WHEELS := build/wheels/$(VARIANT)
-PACKAGE_SOURCES := pyproject.toml $(wildcard server/*.py server/models/*.keras client/*.py \
-	protos/gradserve/*/*.py)
+# Every file of every package folder (setup.py names the folders), so that a change anywhere
+# in them rebuilds gradserve's wheel.
+PACKAGE_SOURCES := pyproject.toml setup.py $(shell find protos wire server client -type f \
+	-not -path '*/__pycache__/*')
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -29,9 +29,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradserve.codec import to_tensor
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.tensors import to_tensor
 
 INPUT_SHAPE = (64, 64, 3)
 REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run import DOC, Server  # noqa: E402
-from gradserve.codec import to_tensor  # noqa: E402
 from gradserve.v1 import gradserve_pb2 as pb  # noqa: E402
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc  # noqa: E402
+from gradserve.wire.tensors import to_tensor  # noqa: E402
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 KINDS = (pb.GRADIENT, pb.JACOBIAN, pb.NONE)

@@ -36,9 +36,9 @@ from gradserve.client.results import (
     make_request,
     to_model_info,
 )
-from gradserve.codec import status_code
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.tensors import status_code
 
 PERCENTILES = (50, 90, 95, 99)
 HOPS = ("decode", "queue", "handoff", "compute", "encode")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.client.errors import GradserveError
-from gradserve.codec import FLOAT64, from_tensor, status_code, to_tensor
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.tensors import FLOAT64, from_tensor, status_code, to_tensor
 
 DERIVATIVES = {
     "gradient": pb.GRADIENT,

@@ -22,17 +22,17 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.inference import grpc_service_pb2 as inference_pb2
-from gradserve.server.answering import Streams, StreamWindow
-from gradserve.server.batcher import Batcher
-from gradserve.server.budget import MemoryBudget
 from gradserve.server.config import ServerConfig
-from gradserve.server.contract import Derivative, Engine, ModelSpec
-from gradserve.server.inference_service import SERVER_NAME, SERVER_VERSION, InferenceServicer
-from gradserve.server.intake import Intake
+from gradserve.server.core.batcher import Batcher
+from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.contract import Derivative, Engine, ModelSpec
+from gradserve.server.core.registry import Models, Served
 from gradserve.server.metrics import Metrics
-from gradserve.server.native_service import GradientServicer
-from gradserve.server.registry import Models, Served
-from gradserve.server.routing import Routes
+from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
+from gradserve.server.protocols.native import GradientServicer
+from gradserve.server.transport.answering import Streams, StreamWindow
+from gradserve.server.transport.intake import Intake
+from gradserve.server.transport.routing import Routes
 from gradserve.v1 import gradserve_pb2
 
 log = logging.getLogger("gradserve")
@@ -47,7 +47,7 @@ HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 def load_engines(config: ServerConfig) -> list[Engine]:
     """Load and warm up every model; the only place the app touches the engine module
     (imported here, so that TensorFlow loads only when a model does)."""
-    from gradserve.server import engine as tf_engine
+    from gradserve.server.engine import compiled as tf_engine
 
     paths = config.model_paths()
     if config.model_name and len(paths) != 1:

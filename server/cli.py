@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from pathlib import Path
 
-        from gradserve.server.train import train_bundled
+        from gradserve.server.engine.train import train_bundled
 
         for name, fit in train_bundled(Path(args.out)).items():
             print(f"trained {Path(args.out) / name}.keras ({fit})")
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     frontends = config.frontend_count()
     if frontends > 1:
-        from gradserve.server import frontends as multi
+        from gradserve.server.multiproc import supervisor
 
-        return multi.serve(config, frontends)
+        return supervisor.serve(config, frontends)
     asyncio.run(serve(config))
     return 0
 

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gradserve.server.batcher import KindCost
-from gradserve.server.contract import Derivative
-from gradserve.server.tickets import Hops
+from gradserve.server.core.batcher import KindCost
+from gradserve.server.core.contract import Derivative
+from gradserve.server.transport.tickets import Hops
 
 _LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30,

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.server.app import GradServer
 from gradserve.server.config import BUNDLED_MODEL, ServerConfig
-from gradserve.server.contract import Derivative, Outputs
+from gradserve.server.core.contract import Derivative, Outputs
 
 TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0)
 
@@ -149,7 +149,7 @@ class GatedEngine:
 
 @pytest.fixture(scope="session")
 def bundled_engine():
-    from gradserve.server.engine import Engine
+    from gradserve.server.engine.compiled import Engine
 
     engine = Engine(BUNDLED_MODEL, xla=True, max_batch_size=TEST_CONFIG.max_batch_size)
     engine.warm_up()
@@ -193,7 +193,7 @@ def mimo_model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mimo_engine(mimo_model_path):
-    from gradserve.server.engine import Engine
+    from gradserve.server.engine.compiled import Engine
 
     engine = Engine(mimo_model_path, xla=False, max_batch_size=64)
     engine.warm_up()

@@ -1,4 +1,4 @@
-"""Unit tests of the micro-batcher (gradserve.server.batcher) against a fake engine.
+"""Unit tests of the micro-batcher (gradserve.server.core.batcher) against a fake engine.
 
 The fake engine is a plain function of (Derivative, x [n, d]) with a known per-row result, so
 every caller's answer can be checked exactly. Every x row carries its kind tag, its caller's id
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradserve.server.batcher import Batcher, Result
-from gradserve.server.budget import CostModel, MemoryBudget
-from gradserve.server.contract import Derivative, Outputs, Priority
-from gradserve.server.errors import (
+from gradserve.server.core.batcher import Batcher, Result
+from gradserve.server.core.budget import CostModel, MemoryBudget
+from gradserve.server.core.contract import Derivative, Outputs, Priority
+from gradserve.server.core.errors import (
     Closed,
     DeadlineExpired,
     EngineFailed,

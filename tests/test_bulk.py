@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradserve import codec
-from gradserve.server import bulk
-from gradserve.server.native_service import LIFTED
+from gradserve.server.protocols.native import LIFTED
+from gradserve.server.transport import bulk
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import tensors
 
 ROWS = 5000  # 20 KB per column of float32: x of 4 columns is past bulk.LARGE
 
@@ -19,7 +19,7 @@ def request(rows: int = ROWS, **extra) -> pb.EvaluateRequest:
     x = rng.uniform(size=(rows, 4)).astype(np.float32)
     v = rng.uniform(size=(rows, 4)).astype(np.float32)
     return pb.EvaluateRequest(
-        id="r1", model="m", derivative=pb.VJP, x=codec.to_tensor(x), v=codec.to_tensor(v),
+        id="r1", model="m", derivative=pb.VJP, x=tensors.to_tensor(x), v=tensors.to_tensor(v),
         priority=pb.HIGH, target=3, **extra,
     )  # fmt: skip
 
@@ -39,7 +39,7 @@ def test_small_payloads_and_unusual_messages_are_left_whole_to_protobuf() -> Non
     small = request(rows=10).SerializeToString()
     assert bulk.lift(small, LIFTED) == (small, {})
     big = request().SerializeToString()
-    x_again = pb.EvaluateRequest(x=codec.to_tensor(np.zeros((5000, 4), np.float32)))
+    x_again = pb.EvaluateRequest(x=tensors.to_tensor(np.zeros((5000, 4), np.float32)))
     repeated = big + x_again.SerializeToString()  # x twice: protobuf merges them, so x stays
     rest, payloads = bulk.lift(repeated, LIFTED)
     assert set(payloads) == {"v"}
@@ -54,16 +54,16 @@ def test_small_payloads_and_unusual_messages_are_left_whole_to_protobuf() -> Non
 def test_a_spliced_answer_parses_to_the_message_protobuf_would_have_written(dtype) -> None:
     dy_dx = np.random.default_rng(1).normal(size=(3000, 2, 4)).astype(dtype)
     y = np.arange(6, dtype=dtype).reshape(3, 2)
-    spliced = bulk.Spliced(pb.EvaluateResponse(id="a", y=codec.to_tensor(y)))
-    head = pb.Tensor(shape=dy_dx.shape, dtype=codec.float_type(dtype).wire).SerializeToString()
+    spliced = bulk.Spliced(pb.EvaluateResponse(id="a", y=tensors.to_tensor(y)))
+    head = pb.Tensor(shape=dy_dx.shape, dtype=tensors.float_type(dtype).wire).SerializeToString()
     number = pb.EvaluateResponse.DY_DX_FIELD_NUMBER
     spliced.tensors.append((number, head, pb.Tensor.DATA_FIELD_NUMBER, dy_dx))
     spliced.message.timing.total_us = 7
-    expected = pb.EvaluateResponse(id="a", y=codec.to_tensor(y), dy_dx=codec.to_tensor(dy_dx))
+    expected = pb.EvaluateResponse(id="a", y=tensors.to_tensor(y), dy_dx=tensors.to_tensor(dy_dx))
     expected.timing.total_us = 7
     parsed = pb.EvaluateResponse.FromString(bulk.serializer(None)(spliced))
     assert parsed == expected
-    np.testing.assert_array_equal(codec.from_tensor(parsed.dy_dx), dy_dx)
+    np.testing.assert_array_equal(tensors.from_tensor(parsed.dy_dx), dy_dx)
 
 
 def test_varint_round_trips_through_protobuf() -> None:

@@ -14,8 +14,8 @@ import tensorflow as tf
 from conftest import TEST_CONFIG, RunningServer
 
 from gradserve.client import GradientClient, GradserveError
-from gradserve.server.contract import ENGINE_KINDS, Derivative
-from gradserve.server.engine import Engine, ModelError
+from gradserve.server.core.contract import ENGINE_KINDS, Derivative
+from gradserve.server.engine.compiled import Engine, ModelError
 
 KINDS = [k for k in ENGINE_KINDS if k is not Derivative.NONE]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
-from gradserve.server.contract import Derivative
+from gradserve.server.core.contract import Derivative
 
 
 @pytest.fixture(params=["one process", "2 frontends"])

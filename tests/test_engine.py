@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from gradserve.server.config import BUNDLED_MODEL
-from gradserve.server.contract import ENGINE_KINDS, Derivative
-from gradserve.server.engine import Engine, ModelError, batch_ladder, resolve_device
+from gradserve.server.core.contract import ENGINE_KINDS, Derivative
+from gradserve.server.engine.compiled import Engine, ModelError, batch_ladder, resolve_device
 
 
 def float64_reference(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

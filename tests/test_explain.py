@@ -1,4 +1,4 @@
-"""Explanations, targets and k tangents (gradserve.server.explain), below the protocols.
+"""Explanations, targets and k tangents (gradserve.server.core.explain), below the protocols.
 
 Against an analytic fake engine (exact answers), and against the real engine through the real
 batcher, compared with float64 tf.GradientTape references on a float64 twin of each model
@@ -18,14 +18,14 @@ import pytest
 import tensorflow as tf
 from scipy.integrate import simpson
 
-from gradserve.server import explain
-from gradserve.server.batcher import Batcher, Result, Timing
-from gradserve.server.budget import MemoryBudget
 from gradserve.server.config import BUNDLED_DIR
-from gradserve.server.contract import ENGINE_KINDS, Derivative, ModelSpec, Outputs, Priority
-from gradserve.server.engine import Engine
-from gradserve.server.errors import QueueFull, RequestTooLarge
-from gradserve.server.explain import Answer, ExpansionTooLarge, InvalidRequest, Limits, Options
+from gradserve.server.core import explain
+from gradserve.server.core.batcher import Batcher, Result, Timing
+from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.contract import ENGINE_KINDS, Derivative, ModelSpec, Outputs, Priority
+from gradserve.server.core.errors import QueueFull, RequestTooLarge
+from gradserve.server.core.explain import Answer, ExpansionTooLarge, InvalidRequest, Limits, Options
+from gradserve.server.engine.compiled import Engine
 
 IG, SG = Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD
 LIMITS = Limits(max_rows=1 << 20, max_result_bytes=1 << 30)

@@ -14,11 +14,11 @@ from conftest import TEST_CONFIG, RunningServer, wait_until
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
 from gradserve.client.results import make_request
-from gradserve.server import explain
-from gradserve.server.batcher import Result, Timing
 from gradserve.server.config import BUNDLED_DIR
-from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.engine import Engine
+from gradserve.server.core import explain
+from gradserve.server.core.batcher import Result, Timing
+from gradserve.server.core.contract import Derivative, ModelSpec
+from gradserve.server.engine.compiled import Engine
 
 IG, SG = Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD
 MODELS = {"mimo": None, "digits": BUNDLED_DIR / "digits.keras"}
@@ -309,12 +309,12 @@ def test_the_standard_protocol_with_tritonclient(running, client):
 
 
 def test_native_options_that_do_not_apply_are_refused(running):
-    from gradserve import codec
     from gradserve.v1 import gradserve_pb2 as pb
     from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+    from gradserve.wire import tensors
 
-    x = codec.to_tensor(np.ones((2, 3), np.float32))
-    baseline = pb.Explain(baseline=codec.to_tensor(np.zeros((1, 3), np.float32)))
+    x = tensors.to_tensor(np.ones((2, 3), np.float32))
+    baseline = pb.Explain(baseline=tensors.to_tensor(np.zeros((1, 3), np.float32)))
     cases = [
         (pb.EvaluateRequest(x=x, model="mimo", explain=pb.Explain(steps=4)), "explain options"),
         (
@@ -370,16 +370,16 @@ def test_explanations_through_two_frontend_processes(server, frontends_server):
 def test_a_high_priority_explanation_from_a_named_caller(running, engines):
     """Issue 14's priority (field 8) and caller key beside issue 12's target (6) and explain
     (7): all three cross the wire, and the explanation is answered exactly."""
-    from gradserve import codec
     from gradserve.v1 import gradserve_pb2 as pb
     from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+    from gradserve.wire import tensors
 
     fields = pb.EvaluateRequest.DESCRIPTOR.fields_by_name
     assert (fields["target"].number, fields["explain"].number) == (6, 7)
     assert fields["priority"].number == 8
     x = np.random.default_rng(5).normal(size=(3, 3)).astype(np.float32)
     request = pb.EvaluateRequest(
-        x=codec.to_tensor(x), model="mimo", derivative=pb.INTEGRATED_GRADIENTS, target=1,
+        x=tensors.to_tensor(x), model="mimo", derivative=pb.INTEGRATED_GRADIENTS, target=1,
         explain=pb.Explain(steps=8), priority=pb.HIGH,
     )  # fmt: skip
     decoded = pb.EvaluateRequest.FromString(request.SerializeToString())
@@ -388,10 +388,10 @@ def test_a_high_priority_explanation_from_a_named_caller(running, engines):
         stub = pb_grpc.GradientServiceStub(channel)
         got = stub.Evaluate(request, timeout=30, metadata=[("x-gradserve-client", "explainer")])
         with pytest.raises(grpc.RpcError) as info:
-            stub.Evaluate(pb.EvaluateRequest(x=codec.to_tensor(x), model="mimo", priority=7),
+            stub.Evaluate(pb.EvaluateRequest(x=tensors.to_tensor(x), model="mimo", priority=7),
                           timeout=10)  # fmt: skip
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "priority 7 is unknown" in info.value.details()
     want = alone(engines["mimo"], IG, x, steps=8, target=1)
-    close(codec.from_tensor(got.attributions), want.attributions)
-    np.testing.assert_allclose(codec.from_tensor(got.delta), want.delta, atol=1e-5)
+    close(tensors.from_tensor(got.attributions), want.attributions)
+    np.testing.assert_allclose(tensors.from_tensor(got.delta), want.delta, atol=1e-5)

@@ -20,8 +20,8 @@ from conftest import FRONTENDS_ARGS, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
-from gradserve.server.contract import Derivative
-from gradserve.server.ipc import SHM_DIR
+from gradserve.server.core.contract import Derivative
+from gradserve.server.multiproc.shm import SHM_DIR
 
 FRONTEND_RSS_LIMIT_MB = 150
 

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gradserve.client import GradientClient
-from gradserve.server.contract import Derivative
+from gradserve.server.core.contract import Derivative
 
 MODEL = "quadratic"
 

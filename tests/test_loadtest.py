@@ -86,7 +86,7 @@ def image_server(tmp_path_factory, bundled_engine):
 
     from conftest import TEST_CONFIG, GatedEngine, RunningServer
 
-    from gradserve.server.engine import Engine
+    from gradserve.server.engine.compiled import Engine
 
     path = tmp_path_factory.mktemp("loadtest-models") / "images.keras"
     cnn_model(path)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import TEST_CONFIG, GatedEngine, RunningServer, wait_until
 
-from gradserve import codec
 from gradserve.client import GradientClient, GradserveError
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire import tensors
 
 
 def raw_x(rows: np.ndarray, dtype: int = pb.FLOAT32) -> pb.Tensor:
@@ -290,13 +290,13 @@ def test_large_tensors_read_in_place_and_spliced_answer_exactly_as_small_ones(st
         stub.Evaluate(pb.EvaluateRequest(derivative=pb.VJP, x=raw_x(xs), v=raw_x(vs)), timeout=30)
         for xs, vs in zip(np.array_split(x, 40), np.array_split(v, 40), strict=True)
     ]
-    expected_y = np.concatenate([codec.from_tensor(r.y) for r in small])
-    expected = np.concatenate([codec.from_tensor(r.dy_dx) for r in small])
+    expected_y = np.concatenate([tensors.from_tensor(r.y) for r in small])
+    expected = np.concatenate([tensors.from_tensor(r.dy_dx) for r in small])
     streamed = list(stub.EvaluateStream(iter([big, big]), timeout=60))
     for answer in [stub.Evaluate(big, timeout=30), *streamed]:
         assert answer.id == "big" and not answer.HasField("error")
-        np.testing.assert_array_equal(codec.from_tensor(answer.y), expected_y)
-        np.testing.assert_array_equal(codec.from_tensor(answer.dy_dx), expected)
+        np.testing.assert_array_equal(tensors.from_tensor(answer.y), expected_y)
+        np.testing.assert_array_equal(tensors.from_tensor(answer.dy_dx), expected)
     assert np.abs(expected).max() > 0  # a real derivative, not zeros
 
 

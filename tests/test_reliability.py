@@ -20,9 +20,9 @@ from conftest import TEST_CONFIG, GatedEngine, RunningServer, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
-from gradserve.server.batcher import Batcher, Observer
-from gradserve.server.contract import Derivative, Outputs
-from gradserve.server.errors import EngineFailed
+from gradserve.server.core.batcher import Batcher, Observer
+from gradserve.server.core.contract import Derivative, Outputs
+from gradserve.server.core.errors import EngineFailed
 
 MARKER = -999.0
 

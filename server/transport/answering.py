@@ -27,15 +27,15 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
-from gradserve.server import explain
-from gradserve.server.batcher import Result
-from gradserve.server.budget import MemoryBudget
-from gradserve.server.errors import Closed
-from gradserve.server.intake import caller_of
+from gradserve.server.core import explain
+from gradserve.server.core.batcher import Result
+from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.errors import Closed
 from gradserve.server.metrics import Metrics
-from gradserve.server.routing import Undecodable
-from gradserve.server.status import Failure, abort, deadline_of
-from gradserve.server.tickets import Hops, Ticket, hops
+from gradserve.server.transport.intake import caller_of
+from gradserve.server.transport.routing import Undecodable
+from gradserve.server.transport.status import Failure, abort, deadline_of
+from gradserve.server.transport.tickets import Hops, Ticket, hops
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")

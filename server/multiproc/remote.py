@@ -21,9 +21,9 @@ from multiprocessing.connection import Client, Connection
 
 import numpy as np
 
-from gradserve.server.contract import Derivative, Outputs, Shape
-from gradserve.server.errors import EngineFailed, EngineUnavailable
-from gradserve.server.ipc import ArrayRef, Mapped, Segment
+from gradserve.server.core.contract import Derivative, Outputs, Shape
+from gradserve.server.core.errors import EngineFailed, EngineUnavailable
+from gradserve.server.multiproc.shm import ArrayRef, Mapped, Segment
 
 log = logging.getLogger(__name__)
 _GONE = "the engine process is gone; this server is stopping: retry (another replica)"

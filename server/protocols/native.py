@@ -1,4 +1,4 @@
-"""The gradserve.v1 GradientService: protobuf <-> numpy and the native codec.
+"""The gradserve.v1 GradientService: protobuf <-> numpy and the native tensors.
 
 No batching logic here: the Answerer hands decoded rows to the named model's batcher.
 """
@@ -11,19 +11,25 @@ from typing import ClassVar
 import grpc
 import numpy as np
 
-from gradserve import codec
-from gradserve.server import bulk
-from gradserve.server.answering import Answerer, Streams, StreamWindow
-from gradserve.server.batcher import Result
-from gradserve.server.budget import MemoryBudget
-from gradserve.server.contract import Derivative, ModelSpec, Priority
-from gradserve.server.errors import InvalidInput, RequestError
-from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
+from gradserve.server.core.batcher import Result
+from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.contract import Derivative, ModelSpec, Priority
+from gradserve.server.core.errors import InvalidInput, RequestError
+from gradserve.server.core.explain import (
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
+    Answer,
+    Options,
+)
+from gradserve.server.core.registry import Models, Served
 from gradserve.server.metrics import Metrics
-from gradserve.server.registry import Models, Served
-from gradserve.server.status import Failure, abort
-from gradserve.server.tickets import Hops, Ticket
+from gradserve.server.transport import bulk
+from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
+from gradserve.server.transport.status import Failure, abort
+from gradserve.server.transport.tickets import Hops, Ticket
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import tensors
 
 _KINDS = {
     pb.GRADIENT: Derivative.GRADIENT,
@@ -53,7 +59,7 @@ _SPLICED = (
 
 
 def _raw(tensor: pb.Tensor, name: str, payload: memoryview | None = None) -> tuple:
-    kind = codec.by_wire(tensor.dtype)
+    kind = tensors.by_wire(tensor.dtype)
     if kind is None:
         raise InvalidInput(f"{name} has dtype {tensor.dtype}; expected FLOAT32 (0) or FLOAT64 (1)")
     data = tensor.data if payload is None else payload
@@ -63,9 +69,9 @@ def _raw(tensor: pb.Tensor, name: str, payload: memoryview | None = None) -> tup
 def _answer_tensor(response: bulk.Spliced, name: str, number: int, array: np.ndarray) -> None:
     """Set tensor `name` of the answer: in the message when small, spliced when large."""
     if array.nbytes < bulk.LARGE:
-        getattr(response.message, name).CopyFrom(codec.to_tensor(array))
+        getattr(response.message, name).CopyFrom(tensors.to_tensor(array))
         return
-    kind = codec.float_type(array.dtype)
+    kind = tensors.float_type(array.dtype)
     head = pb.Tensor(shape=array.shape, dtype=kind.wire).SerializeToString()
     data = np.ascontiguousarray(array, dtype=kind.numpy)
     response.tensors.append((number, head, pb.Tensor.DATA_FIELD_NUMBER, data))
@@ -100,13 +106,13 @@ class NativeCodec:
         ticket.served, ticket.kind, ticket.priority = served, kind, priority
 
     def encode(self, ticket: Ticket, result: Result | Answer) -> bulk.Spliced:
-        response = bulk.Spliced(pb.EvaluateResponse(id=ticket.id, y=codec.to_tensor(result.y)))
+        response = bulk.Spliced(pb.EvaluateResponse(id=ticket.id, y=tensors.to_tensor(result.y)))
         for name, number in _SPLICED:
             array = getattr(result, name, None)
             if array is not None:
                 _answer_tensor(response, name, number, array)
         if isinstance(result, Answer) and result.delta is not None:
-            response.message.delta.CopyFrom(codec.to_tensor(result.delta))
+            response.message.delta.CopyFrom(tensors.to_tensor(result.delta))
         return response
 
     def stamp(self, response: bulk.Spliced, breakdown: Hops) -> None:
@@ -202,7 +208,7 @@ def model_info(spec: ModelSpec) -> pb.ModelInfo:
         output_width=spec.output_width,
         input_shape=spec.input_shape,
         output_shape=spec.output_shape,
-        dtype=codec.float_type(spec.dtype).wire,
+        dtype=tensors.float_type(spec.dtype).wire,
         derivatives=list(_KINDS),
         device=spec.device,
         max_batch_size=spec.max_batch_size,

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.server.batcher import Result, Timing
-from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.errors import InvalidInput, QueueFull, RequestTooLarge
+from gradserve.server.core.batcher import Result, Timing
+from gradserve.server.core.contract import Derivative, ModelSpec
+from gradserve.server.core.errors import InvalidInput, QueueFull, RequestTooLarge
 
 DEFAULT_STEPS = 64
 DEFAULT_SAMPLES = 32

@@ -25,7 +25,7 @@ from collections.abc import Hashable
 
 import grpc
 
-from gradserve.server.budget import MemoryBudget
+from gradserve.server.core.budget import MemoryBudget
 
 CLIENT_ID_KEY = "x-gradserve-client"
 

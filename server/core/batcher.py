@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.server.budget import CostEstimate, CostModel, MemoryBudget
-from gradserve.server.contract import ENGINE_KINDS, Derivative, Outputs, Priority
-from gradserve.server.errors import (
+from gradserve.server.core.budget import CostEstimate, CostModel, MemoryBudget
+from gradserve.server.core.contract import ENGINE_KINDS, Derivative, Outputs, Priority
+from gradserve.server.core.errors import (
     Closed,
     DeadlineExpired,
     EngineFailed,

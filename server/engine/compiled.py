@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradserve.server.contract import ENGINE_KINDS, Derivative, Outputs, Shape
+from gradserve.server.core.contract import ENGINE_KINDS, Derivative, Outputs, Shape
 
 XLA_KINDS = (Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN)
 

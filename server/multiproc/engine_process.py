@@ -21,13 +21,14 @@ from multiprocessing.connection import Connection, Listener
 
 import numpy as np
 
-from gradserve.server import ipc, logs
-from gradserve.server.batcher import Batcher, Result
+from gradserve.server import logs
 from gradserve.server.config import ServerConfig
-from gradserve.server.contract import Derivative
-from gradserve.server.ipc import Mapped, Segment
+from gradserve.server.core.batcher import Batcher, Result
+from gradserve.server.core.contract import Derivative
 from gradserve.server.metrics import Metrics
-from gradserve.server.remote import Answer, ModelInfo, SubBatch
+from gradserve.server.multiproc import shm
+from gradserve.server.multiproc.remote import Answer, ModelInfo, SubBatch
+from gradserve.server.multiproc.shm import Mapped, Segment
 
 log = logging.getLogger("gradserve.engine")
 
@@ -111,7 +112,7 @@ def _exit_with_parent(parent: Connection, segments: str) -> None:
     supervisor would have)."""
     with contextlib.suppress(EOFError, OSError):
         parent.recv()
-    ipc.remove_leftovers(segments)
+    shm.remove_leftovers(segments)
     os._exit(1)
 
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
 
 BUNDLED = {"quadratic": "relu", "quadratic_tanh": "tanh"}
-DIGITS_SAMPLES = Path(__file__).resolve().parent.parent / "demo" / "digits_samples.npz"
+DIGITS_SAMPLES = Path(__file__).resolve().parents[2] / "demo" / "digits_samples.npz"
 
 
 def train_bundled(directory: Path = BUNDLED_DIR) -> dict[str, str]:

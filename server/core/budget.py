@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradserve.server.errors import QueueFull, RequestTooLarge
+from gradserve.server.core.errors import QueueFull, RequestTooLarge
 
 MIB = 2**20
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradserve.server.batcher import Timing
-from gradserve.server.contract import Derivative, Priority
-from gradserve.server.explain import Options
-from gradserve.server.registry import Served
+from gradserve.server.core.batcher import Timing
+from gradserve.server.core.contract import Derivative, Priority
+from gradserve.server.core.explain import Options
+from gradserve.server.core.registry import Served
 
 
 @dataclass(slots=True, eq=False)

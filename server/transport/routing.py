@@ -23,11 +23,11 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from gradserve.server import bulk
-from gradserve.server.errors import InvalidInput, RequestError
-from gradserve.server.intake import Intake, Lease, caller_of
+from gradserve.server.core.errors import InvalidInput, RequestError
 from gradserve.server.metrics import Metrics
-from gradserve.server.status import abort
+from gradserve.server.transport import bulk
+from gradserve.server.transport.intake import Intake, Lease, caller_of
+from gradserve.server.transport.status import abort
 
 
 class Undecodable:

@@ -20,19 +20,25 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from gradserve import codec
 from gradserve.inference import grpc_service_pb2 as pb
-from gradserve.server.answering import Answerer, Streams, StreamWindow
-from gradserve.server.batcher import Result
-from gradserve.server.budget import MemoryBudget
-from gradserve.server.contract import Derivative, Priority
-from gradserve.server.errors import InvalidInput, RequestError, UnknownModel
-from gradserve.server.explain import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, Answer, Options
+from gradserve.server.core.batcher import Result
+from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.contract import Derivative, Priority
+from gradserve.server.core.errors import InvalidInput, RequestError, UnknownModel
+from gradserve.server.core.explain import (
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
+    Answer,
+    Options,
+)
+from gradserve.server.core.registry import Models, Served
+from gradserve.server.core.validation import check_shape
 from gradserve.server.metrics import Metrics
-from gradserve.server.registry import Models, Served
-from gradserve.server.status import Failure, abort
-from gradserve.server.tickets import Hops, Ticket
-from gradserve.server.validation import check_shape
+from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
+from gradserve.server.transport.status import Failure, abort
+from gradserve.server.transport.tickets import Hops, Ticket
+from gradserve.wire import tensors
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = "0.1.0"
@@ -108,7 +114,7 @@ class InferenceServicer:
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
         tensor = pb.ModelMetadataResponse.TensorMetadata
-        datatype = codec.float_type(spec.dtype).kserve
+        datatype = tensors.float_type(spec.dtype).kserve
         return pb.ModelMetadataResponse(
             name=spec.name,
             versions=[spec.version],
@@ -122,7 +128,7 @@ class InferenceServicer:
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
-        data_type = pb.DataType.Value(codec.float_type(spec.dtype).triton_config)
+        data_type = pb.DataType.Value(tensors.float_type(spec.dtype).triton_config)
         config = pb.ModelConfig(
             name=spec.name,
             platform=PLATFORM,
@@ -194,13 +200,13 @@ class InferenceCodec:
         arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
         if isinstance(result, Answer):
             arrays.update({ATTRIBUTIONS: result.attributions, DELTA: result.delta})
-        kind = codec.float_type(spec.dtype)
+        kind = tensors.float_type(spec.dtype)
         for name in plan.outputs:
             array = np.ascontiguousarray(arrays[name], dtype=kind.numpy)
             output = response.outputs.add(name=name, datatype=kind.kserve, shape=array.shape)
             if plan.raw:
                 response.raw_output_contents.append(array.tobytes())
-            elif kind is codec.FLOAT64:
+            elif kind is tensors.FLOAT64:
                 output.contents.fp64_contents.extend(array.ravel().tolist())
             else:
                 output.contents.fp32_contents.extend(array.ravel().tolist())
@@ -317,7 +323,7 @@ def _tensor(
     tensor = request.inputs[index]
     if tangents and len(tensor.shape) == len(shape) + 2:
         shape = (tensor.shape[1], *shape)
-    kind = codec.by_kserve(tensor.datatype)
+    kind = tensors.by_kserve(tensor.datatype)
     if kind is None:
         raise InvalidInput(
             f"input {tensor.name!r} has datatype {tensor.datatype!r}; expected FP32 or FP64"
@@ -330,7 +336,7 @@ def _tensor(
             )
         return request.raw_input_contents[index], list(tensor.shape), kind.numpy
     dims = check_shape(tensor.shape, shape, tensor.name)
-    field = "fp32_contents" if kind is codec.FLOAT32 else "fp64_contents"
+    field = "fp32_contents" if kind is tensors.FLOAT32 else "fp64_contents"
     values = getattr(tensor.contents, field)
     needed = int(np.prod(dims))
     if len(values) != needed:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.server.batcher import Batcher
-from gradserve.server.contract import Derivative, ModelSpec
-from gradserve.server.errors import InvalidInput, UnknownModel
-from gradserve.server.explain import Limits
-from gradserve.server.validation import decode_rows
+from gradserve.server.core.batcher import Batcher
+from gradserve.server.core.contract import Derivative, ModelSpec
+from gradserve.server.core.errors import InvalidInput, UnknownModel
+from gradserve.server.core.explain import Limits
+from gradserve.server.core.validation import decode_rows
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import NoReturn
 
 import grpc
 
-from gradserve.server import errors
+from gradserve.server.core import errors
 
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,

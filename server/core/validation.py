@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gradserve.server.errors import InvalidInput
+from gradserve.server.core.errors import InvalidInput
 
 
 def decode_rows(

@@ -32,9 +32,10 @@ import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from gradserve.server import engine_process, ipc, logs
+from gradserve.server import logs
 from gradserve.server.config import ServerConfig
-from gradserve.server.metrics_gather import MetricsGatherer
+from gradserve.server.multiproc import engine_process, shm
+from gradserve.server.multiproc.metrics_gather import MetricsGatherer
 
 log = logging.getLogger("gradserve")
 
@@ -55,7 +56,7 @@ class _Child:
 def _connect_engine(address: str, on_lost, abandon: threading.Event):
     """A frontend's model loader: wait until the engine process listens, then connect;
     give up if the frontend is told to stop first."""
-    from gradserve.server.remote import EngineLink
+    from gradserve.server.multiproc.remote import EngineLink
 
     while not abandon.is_set():
         try:
@@ -246,7 +247,7 @@ class Supervisor:
         if self._engine is not None:
             _stop([self._engine], _STOP_MARGIN_S)
         self._metrics.close()
-        removed = ipc.remove_leftovers(f"gradserve-{os.getpid()}-")
+        removed = shm.remove_leftovers(f"gradserve-{os.getpid()}-")
         if removed:
             log.info("removed %d shared-memory segment(s) of stopped processes", removed)
         for path in self._run_dir.iterdir():
