@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from gradserve.server.config import BUNDLED_MODEL
-from gradserve.server.core.contract import Derivative
 from gradserve.server.engine.compiled import Engine
+from gradserve.wire.kinds import Derivative
 
 
 def seconds_per_call(engine: Engine, kind: Derivative, batch: int, repeats: int) -> float:

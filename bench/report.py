@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 
 from bench import scaling
-from gradserve.client.loadtest import HOPS, StepResult
+from gradserve.client.loadtest import BREAKDOWN, StepResult
 
 FRONTENDS = 2
 
@@ -106,7 +106,7 @@ def render(
 def _breakdown(results: list[StepResult]) -> list[str]:
     """Where a gradserve request's time went: the server's hops (medians of what each
     response reports) and the rest of the client's latency (network, gRPC, client)."""
-    columns = (*HOPS, "server", "outside")
+    columns = BREAKDOWN
     lines = [
         "### Where the time went (batched server, medians in microseconds)",
         "",

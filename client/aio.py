@@ -12,14 +12,15 @@ from gradserve.client.channel import ClientBase
 from gradserve.client.errors import GradserveError
 from gradserve.client.readiness import OVERALL, ReadinessWait
 from gradserve.client.results import (
-    NEEDS_VECTOR,
     ModelInfo,
     Result,
     make_request,
+    stream_request,
     to_model_info,
     to_result,
 )
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
 
 
 class AsyncGradientClient(ClientBase):
@@ -53,7 +54,7 @@ class AsyncGradientClient(ClientBase):
         self,
         x: object,
         baseline: object = None,
-        steps: int = 64,
+        steps: int = DEFAULT_STEPS,
         target: int | None = None,
         model: str = "",
     ) -> Result:
@@ -66,8 +67,8 @@ class AsyncGradientClient(ClientBase):
     async def smooth_grad(
         self,
         x: object,
-        samples: int = 32,
-        noise: float = 0.1,
+        samples: int = DEFAULT_SAMPLES,
+        noise: float = DEFAULT_NOISE,
         seed: int = 0,
         target: int | None = None,
         model: str = "",
@@ -125,7 +126,7 @@ class AsyncGradientClient(ClientBase):
         async def requests() -> AsyncIterator[pb.EvaluateRequest]:
             i = 0
             async for x in _aiter(xs):
-                yield _message(x, derivative, str(i), model, options)
+                yield stream_request(x, derivative, str(i), model, options)
                 i += 1
 
         timeout = self.timeout
@@ -167,13 +168,3 @@ async def _aiter(xs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[
     else:
         for x in xs:
             yield x
-
-
-def _message(
-    item: object, derivative: str, request_id: str, model: str, options: dict
-) -> pb.EvaluateRequest:
-    """A stream item: x, or (x, v) for the kinds that take a vector."""
-    if derivative.lower() in NEEDS_VECTOR:
-        x, v = item
-        return make_request(x, derivative, request_id, model, v, **options)
-    return make_request(item, derivative, request_id, model, **options)

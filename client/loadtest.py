@@ -29,20 +29,17 @@ import grpc
 import numpy as np
 
 from gradserve.client.channel import DEFAULT_TARGET, Tls, open_channel
-from gradserve.client.results import (
-    DERIVATIVES,
-    NEEDS_VECTOR,
-    ModelInfo,
-    make_request,
-    to_model_info,
-)
+from gradserve.client.results import ModelInfo, kind_of, make_request, to_model_info
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from gradserve.wire.tensors import status_code
+from gradserve.wire.kinds import Derivative
+from gradserve.wire.status import status_code
+from gradserve.wire.timing import HOPS
 
 PERCENTILES = (50, 90, 95, 99)
-HOPS = ("decode", "queue", "handoff", "compute", "encode")
 BREAKDOWN = (*HOPS, "server", "outside")  # the server's hops, its total, and the rest
+_HOP_FIELDS = (*(f"{hop}_us" for hop in HOPS), "total_us")  # what each answer's hops hold
+KINDS = tuple(kind.value for kind in Derivative)
 MAX_DISTINCT_REQUESTS = 256  # requests cut from an --x-file, reused in turn
 
 
@@ -73,7 +70,7 @@ class StepResult:
 class _Tally:
     latencies: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
-    hops: list[tuple[int, ...]] = field(default_factory=list)  # per answer: HOPS + total_us
+    hops: list[tuple[int, ...]] = field(default_factory=list)  # per answer: _HOP_FIELDS
     errors: Counter = field(default_factory=Counter)
     done: int = 0
 
@@ -85,9 +82,7 @@ class _Tally:
         self.latencies.append(seconds)
         t = response.timing
         self.batch_rows.append(t.batch_rows)
-        self.hops.append(
-            (t.decode_us, t.queue_us, t.handoff_us, t.compute_us, t.encode_us, t.total_us)
-        )
+        self.hops.append(tuple(getattr(t, name) for name in _HOP_FIELDS))
 
     def failed(self, code: grpc.StatusCode) -> None:
         self.done += 1
@@ -118,7 +113,7 @@ def build_requests(
         v = None
         if derivative == "vjp":
             v = rng.standard_normal((rows, *info.output_shape)).astype(dtype)
-        elif derivative in NEEDS_VECTOR:
+        elif kind_of(derivative).needs_vector:
             v = rng.standard_normal((rows, *info.input_shape)).astype(dtype)
         requests.append(make_request(batch, derivative, model=model, v=v))
     return requests
@@ -421,8 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--derivative",
         type=_kinds,
         default=["gradient"],
-        help=f"kind, comma list of kinds, or 'all' ({', '.join(DERIVATIVES)}); one set of "
-        "steps per kind",
+        help=f"kind, comma list of kinds, or 'all' ({', '.join(KINDS)}); one set of steps per kind",
     )
     parser.add_argument("--model", default="", help="model to call (empty: the only one served)")
     parser.add_argument(
@@ -453,13 +447,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _kinds(text: str) -> list[str]:
     """--derivative: one kind, a comma list, or 'all'."""
     if text.strip().lower() == "all":
-        return list(DERIVATIVES)
+        return list(KINDS)
     kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in DERIVATIVES]
+    unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(
             f"unknown derivative {', '.join(unknown) or text!r}; choose from "
-            f"{', '.join(DERIVATIVES)} or all"
+            f"{', '.join(KINDS)} or all"
         )
     return kinds
 

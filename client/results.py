@@ -8,40 +8,14 @@ import numpy as np
 
 from gradserve.client.errors import GradserveError
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.tensors import FLOAT64, from_tensor, status_code, to_tensor
+from gradserve.wire import native
+from gradserve.wire.kinds import BASELINE, Derivative
+from gradserve.wire.status import status_code
+from gradserve.wire.tensors import FLOAT64, from_tensor, to_tensor
+from gradserve.wire.timing import FIELDS, Hops
 
-DERIVATIVES = {
-    "gradient": pb.GRADIENT,
-    "jacobian": pb.JACOBIAN,
-    "none": pb.NONE,
-    "vjp": pb.VJP,
-    "jvp": pb.JVP,
-    "hessian": pb.HESSIAN,
-    "hvp": pb.HVP,
-    "integrated_gradients": pb.INTEGRATED_GRADIENTS,
-    "smooth_grad": pb.SMOOTH_GRAD,
-}
-NEEDS_VECTOR = ("vjp", "jvp", "hvp")
-EXPLANATIONS = ("integrated_gradients", "smooth_grad")
-TAKES_TARGET = ("gradient", *EXPLANATIONS)
-_IG_OPTIONS = ("baseline", "steps")
-_SG_OPTIONS = ("samples", "noise", "seed", "noise_absolute")
-
-
-@dataclass(frozen=True)
-class Timing:
-    """The server's latency breakdown of one request, in microseconds, and the rows of its
-    (largest) batch: decode (arrival to queued), queue (to dispatched in a batch), handoff
-    (to engine start), compute (engine), encode (engine end to answer); total is arrival to
-    answer inside the server."""
-
-    queue_us: int
-    compute_us: int
-    batch_rows: int
-    decode_us: int = 0
-    handoff_us: int = 0
-    encode_us: int = 0
-    total_us: int = 0
+# The server's latency breakdown of one request, as the SDK hands it back (Result.timing).
+Timing = Hops
 
 
 @dataclass(frozen=True)
@@ -61,6 +35,8 @@ class Result:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A served model as the server describes it: shapes, dtype, kinds, batch limits."""
+
     name: str
     version: str
     input_width: int
@@ -101,44 +77,60 @@ def make_request(
 ) -> pb.EvaluateRequest:
     """The request message; `v` is the vector of vjp (y's shape), jvp and hvp (x's shape), or
     k of them per row ([n, k, ...]); `target` an index into the flattened output (gradient and
-    the explanations). `options`: integrated_gradients takes baseline and steps; smooth_grad
-    takes samples, noise, seed and noise_absolute (None keeps the server's default)."""
-    name = derivative.lower()
-    kind = DERIVATIVES.get(name)
-    if kind is None:
-        raise ValueError(f"derivative must be one of {sorted(DERIVATIVES)}, got {derivative!r}")
-    if (v is None) == (name in NEEDS_VECTOR):
-        raise ValueError(f"v is needed by {', '.join(NEEDS_VECTOR)} and only by them")
-    if target is not None and name not in TAKES_TARGET:
-        raise ValueError(f"target is for {', '.join(TAKES_TARGET)} only, not {derivative!r}")
-    allowed = {"integrated_gradients": _IG_OPTIONS, "smooth_grad": _SG_OPTIONS}.get(name, ())
+    the explanations). `options`: the explanation's options (`Derivative.options`:
+    integrated_gradients takes baseline and steps; smooth_grad takes samples, noise,
+    noise_absolute and seed); None keeps the server's default."""
+    kind = kind_of(derivative)
+    if (v is None) == kind.needs_vector:
+        raise ValueError(f"v is needed by {_names(k for k in Derivative if k.needs_vector)} "
+                         "and only by them")  # fmt: skip
+    if target is not None and not kind.takes_target:
+        takers = _names(k for k in Derivative if k.takes_target)
+        raise ValueError(f"target is for {takers} only, not {derivative!r}")
+    allowed = {option.name: option for option in kind.options}
     given = {key: value for key, value in options.items() if value is not None}
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise ValueError(f"{derivative!r} takes no option {', '.join(unknown)}")
     rows = as_rows(x)
-    request = pb.EvaluateRequest(id=request_id, x=to_tensor(rows), derivative=kind, model=model)
+    request = pb.EvaluateRequest(
+        id=request_id, x=to_tensor(rows), derivative=native.NUMBER[kind], model=model
+    )
     if v is not None:
         request.v.CopyFrom(to_tensor(as_rows(v)))
     if target is not None:
         request.target = int(target)
-    if name in EXPLANATIONS:
-        request.explain.CopyFrom(_explain(rows, given))
+    if kind.explains:
+        request.explain.SetInParent()
+        for name, value in given.items():
+            if name == BASELINE.name:
+                request.explain.baseline.CopyFrom(to_tensor(as_baseline(value, rows)))
+            else:
+                setattr(request.explain, name, allowed[name].type(value))
     return request
 
 
-def _explain(rows: np.ndarray, options: dict[str, object]) -> pb.Explain:
-    explain = pb.Explain(
-        steps=int(options.get("steps", 0)),
-        samples=int(options.get("samples", 0)),
-        seed=int(options.get("seed", 0)),
-        noise_absolute=bool(options.get("noise_absolute", False)),
-    )
-    if "noise" in options:
-        explain.noise = float(options["noise"])
-    if "baseline" in options:
-        explain.baseline.CopyFrom(to_tensor(as_baseline(options["baseline"], rows)))
-    return explain
+def stream_request(
+    item: object, derivative: str, request_id: str, model: str, options: dict
+) -> pb.EvaluateRequest:
+    """One stream message: `item` is x, or (x, v) for the kinds that take a vector."""
+    if kind_of(derivative).needs_vector:
+        x, v = item
+        return make_request(x, derivative, request_id, model, v, **options)
+    return make_request(item, derivative, request_id, model, **options)
+
+
+def kind_of(derivative: str) -> Derivative:
+    """The kind a derivative name means (any case); ValueError naming the kinds if none."""
+    kind = Derivative.named(derivative)
+    if kind is None:
+        names = sorted(k.value for k in Derivative)
+        raise ValueError(f"derivative must be one of {names}, got {derivative!r}")
+    return kind
+
+
+def _names(kinds) -> str:
+    return ", ".join(kind.value for kind in kinds)
 
 
 def as_baseline(baseline: object, rows: np.ndarray) -> np.ndarray:
@@ -162,15 +154,7 @@ def to_result(response: pb.EvaluateResponse) -> Result:
         id=response.id,
         y=from_tensor(response.y),
         dy_dx=from_tensor(response.dy_dx) if response.HasField("dy_dx") else None,
-        timing=Timing(
-            t.queue_us,
-            t.compute_us,
-            t.batch_rows,
-            t.decode_us,
-            t.handoff_us,
-            t.encode_us,
-            t.total_us,
-        ),
+        timing=Timing(**{name: getattr(t, name) for name in FIELDS}),
         attributions=_optional(response, "attributions"),
         delta=_optional(response, "delta"),
     )
@@ -181,7 +165,7 @@ def _optional(response: pb.EvaluateResponse, field: str) -> np.ndarray | None:
 
 
 def to_model_info(info: pb.ModelInfo) -> ModelInfo:
-    names = {v: k for k, v in DERIVATIVES.items()}
+    names = {number: kind.value for number, kind in native.KIND.items()}
     return ModelInfo(
         name=info.name,
         version=info.version,

@@ -11,14 +11,15 @@ from gradserve.client.channel import ClientBase
 from gradserve.client.errors import GradserveError
 from gradserve.client.readiness import OVERALL, ReadinessWait
 from gradserve.client.results import (
-    NEEDS_VECTOR,
     ModelInfo,
     Result,
     make_request,
+    stream_request,
     to_model_info,
     to_result,
 )
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
 
 
 class GradientClient(ClientBase):
@@ -61,7 +62,7 @@ class GradientClient(ClientBase):
         self,
         x: object,
         baseline: object = None,
-        steps: int = 64,
+        steps: int = DEFAULT_STEPS,
         target: int | None = None,
         model: str = "",
     ) -> Result:
@@ -76,8 +77,8 @@ class GradientClient(ClientBase):
     def smooth_grad(
         self,
         x: object,
-        samples: int = 32,
-        noise: float = 0.1,
+        samples: int = DEFAULT_SAMPLES,
+        noise: float = DEFAULT_NOISE,
         seed: int = 0,
         target: int | None = None,
         model: str = "",
@@ -149,7 +150,7 @@ class GradientClient(ClientBase):
             self.wait_until_ready(timeout)
             waited = time.monotonic() - started
             timeout = None if timeout is None else max(timeout - waited, 0.001)
-        requests = (_message(x, derivative, str(i), model, options) for i, x in enumerate(xs))
+        requests = (stream_request(x, derivative, str(i), model, options) for i, x in enumerate(xs))
         call = self._stub.EvaluateStream(
             requests, timeout=timeout, wait_for_ready=self.wait_for_ready
         )
@@ -173,13 +174,3 @@ class GradientClient(ClientBase):
 
     def model_info(self, model: str = "") -> ModelInfo:
         return to_model_info(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model)))
-
-
-def _message(
-    item: object, derivative: str, request_id: str, model: str, options: dict
-) -> pb.EvaluateRequest:
-    """A stream item: x, or (x, v) for the kinds that take a vector."""
-    if derivative.lower() in NEEDS_VECTOR:
-        x, v = item
-        return make_request(x, derivative, request_id, model, v, **options)
-    return make_request(item, derivative, request_id, model, **options)

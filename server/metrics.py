@@ -13,14 +13,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gradserve.server.core.batcher import KindCost
-from gradserve.server.core.contract import Derivative
-from gradserve.server.transport.tickets import Hops
+from gradserve.wire.kinds import Derivative
+from gradserve.wire.timing import HOPS, Hops
 
 _LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30,
 )  # fmt: skip
 _HOP_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, *_LATENCY_BUCKETS)
-HOPS = ("decode", "queue", "handoff", "compute", "encode")
 _ROW_BUCKETS = tuple(float(2**i) for i in range(15))
 
 
@@ -65,7 +64,7 @@ class Metrics:
             "answer)",
             ["hop"], buckets=_HOP_BUCKETS, registry=r,
         )  # fmt: skip
-        self._hops = [self.hop.labels(name) for name in HOPS]
+        self._hops = [(f"{name}_us", self.hop.labels(name)) for name in HOPS]
         self.queue_rows = Gauge("gradserve_queue_rows", "Rows waiting in the queue", registry=r)
         self.queue_bytes = Gauge(
             "gradserve_queue_bytes",
@@ -73,6 +72,12 @@ class Metrics:
             registry=r,
         )
         self.streams = Gauge("gradserve_streams_in_flight", "Open streams", registry=r)
+        self.worker_restarts = Counter(
+            "gradserve_batch_worker_restarts",
+            "Times a batch worker failed on its own (a bug, not an engine error) and was "
+            "restarted; the requests of the batch it held failed",
+            registry=r,
+        )
 
     def watch_costs(self, source: Callable[[], list[tuple[str, list[KindCost]]]]) -> None:
         """Report, at each scrape, what every model's batcher has learned of its engine
@@ -90,14 +95,13 @@ class Metrics:
     def queued(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
 
+    def restarted(self) -> None:
+        self.worker_restarts.inc()
+
     def hops(self, breakdown: Hops) -> None:
         """One answered request's latency breakdown."""
-        decode, queue, handoff, compute, encode = self._hops
-        decode.observe(breakdown.decode_us * 1e-6)
-        queue.observe(breakdown.queue_us * 1e-6)
-        handoff.observe(breakdown.handoff_us * 1e-6)
-        compute.observe(breakdown.compute_us * 1e-6)
-        encode.observe(breakdown.encode_us * 1e-6)
+        for field, histogram in self._hops:
+            histogram.observe(getattr(breakdown, field) * 1e-6)
 
     def serve(self, host: str, port: int):
         """Expose /metrics over HTTP; returns the HTTP server (call .shutdown() to stop)."""

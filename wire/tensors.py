@@ -1,16 +1,13 @@
-"""What the wire's numbers and names mean, once for the server and the SDK.
-
-Tensor bytes <-> numpy (little-endian, row-major), the float types each protocol names
-(native `DType`, the standard protocol's "FP32"/"FP64" and Triton's model-config
-`TYPE_FP32`/`TYPE_FP64`), and gRPC status numbers <-> names. Imports numpy, grpc and the
-native messages only, so neither side has to import the other.
+"""Tensors on the wire, once for the server and the SDK: bytes <-> numpy (little-endian,
+row-major) and the float types as each protocol names them (native `DType`, the standard
+protocol's "FP32"/"FP64", Triton's model-config `TYPE_FP32`/`TYPE_FP64`). Imports numpy and
+the native messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from gradserve.v1 import gradserve_pb2 as pb
@@ -62,11 +59,3 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     if kind is None:
         raise ValueError(f"unknown tensor dtype {tensor.dtype}")
     return np.frombuffer(tensor.data, dtype=kind.numpy).reshape(tuple(tensor.shape))
-
-
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    """The grpc.StatusCode of a wire status number (UNKNOWN for one grpc does not know)."""
-    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.server.core.budget import CostEstimate, CostModel, MemoryBudget
-from gradserve.server.core.contract import ENGINE_KINDS, Derivative, Outputs, Priority
+from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Priority
 from gradserve.server.core.errors import (
     Closed,
     DeadlineExpired,
@@ -51,23 +51,12 @@ from gradserve.server.core.errors import (
     RequestError,
     RequestTooLarge,
 )
+from gradserve.server.core.timing import Timing
+from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger(__name__)
 
 Compute = Callable[..., Outputs]
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """A request's hops inside the batcher, which add up to its time there. A request split
-    over several engine calls also waits between them; each hop is summed over its calls."""
-
-    queue_us: int  # waiting to be dispatched (a split request: also between its batches)
-    handoff_us: int  # batch dispatched -> engine started (concatenation, thread hand-off)
-    compute_us: int  # inside the engine
-    batch_rows: int  # the largest batch it was part of
-    queued: float  # time.perf_counter() when it was admitted
-    done: float  # time.perf_counter() when its last engine call ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +74,10 @@ class Observer:
 
     def queued(self, seconds: float) -> None:
         """A request's first rows left the queue after waiting `seconds`."""
+
+    def restarted(self) -> None:
+        """The batch worker failed on its own (a bug, not an engine error) and was started
+        again; the requests of the batch it held failed."""
 
 
 class _Pending:
@@ -244,7 +237,6 @@ class Batcher:
         self._in_flight: list[_Part] = []
         self.batches_run = 0
         self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)
-        self.restarts = 0
 
     @property
     def queued_rows(self) -> int:
@@ -317,18 +309,6 @@ class Batcher:
         self._wakeup.set()
         return future
 
-    async def evaluate(
-        self,
-        x: np.ndarray,
-        kind: Derivative,
-        deadline: float | None = None,
-        v: np.ndarray | None = None,
-        *,
-        caller: Hashable = None,
-        priority: Priority = Priority.NORMAL,
-    ) -> Result:
-        return await self.submit(x, kind, deadline, v, caller=caller, priority=priority)
-
     def row_cap(self, kind: Derivative) -> int:
         """The most rows the next batch of `kind` may take: max_batch_size, or fewer when
         the learned cost of more would exceed max_batch_s."""
@@ -393,8 +373,8 @@ class Batcher:
                 _fail(self._in_flight, Closed("the server stopped before this request finished"))
                 raise
             except Exception as exc:
-                self.restarts += 1
                 log.exception("batch worker failed; restarting it")
+                self._observer.restarted()
                 _fail(self._in_flight, EngineFailed(f"internal error in the batch worker: {exc}"))
                 self._in_flight = []
 

@@ -1,4 +1,5 @@
-"""What the layers agree on: derivative kinds, engine outputs, the served model's shape.
+"""What the layers agree on: engine outputs, the Engine interface, the served model's shape,
+priorities. The derivative kinds themselves are the wire vocabulary's (`gradserve.wire.kinds`).
 
 Free of TensorFlow and protobuf, so every layer can import it.
 """
@@ -12,40 +13,11 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from gradserve.wire.kinds import Derivative
+
 Shape = tuple[int, ...]
 
 
-class Derivative(enum.Enum):
-    """What to compute alongside the model's output y, for rows x of per-row shape X
-    (outputs of per-row shape Y). Shapes below are per row."""
-
-    NONE = "none"  # y only
-    GRADIENT = "gradient"  # d(sum of y)/dx: X
-    JACOBIAN = "jacobian"  # dy/dx: Y + X
-    VJP = "vjp"  # v^T (dy/dx) for a cotangent v of shape Y: X
-    JVP = "jvp"  # (dy/dx) u for a tangent u of shape X, forward mode: Y
-    HESSIAN = "hessian"  # d2(sum of y)/dx2: X + X
-    HVP = "hvp"  # (d2(sum of y)/dx2) v for v of shape X: X
-    # Explanations: expanded into many gradient (or one-hot VJP) rows, reduced per row.
-    INTEGRATED_GRADIENTS = "integrated_gradients"  # (x - baseline) * path-mean gradient: X
-    SMOOTH_GRAD = "smooth_grad"  # mean gradient over noisy copies of x: X
-
-    @property
-    def needs_vector(self) -> bool:
-        return self in (Derivative.VJP, Derivative.JVP, Derivative.HVP)
-
-    @property
-    def explains(self) -> bool:
-        """An explanation kind: never computed by the engine itself, only through its rows."""
-        return self in (Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD)
-
-    @property
-    def takes_target(self) -> bool:
-        """Kinds whose differentiated scalar may be one output (`target`) instead of the sum."""
-        return self in (Derivative.GRADIENT, *EXPLANATIONS)
-
-
-EXPLANATIONS = (Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD)
 # What the engine computes in one call; the explanation kinds are built from these.
 ENGINE_KINDS = tuple(kind for kind in Derivative if not kind.explains)
 
@@ -121,11 +93,16 @@ class ModelSpec:
             return self.input_shape
         return None
 
-    def answer_row_bytes(self, kind: Derivative) -> int:
-        """Bytes one row of the answer to `kind` takes: its y and its dy_dx."""
+    def result_row_bytes(self, kind: Derivative) -> int:
+        """Bytes of one row's dy_dx for `kind` (0: no derivative): what --max-result-mb
+        bounds."""
         result = self.result_shape(kind)
-        values = self.output_width + (math.prod(result) if result is not None else 0)
-        return values * np.dtype(self.dtype).itemsize
+        return 0 if result is None else math.prod(result) * np.dtype(self.dtype).itemsize
+
+    def answer_row_bytes(self, kind: Derivative) -> int:
+        """Bytes one row of the answer to `kind` takes, its y and its dy_dx: what admission
+        counts."""
+        return self.output_width * np.dtype(self.dtype).itemsize + self.result_row_bytes(kind)
 
     def result_shape(self, kind: Derivative) -> Shape | None:
         """Per-row shape of dy_dx for `kind` (None: no derivative)."""

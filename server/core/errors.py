@@ -42,5 +42,13 @@ class Closed(RequestError):
     """The server is shutting down and accepts no new requests or stream messages."""
 
 
-class NotReady(RequestError):
-    """The models are still loading."""
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse: what it was meant to be and
+    why it is not, as the InvalidInput its call or stream message is answered with."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, type_name: str, size: int, error: str) -> None:
+        self.error = InvalidInput(
+            f"the request ({size} bytes) is not a valid {type_name} message: {error}"
+        )

@@ -31,19 +31,24 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from gradserve.server.core.batcher import Result, Timing
-from gradserve.server.core.contract import Derivative, ModelSpec
+from gradserve.server.core.batcher import Result
+from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import InvalidInput, QueueFull, RequestTooLarge
-
-DEFAULT_STEPS = 64
-DEFAULT_SAMPLES = 32
-DEFAULT_NOISE = 0.1
+from gradserve.server.core.timing import Timing
+from gradserve.wire.kinds import (
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
+    TARGET,
+    Derivative,
+    takers,
+)
 
 # batcher.submit(x, kind, deadline, v, **admission) -> future of the rows' Result; raises when
 # not admitted.
@@ -60,7 +65,8 @@ class ExpansionTooLarge(InvalidRequest):
 
 @dataclass(frozen=True)
 class Options:
-    """What a request adds to (kind, x, v); defaults as documented in the module."""
+    """What a request adds to (kind, x, v): its target and explanation options, named as in
+    `gradserve.wire.kinds` (defaults too)."""
 
     target: int | None = None
     steps: int = DEFAULT_STEPS
@@ -80,7 +86,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Answer:
+class Reduced:
     """A reduced answer: y [n, *Y]; dy_dx for derivative kinds ([n, k, ...] for k tangents);
     attributions [n, *X] for the explanation kinds; delta [n] for integrated gradients."""
 
@@ -92,61 +98,84 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The rows to submit for one request and how to reduce their Result."""
+class Work:
+    """The rows to queue for one request, and how their Result becomes its answer."""
 
     kind: Derivative  # what the engine computes for the rows
     x: np.ndarray
     v: np.ndarray | None
-    per_row: int  # submitted rows per input row
-    reduce: Callable[[Result], Answer] | None  # None: the batcher's Result is the answer
+    per_row: int  # queued rows per input row
+    reduce: Callable[[Result], Reduced] | None  # None: the batcher's Result is the answer
     what: str  # the expansion in words, for limit messages
     fewer: str  # what else to lower when even one input row does not fit
 
 
-def submit(
-    submit_rows: Submit,
+def expand(
     spec: ModelSpec,
     limits: Limits,
     kind: Derivative,
     x: np.ndarray,
     v: np.ndarray | None = None,
     options: Options | None = None,
-    deadline: float | None = None,
-    **admission: Any,
-) -> asyncio.Future[Result] | asyncio.Future[Answer]:
-    """Expand, check the limits, queue the rows; the future resolves to the reduced Answer
-    (or to the batcher's Result when nothing needed expanding).
+) -> Work:
+    """The rows to queue for a request of `kind` at rows x (and v): plain rows as they are;
+    a target, an explanation or k tangents expanded. Raises InvalidRequest (options that do
+    not make sense for the kind or model) or ExpansionTooLarge (an expansion that can never
+    be admitted, saying what would fit)."""
+    work = _expanded(spec, kind, x, v, options or Options())
+    if work.reduce is not None:
+        check_limits(work, spec, limits, x.shape[0])
+    return work
 
-    `admission` (the batcher's `caller` and `priority`) is passed on with the
-    rows as submitted, expanded or not: the expanded rows are queued as their caller's, at
-    its priority, and the batcher counts their bytes (rows, vectors, expanded results)
-    against its memory budget.
 
-    Raises at once, queueing nothing: InvalidRequest (bad options), ExpansionTooLarge (can
-    never fit), or the batcher's own refusals (QueueFull and RequestTooLarge say how many
-    rows it asked for).
+def submit(
+    work: Work, submit_rows: Submit, deadline: float | None = None, **admission: Any
+) -> asyncio.Future[Result] | asyncio.Future[Reduced]:
+    """Queue the work's rows; the future resolves to the Reduced answer (or to the batcher's
+    Result when nothing was expanded).
+
+    `admission` (the batcher's `caller` and `priority`) is passed on with the rows as
+    queued, expanded or not: the expanded rows are queued as their caller's, at its
+    priority, and the batcher counts their bytes (rows, vectors, expanded results) against
+    its memory budget. Raises at once, queueing nothing, the batcher's own refusals
+    (QueueFull and RequestTooLarge then also say what the rows were expanded from).
     """
-    plan = make_plan(spec, kind, x, v, options or Options())
-    if plan.reduce is None:
-        return submit_rows(plan.x, plan.kind, deadline, plan.v, **admission)
-    check_limits(plan, spec, limits, x.shape[0], x.dtype.itemsize)
+    if work.reduce is None:
+        return submit_rows(work.x, work.kind, deadline, work.v, **admission)
     try:
-        rows = submit_rows(plan.x, plan.kind, deadline, plan.v, **admission)
+        rows = submit_rows(work.x, work.kind, deadline, work.v, **admission)
     except (QueueFull, RequestTooLarge) as refused:
-        raise type(refused)(f"{refused} (the request is {plan.what})") from None
-    return asyncio.ensure_future(_reduced(rows, plan.reduce))
+        raise type(refused)(f"{refused} (the request is {work.what})") from None
+    return asyncio.ensure_future(_reduced(rows, work.reduce))
 
 
-async def _reduced(rows: asyncio.Future[Result], reduce: Callable[[Result], Answer]) -> Answer:
+async def _reduced(rows: asyncio.Future[Result], reduce: Callable[[Result], Reduced]) -> Reduced:
     # Cancelling this task cancels `rows`, which withdraws its undispatched rows.
     return reduce(await rows)
 
 
-def make_plan(
+def check_applicable(kind: Derivative, given: Iterable[str], what: str) -> None:
+    """Refuse options (or a target) that `kind` does not take, naming the kinds that do;
+    `what` is how the protocol calls them ("parameter", "explain option")."""
+    taken = {option.name for option in kind.options}
+    if kind.takes_target:
+        taken.add(TARGET.name)
+    extra = sorted(set(given) - taken)
+    if extra:
+        owners = "; ".join(f"{name} is for {_kind_names(takers(name))}" for name in extra)
+        raise InvalidRequest(
+            f"{what}(s) {extra} do not apply to derivative {kind.value!r} ({owners})"
+        )
+
+
+def _kind_names(kinds: Iterable[Derivative]) -> str:
+    names = [kind.value for kind in kinds]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _expanded(
     spec: ModelSpec, kind: Derivative, x: np.ndarray, v: np.ndarray | None, options: Options
-) -> Plan:
-    """Validate the options against the kind and model; build the rows to submit."""
+) -> Work:
     n = x.shape[0]
     target = _checked_target(spec, kind, options.target)
     if kind is Derivative.INTEGRATED_GRADIENTS:
@@ -154,11 +183,11 @@ def make_plan(
     if kind is Derivative.SMOOTH_GRAD:
         return _smooth_grad(spec, x, options, target)
     if target is not None:  # a gradient of one output
-        return Plan(Derivative.VJP, x, one_hot(n, spec.output_shape, target, x.dtype), 1,
+        return Work(Derivative.VJP, x, one_hot(n, spec.output_shape, target, x.dtype), 1,
                     None, f"{n} rows", "")  # fmt: skip
     k = tangent_count(spec, kind, v)
     if k is None:
-        return Plan(kind, x, v, 1, None, f"{n} rows", "")
+        return Work(kind, x, v, 1, None, f"{n} rows", "")
     return _tangents(spec, kind, x, v, k)
 
 
@@ -167,7 +196,7 @@ def _checked_target(spec: ModelSpec, kind: Derivative, target: int | None) -> in
         return None
     if not kind.takes_target:
         raise InvalidRequest(
-            f"target is for gradient, integrated_gradients and smooth_grad, not {kind.value} "
+            f"target is for {_kind_names(takers(TARGET.name))}, not {kind.value} "
             "(vjp takes any output weighting as v)"
         )
     if not 0 <= target < spec.output_width:
@@ -239,14 +268,10 @@ def quadrature_weights(steps: int) -> np.ndarray:
     return w
 
 
-def path_rows(x: np.ndarray, baseline: np.ndarray, steps: int) -> np.ndarray:
-    """[n * (steps + 1), *X]: for each row, b + (j / steps)(x - b) for j = 0..steps, with the
-    ends exactly b and x (`baseline` is [1, *X] or [n, *X])."""
-    return _path(x, baseline, steps)[0]
-
-
 def _path(x: np.ndarray, baseline: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(path rows, x - baseline in float64)."""
+    """The path rows [n * (steps + 1), *X], for each row b + (j / steps)(x - b) for
+    j = 0..steps with the ends exactly b and x (`baseline` is [1, *X] or [n, *X]), and
+    x - baseline in float64."""
     alphas = np.arange(steps + 1, dtype=np.float64) / steps
     b64 = baseline.astype(np.float64)
     difference = x.astype(np.float64) - b64
@@ -269,7 +294,7 @@ def _baseline(x: np.ndarray, baseline: np.ndarray | None) -> np.ndarray:
 
 def _integrated_gradients(
     spec: ModelSpec, x: np.ndarray, options: Options, target: int | None
-) -> Plan:
+) -> Work:
     steps = options.steps
     if steps < 1:
         raise InvalidRequest(f"steps is {steps}; integrated gradients needs steps >= 1")
@@ -279,18 +304,18 @@ def _integrated_gradients(
     n, points = x.shape[0], steps + 1
     weights = quadrature_weights(steps)
 
-    def reduce(result: Result) -> Answer:
+    def reduce(result: Result) -> Reduced:
         gradients = result.dy_dx.reshape(n, points, -1)
         mean = np.matmul(weights, gradients)  # float64 [n, prod(X)]: the rule's weighted sum
         attributions = difference * mean.reshape(x.shape)
         y = result.y.reshape(n, points, *result.y.shape[1:])
         gap = _scalar(spec, y[:, -1], target) - _scalar(spec, y[:, 0], target)
         delta = attributions.reshape(n, -1).sum(axis=1) - gap
-        return Answer(y[:, -1], None, result.timing, attributions.astype(x.dtype),
+        return Reduced(y[:, -1], None, result.timing, attributions.astype(x.dtype),
                       delta.astype(x.dtype))  # fmt: skip
 
     what = f"integrated gradients of {n} row(s) x {points} path points = {n * points} rows"
-    return Plan(kind, rows, v, points, reduce, what, "fewer steps")
+    return Work(kind, rows, v, points, reduce, what, "fewer steps")
 
 
 # -- SmoothGrad ------------------------------------------------------------------------------
@@ -313,7 +338,7 @@ def noisy_rows(x: np.ndarray, samples: int, noise: float, absolute: bool, seed: 
     return rows
 
 
-def _smooth_grad(spec: ModelSpec, x: np.ndarray, options: Options, target: int | None) -> Plan:
+def _smooth_grad(spec: ModelSpec, x: np.ndarray, options: Options, target: int | None) -> Work:
     samples, noise, seed = options.samples, options.noise, options.seed
     if samples < 1:
         raise InvalidRequest(f"samples is {samples}; smooth_grad needs samples >= 1")
@@ -328,56 +353,55 @@ def _smooth_grad(spec: ModelSpec, x: np.ndarray, options: Options, target: int |
     rows = rows.reshape(n * per_row, *x.shape[1:])
     kind, v = _derivative_rows(spec, rows, target)
 
-    def reduce(result: Result) -> Answer:
+    def reduce(result: Result) -> Reduced:
         gradients = result.dy_dx.reshape(n, per_row, *x.shape[1:])[:, 1:]
         mean = gradients.astype(np.float64).mean(axis=1)
         y = result.y.reshape(n, per_row, *result.y.shape[1:])[:, 0]
-        return Answer(y, None, result.timing, mean.astype(x.dtype))
+        return Reduced(y, None, result.timing, mean.astype(x.dtype))
 
     what = f"smooth_grad of {n} row(s) x {per_row} (samples + 1) = {n * per_row} rows"
-    return Plan(kind, rows, v, per_row, reduce, what, "fewer samples")
+    return Work(kind, rows, v, per_row, reduce, what, "fewer samples")
 
 
 # -- k tangents per row ----------------------------------------------------------------------
 
 
-def _tangents(spec: ModelSpec, kind: Derivative, x: np.ndarray, v: np.ndarray, k: int) -> Plan:
+def _tangents(spec: ModelSpec, kind: Derivative, x: np.ndarray, v: np.ndarray, k: int) -> Work:
     n = x.shape[0]
     rows = np.repeat(x, k, axis=0)
     vectors = v.reshape(n * k, *v.shape[2:])
 
-    def reduce(result: Result) -> Answer:
+    def reduce(result: Result) -> Reduced:
         y = result.y.reshape(n, k, *result.y.shape[1:])[:, 0]
-        return Answer(y, result.dy_dx.reshape(n, k, *result.dy_dx.shape[1:]), result.timing)
+        return Reduced(y, result.dy_dx.reshape(n, k, *result.dy_dx.shape[1:]), result.timing)
 
     what = f"{kind.value} of {n} row(s) x {k} tangents = {n * k} rows"
-    return Plan(kind, rows, vectors, k, reduce, what, "fewer tangents")
+    return Work(kind, rows, vectors, k, reduce, what, "fewer tangents")
 
 
 # -- limits ----------------------------------------------------------------------------------
 
 
-def check_limits(plan: Plan, spec: ModelSpec, limits: Limits, n: int, itemsize: int) -> None:
+def check_limits(work: Work, spec: ModelSpec, limits: Limits, n: int) -> None:
     """Refuse (ExpansionTooLarge) an expansion that can never be admitted, saying what fits."""
-    rows = n * plan.per_row
+    rows = n * work.per_row
     if rows > limits.max_rows:
         raise ExpansionTooLarge(
-            f"{plan.what}, over the {limits.max_rows} rows one request may queue "
-            f"(--max-queue-rows); {_what_fits(limits.max_rows // plan.per_row, plan)}"
+            f"{work.what}, over the {limits.max_rows} rows one request may queue "
+            f"(--max-queue-rows); {_what_fits(limits.max_rows // work.per_row, work)}"
         )
-    result_shape = spec.result_shape(plan.kind) or ()
-    row_bytes = math.prod(result_shape) * itemsize
+    row_bytes = spec.result_row_bytes(work.kind)
     size = rows * row_bytes
     if size > limits.max_result_bytes:
-        fit = limits.max_result_bytes // (plan.per_row * row_bytes)
+        fit = limits.max_result_bytes // (work.per_row * row_bytes)
         raise ExpansionTooLarge(
-            f"{plan.what}, whose {plan.kind.value} results would take {size / 2**20:.1f} MiB, "
+            f"{work.what}, whose {work.kind.value} results would take {size / 2**20:.1f} MiB, "
             f"over the {limits.max_result_bytes / 2**20:.0f} MiB limit (--max-result-mb); "
-            f"{_what_fits(fit, plan)}"
+            f"{_what_fits(fit, work)}"
         )
 
 
-def _what_fits(rows: int, plan: Plan) -> str:
+def _what_fits(rows: int, work: Work) -> str:
     if rows >= 1:
-        return f"send at most {rows} row(s) per request at this setting, or {plan.fewer}"
-    return f"not even one row fits at this setting: ask for {plan.fewer}"
+        return f"send at most {rows} row(s) per request at this setting, or {work.fewer}"
+    return f"not even one row fits at this setting: ask for {work.fewer}"

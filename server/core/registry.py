@@ -8,21 +8,23 @@ every protocol.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradserve.server.core.batcher import Batcher
-from gradserve.server.core.contract import Derivative, ModelSpec
+from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import InvalidInput, UnknownModel
-from gradserve.server.core.explain import Limits
+from gradserve.server.core.explain import Limits, Options, Work, expand
 from gradserve.server.core.validation import decode_rows
+from gradserve.wire.kinds import Derivative
 
 
 @dataclass(frozen=True)
 class Served:
+    """One served model: what it is, its queue, and what one request of it may produce."""
+
     spec: ModelSpec
     batcher: Batcher
     max_result_bytes: int
@@ -30,16 +32,6 @@ class Served:
     @functools.cached_property
     def dtype(self) -> np.dtype:
         return np.dtype(self.spec.dtype)
-
-    @functools.cached_property
-    def _result_row_bytes(self) -> dict[Derivative, int]:
-        """Bytes of one row's derivative, per kind that has one."""
-        shapes = {kind: self.spec.result_shape(kind) for kind in Derivative}
-        return {
-            kind: math.prod(shape) * self.dtype.itemsize
-            for kind, shape in shapes.items()
-            if shape is not None
-        }
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -80,8 +72,14 @@ class Served:
         self._check_result_size(kind, rows.shape[0])
         return rows, vector
 
+    def expand(
+        self, kind: Derivative, x: np.ndarray, v: np.ndarray | None, options: Options | None
+    ) -> Work:
+        """The rows to queue for validated rows x (and v), within this server's limits."""
+        return expand(self.spec, self.limits, kind, x, v, options)
+
     def _check_result_size(self, kind: Derivative, n: int) -> None:
-        size = n * self._result_row_bytes.get(kind, 0)
+        size = n * self.spec.result_row_bytes(kind)
         if size > self.max_result_bytes:
             raise InvalidInput(
                 f"the {kind.value} of {n} rows would be {size / 2**20:.1f} MiB, over the "

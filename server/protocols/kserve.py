@@ -14,6 +14,7 @@ and `attributions`. Parameter `target` (an output index) applies to "gradient" a
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -23,45 +24,37 @@ import numpy as np
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core.batcher import Result
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import Derivative, Priority
+from gradserve.server.core.contract import Priority
 from gradserve.server.core.errors import InvalidInput, RequestError, UnknownModel
-from gradserve.server.core.explain import (
-    DEFAULT_NOISE,
-    DEFAULT_SAMPLES,
-    DEFAULT_STEPS,
-    Answer,
-    Options,
-)
+from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.core.validation import check_shape
 from gradserve.server.metrics import Metrics
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
 from gradserve.server.transport.status import Failure, abort
-from gradserve.server.transport.tickets import Hops, Ticket
+from gradserve.server.transport.tickets import Arrival, Ticket
 from gradserve.wire import tensors
+from gradserve.wire.kinds import BASELINE, OPTIONS, TARGET, Derivative, Option
+from gradserve.wire.timing import FIELDS, Hops
 
 SERVER_NAME = "gradserve"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = importlib.metadata.version("gradserve")
 PLATFORM = "tensorflow_keras"
 INPUT, VECTOR, OUTPUT, DERIVATIVE = "x", "v", "y", "dy_dx"
-BASELINE, ATTRIBUTIONS, DELTA = "baseline", "attributions", "delta"
+ATTRIBUTIONS, DELTA = "attributions", "delta"
 # What each kind answers besides `y` (requesting none of them computes y only).
 _ANSWERS = {
     Derivative.INTEGRATED_GRADIENTS: (ATTRIBUTIONS, DELTA),
     Derivative.SMOOTH_GRAD: (ATTRIBUTIONS,),
 }
-_INT_PARAMETERS = ("target", "steps", "samples", "seed")
-_EXPLAIN_PARAMETERS = {
-    Derivative.INTEGRATED_GRADIENTS: ("steps",),
-    Derivative.SMOOTH_GRAD: ("samples", "noise", "noise_absolute", "seed"),
-}
-_DERIVATIVES = {kind.value: kind for kind in Derivative}
-_KIND_NAMES = ", ".join(f'"{k}"' for k in _DERIVATIVES)
+# The options that travel as request parameters (a baseline is an input tensor).
+_PARAMETERS = (TARGET, *(o for kind in OPTIONS.values() for o in kind if o.type is not None))
+_KIND_NAMES = ", ".join(f'"{kind.value}"' for kind in Derivative)
 _INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
+class _Encoding:
     """What one ModelInfer request asks for besides its rows: outputs in order, encoding."""
 
     outputs: tuple[str, ...]
@@ -169,36 +162,38 @@ class InferenceCodec:
     def __init__(self, models: Models) -> None:
         self._models = models
 
-    def decode(self, request: pb.ModelInferRequest, ticket: Ticket) -> None:
-        ticket.id, ticket.model = request.id, request.model_name
+    def arrival(self, request: pb.ModelInferRequest) -> Arrival:
+        return Arrival(request.id, request.model_name)
+
+    def decode(self, request: pb.ModelInferRequest, arrival: Arrival) -> Ticket:
         served = _model(self._models, request.model_name, request.model_version)
-        kind, outputs = _plan(request)
+        kind, outputs = _asked(request)
         names = [i.name for i in request.inputs]
         wanted = [INPUT, VECTOR] if kind.needs_vector else [INPUT]
-        if kind is Derivative.INTEGRATED_GRADIENTS and BASELINE in names:
-            wanted.append(BASELINE)
+        if BASELINE in kind.options and BASELINE.name in names:
+            wanted.append(BASELINE.name)
         if sorted(names) != sorted(wanted):
             raise InvalidInput(f"expected input tensor(s) {wanted}, got {names}")
         x = _tensor(request, names.index(INPUT), served.spec.input_shape)
         v = None
         if kind.needs_vector:
             v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind), tangents=True)
-        ticket.x, ticket.v = served.decode(kind, x, v)
+        x, v = served.decode(kind, x, v)
         baseline = None
-        if BASELINE in wanted:
-            raw = _tensor(request, names.index(BASELINE), served.spec.input_shape)
+        if BASELINE.name in wanted:
+            raw = _tensor(request, names.index(BASELINE.name), served.spec.input_shape)
             baseline = served.decode_baseline(raw)
-        ticket.options = _options(request, kind, baseline)
-        ticket.served, ticket.kind, ticket.priority = served, kind, _priority(request)
-        ticket.plan = _Plan(outputs, raw=bool(request.raw_input_contents))
+        work = served.expand(kind, x, v, _options(request, kind, baseline))
+        encoding = _Encoding(outputs, raw=bool(request.raw_input_contents))
+        return Ticket(arrival, served, work, _priority(request), encoding)
 
-    def encode(self, ticket: Ticket, result: Result | Answer) -> pb.ModelInferResponse:
-        spec, plan = ticket.served.spec, ticket.plan
+    def encode(self, ticket: Ticket, result: Result | Reduced) -> pb.ModelInferResponse:
+        spec, plan = ticket.served.spec, ticket.encoding
         response = pb.ModelInferResponse(
-            model_name=spec.name, model_version=spec.version, id=ticket.id
+            model_name=spec.name, model_version=spec.version, id=ticket.arrival.id
         )
         arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
-        if isinstance(result, Answer):
+        if isinstance(result, Reduced):
             arrays.update({ATTRIBUTIONS: result.attributions, DELTA: result.delta})
         kind = tensors.float_type(spec.dtype)
         for name in plan.outputs:
@@ -212,36 +207,31 @@ class InferenceCodec:
                 output.contents.fp32_contents.extend(array.ravel().tolist())
         return response
 
-    def stamp(self, response: pb.ModelInferResponse, breakdown: Hops) -> None:
+    def add_timing(self, response: pb.ModelInferResponse, hops: Hops) -> None:
         parameters = response.parameters
-        for key in TIMING_PARAMETERS:
-            parameters[key].int64_param = getattr(breakdown, key)
+        for name in FIELDS:
+            parameters[name].int64_param = getattr(hops, name)
 
     def encode_stream(
-        self, ticket: Ticket, outcome: pb.ModelInferResponse | Failure
+        self, arrival: Arrival, outcome: pb.ModelInferResponse | Failure
     ) -> pb.ModelStreamInferResponse:
         if isinstance(outcome, Failure):
             return pb.ModelStreamInferResponse(
                 error_message=f"{outcome.code.name}: {outcome.message}",
-                infer_response=pb.ModelInferResponse(model_name=ticket.model, id=ticket.id),
+                infer_response=pb.ModelInferResponse(model_name=arrival.model, id=arrival.id),
             )
         return pb.ModelStreamInferResponse(infer_response=outcome)
 
 
-TIMING_PARAMETERS = (
-    "decode_us", "queue_us", "handoff_us", "compute_us", "encode_us", "total_us", "batch_rows",
-)  # fmt: skip
-
-
-def _plan(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
+def _asked(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
     """Which derivative and outputs the request asks for; InvalidInput if inconsistent."""
     derivative = "gradient"
     if "derivative" in request.parameters:
         param = request.parameters["derivative"]
         if param.WhichOneof("parameter_choice") != "string_param":
             raise InvalidInput('parameter "derivative" must be a string')
-        derivative = param.string_param.lower()
-    kind = _DERIVATIVES.get(derivative)
+        derivative = param.string_param
+    kind = Derivative.named(derivative)
     if kind is None:
         raise InvalidInput(
             f'parameter "derivative" is {derivative!r}; expected one of {_KIND_NAMES}'
@@ -280,38 +270,29 @@ def _options(
     request: pb.ModelInferRequest, kind: Derivative, baseline: np.ndarray | None
 ) -> Options | None:
     """The target and explanation options from the request parameters (None: neither)."""
-    given = {key: _parameter(request, key) for key in (*_INT_PARAMETERS, "noise",
-             "noise_absolute") if key in request.parameters}  # fmt: skip
-    allowed = (*_EXPLAIN_PARAMETERS.get(kind, ()), *(("target",) if kind.takes_target else ()))
-    extra = sorted(set(given) - set(allowed))
-    if extra:
-        raise InvalidInput(f"parameter(s) {extra} do not apply to derivative {kind.value!r}")
+    given = {o.name: _parameter(request, o) for o in _PARAMETERS if o.name in request.parameters}
+    check_applicable(kind, given, "parameter")
     if not kind.explains:
-        return Options(target=given["target"]) if "target" in given else None
-    return Options(
-        target=given.get("target"),
-        steps=given.get("steps", DEFAULT_STEPS),
-        baseline=baseline,
-        samples=given.get("samples", DEFAULT_SAMPLES),
-        noise=given.get("noise", DEFAULT_NOISE),
-        noise_absolute=given.get("noise_absolute", False),
-        seed=given.get("seed", 0),
-    )
+        return Options(**given) if given else None
+    return Options(baseline=baseline, **given)
 
 
-def _parameter(request: pb.ModelInferRequest, key: str) -> int | float | bool:
+def _parameter(request: pb.ModelInferRequest, option: Option) -> int | float | bool:
+    """The value of parameter `option`, of the option's type: a bool, a number (an integer
+    parameter is taken as one) or an integer."""
+    key = option.name
     param = request.parameters[key]
     which = param.WhichOneof("parameter_choice")
     value = getattr(param, which) if which else None
-    if key == "noise_absolute":
+    if option.type is bool:
         if which != "bool_param":
             raise InvalidInput(f'parameter "{key}" must be a bool')
         return value
-    if key == "noise" and which in ("double_param", "int64_param", "uint64_param"):
+    if option.type is float and which in ("double_param", "int64_param", "uint64_param"):
         return float(value)
-    if key != "noise" and which in ("int64_param", "uint64_param"):
+    if option.type is int and which in ("int64_param", "uint64_param"):
         return int(value)
-    wanted = "a number" if key == "noise" else "an integer"
+    wanted = "a number" if option.type is float else "an integer"
     raise InvalidInput(f'parameter "{key}" must be {wanted}, got {which or "nothing"}')
 
 

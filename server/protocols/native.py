@@ -13,37 +13,23 @@ import numpy as np
 
 from gradserve.server.core.batcher import Result
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import Derivative, ModelSpec, Priority
+from gradserve.server.core.contract import ModelSpec, Priority
 from gradserve.server.core.errors import InvalidInput, RequestError
-from gradserve.server.core.explain import (
-    DEFAULT_NOISE,
-    DEFAULT_SAMPLES,
-    DEFAULT_STEPS,
-    Answer,
-    Options,
-)
+from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.metrics import Metrics
 from gradserve.server.transport import bulk
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
 from gradserve.server.transport.status import Failure, abort
-from gradserve.server.transport.tickets import Hops, Ticket
+from gradserve.server.transport.tickets import Arrival, Ticket
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire import tensors
+from gradserve.wire import native, tensors
+from gradserve.wire.kinds import BASELINE, EXPLANATIONS, Derivative
+from gradserve.wire.status import status_number
+from gradserve.wire.timing import FIELDS, Hops
 
-_KINDS = {
-    pb.GRADIENT: Derivative.GRADIENT,
-    pb.JACOBIAN: Derivative.JACOBIAN,
-    pb.NONE: Derivative.NONE,
-    pb.VJP: Derivative.VJP,
-    pb.JVP: Derivative.JVP,
-    pb.HESSIAN: Derivative.HESSIAN,
-    pb.HVP: Derivative.HVP,
-    pb.INTEGRATED_GRADIENTS: Derivative.INTEGRATED_GRADIENTS,
-    pb.SMOOTH_GRAD: Derivative.SMOOTH_GRAD,
-}
-_KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in _KINDS)
-_PRIORITIES = {pb.NORMAL: Priority.NORMAL, pb.HIGH: Priority.HIGH}
+_KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in sorted(native.KIND))
+_EXPLAINING = " and ".join(kind.value for kind in EXPLANATIONS)
 
 
 # Tensor bytes read in place (bulk.py): x.data and v.data of a request.
@@ -83,11 +69,13 @@ class NativeCodec:
     def __init__(self, models: Models) -> None:
         self._models = models
 
-    def decode(self, received: bulk.Lifted, ticket: Ticket) -> None:
+    def arrival(self, received: bulk.Lifted) -> Arrival:
+        return Arrival(received.message.id, received.message.model)
+
+    def decode(self, received: bulk.Lifted, arrival: Arrival) -> Ticket:
         request, payloads = received.message, received.payloads
-        ticket.id, ticket.model = request.id, request.model
         served = self._models.get(request.model)
-        kind = _KINDS.get(request.derivative)
+        kind = native.KIND.get(request.derivative)
         if kind is None:
             raise InvalidInput(
                 f"derivative {request.derivative} is unknown; expected one of {_KIND_LIST}"
@@ -95,64 +83,53 @@ class NativeCodec:
         if not request.HasField("x"):
             shape = ", ".join(map(str, served.spec.input_shape))
             raise InvalidInput(f"x is missing; send rows of shape [n, {shape}]")
-        priority = _PRIORITIES.get(request.priority)
-        if priority is None:
+        if request.priority not in pb.Priority.values():
             raise InvalidInput(
                 f"priority {request.priority} is unknown; expected NORMAL (0) or HIGH (1)"
             )
         v = _raw(request.v, "v", payloads.get("v")) if request.HasField("v") else None
-        ticket.x, ticket.v = served.decode(kind, _raw(request.x, "x", payloads.get("x")), v)
-        ticket.options = _options(request, kind, served)
-        ticket.served, ticket.kind, ticket.priority = served, kind, priority
+        x, v = served.decode(kind, _raw(request.x, "x", payloads.get("x")), v)
+        work = served.expand(kind, x, v, _options(request, kind, served))
+        return Ticket(arrival, served, work, Priority[pb.Priority.Name(request.priority)])
 
-    def encode(self, ticket: Ticket, result: Result | Answer) -> bulk.Spliced:
-        response = bulk.Spliced(pb.EvaluateResponse(id=ticket.id, y=tensors.to_tensor(result.y)))
+    def encode(self, ticket: Ticket, result: Result | Reduced) -> bulk.Spliced:
+        message = pb.EvaluateResponse(id=ticket.arrival.id, y=tensors.to_tensor(result.y))
+        response = bulk.Spliced(message)
         for name, number in _SPLICED:
             array = getattr(result, name, None)
             if array is not None:
                 _answer_tensor(response, name, number, array)
-        if isinstance(result, Answer) and result.delta is not None:
-            response.message.delta.CopyFrom(tensors.to_tensor(result.delta))
+        if isinstance(result, Reduced) and result.delta is not None:
+            message.delta.CopyFrom(tensors.to_tensor(result.delta))
         return response
 
-    def stamp(self, response: bulk.Spliced, breakdown: Hops) -> None:
-        t = response.message.timing
-        t.decode_us, t.queue_us = breakdown.decode_us, breakdown.queue_us
-        t.handoff_us, t.compute_us = breakdown.handoff_us, breakdown.compute_us
-        t.encode_us, t.total_us = breakdown.encode_us, breakdown.total_us
-        t.batch_rows = breakdown.batch_rows
+    def add_timing(self, response: bulk.Spliced, hops: Hops) -> None:
+        timing = response.message.timing
+        for name in FIELDS:
+            setattr(timing, name, getattr(hops, name))
 
     def encode_stream(
-        self, ticket: Ticket, outcome: bulk.Spliced | Failure
+        self, arrival: Arrival, outcome: bulk.Spliced | Failure
     ) -> bulk.Spliced | pb.EvaluateResponse:
         if isinstance(outcome, Failure):
-            error = pb.Error(code=outcome.code.value[0], message=outcome.message)
-            return pb.EvaluateResponse(id=ticket.id, error=error)
+            error = pb.Error(code=status_number(outcome.code), message=outcome.message)
+            return pb.EvaluateResponse(id=arrival.id, error=error)
         return outcome
 
 
 def _options(request: pb.EvaluateRequest, kind: Derivative, served: Served) -> Options | None:
-    """The target and explanation options of a request; None when it has neither."""
-    has_explain = request.HasField("explain")
-    if has_explain and not kind.explains:
-        raise InvalidInput(f"explain options are for integrated_gradients and smooth_grad, "
-                           f"not {kind.value}")  # fmt: skip
+    """The target and explanation options of a request; None when it has neither. An
+    `Explain` field left at its default (unset) takes the option's default."""
+    if request.HasField("explain") and not kind.explains:
+        raise InvalidInput(f"explain options are for {_EXPLAINING}, not {kind.value}")
     target = request.target if request.HasField("target") else None
     if not kind.explains:
         return None if target is None else Options(target=target)
-    e = request.explain
-    baseline = e.baseline if e.HasField("baseline") else None
-    if baseline is not None and kind is not Derivative.INTEGRATED_GRADIENTS:
-        raise InvalidInput("baseline is for integrated_gradients only")
-    return Options(
-        target=target,
-        steps=e.steps or DEFAULT_STEPS,
-        baseline=None if baseline is None else served.decode_baseline(_raw(baseline, "baseline")),
-        samples=e.samples or DEFAULT_SAMPLES,
-        noise=e.noise if e.HasField("noise") else DEFAULT_NOISE,
-        noise_absolute=e.noise_absolute,
-        seed=e.seed,
-    )
+    given = {field.name: value for field, value in request.explain.ListFields()}
+    check_applicable(kind, given, "explain option")
+    if BASELINE.name in given:
+        given[BASELINE.name] = served.decode_baseline(_raw(given[BASELINE.name], "baseline"))
+    return Options(target=target, **given)
 
 
 class GradientServicer:
@@ -209,7 +186,7 @@ def model_info(spec: ModelSpec) -> pb.ModelInfo:
         input_shape=spec.input_shape,
         output_shape=spec.output_shape,
         dtype=tensors.float_type(spec.dtype).wire,
-        derivatives=list(_KINDS),
+        derivatives=sorted(native.KIND),
         device=spec.device,
         max_batch_size=spec.max_batch_size,
         max_request_rows=spec.max_request_rows,

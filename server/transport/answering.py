@@ -3,7 +3,7 @@ bidirectional streams.
 
 A protocol supplies a `Codec`: decode a request into a Ticket, encode a result (or a
 failure, on a stream) into its response. This module does the rest, once: hand the ticket's
-rows to its model's batcher, await the result, stamp the latency breakdown, count each
+rows to its model's batcher, await the result, add the latency breakdown, count each
 stream message in the metrics by its status, and end streams on a drain.
 
 Streams are read ahead (up to `window.messages` messages and `window.bytes` bytes) while
@@ -30,12 +30,14 @@ import grpc
 from gradserve.server.core import explain
 from gradserve.server.core.batcher import Result
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.errors import Closed
+from gradserve.server.core.errors import Closed, Undecodable
+from gradserve.server.core.explain import Reduced
+from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
 from gradserve.server.transport.intake import caller_of
-from gradserve.server.transport.routing import Undecodable
 from gradserve.server.transport.status import Failure, abort, deadline_of
-from gradserve.server.transport.tickets import Hops, Ticket, hops
+from gradserve.server.transport.tickets import Arrival, Ticket
+from gradserve.wire.timing import Hops
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -50,18 +52,21 @@ _DRAINING = Closed(
 class Codec(Protocol[Request, Response, StreamResponse]):
     """One protocol's message conversions (the servicer implements it)."""
 
-    def decode(self, request: Request, ticket: Ticket) -> None:
-        """Fill `ticket` from `request` (model, kind, validated rows, plan), or raise a
-        RequestError saying what is wrong."""
+    def arrival(self, request: Request) -> Arrival:
+        """What the request says of itself (id, model name), before anything is checked."""
 
-    def encode(self, ticket: Ticket, result: Result) -> Response:
+    def decode(self, request: Request, arrival: Arrival) -> Ticket:
+        """The request's complete ticket (model, validated rows to queue, priority,
+        encoding), or raise a RequestError saying what is wrong."""
+
+    def encode(self, ticket: Ticket, result: Result | Reduced) -> Response:
         """The answer to a unary call, without its timing."""
 
-    def stamp(self, response: Response, breakdown: Hops) -> None:
+    def add_timing(self, response: Response, hops: Hops) -> None:
         """Write the latency breakdown into an encoded answer."""
 
-    def encode_stream(self, ticket: Ticket, outcome: Response | Failure) -> StreamResponse:
-        """One stream answer: an encoded (stamped) answer or a failure."""
+    def encode_stream(self, arrival: Arrival, outcome: Response | Failure) -> StreamResponse:
+        """One stream answer: an encoded answer (with its timing) or a failure."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,17 @@ class _ReadAhead:
     def remove(self, nbytes: int) -> None:
         self.held -= nbytes
         self._freed.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A stream message read and not yet answered: its ticket and the future of its result,
+    or (ticket None) why it failed at once; and the bytes its rows hold."""
+
+    arrival: Arrival
+    ticket: Ticket | None
+    outcome: asyncio.Future[Result | Reduced] | Failure
+    nbytes: int
 
 
 class Streams:
@@ -139,35 +155,29 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         self._stream_requests: dict[grpc.StatusCode, object] = {}  # bound per code on first use
         self._stream_latency = metrics.latency.labels(stream_rpc)
 
+    def _arrival(self, request: Request | Undecodable) -> Arrival:
+        return Arrival() if isinstance(request, Undecodable) else self._codec.arrival(request)
+
     def _start(
-        self, request: Request, ticket: Ticket, deadline: float | None, caller: str
-    ) -> asyncio.Future[Result]:
+        self, request: Request | Undecodable, arrival: Arrival, deadline: float | None, caller: str
+    ) -> tuple[Ticket, asyncio.Future[Result | Reduced]]:
         """Decode and queue one request; raises a RequestError if it cannot be queued. (The
         message itself is counted by whoever read it: a unary call's lease, a stream's
         read-ahead.)"""
         if isinstance(request, Undecodable):
             raise request.error
-        self._codec.decode(request, ticket)
-        served = ticket.served
+        ticket = self._codec.decode(request, arrival)
+        # The rows as decoded, or expanded (targets, explanations, k tangents) and reduced
+        # when they come back; either way queued as the caller's, at its priority.
+        future = explain.submit(ticket.work, ticket.served.batcher.submit, deadline,
+                                caller=caller, priority=ticket.priority)  # fmt: skip
+        return ticket, future
 
-        def submit_rows(x, kind, deadline, v=None, **admission):
-            # What the request holds while queued: its rows as submitted (an explanation's
-            # expanded rows), vectors and results.
-            ticket.nbytes = served.batcher.request_bytes(x, kind, v)
-            return served.batcher.submit(x, kind, deadline, v, **admission)
-
-        # Plain rows go straight to the batcher; targets, explanations and k tangents are
-        # expanded into rows first and reduced when they come back. Either way the rows are
-        # queued as the caller's, at its priority, their bytes counted.
-        return explain.submit(submit_rows, served.spec, served.limits, ticket.kind, ticket.x,
-                              ticket.v, ticket.options, deadline, caller=caller,
-                              priority=ticket.priority)  # fmt: skip
-
-    def _finish(self, ticket: Ticket, result: Result) -> Response:
+    def _finish(self, ticket: Ticket, result: Result | Reduced) -> Response:
         response = self._codec.encode(ticket, result)
-        breakdown = hops(ticket, result.timing)
-        self._codec.stamp(response, breakdown)
-        self._metrics.hops(breakdown)
+        hops = breakdown(ticket.arrival.at, result.timing)
+        self._codec.add_timing(response, hops)
+        self._metrics.hops(hops)
         return response
 
     def _count_stream_message(self, code: grpc.StatusCode) -> None:
@@ -179,10 +189,11 @@ class Answerer(Generic[Request, Response, StreamResponse]):
 
     async def unary(self, request: Request, context: grpc.aio.ServicerContext) -> Response:
         """One unary call: decode and queue, wait, answer; a failure becomes its status."""
-        ticket = Ticket()
+        arrival = self._arrival(request)
         try:
             deadline, caller = deadline_of(context), caller_of(context)
-            result = await self._start(request, ticket, deadline, caller)
+            ticket, future = self._start(request, arrival, deadline, caller)
+            result = await future
         except Exception as exc:
             await abort(context, exc)
         return self._finish(ticket, result)
@@ -195,8 +206,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if self._streams.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
         deadline, caller = deadline_of(context), caller_of(context)
-        inflight: asyncio.Queue[tuple[Ticket, asyncio.Future[Result] | Failure] | None]
-        inflight = asyncio.Queue(self._window.messages)
+        inflight: asyncio.Queue[_InFlight | None] = asyncio.Queue(self._window.messages)
         ahead = _ReadAhead(self._window.bytes, self._memory)
 
         async def read() -> None:
@@ -208,14 +218,15 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                         request = await anext(messages)
                     except StopAsyncIteration:
                         return
-                    ticket = Ticket()
+                    arrival = self._arrival(request)
                     try:
-                        outcome = self._start(request, ticket, deadline, caller)
+                        ticket, future = self._start(request, arrival, deadline, caller)
+                        item = _InFlight(arrival, ticket, future, ticket.nbytes)
                     except Exception as exc:
-                        outcome = Failure.of(exc)
-                    ahead.add(ticket.nbytes)
+                        item = _InFlight(arrival, None, Failure.of(exc), 0)
+                    ahead.add(item.nbytes)
                     del request  # the decoded rows are all a queued message still needs
-                    await inflight.put((ticket, outcome))
+                    await inflight.put(item)
             finally:
                 await inflight.put(None)
 
@@ -224,17 +235,17 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         self._metrics.streams.inc()
         try:
             while (item := await inflight.get()) is not None:
-                ticket, outcome = item
+                outcome = item.outcome
                 if isinstance(outcome, asyncio.Future):
                     try:
-                        outcome = self._finish(ticket, await outcome)
+                        outcome = self._finish(item.ticket, await outcome)
                     except Exception as exc:
                         outcome = Failure.of(exc)
                 code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
                 self._count_stream_message(code)
-                self._stream_latency.observe(time.perf_counter() - ticket.arrived)
-                answer = self._codec.encode_stream(ticket, outcome)
-                ahead.remove(ticket.nbytes)
+                self._stream_latency.observe(time.perf_counter() - item.arrival.at)
+                answer = self._codec.encode_stream(item.arrival, outcome)
+                ahead.remove(item.nbytes)
                 yield answer
             if reader.cancelled() and self._streams.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
@@ -244,7 +255,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
             reader.cancel()
             while not inflight.empty():
                 item = inflight.get_nowait()
-                if item is not None and isinstance(item[1], asyncio.Future):
-                    item[1].cancel()
+                if item is not None and isinstance(item.outcome, asyncio.Future):
+                    item.outcome.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader

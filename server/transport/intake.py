@@ -53,16 +53,23 @@ class Lease:
         self._memory.reserve(nbytes)
         self.nbytes += nbytes
 
-    def settle(self, nbytes: int, *, exists: bool = False) -> None:
+    def resize(self, nbytes: int) -> None:
         """The call holds `nbytes` from now on: give back the excess of the estimate, or
-        reserve what it fell short by (which may refuse the call; not when the bytes already
-        `exist`, e.g. an encoded answer, which are counted whatever the limit)."""
-        if nbytes <= self.nbytes:
-            self._memory.release(self.nbytes - nbytes)
-        elif exists:
+        reserve what it fell short by, which may refuse the call (QueueFull,
+        RequestTooLarge)."""
+        if nbytes > self.nbytes:
+            self._memory.reserve(nbytes - self.nbytes)
+            self.nbytes = nbytes
+        else:
+            self.keep(nbytes)
+
+    def keep(self, nbytes: int) -> None:
+        """The call holds `nbytes` from now on, bytes that exist already (its encoded
+        answer): counted whatever the limit, never refused."""
+        if nbytes > self.nbytes:
             self._memory.hold(nbytes - self.nbytes)
         else:
-            self._memory.reserve(nbytes - self.nbytes)
+            self._memory.release(self.nbytes - nbytes)
         self.nbytes = nbytes
 
     def release(self) -> None:
@@ -87,7 +94,7 @@ class Intake:
             self._sizes.move_to_end(caller)
         return size
 
-    def saw(self, caller: Hashable, nbytes: int) -> None:
+    def remember(self, caller: Hashable, nbytes: int) -> None:
         """`caller`'s call held `nbytes` (message and answer) at its end."""
         self._sizes[caller] = nbytes
         self._sizes.move_to_end(caller)

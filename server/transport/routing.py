@@ -23,25 +23,14 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from gradserve.server.core.errors import InvalidInput, RequestError
+from gradserve.server.core.errors import InvalidInput, RequestError, Undecodable
 from gradserve.server.metrics import Metrics
 from gradserve.server.transport import bulk
 from gradserve.server.transport.intake import Intake, Lease, caller_of
 from gradserve.server.transport.status import abort
 
 
-class Undecodable:
-    """Stands in for a request message whose bytes did not parse."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, type_name: str, size: int, error: str) -> None:
-        self.error = InvalidInput(
-            f"the request ({size} bytes) is not a valid {type_name} message: {error}"
-        )
-
-
-def _tolerant(message_class, lifted: Mapping[bulk.Path, str] | None = None):
+def _parser(message_class, lifted: Mapping[bulk.Path, str] | None = None):
     """A parser of `message_class` that returns Undecodable rather than raising; with
     `lifted` paths, the large payloads there are cut out first and it returns bulk.Lifted."""
     type_name = message_class.DESCRIPTOR.full_name
@@ -74,7 +63,7 @@ async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
             raise InvalidInput("the call carried no request message; expected exactly one")
         # Keep the answer's share reserved; until a caller's answers are seen, assume one
         # as large as its message (a gradient's is).
-        lease.settle(max(lease.nbytes, 2 * len(data)))
+        lease.resize(max(lease.nbytes, 2 * len(data)))
     except RequestError as exc:
         await abort(context, exc)
     request = parse(data)
@@ -102,8 +91,8 @@ def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize
                 answer = await asyncio.to_thread(serialize, response)  # large: off the loop
             else:
                 answer = serialize(response)
-            lease.settle(received + len(answer), exists=True)
-            intake.saw(caller, lease.nbytes)
+            lease.keep(received + len(answer))
+            intake.remember(caller, lease.nbytes)
         except BaseException:
             metrics.requests.labels(name, _code_name(context.code())).inc()
             latency.observe(time.perf_counter() - started)
@@ -130,8 +119,10 @@ class Routes(grpc.GenericRpcHandler):
         method = handler_call_details.method
         return self._handlers.get(method) or self._loading.get(method)
 
-    def expect(self, service: ServiceDescriptor, standins: dict[str, object] | None = None) -> None:
-        """Before `add`: answer `standins[name]` for those methods, UNAVAILABLE for the rest."""
+    def while_loading(
+        self, service: ServiceDescriptor, standins: dict[str, object] | None = None
+    ) -> None:
+        """Until `add`: answer `standins[name]` for those methods, UNAVAILABLE for the rest."""
         standins = standins or {}
         for method in service.methods:
             answer = standins.get(method.name)
@@ -153,7 +144,7 @@ class Routes(grpc.GenericRpcHandler):
         bulk.Lifted (large payloads cut out at those paths) and may answer bulk.Spliced."""
         lifted = getattr(servicer, "lifted", {})
         for method in service.methods:
-            parse = _tolerant(getattr(messages, method.input_type.name), lifted.get(method.name))
+            parse = _parser(getattr(messages, method.input_type.name), lifted.get(method.name))
             serialize = bulk.serializer(
                 getattr(messages, method.output_type.name).SerializeToString
             )

@@ -19,7 +19,6 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.EngineFailed: grpc.StatusCode.INTERNAL,
     errors.EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Closed: grpc.StatusCode.UNAVAILABLE,
-    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
     asyncio.CancelledError: grpc.StatusCode.CANCELLED,
 }
 

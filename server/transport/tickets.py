@@ -1,11 +1,11 @@
-"""A Ticket: one request from the moment a servicer has it to its answer.
+"""A Ticket: one request from the moment a protocol has decoded it to its answer.
 
-The servicer decodes a request once into a ticket (which model, which derivative, the
-validated rows, how the answer is to be encoded); the answering loop hands the rows to the
-model's batcher and gives the ticket and its result back to the same servicer to encode.
-Nothing is looked up twice, and a stream answer is paired with its own ticket, not with an
-arrival recorded elsewhere. The ticket also carries when each hop began, for the latency
-breakdown every response reports.
+A protocol's codec reads what a request says of itself first (its `Arrival`: id, model name,
+when it came), then decodes the rest into a complete Ticket: the served model, the rows to
+queue (expanded for explanations, targets and k tangents), the priority and how the answer
+is to be encoded. The answering loop queues the ticket's rows and hands the ticket and its
+result back to the same codec to encode. Nothing is looked up twice, and a stream answer is
+paired with its own request, an error answer with the arrival it echoes.
 """
 
 from __future__ import annotations
@@ -13,53 +13,34 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from gradserve.server.core.batcher import Timing
-from gradserve.server.core.contract import Derivative, Priority
-from gradserve.server.core.explain import Options
+from gradserve.server.core.contract import Priority
+from gradserve.server.core.explain import Work
 from gradserve.server.core.registry import Served
 
 
-@dataclass(slots=True, eq=False)
-class Ticket:
-    """What was decoded from one request (or stream message), and when."""
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """What a request says of itself, read before anything of it is checked: echoed in its
+    answer, an error answer included."""
 
-    arrived: float = field(default_factory=time.perf_counter)
     id: str = ""
-    model: str = ""  # the model name as the request gave it (echoed in error answers)
-    served: Served | None = None
-    kind: Derivative = Derivative.GRADIENT
-    x: np.ndarray | None = None
-    v: np.ndarray | None = None
-    options: Options | None = None  # target and explanation options; None: plain rows
-    plan: object = None  # the protocol's own: which outputs, in which encoding
-    priority: Priority = Priority.NORMAL
-    nbytes: int = 0  # what it holds while queued and computed (message, arrays, answer)
+    model: str = ""  # the model name as the request gave it
+    at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True, slots=True)
-class Hops:
-    """A request's latency breakdown in microseconds, arrival to answer."""
+class Ticket:
+    """One decoded request (or stream message)."""
 
-    decode_us: int  # arrival -> queued: parsing checks, validation, decoding
-    queue_us: int  # queued -> dispatched in a batch
-    handoff_us: int  # dispatched -> engine started
-    compute_us: int  # inside the engine
-    encode_us: int  # engine ended -> answer built: split and encode
-    total_us: int  # arrival -> answer built
-    batch_rows: int
+    arrival: Arrival
+    served: Served
+    work: Work  # the rows to queue, their kind, and how their result becomes the answer
+    priority: Priority = Priority.NORMAL
+    encoding: object = None  # the protocol's own: which outputs, in which form
 
-
-def hops(ticket: Ticket, timing: Timing) -> Hops:
-    """The breakdown of a ticket answered now with `timing` from the batcher."""
-    now = time.perf_counter()
-    return Hops(
-        decode_us=round((timing.queued - ticket.arrived) * 1e6),
-        queue_us=timing.queue_us,
-        handoff_us=timing.handoff_us,
-        compute_us=timing.compute_us,
-        encode_us=round((now - timing.done) * 1e6),
-        total_us=round((now - ticket.arrived) * 1e6),
-        batch_rows=timing.batch_rows,
-    )
+    @property
+    def nbytes(self) -> int:
+        """What the request holds while queued and computed: its rows as queued, their
+        vectors and results (its message is counted by whoever read it)."""
+        work = self.work
+        return self.served.batcher.request_bytes(work.x, work.kind, work.v)
