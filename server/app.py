@@ -18,15 +18,16 @@ from pathlib import Path
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.inference import grpc_service_pb2 as inference_pb2
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import Derivative, Engine, ModelSpec
+from gradserve.server.core.contract import Engine, ModelSpec
 from gradserve.server.core.registry import Models, Served
+from gradserve.server.engine.startup import load_engines
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
@@ -34,6 +35,7 @@ from gradserve.server.transport.answering import Streams, StreamWindow
 from gradserve.server.transport.intake import Intake
 from gradserve.server.transport.routing import Routes
 from gradserve.v1 import gradserve_pb2
+from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve")
 
@@ -42,46 +44,6 @@ NATIVE_SERVICE = gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"]
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAMES = [NATIVE_SERVICE.full_name, INFERENCE_SERVICE.full_name]
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-
-def load_engines(config: ServerConfig) -> list[Engine]:
-    """Load and warm up every model; the only place the app touches the engine module
-    (imported here, so that TensorFlow loads only when a model does)."""
-    from gradserve.server.engine import compiled as tf_engine
-
-    paths = config.model_paths()
-    if config.model_name and len(paths) != 1:
-        raise ValueError("--model-name names one model; several are being served")
-    engines = []
-    for path in paths:
-        engine = tf_engine.Engine(
-            path,
-            device=config.device,
-            xla=config.xla,
-            max_batch_size=config.max_batch_size,
-            name=config.model_name or None,
-            unsafe=config.unsafe_deserialization,
-            input_name=config.input or None,
-            output_name=config.output or None,
-        )
-        log.info(
-            "model loaded",
-            extra={"event": "model_load", "model": engine.name, "path": str(path),
-                   "device": engine.device, "input_shape": engine.input_shape,
-                   "output_shape": engine.output_shape, "dtype": engine.dtype.name},
-        )  # fmt: skip
-        seconds = engine.warm_up()
-        log.info(
-            "model warmed up",
-            extra={"event": "warm_up", "model": engine.name, "seconds": round(seconds, 2),
-                   "xla": engine.xla},
-        )  # fmt: skip
-        engines.append(engine)
-    if config.unsafe_deserialization:
-        log.warning(
-            "unsafe deserialization is on: model files may run code", extra={"event": "unsafe"}
-        )
-    return engines
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -135,7 +97,7 @@ class GradServer:
         # One budget for every model's batcher; its last 1/16 is kept for small requests.
         self.memory = MemoryBudget(config.max_queue_bytes, config.max_queue_bytes // 16)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
-        self._health = HealthServicer()
+        self._health = health_aio.HealthServicer()
         self._streams = Streams()
         self._routes = Routes(self.metrics, Intake(self.memory))
         self._health_update: asyncio.Future | None = None
@@ -172,8 +134,8 @@ class GradServer:
                 *config.connection_options(),
             ]
         )
-        self._routes.expect(NATIVE_SERVICE)
-        self._routes.expect(
+        self._routes.while_loading(NATIVE_SERVICE)
+        self._routes.while_loading(
             INFERENCE_SERVICE,
             {
                 "ServerLive": inference_pb2.ServerLiveResponse(live=True),

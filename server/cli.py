@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     frontends = config.frontend_count()
     if frontends > 1:
+        from gradserve.server import frontend
+        from gradserve.server.engine.startup import load_engines
         from gradserve.server.multiproc import supervisor
 
-        return supervisor.serve(config, frontends)
+        return supervisor.serve(config, frontends, load=load_engines, frontend=frontend.run)
     asyncio.run(serve(config))
     return 0
 

@@ -15,10 +15,7 @@ Offline tooling, never imported by the serving path (see docs/architecture.md).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, Listener
 
@@ -24,13 +25,17 @@ import numpy as np
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher, Result
-from gradserve.server.core.contract import Derivative
+from gradserve.server.core.contract import Engine
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import shm
-from gradserve.server.multiproc.remote import Answer, ModelInfo, SubBatch
+from gradserve.server.multiproc.remote import EngineModel, SubBatch, SubBatchAnswer
 from gradserve.server.multiproc.shm import Mapped, Segment
+from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve.engine")
+
+# How the engine process loads and warms up its models (the assembly passes its loader).
+Load = Callable[[ServerConfig], list[Engine]]
 
 
 class _Session:
@@ -50,7 +55,7 @@ class _Session:
         try:
             future = self._batchers[message.model].submit(x, Derivative(message.kind), None, v)
         except Exception as exc:
-            self._send(Answer(error=str(exc)))
+            self._send(SubBatchAnswer(error=str(exc)))
             return
         self._pending = future
         future.add_done_callback(self._answer)
@@ -61,13 +66,13 @@ class _Session:
             return
         error = future.exception()
         if error is not None:
-            self._send(Answer(error=str(error.__cause__ or error)))
+            self._send(SubBatchAnswer(error=str(error.__cause__ or error)))
             return
         result = future.result()
         path, (y, dy_dx) = self._answers.write([result.y, result.dy_dx])
-        self._send(Answer(path, y, dy_dx))
+        self._send(SubBatchAnswer(path, y, dy_dx))
 
-    def _send(self, answer: Answer) -> None:
+    def _send(self, answer: SubBatchAnswer) -> None:
         with contextlib.suppress(OSError):  # the frontend is gone; its reader ends the session
             self._conn.send(answer)
 
@@ -116,10 +121,8 @@ def _exit_with_parent(parent: Connection, segments: str) -> None:
     os._exit(1)
 
 
-async def _serve(config: ServerConfig, address: str, parent: Connection) -> None:
-    from gradserve.server.app import load_engines  # imports TensorFlow
-
-    engines = await asyncio.to_thread(load_engines, config)
+async def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
+    engines = await asyncio.to_thread(load, config)
     metrics = Metrics()
     executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
     batchers = {
@@ -137,7 +140,7 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
         batcher.start()
     metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers.values()))
     infos = [
-        ModelInfo(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
+        EngineModel(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
                   np.dtype(e.numpy_dtype).name)
         for e in engines
     ]  # fmt: skip
@@ -160,12 +163,13 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
     log.info("engine process stopped", extra={"event": "engine_stop"})
 
 
-def run(config: ServerConfig, address: str, parent: Connection) -> None:
-    """Entry point of the engine process (spawned by the supervisor)."""
+def run(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
+    """Entry point of the engine process (spawned by the supervisor); `load` loads and warms
+    up the models (the assembly's loader: this is where TensorFlow is imported)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders
     logs.configure(config.log_format, config.log_level)
     try:
-        asyncio.run(_serve(config, address, parent))
+        asyncio.run(_serve(config, address, parent, load))
     except Exception as exc:
         log.exception("engine process failed")
         parent.send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -21,16 +21,18 @@ from multiprocessing.connection import Client, Connection
 
 import numpy as np
 
-from gradserve.server.core.contract import Derivative, Outputs, Shape
+from gradserve.server.core.contract import Outputs, Shape
 from gradserve.server.core.errors import EngineFailed, EngineUnavailable
 from gradserve.server.multiproc.shm import ArrayRef, Mapped, Segment
+from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger(__name__)
 _GONE = "the engine process is gone; this server is stopping: retry (another replica)"
+_CONNECT_RETRY_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
-class ModelInfo:
+class EngineModel:
     """What the engine process tells a frontend about each model it serves."""
 
     name: str
@@ -52,7 +54,7 @@ class SubBatch:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class SubBatchAnswer:
     """Engine -> frontend: the outputs in the engine's segment, or what went wrong."""
 
     path: str = ""
@@ -71,7 +73,20 @@ class EngineLink:
         self._lock = threading.Lock()
         self._on_lost = on_lost
         self.lost = False
-        self.models: list[ModelInfo] = self._conn.recv()
+        self.models: list[EngineModel] = self._conn.recv()
+
+    @classmethod
+    def connect(
+        cls, address: str, on_lost: Callable[[], None], abandon: threading.Event
+    ) -> EngineLink:
+        """Wait until the engine process listens at `address`, then connect; give up
+        (RuntimeError) if `abandon` is set first."""
+        while not abandon.is_set():
+            try:
+                return cls(address, on_lost)
+            except (FileNotFoundError, ConnectionRefusedError):
+                abandon.wait(_CONNECT_RETRY_S)
+        raise RuntimeError("stopped before the engine process was ready")
 
     def engines(self) -> list[RemoteEngine]:
         return [RemoteEngine(self, info) for info in self.models]
@@ -85,7 +100,7 @@ class EngineLink:
             path, (x_ref, v_ref) = self._segment.write([x, v])
             try:
                 self._conn.send(SubBatch(model, kind.value, path, x_ref, v_ref))
-                answer: Answer = self._conn.recv()
+                answer: SubBatchAnswer = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._lose(exc)
                 raise EngineUnavailable(_GONE) from exc
@@ -110,7 +125,7 @@ class EngineLink:
 class RemoteEngine:
     """One model of the engine process, with the interface of a local Engine."""
 
-    def __init__(self, link: EngineLink, info: ModelInfo) -> None:
+    def __init__(self, link: EngineLink, info: EngineModel) -> None:
         self._link = link
         self.name = info.name
         self.input_shape = info.input_shape

@@ -19,7 +19,6 @@ gathers every process's metrics with a `process` label.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import multiprocessing
@@ -27,19 +26,18 @@ import os
 import signal
 import socket
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.multiproc import engine_process, shm
+from gradserve.server.multiproc.engine_process import Load
 from gradserve.server.multiproc.metrics_gather import MetricsGatherer
 
 log = logging.getLogger("gradserve")
 
-_CONNECT_RETRY_S = 0.05
 _STOP_MARGIN_S = 10.0
 
 
@@ -53,82 +51,26 @@ class _Child:
     metrics_port: int = 0
 
 
-def _connect_engine(address: str, on_lost, abandon: threading.Event):
-    """A frontend's model loader: wait until the engine process listens, then connect;
-    give up if the frontend is told to stop first."""
-    from gradserve.server.multiproc.remote import EngineLink
-
-    while not abandon.is_set():
-        try:
-            return EngineLink(address, on_lost)
-        except (FileNotFoundError, ConnectionRefusedError):
-            abandon.wait(_CONNECT_RETRY_S)
-    raise RuntimeError("stopped before the engine process was ready")
-
-
-async def _frontend(config: ServerConfig, address: str, parent: Connection) -> None:
-    from gradserve.server.app import GradServer
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    abandon = threading.Event()  # stop waiting for the engine
-
-    def stop_now() -> None:
-        abandon.set()
-        stop.set()
-        loop.remove_reader(parent.fileno())  # at EOF the pipe stays readable
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_now)
-    loop.add_reader(parent.fileno(), stop_now)  # EOF: the supervisor is gone
-    links = []
-
-    def lost() -> None:
-        loop.call_soon_threadsafe(server.engine_lost)
-
-    def load(_config: ServerConfig) -> list:
-        links.append(_connect_engine(address, lost, abandon))
-        return links[0].engines()
-
-    server = GradServer(config, load=load, reuse_port=True, internal_metrics=True)
-    try:
-        try:
-            await server.start()
-        except RuntimeError:
-            if not abandon.is_set():
-                raise
-            await server.stop(grace=0)  # told to stop while it waited for the engine
-            return
-        parent.send(("ready", server.metrics_port))
-        await stop.wait()
-        await server.stop()
-    finally:
-        for link in links:
-            link.close()
-
-
-def run_frontend(
-    config: ServerConfig, address: str, parent: Connection, standby: bool = False
-) -> None:
-    """Entry point of a frontend process. A standby imports everything first, then waits
-    for the supervisor's word to start, so that it replaces a dead frontend at once."""
-    logs.configure(config.log_format, config.log_level)
-    if standby:
-        import gradserve.server.app  # noqa: F401  (the expensive part of starting)
-
-        try:
-            parent.recv()
-        except (EOFError, OSError):
-            return
-    asyncio.run(_frontend(config, address, parent))
+# A process's entry point, spawned with (config, engine address, pipe to the supervisor, ...).
+Entry = Callable[..., None]
 
 
 class Supervisor:
-    """Starts, watches and stops the engine process and the frontends."""
+    """Starts, watches and stops the engine process and the frontends.
 
-    def __init__(self, config: ServerConfig, frontends: int) -> None:
+    `load` is how the engine process loads its models (config -> engines) and `frontend` the
+    entry point of a frontend process (config, engine address, pipe, standby): the
+    assembly's, passed in, so that this module knows neither the engine nor the servers.
+    Both are module-level functions, pickled by name when a process is spawned.
+    """
+
+    def __init__(
+        self, config: ServerConfig, frontends: int, *, load: Load, frontend: Entry
+    ) -> None:
         self.config = config
         self.frontends = frontends
+        self._load = load
+        self._frontend_entry = frontend
         self._context = multiprocessing.get_context("spawn")
         self._run_dir = Path(tempfile.mkdtemp(prefix="gradserve-"))
         self._address = str(self._run_dir / "engine.sock")
@@ -161,11 +103,11 @@ class Supervisor:
 
     def _spawn_frontend(self, index: int) -> None:
         self._frontends[index] = self._spawn(
-            f"frontend-{index}", run_frontend, self._frontend_config()
+            f"frontend-{index}", self._frontend_entry, self._frontend_config()
         )
 
     def _spawn_standby(self) -> None:
-        self._standby = self._spawn("standby", run_frontend, self._frontend_config(), True)
+        self._standby = self._spawn("standby", self._frontend_entry, self._frontend_config(), True)
 
     def _replace_frontend(self, index: int) -> None:
         """Start the standby in the dead frontend's place, and a new standby."""
@@ -185,7 +127,7 @@ class Supervisor:
         self.config = config
         signals = _SignalFlag()
         try:
-            self._engine = self._spawn("engine", engine_process.run, config)
+            self._engine = self._spawn("engine", engine_process.run, config, self._load)
             for i in range(self.frontends):
                 self._spawn_frontend(i)
             self._spawn_standby()
@@ -299,6 +241,6 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def serve(config: ServerConfig, frontends: int) -> int:
+def serve(config: ServerConfig, frontends: int, *, load: Load, frontend: Entry) -> int:
     """Run a multi-process server until stopped; returns the process exit status."""
-    return Supervisor(config, frontends).run()
+    return Supervisor(config, frontends, load=load, frontend=frontend).run()

@@ -1,0 +1,70 @@
+"""A frontend process of `--frontends N`: a whole GradServer whose engines are the engine
+process's models (RemoteEngines), sharing the port with its siblings.
+
+The supervisor (multiproc/supervisor.py) spawns `run` as the frontend's entry point. Nothing
+here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from multiprocessing.connection import Connection
+
+from gradserve.server import logs
+from gradserve.server.app import GradServer
+from gradserve.server.config import ServerConfig
+from gradserve.server.multiproc.remote import EngineLink
+
+
+async def _serve(config: ServerConfig, address: str, parent: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    abandon = threading.Event()  # stop waiting for the engine
+
+    def stop_now() -> None:
+        abandon.set()
+        stop.set()
+        loop.remove_reader(parent.fileno())  # at EOF the pipe stays readable
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_now)
+    loop.add_reader(parent.fileno(), stop_now)  # EOF: the supervisor is gone
+    links: list[EngineLink] = []
+
+    def lost() -> None:
+        loop.call_soon_threadsafe(server.engine_lost)
+
+    def load(_config: ServerConfig) -> list:
+        links.append(EngineLink.connect(address, lost, abandon))
+        return links[0].engines()
+
+    server = GradServer(config, load=load, reuse_port=True, internal_metrics=True)
+    try:
+        try:
+            await server.start()
+        except RuntimeError:
+            if not abandon.is_set():
+                raise
+            await server.stop(grace=0)  # told to stop while it waited for the engine
+            return
+        parent.send(("ready", server.metrics_port))
+        await stop.wait()
+        await server.stop()
+    finally:
+        for link in links:
+            link.close()
+
+
+def run(config: ServerConfig, address: str, parent: Connection, standby: bool = False) -> None:
+    """Entry point of a frontend process. A standby has imported everything (this module,
+    unpickled by name when it was spawned, is the expensive part of starting), then waits for
+    the supervisor's word to start, so that it replaces a dead frontend at once."""
+    logs.configure(config.log_format, config.log_level)
+    if standby:
+        try:
+            parent.recv()
+        except (EOFError, OSError):
+            return
+    asyncio.run(_serve(config, address, parent))
