@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import os
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +22,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.server.app import GradServer
 from gradserve.server.config import BUNDLED_MODEL, ServerConfig
-from gradserve.server.core.contract import Derivative, Outputs
+from gradserve.server.core import explain
+from gradserve.server.core.batcher import Result
+from gradserve.server.core.contract import ModelSpec, Outputs
+from gradserve.server.core.explain import Limits
+from gradserve.server.core.timing import Timing
+from gradserve.wire.kinds import Derivative
 
 TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0)
+
+# Answers to the same rows computed in different batches (alone, next to other callers'
+# rows, at another batch size, split, padded to another XLA ladder size) agree to a few ulp,
+# not bit for bit: TensorFlow's CPU kernels choose their blocking and threading by the batch
+# shape, so each row's sums of products are rounded in another order (seen: 4.5e-8 on values
+# near 0.1, 3.9e-7 relative). Every comparison of such answers allows this much, relative to
+# the largest magnitude compared; answers of one and the same computation are compared bit
+# for bit.
+BATCH_RTOL = 1e-5
+
+
+def assert_same_answer(actual, expected, scale: float | None = None) -> None:
+    """`actual` equals `expected` up to what batching may change: BATCH_RTOL of the largest
+    magnitude compared, or of `scale` for a quantity that is a small difference of larger
+    ones (integrated gradients' delta: of its attributions)."""
+    expected = np.asarray(expected)
+    if scale is None:
+        scale = float(np.abs(expected).max()) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=BATCH_RTOL, atol=BATCH_RTOL * scale)
 
 
 def wait_until(predicate, timeout: float = 15.0) -> None:
@@ -92,14 +117,41 @@ def load_script(relative_path: str, name: str):
 
 
 class RunningServer:
-    """A GradServer on its own event-loop thread, so tests can use the blocking SDK too."""
+    """A GradServer on its own event-loop thread, so tests can use the blocking SDK too.
 
-    def __init__(self, config: ServerConfig, engine: object) -> None:
+    It starts at once and waits until it serves. With `load` (config -> engines) instead of
+    `engine`, the models come from it; `ready=False` returns as soon as the server listens
+    (health and liveness answer), while its models may still be loading; `start=False`
+    leaves the start to `start()`. Give the config a port to know the target before then.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        engine: object = None,
+        *,
+        load: Callable[[ServerConfig], list] | None = None,
+        ready: bool = True,
+        start: bool = True,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = GradServer(config, engine)
-        self._call(self.server.start(), timeout=60)
+        self.server = GradServer(config, engine, **({} if load is None else {"load": load}))
+        self._started: concurrent.futures.Future | None = None
+        self._ready = ready
+        self.target = f"127.0.0.1:{config.port}"
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self._started = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
+        if self._ready:
+            self._started.result(timeout=60)
+        else:  # listening: health answers from here on
+            wait_until(lambda: self.server.port is not None or self._started.done(), 30)
+        if self._started.done():
+            self._started.result()  # a start that failed says why here
         self.target = f"127.0.0.1:{self.server.port}"
 
     def _call(self, coro, timeout: float):
@@ -110,8 +162,12 @@ class RunningServer:
         return self.server.batchers[0]
 
     def stop(self) -> None:
+        """Wait for the start to end (a held model load must have been released), drain and
+        stop."""
         try:
-            self._call(self.server.stop(grace=5), timeout=30)
+            if self._started is not None:
+                self._started.result(timeout=60)
+                self._call(self.server.stop(grace=5), timeout=30)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -121,6 +177,28 @@ class RunningServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def spec_of(engine: object, max_batch_size: int = 64) -> ModelSpec:
+    """The served spec of an engine or a fake with an engine's shapes."""
+    return ModelSpec(engine.name, "1", tuple(engine.input_shape), tuple(engine.output_shape),
+                     "cpu", max_batch_size, 1 << 20, np.dtype(engine.numpy_dtype).name)  # fmt: skip
+
+
+UNLIMITED = Limits(max_rows=1 << 20, max_result_bytes=1 << 30)
+
+
+def unbatched(
+    engine: object, kind: Derivative, x: np.ndarray, v=None, *, limits=UNLIMITED, **options
+):
+    """One request answered alone, in process: its rows as expanded for its kind and options
+    (targets, explanations, k tangents), in one engine call; the reference that served and
+    batched answers are compared with."""
+    work = explain.expand(spec_of(engine), limits, kind, x, v, explain.Options(**options))
+    y, dy_dx = engine.run(work.kind, work.x, work.v)
+    now = time.perf_counter()
+    result = Result(y, dy_dx, Timing(0, 0, 0, len(work.x), now, now))
+    return result if work.reduce is None else work.reduce(result)
 
 
 class GatedEngine:

@@ -11,11 +11,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TEST_CONFIG, RunningServer
+from conftest import TEST_CONFIG, RunningServer, assert_same_answer
 
 from gradserve.client import GradientClient, GradserveError
-from gradserve.server.core.contract import ENGINE_KINDS, Derivative
+from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.engine.compiled import Engine, ModelError
+from gradserve.wire.kinds import Derivative
 
 KINDS = [k for k in ENGINE_KINDS if k is not Derivative.NONE]
 
@@ -169,7 +170,7 @@ def test_all_kinds_batched_equal_unbatched_through_the_server(models):
     assert max(r.timing.batch_rows for r in results) > 4
     for (kind, x, v), result in zip(jobs, results, strict=True):
         alone = engine.run(kind, x, v)
-        np.testing.assert_allclose(result.dy_dx, alone.dy_dx, rtol=1e-5, atol=1e-6)
+        assert_same_answer(result.dy_dx, alone.dy_dx)
 
 
 def test_saved_model_and_h5_serve_the_same_function(models, tmp_path):

@@ -8,9 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import assert_same_answer
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
-from gradserve.server.core.contract import Derivative
+from gradserve.wire.kinds import Derivative
 
 
 @pytest.fixture(params=["one process", "2 frontends"])
@@ -55,7 +56,7 @@ def test_jacobian_and_gradient_of_a_multi_output_model(mimo_server, mimo_engine)
     assert (info.input_width, info.output_width) == (3, 2)
     assert jac.y.shape == (9, 2) and jac.dy_dx.shape == (9, 2, 3)
     expected = mimo_engine.run(Derivative.JACOBIAN, x.astype(np.float32))
-    np.testing.assert_allclose(jac.dy_dx, expected.dy_dx, rtol=1e-5, atol=1e-6)
+    assert_same_answer(jac.dy_dx, expected.dy_dx)
     np.testing.assert_allclose(grad.dy_dx, jac.dy_dx.sum(axis=1), rtol=1e-5, atol=1e-6)
 
 
@@ -66,8 +67,8 @@ def test_input_forms_scalar_vector_matrix_and_float64(server):
         matrix = client.evaluate(np.array([[0.2], [0.6]], np.float64))
         none = client.evaluate([0.2], derivative="none")
     assert scalar.y.shape == (1, 1)
-    np.testing.assert_array_equal(vector.y, matrix.y)
-    np.testing.assert_allclose(scalar.dy_dx[0], vector.dy_dx[0], rtol=1e-5, atol=1e-6)
+    assert_same_answer(vector.y, matrix.y)
+    assert_same_answer(scalar.dy_dx[0], vector.dy_dx[0])
     assert none.dy_dx is None
     assert scalar.timing.compute_us > 0 and scalar.timing.batch_rows >= 1
 
@@ -105,11 +106,11 @@ def test_batched_equals_unbatched_under_concurrent_callers(server, bundled_engin
     assert max(batch_sizes) > 40, "concurrent callers should share batches"
     for x, kind, result in zip(inputs, kinds, results, strict=True):
         alone = bundled_engine.run(Derivative(kind), x.astype(np.float32))
-        np.testing.assert_allclose(result.y, alone.y, rtol=1e-5, atol=1e-6)
+        assert_same_answer(result.y, alone.y)
         if alone.dy_dx is None:
             assert result.dy_dx is None
         else:
-            np.testing.assert_allclose(result.dy_dx, alone.dy_dx, rtol=1e-5, atol=1e-6)
+            assert_same_answer(result.dy_dx, alone.dy_dx)
 
 
 def test_stream_returns_results_in_order_and_errors_per_message(server, bundled_engine):
@@ -126,7 +127,7 @@ def test_stream_returns_results_in_order_and_errors_per_message(server, bundled_
             continue
         assert result.id == str(i)
         alone = bundled_engine.run(Derivative.GRADIENT, x.astype(np.float32))
-        np.testing.assert_allclose(result.dy_dx, alone.dy_dx, rtol=1e-5, atol=1e-6)
+        assert_same_answer(result.dy_dx, alone.dy_dx)
 
 
 def test_stream_raises_by_default_at_the_bad_message(server):
@@ -138,28 +139,24 @@ def test_stream_raises_by_default_at_the_bad_message(server):
     assert len(seen) == 2 and info.value.code.name == "INVALID_ARGUMENT"
 
 
-def test_async_client_same_surface(server, bundled_engine):
-    async def scenario():
-        async with AsyncGradientClient(server.target, timeout=10) as client:
-            info = await client.model_info()
-            single = await client.evaluate(0.6)
-            many = await asyncio.gather(*(client.evaluate(x) for x in np.linspace(0, 1, 50)))
+async def test_async_client_same_surface(server, bundled_engine):
+    async with AsyncGradientClient(server.target, timeout=10) as client:
+        info = await client.model_info()
+        single = await client.evaluate(0.6)
+        many = await asyncio.gather(*(client.evaluate(x) for x in np.linspace(0, 1, 50)))
 
-            async def gen():
-                for x in (0.2, [np.inf], 0.6):
-                    yield x
+        async def gen():
+            for x in (0.2, [np.inf], 0.6):
+                yield x
 
-            streamed = [r async for r in client.stream(gen(), errors="return")]
-            return info, single, many, streamed
-
-    info, single, many, streamed = asyncio.run(asyncio.wait_for(scenario(), 30))
+        streamed = [r async for r in client.stream(gen(), errors="return")]
     assert info.name == "quadratic" and info.input_width == 1
     assert set(info.derivatives) == {"gradient", "jacobian", "none", "vjp", "jvp", "hessian", "hvp",
                                      "integrated_gradients", "smooth_grad"}  # fmt: skip
     assert abs(single.dy_dx[0, 0] - 0.8) < 0.3
     grid = np.linspace(0, 1, 50, dtype=np.float32).reshape(-1, 1)
     alone = bundled_engine.run(Derivative.GRADIENT, grid).dy_dx[:, 0]
-    np.testing.assert_allclose([r.dy_dx[0, 0] for r in many], alone, rtol=1e-5, atol=1e-6)
+    assert_same_answer([r.dy_dx[0, 0] for r in many], alone)
     assert [type(r).__name__ for r in streamed] == ["Result", "GradserveError", "Result"]
 
 

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from gradserve.server.config import BUNDLED_MODEL
-from gradserve.server.core.contract import ENGINE_KINDS, Derivative
+from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.engine.compiled import Engine, ModelError, batch_ladder, resolve_device
+from gradserve.wire.kinds import Derivative
 
 
 def float64_reference(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,57 +10,43 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import UNLIMITED, assert_same_answer, spec_of, unbatched
 from scipy.integrate import simpson
 
 from gradserve.server.config import BUNDLED_DIR
 from gradserve.server.core import explain
-from gradserve.server.core.batcher import Batcher, Result, Timing
+from gradserve.server.core.batcher import Batcher
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import ENGINE_KINDS, Derivative, ModelSpec, Outputs, Priority
+from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Priority
 from gradserve.server.core.errors import QueueFull, RequestTooLarge
-from gradserve.server.core.explain import Answer, ExpansionTooLarge, InvalidRequest, Limits, Options
+from gradserve.server.core.explain import (
+    ExpansionTooLarge,
+    InvalidRequest,
+    Limits,
+    Options,
+    Reduced,
+)
 from gradserve.server.engine.compiled import Engine
+from gradserve.wire.kinds import Derivative
 
 IG, SG = Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD
-LIMITS = Limits(max_rows=1 << 20, max_result_bytes=1 << 30)
 WAIT_S = 60.0
+answer = unbatched
 
 
-def spec_of(engine) -> ModelSpec:
-    return ModelSpec(engine.name, "1", tuple(engine.input_shape), tuple(engine.output_shape),
-                     "cpu", 64, 1 << 20, str(np.dtype(engine.numpy_dtype)))  # fmt: skip
+def work(engine, kind, x, v=None, limits=UNLIMITED, **options) -> explain.Work:
+    return explain.expand(spec_of(engine), limits, kind, x, v, Options(**options))
 
 
-def direct(engine):
-    """A submit that runs the engine at once, unbatched (the reference of 'batched')."""
-
-    def submit(x, kind, deadline=None, v=None):
-        future = asyncio.get_running_loop().create_future()
-        y, dy_dx = engine.run(kind, x, v)
-        now = time.perf_counter()
-        future.set_result(Result(y, dy_dx, Timing(0, 0, 0, x.shape[0], now, now)))
-        return future
-
-    return submit
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, WAIT_S))
-
-
-async def ask(submit, engine, kind, x, v=None, limits=LIMITS, **options):
-    return await explain.submit(submit, spec_of(engine), limits, kind, x, v, Options(**options))
-
-
-def answer(engine, kind, x, v=None, **options):
-    """One request, run unbatched."""
-    return run(ask(direct(engine), engine, kind, x, v, **options))
+async def ask(submit, engine, kind, x, v=None, **options):
+    """One request through `submit` (a batcher's)."""
+    future = explain.submit(work(engine, kind, x, v, **options), submit)
+    return await asyncio.wait_for(future, WAIT_S)
 
 
 # --------------------------------------------------------------------------- models
@@ -156,7 +142,7 @@ class Quadratic:
 def test_path_rows():
     x = np.array([[1.0, 2.0], [3.0, -1.0]], np.float32)
     b = np.array([[0.5, 0.25]], np.float32)
-    rows = explain.path_rows(x, b, 4).reshape(2, 5, 2)
+    rows = work(Quartic(), IG, x, baseline=b, steps=4).x.reshape(2, 5, 2)
     np.testing.assert_array_equal(rows[:, 0], np.broadcast_to(b, x.shape))
     np.testing.assert_array_equal(rows[:, -1], x)
     np.testing.assert_allclose(rows[0, 2], [0.75, 1.125])
@@ -239,32 +225,29 @@ def test_expansions_that_cannot_fit_say_what_would():
     x = np.ones((10, 3))
     rows = Limits(max_rows=1000, max_result_bytes=1 << 30)
     with pytest.raises(ExpansionTooLarge, match=r"20 row\(s\) x 65 path points = 1300 rows"):
-        run(ask(direct(fake), fake, IG, np.ones((20, 3)), limits=rows))
+        work(fake, IG, np.ones((20, 3)), limits=rows)
     with pytest.raises(ExpansionTooLarge, match=r"send at most 15 row\(s\)"):
-        run(ask(direct(fake), fake, IG, np.ones((20, 3)), limits=rows))
+        work(fake, IG, np.ones((20, 3)), limits=rows)
     with pytest.raises(ExpansionTooLarge, match=r"not even one row fits.*fewer samples"):
-        run(ask(direct(fake), fake, SG, x, limits=rows, samples=2000))
+        work(fake, SG, x, limits=rows, samples=2000)
     # 10 x 33 rows of 3 float64 gradients = 7920 bytes
     size = Limits(max_rows=1 << 20, max_result_bytes=4000)
     with pytest.raises(ExpansionTooLarge, match=r"--max-result-mb.*at most 5 row\(s\)"):
-        run(ask(direct(fake), fake, SG, x, limits=size))
+        work(fake, SG, x, limits=size)
     v = np.ones((10, 400, 3))
     with pytest.raises(ExpansionTooLarge, match=r"x 400 tangents = 4000 rows.*fewer tangents"):
-        run(ask(direct(fake), fake, Derivative.JVP, x, v, limits=rows))
+        work(fake, Derivative.JVP, x, v, limits=rows)
 
 
-def test_a_full_queue_names_the_expansion():
-    async def scenario():
-        engine = Quadratic()
-        async with Batcher(engine.run, max_batch_size=8, max_queue_rows=100) as batcher:
-            first = await ask(batcher.submit, engine, IG, np.ones((1, 3)), steps=9)
-            assert first.attributions.shape == (1, 3)
-            blocker = batcher.submit(np.ones((90, 3)), Derivative.GRADIENT)
-            with pytest.raises(QueueFull, match=r"adds 20.*x 10 path points = 20 rows"):
-                await ask(batcher.submit, engine, IG, np.ones((2, 3)), steps=9)
-            await blocker
-
-    run(scenario())
+async def test_a_full_queue_names_the_expansion():
+    engine = Quadratic()
+    async with Batcher(engine.run, max_batch_size=8, max_queue_rows=100) as batcher:
+        first = await ask(batcher.submit, engine, IG, np.ones((1, 3)), steps=9)
+        assert first.attributions.shape == (1, 3)
+        blocker = batcher.submit(np.ones((90, 3)), Derivative.GRADIENT)
+        with pytest.raises(QueueFull, match=r"adds 20.*x 10 path points = 20 rows"):
+            await ask(batcher.submit, engine, IG, np.ones((2, 3)), steps=9)
+        await blocker
 
 
 # --------------------------------------------------------------------------- real engine
@@ -300,7 +283,7 @@ def test_smooth_grad_noise_zero_is_the_gradient_and_seeds_reproduce(models):
     x = np.random.default_rng(2).normal(size=(2, 6, 6, 1)).astype(np.float32)
     plain = engine.run(Derivative.GRADIENT, x).dy_dx
     still = answer(engine, SG, x, noise=0.0, samples=4).attributions
-    np.testing.assert_allclose(still, plain, rtol=1e-6, atol=1e-7)  # other batch size: 1 ulp
+    assert_same_answer(still, plain)  # 10 rows against 2
     a = answer(engine, SG, x, samples=8, noise=0.2, seed=5)
     b = answer(engine, SG, x, samples=8, noise=0.2, seed=5)
     c = answer(engine, SG, x, samples=8, noise=0.2, seed=6)
@@ -334,8 +317,8 @@ def test_k_tangents_equal_k_single_tangent_calls(models, kind):
     assert out.dy_dx.shape[:2] == (3, 4) and out.y.shape == (3, *engine.output_shape)
     for j in range(4):
         single = engine.run(kind, x, np.ascontiguousarray(v[:, j]))
-        np.testing.assert_allclose(out.dy_dx[:, j], single.dy_dx, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(out.y, engine.run(kind, x, v[:, 0]).y)
+        assert_same_answer(out.dy_dx[:, j], single.dy_dx)  # 12 rows against 3
+    assert_same_answer(out.y, engine.run(kind, x, v[:, 0]).y)
     with pytest.raises(InvalidRequest, match=r"or \[n, k, "):
         answer(engine, kind, x, np.ones((3, 4, 5), np.float32))
 
@@ -346,13 +329,13 @@ def test_target_equals_a_vjp_with_a_one_hot_vector(models):
     for t in range(3):
         hot = np.zeros((4, 3), np.float32)
         hot[:, t] = 1
-        got = run(ask(direct(engine), engine, Derivative.GRADIENT, x, target=t)).dy_dx
+        got = answer(engine, Derivative.GRADIENT, x, target=t).dy_dx
         np.testing.assert_array_equal(got, engine.run(Derivative.VJP, x, hot).dy_dx)
         jacobian = engine.run(Derivative.JACOBIAN, x).dy_dx[:, t]
         np.testing.assert_allclose(got, jacobian, rtol=1e-6, atol=1e-7)
 
 
-def test_mixed_load_through_the_batcher_answers_every_caller_exactly(models):
+async def test_mixed_load_through_the_batcher_answers_every_caller_exactly(models):
     """Explanations split past the batch size and merged with other callers' gradient rows
     give what each request gets alone."""
     engine, _ = models["cnn"]
@@ -364,29 +347,23 @@ def test_mixed_load_through_the_batcher_answers_every_caller_exactly(models):
         options = {IG: {"steps": 20}, SG: {"samples": 10, "seed": i}}.get(kind, {})
         jobs.append((kind, x, options))
 
-    async def scenario():
-        async with Batcher(engine.run, max_batch_size=32) as batcher:
-            answers = await asyncio.gather(
-                *(ask(batcher.submit, engine, kind, x, **o) for kind, x, o in jobs)
-            )
-        return answers, batcher.batches_run
-
-    answers, batches = run(scenario())
+    async with Batcher(engine.run, max_batch_size=32) as batcher:
+        answers = await asyncio.gather(
+            *(ask(batcher.submit, engine, kind, x, **o) for kind, x, o in jobs)
+        )
     path_rows = sum(x.shape[0] * 21 for kind, x, _ in jobs if kind is IG)
-    assert batches < path_rows / 16  # rows were merged, not one call per request
+    assert batcher.batches_run < path_rows / 16  # rows were merged, not one call per request
     for (kind, x, options), got in zip(jobs, answers, strict=True):
         alone = answer(engine, kind, x, **options)
-        if isinstance(got, Answer):
-            np.testing.assert_allclose(got.attributions, alone.attributions, rtol=1e-5,
-                                       atol=1e-6)  # fmt: skip
+        if isinstance(got, Reduced):
+            assert_same_answer(got.attributions, alone.attributions)
         else:
-            np.testing.assert_allclose(got.dy_dx, engine.run(kind, x).dy_dx, rtol=1e-5,
-                                       atol=1e-6)  # fmt: skip
+            assert_same_answer(got.dy_dx, engine.run(kind, x).dy_dx)
         if kind is IG:
-            np.testing.assert_allclose(got.delta, alone.delta, atol=1e-5)
+            assert_same_answer(got.delta, alone.delta, np.abs(alone.attributions).max())
 
 
-def test_a_cancelled_explanation_never_computes_its_rows():
+async def test_a_cancelled_explanation_never_computes_its_rows():
     gate = threading.Event()
     computed = []
 
@@ -396,30 +373,25 @@ def test_a_cancelled_explanation_never_computes_its_rows():
         computed.append(len(x))
         return Quadratic().run(kind, x, v)
 
-    async def scenario():
-        fake = Quadratic()
-        async with Batcher(gated, max_batch_size=8) as batcher:
-            blocker = batcher.submit(np.ones((1, 3)), Derivative.GRADIENT)
-            while batcher.queued_rows:  # the blocker is dispatched and held at the gate
-                await asyncio.sleep(0.01)
-            future = explain.submit(batcher.submit, spec_of(fake), LIMITS, IG, np.ones((2, 3)),
-                                    options=Options(steps=9))  # fmt: skip
-            await asyncio.sleep(0)
-            assert batcher.queued_rows == 20
-            future.cancel()
-            await asyncio.sleep(0.05)
-            assert batcher.queued_rows == 0
-            gate.set()
-            await blocker
-        return computed
-
-    assert run(scenario()) == [1]  # only the blocker's row reached the engine
+    async with Batcher(gated, max_batch_size=8) as batcher:
+        blocker = batcher.submit(np.ones((1, 3)), Derivative.GRADIENT)
+        while batcher.queued_rows:  # the blocker is dispatched and held at the gate
+            await asyncio.sleep(0.01)
+        future = explain.submit(work(Quadratic(), IG, np.ones((2, 3)), steps=9), batcher.submit)
+        await asyncio.sleep(0)
+        assert batcher.queued_rows == 20
+        future.cancel()
+        await asyncio.sleep(0.05)
+        assert batcher.queued_rows == 0
+        gate.set()
+        await asyncio.wait_for(blocker, WAIT_S)
+    assert computed == [1]  # only the blocker's row reached the engine
 
 
-def test_expanded_rows_are_queued_as_the_callers_at_its_priority_and_their_bytes_counted():
-    """Issue 14 through issue 12: an explanation's expanded rows carry the caller key, the
-    priority to the batcher, which counts the expanded rows, vectors and
-    results against the memory budget (and frees them when answered)."""
+async def test_expanded_rows_are_queued_as_the_callers_at_its_priority_and_their_bytes_counted():
+    """An explanation's expanded rows are submitted with the caller key and the priority of
+    the request, and the batcher counts the expanded rows, vectors and results against the
+    memory budget (and frees them when answered)."""
     gate = threading.Event()
 
     def gated(kind, x, v=None):
@@ -434,38 +406,37 @@ def test_expanded_rows_are_queued_as_the_callers_at_its_priority_and_their_bytes
     x = np.ones((2, 3))
     target_x = np.full((1, 3), 2.0)
 
-    async def scenario():
-        async with Batcher(gated, max_batch_size=8, memory=memory,
-                           result_row_bytes=row_bytes) as batcher:  # fmt: skip
-            blocker = batcher.submit(np.ones((1, 3)), Derivative.GRADIENT)
-            while batcher.queued_rows:  # the blocker is dispatched and held at the gate
-                await asyncio.sleep(0.01)
-            held = memory.held
-            ig = explain.submit(
-                batcher.submit, spec, LIMITS, IG, x, options=Options(steps=4),
-                caller="alice", priority=Priority.HIGH,
-            )  # fmt: skip
-            # 2 rows x 5 path points = 10 GRADIENT rows, each x (3 floats) and its answer.
-            expanded = 10 * 3 * 8 + 10 * row_bytes[Derivative.GRADIENT]
-            assert memory.held - held == expanded
-            held = memory.held
-            target = explain.submit(batcher.submit, spec, LIMITS, Derivative.GRADIENT, target_x,
-                                    options=Options(target=1), caller="bob")  # fmt: skip
-            # a target is one VJP row: x, its one-hot cotangent (2 floats) and the answer.
-            assert memory.held - held == 3 * 8 + 2 * 8 + row_bytes[Derivative.VJP]
-            high = batcher._lanes[Priority.HIGH]
-            normal = batcher._lanes[Priority.NORMAL]
-            assert list(high[Derivative.GRADIENT].callers) == ["alice"]
-            assert not normal[Derivative.GRADIENT]
-            assert list(normal[Derivative.VJP].callers) == ["bob"]
-            with pytest.raises(RequestTooLarge, match="integrated gradients of 2 row"):
-                explain.submit(batcher.submit, spec, LIMITS, IG, np.ones((2, 3)),
-                               options=Options(steps=20_000))  # fmt: skip
-            gate.set()
-            await blocker
-            return await ig, await target
+    submitted = []
+    async with Batcher(gated, max_batch_size=8, memory=memory,
+                       result_row_bytes=row_bytes) as batcher:  # fmt: skip
 
-    ig, target = run(scenario())
+        def submit(rows, kind, deadline=None, v=None, **admission):
+            submitted.append((kind, len(rows), admission))
+            return batcher.submit(rows, kind, deadline, v, **admission)
+
+        blocker = batcher.submit(np.ones((1, 3)), Derivative.GRADIENT)
+        while batcher.queued_rows:  # the blocker is dispatched and held at the gate
+            await asyncio.sleep(0.01)
+        held = memory.held
+        ig = explain.submit(work(fake, IG, x, steps=4), submit, caller="alice",
+                            priority=Priority.HIGH)  # fmt: skip
+        # 2 rows x 5 path points = 10 GRADIENT rows, each x (3 floats) and its answer.
+        expanded = 10 * 3 * 8 + 10 * row_bytes[Derivative.GRADIENT]
+        assert memory.held - held == expanded
+        held = memory.held
+        target = explain.submit(work(fake, Derivative.GRADIENT, target_x, target=1), submit,
+                                caller="bob")  # fmt: skip
+        # a target is one VJP row: x, its one-hot cotangent (2 floats) and the answer.
+        assert memory.held - held == 3 * 8 + 2 * 8 + row_bytes[Derivative.VJP]
+        assert submitted == [
+            (Derivative.GRADIENT, 10, {"caller": "alice", "priority": Priority.HIGH}),
+            (Derivative.VJP, 1, {"caller": "bob"}),
+        ]
+        with pytest.raises(RequestTooLarge, match="integrated gradients of 2 row"):
+            explain.submit(work(fake, IG, np.ones((2, 3)), steps=20_000), submit)
+        gate.set()
+        await asyncio.wait_for(blocker, WAIT_S)
+        ig, target = await asyncio.wait_for(asyncio.gather(ig, target), WAIT_S)
     assert memory.held == 0
     np.testing.assert_allclose(ig.attributions, answer(fake, IG, x, steps=4).attributions)
     np.testing.assert_allclose(target.dy_dx, 2 * 2 * target_x)

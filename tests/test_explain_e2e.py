@@ -3,22 +3,19 @@ and asyncio, unary and streams), against the same computation in process, on a r
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, RunningServer, wait_until
+from conftest import TEST_CONFIG, RunningServer, assert_same_answer, unbatched, wait_until
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
 from gradserve.client.results import make_request
 from gradserve.server.config import BUNDLED_DIR
-from gradserve.server.core import explain
-from gradserve.server.core.batcher import Result, Timing
-from gradserve.server.core.contract import Derivative, ModelSpec
 from gradserve.server.engine.compiled import Engine
+from gradserve.wire.kinds import Derivative
 
 IG, SG = Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD
 MODELS = {"mimo": None, "digits": BUNDLED_DIR / "digits.keras"}
@@ -45,27 +42,6 @@ def client(running):
         yield c
 
 
-def alone(engine, kind, x, v=None, **options):
-    """What the server should answer: the same request, unbatched, in process."""
-    spec = ModelSpec.of(engine, 64, 1 << 20)
-    limits = explain.Limits(1 << 20, 1 << 30)
-
-    def submit(rows, kind, deadline=None, v=None):
-        future = asyncio.get_running_loop().create_future()
-        y, dy_dx = engine.run(kind, rows, v)
-        future.set_result(Result(y, dy_dx, Timing(0, 0, 0, len(rows), 0.0, 0.0)))
-        return future
-
-    async def go():
-        return await explain.submit(submit, spec, limits, kind, x, v, explain.Options(**options))
-
-    return asyncio.run(go())
-
-
-def close(a, b, rtol=1e-5):
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
-
-
 def test_requests_carry_the_new_fields():
     request = make_request(np.ones((2, 3)), "integrated_gradients", target=1, steps=8,
                            baseline=[0.5, 0.5, 0.5])  # fmt: skip
@@ -89,26 +65,30 @@ def test_integrated_gradients_over_the_wire(client, engines):
         got = client.integrated_gradients(x, baseline=baseline, steps=16, target=target,
                                           model="mimo")  # fmt: skip
         b = None if baseline is None else np.asarray(baseline, np.float32).reshape(-1, 3)
-        want = alone(mimo, IG, x, steps=16, baseline=b, target=target)
+        want = unbatched(mimo, IG, x, steps=16, baseline=b, target=target)
         assert got.attributions.shape == (4, 3) and got.delta.shape == (4,)
         assert got.dy_dx is None
-        close(got.attributions, want.attributions)
-        np.testing.assert_allclose(got.delta, want.delta, atol=1e-5)
-        close(got.y, mimo.run(Derivative.NONE, x).y, 1e-6)
+        assert_same_answer(got.attributions, want.attributions)
+        assert_same_answer(got.delta, want.delta, np.abs(want.attributions).max())
+        assert_same_answer(got.y, mimo.run(Derivative.NONE, x).y)
 
 
 def test_smooth_grad_over_the_wire(client, engines):
     mimo = engines["mimo"]
     x = np.random.default_rng(2).normal(size=(3, 3)).astype(np.float32)
     plain = client.evaluate(x, model="mimo").dy_dx
-    close(client.smooth_grad(x, noise=0.0, samples=5, model="mimo").attributions, plain, 1e-6)
+    assert_same_answer(
+        client.smooth_grad(x, noise=0.0, samples=5, model="mimo").attributions, plain
+    )
     a = client.smooth_grad(x, samples=8, noise=0.3, seed=4, target=1, model="mimo")
     b = client.smooth_grad(x, samples=8, noise=0.3, seed=4, target=1, model="mimo")
-    np.testing.assert_array_equal(a.attributions, b.attributions)
-    close(a.attributions, alone(mimo, SG, x, samples=8, noise=0.3, seed=4, target=1).attributions)
+    assert_same_answer(a.attributions, b.attributions)
+    assert_same_answer(
+        a.attributions, unbatched(mimo, SG, x, samples=8, noise=0.3, seed=4, target=1).attributions
+    )
     c = client.smooth_grad(x, samples=8, noise=0.05, seed=4, model="mimo", noise_absolute=True)
-    close(c.attributions, alone(mimo, SG, x, samples=8, noise=0.05, seed=4,
-                                noise_absolute=True).attributions)  # fmt: skip
+    want = unbatched(mimo, SG, x, samples=8, noise=0.05, seed=4, noise_absolute=True)
+    assert_same_answer(c.attributions, want.attributions)
     assert a.delta is None and a.y.shape == (3, 2)
 
 
@@ -117,7 +97,7 @@ def test_target_and_k_tangents_over_the_wire(client, engines):
     x = rng.normal(size=(3, 3)).astype(np.float32)
     onehot = np.zeros((3, 2), np.float32)
     onehot[:, 1] = 1
-    np.testing.assert_array_equal(
+    assert_same_answer(
         client.evaluate(x, target=1, model="mimo").dy_dx,
         client.evaluate(x, "vjp", v=onehot, model="mimo").dy_dx,
     )
@@ -127,10 +107,10 @@ def test_target_and_k_tangents_over_the_wire(client, engines):
         assert many.dy_dx.shape[:2] == (3, 5) and many.y.shape == (3, 2)
         for j in range(5):
             one = client.evaluate(x, kind, v=np.ascontiguousarray(v[:, j]), model="mimo")
-            close(many.dy_dx[:, j], one.dy_dx, 1e-6)
+            assert_same_answer(many.dy_dx[:, j], one.dy_dx)
 
 
-def test_streams_and_the_asyncio_client(running, engines):
+async def test_streams_and_the_asyncio_client(running, engines):
     mimo = engines["mimo"]
     rng = np.random.default_rng(5)
     xs = [rng.normal(size=(2, 3)).astype(np.float32) for _ in range(6)]
@@ -138,27 +118,23 @@ def test_streams_and_the_asyncio_client(running, engines):
         streamed = list(client.stream(xs, "integrated_gradients", model="mimo", steps=8,
                                       target=0))  # fmt: skip
     for x, got in zip(xs, streamed, strict=True):
-        close(got.attributions, alone(mimo, IG, x, steps=8, target=0).attributions)
+        assert_same_answer(got.attributions, unbatched(mimo, IG, x, steps=8, target=0).attributions)
 
-    async def scenario():
-        async with AsyncGradientClient(running.target, timeout=30) as client:
-            ig = await client.integrated_gradients(xs[0], steps=8, model="mimo")
-            sg = await client.smooth_grad(xs[1], samples=4, seed=1, model="mimo")
-            target = await client.evaluate(xs[2], target=1, model="mimo")
-            pairs = [(x, rng.normal(size=(2, 3, 3)).astype(np.float32)) for x in xs[:3]]
-            jvps = [r async for r in client.stream(pairs, "jvp", model="mimo")]
-            sgs = [r async for r in client.stream(xs[:3], "smooth_grad", model="mimo",
-                                                  samples=4, seed=2)]  # fmt: skip
-            return ig, sg, target, pairs, jvps, sgs
-
-    ig, sg, target, pairs, jvps, sgs = asyncio.run(asyncio.wait_for(scenario(), 60))
-    close(ig.attributions, alone(mimo, IG, xs[0], steps=8).attributions)
-    close(sg.attributions, alone(mimo, SG, xs[1], samples=4, seed=1).attributions)
-    close(target.dy_dx, mimo.run(Derivative.JACOBIAN, xs[2]).dy_dx[:, 1], 1e-6)
+    async with AsyncGradientClient(running.target, timeout=30) as client:
+        ig = await client.integrated_gradients(xs[0], steps=8, model="mimo")
+        sg = await client.smooth_grad(xs[1], samples=4, seed=1, model="mimo")
+        target = await client.evaluate(xs[2], target=1, model="mimo")
+        pairs = [(x, rng.normal(size=(2, 3, 3)).astype(np.float32)) for x in xs[:3]]
+        jvps = [r async for r in client.stream(pairs, "jvp", model="mimo")]
+        sgs = [r async for r in client.stream(xs[:3], "smooth_grad", model="mimo",
+                                              samples=4, seed=2)]  # fmt: skip
+    assert_same_answer(ig.attributions, unbatched(mimo, IG, xs[0], steps=8).attributions)
+    assert_same_answer(sg.attributions, unbatched(mimo, SG, xs[1], samples=4, seed=1).attributions)
+    assert_same_answer(target.dy_dx, mimo.run(Derivative.JACOBIAN, xs[2]).dy_dx[:, 1])
     for (x, v), got in zip(pairs, jvps, strict=True):
-        close(got.dy_dx, alone(mimo, Derivative.JVP, x, v).dy_dx, 1e-6)
+        assert_same_answer(got.dy_dx, unbatched(mimo, Derivative.JVP, x, v).dy_dx)
     for x, got in zip(xs[:3], sgs, strict=True):
-        close(got.attributions, alone(mimo, SG, x, samples=4, seed=2).attributions)
+        assert_same_answer(got.attributions, unbatched(mimo, SG, x, samples=4, seed=2).attributions)
 
 
 def test_digits_are_explained_as_their_predicted_class(client, engines):
@@ -170,7 +146,7 @@ def test_digits_are_explained_as_their_predicted_class(client, engines):
         ig = client.integrated_gradients(x[digit : digit + 1], steps=32, target=digit,
                                          model="digits")  # fmt: skip
         assert ig.attributions.shape == (1, 8, 8, 1)
-        gap = ig.y[0, digit] - alone(engines["digits"], Derivative.NONE, 0 * x[:1]).y[0, digit]
+        gap = ig.y[0, digit] - unbatched(engines["digits"], Derivative.NONE, 0 * x[:1]).y[0, digit]
         assert abs(ig.delta[0]) <= 0.05 * abs(gap)
 
 
@@ -193,13 +169,15 @@ def test_mixed_load_from_many_callers_is_exact(client, engines):
     assert max(r.timing.batch_rows for r in results) > 24
     for (which, x), got in zip(jobs, results, strict=True):
         if which == 0:
-            want = alone(mimo, IG, x, steps=24, target=1)
-            close(got.attributions, want.attributions)
-            np.testing.assert_allclose(got.delta, want.delta, atol=1e-5)
+            want = unbatched(mimo, IG, x, steps=24, target=1)
+            assert_same_answer(got.attributions, want.attributions)
+            assert_same_answer(got.delta, want.delta, np.abs(want.attributions).max())
         elif which == 1:
-            close(got.attributions, alone(mimo, SG, x, samples=12, seed=len(x)).attributions)
+            assert_same_answer(
+                got.attributions, unbatched(mimo, SG, x, samples=12, seed=len(x)).attributions
+            )
         else:
-            close(got.dy_dx, mimo.run(Derivative.GRADIENT, x).dy_dx, 1e-6)
+            assert_same_answer(got.dy_dx, mimo.run(Derivative.GRADIENT, x).dy_dx)
 
 
 @pytest.mark.parametrize(
@@ -273,25 +251,25 @@ def test_the_standard_protocol_with_tritonclient(running, client):
         )  # fmt: skip
         want = client.integrated_gradients(x, baseline, steps=16, target=1, model="mimo")
         assert [o.name for o in ig.get_response().outputs] == ["y", "attributions", "delta"]
-        np.testing.assert_array_equal(ig.as_numpy("attributions"), want.attributions)
-        np.testing.assert_array_equal(ig.as_numpy("delta"), want.delta)
+        assert_same_answer(ig.as_numpy("attributions"), want.attributions)
+        assert_same_answer(ig.as_numpy("delta"), want.delta, np.abs(want.attributions).max())
         sg = triton_client.infer(
             "mimo", [tensor("x", x)],
             parameters={"derivative": "smooth_grad", "samples": 6, "noise": 0.2, "seed": 3},
             outputs=[triton.InferRequestedOutput("attributions")],
         )  # fmt: skip
         want = client.smooth_grad(x, samples=6, noise=0.2, seed=3, model="mimo")
-        np.testing.assert_array_equal(sg.as_numpy("attributions"), want.attributions)
+        assert_same_answer(sg.as_numpy("attributions"), want.attributions)
         assert sg.as_numpy("y") is None
         target = triton_client.infer("mimo", [tensor("x", x)], parameters={"target": 0})
-        np.testing.assert_array_equal(
+        assert_same_answer(
             target.as_numpy("dy_dx"), client.evaluate(x, target=0, model="mimo").dy_dx
         )
         v = rng.normal(size=(3, 4, 3)).astype(np.float32)
         jvp = triton_client.infer("mimo", [tensor("x", x), tensor("v", v)],
                                   parameters={"derivative": "jvp"})  # fmt: skip
         assert jvp.as_numpy("dy_dx").shape == (3, 4, 2)
-        np.testing.assert_array_equal(
+        assert_same_answer(
             jvp.as_numpy("dy_dx"), client.evaluate(x, "jvp", v=v, model="mimo").dy_dx
         )
         with pytest.raises(InferenceServerException) as info:
@@ -324,6 +302,12 @@ def test_native_options_that_do_not_apply_are_refused(running):
         (
             pb.EvaluateRequest(x=x, model="mimo", derivative=pb.JACOBIAN, target=0),
             "target is for gradient",
+        ),
+        (  # the same table as the standard protocol's parameters
+            pb.EvaluateRequest(
+                x=x, model="mimo", derivative=pb.INTEGRATED_GRADIENTS, explain=pb.Explain(seed=3)
+            ),
+            "['seed'] do not apply to derivative 'integrated_gradients' (seed is for smooth_grad)",
         ),
     ]
     with grpc.insecure_channel(running.target) as channel:
@@ -363,8 +347,8 @@ def test_explanations_through_two_frontend_processes(server, frontends_server):
                 if getattr(a, field) is None:
                     assert getattr(b, field) is None
                 else:
-                    np.testing.assert_allclose(getattr(b, field), getattr(a, field),
-                                               rtol=1e-5, atol=1e-6)  # fmt: skip
+                    scale = np.abs(a.attributions).max() if field == "delta" else None
+                    assert_same_answer(getattr(b, field), getattr(a, field), scale)
 
 
 def test_a_high_priority_explanation_from_a_named_caller(running, engines):
@@ -392,6 +376,7 @@ def test_a_high_priority_explanation_from_a_named_caller(running, engines):
                           timeout=10)  # fmt: skip
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "priority 7 is unknown" in info.value.details()
-    want = alone(engines["mimo"], IG, x, steps=8, target=1)
-    close(tensors.from_tensor(got.attributions), want.attributions)
-    np.testing.assert_allclose(tensors.from_tensor(got.delta), want.delta, atol=1e-5)
+    want = unbatched(engines["mimo"], IG, x, steps=8, target=1)
+    assert_same_answer(tensors.from_tensor(got.attributions), want.attributions)
+    delta = tensors.from_tensor(got.delta)
+    assert_same_answer(delta, want.delta, np.abs(want.attributions).max())

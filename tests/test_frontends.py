@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import FRONTENDS_ARGS, ServerProcess
+from conftest import FRONTENDS_ARGS, ServerProcess, assert_same_answer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
-from gradserve.server.core.contract import Derivative
 from gradserve.server.multiproc.shm import SHM_DIR
+from gradserve.wire.kinds import Derivative
 
 FRONTEND_RSS_LIMIT_MB = 150
 
@@ -149,9 +149,7 @@ def test_engine_merges_the_sub_batches_of_both_frontends(frontends_server, bundl
     assert not [r for _, r in outcomes if isinstance(r, GradserveError)]
     xs = np.array([[x] for x, _ in outcomes], np.float32)
     reference = bundled_engine.run(Derivative.GRADIENT, xs)
-    np.testing.assert_allclose(
-        [r.dy_dx[0, 0] for _, r in outcomes], reference.dy_dx[:, 0], rtol=1e-5, atol=1e-6
-    )
+    assert_same_answer([r.dy_dx[0, 0] for _, r in outcomes], reference.dy_dx[:, 0])
 
     def calls(process: str) -> float:
         key = "gradserve_engine_calls_total"
@@ -210,7 +208,7 @@ def test_killed_frontend_is_replaced_and_sdk_callers_see_no_error(fresh_server, 
     assert len(results) == 8 * 150
     xs = np.array([[x] for x, _ in results], np.float32)
     expected = bundled_engine.run(Derivative.GRADIENT, xs).dy_dx[:, 0]
-    np.testing.assert_allclose([r.dy_dx[0, 0] for _, r in results], expected, atol=1e-5)
+    assert_same_answer([r.dy_dx[0, 0] for _, r in results], expected)
     assert fresh_server.stop() == 0
 
 

@@ -7,7 +7,6 @@ started just before it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
@@ -21,50 +20,31 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, free_port
+from conftest import TEST_CONFIG, RunningServer, free_port
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
-from gradserve.server.app import GradServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-class LoadingServer:
-    """A GradServer on its own loop thread whose model load waits for `loaded` to be set."""
+class LoadingServer(RunningServer):
+    """A RunningServer whose model load waits for `loaded` to be set; `start` returns once it
+    listens. Stopping it releases the load first."""
 
     def __init__(self, engine: object, port: int | None = None) -> None:
         self.loaded = threading.Event()
-        self.port = port or free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self._engine = engine
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = GradServer(replace(TEST_CONFIG, port=self.port), load=self._load)
-        self._started = None
 
-    def _load(self, config) -> list:
-        if not self.loaded.wait(timeout=60):
-            raise TimeoutError("test never released the model load")
-        return [self._engine]
+        def load(_config) -> list:
+            if not self.loaded.wait(timeout=60):
+                raise TimeoutError("test never released the model load")
+            return [engine]
 
-    def start(self) -> None:
-        """Begin listening and loading; returns without waiting for the load."""
-        self._started = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
-        deadline = time.monotonic() + 30
-        while self.server.port is None:  # listening (health answers) from here on
-            assert time.monotonic() < deadline, "server did not listen"
-            time.sleep(0.01)
+        config = replace(TEST_CONFIG, port=port or free_port())
+        super().__init__(config, load=load, ready=False, start=False)
 
     def stop(self) -> None:
         self.loaded.set()
-        try:
-            if self._started is not None:
-                self._started.result(timeout=60)
-                asyncio.run_coroutine_threadsafe(self.server.stop(grace=5), self._loop).result(30)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        super().stop()
 
 
 @pytest.fixture
@@ -147,25 +127,21 @@ def test_wait_for_ready_covers_a_server_not_listening_yet(bundled_engine):
         later.stop()
 
 
-def test_async_client_waits_the_same_way(loading):
-    async def scenario() -> tuple[float, float]:
-        async with AsyncGradientClient(loading.target, timeout=20, wait_for_ready=True) as c:
-            with pytest.raises(GradserveError) as caught:
-                await c.wait_until_ready(0.3)
-            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            timer = release_after(loading.loaded, 0.5)
-            started = time.monotonic()
-            result = await c.evaluate(0.6)
-            waited = time.monotonic() - started
-            await c.wait_until_ready(1)
-            streamed = [r async for r in c.stream([0.2])]
-            timer.join()
-            return waited, float(result.dy_dx[0, 0]), float(streamed[0].dy_dx[0, 0])
-
-    waited, gradient, streamed = asyncio.run(scenario())
+async def test_async_client_waits_the_same_way(loading):
+    async with AsyncGradientClient(loading.target, timeout=20, wait_for_ready=True) as c:
+        with pytest.raises(GradserveError) as caught:
+            await c.wait_until_ready(0.3)
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        timer = release_after(loading.loaded, 0.5)
+        started = time.monotonic()
+        result = await c.evaluate(0.6)
+        waited = time.monotonic() - started
+        await c.wait_until_ready(1)
+        streamed = [r async for r in c.stream([0.2])]
+        timer.join()
     assert waited > 0.4
-    assert gradient == pytest.approx(0.8, abs=0.3)
-    assert streamed == pytest.approx(-2.4, abs=0.3)
+    assert float(result.dy_dx[0, 0]) == pytest.approx(0.8, abs=0.3)
+    assert float(streamed[0].dy_dx[0, 0]) == pytest.approx(-2.4, abs=0.3)
 
 
 def test_readme_first_example_runs_right_after_the_server_starts(tmp_path):

@@ -16,13 +16,14 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, GatedEngine, RunningServer, wait_until
+from conftest import TEST_CONFIG, GatedEngine, RunningServer, assert_same_answer, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
 from gradserve.server.core.batcher import Batcher, Observer
-from gradserve.server.core.contract import Derivative, Outputs
+from gradserve.server.core.contract import Outputs
 from gradserve.server.core.errors import EngineFailed
+from gradserve.wire.kinds import Derivative
 
 MARKER = -999.0
 
@@ -70,7 +71,7 @@ def test_engine_fault_fails_only_the_offending_request(bundled_engine):
             assert "injected fault" in outcome.message
         else:
             expected = bundled_engine.run(Derivative.GRADIENT, x.astype(np.float32))
-            np.testing.assert_allclose(outcome.dy_dx, expected.dy_dx, rtol=1e-5, atol=1e-6)
+            assert_same_answer(outcome.dy_dx, expected.dy_dx)
 
 
 class FaultyObserver(Observer):
@@ -79,31 +80,31 @@ class FaultyObserver(Observer):
 
     def __init__(self) -> None:
         self.faults = 1
+        self.restarts = 0
 
     def queued(self, seconds: float) -> None:
         if self.faults:
             self.faults -= 1
             raise RuntimeError("bug in batch forming")
 
+    def restarted(self) -> None:
+        self.restarts += 1
 
-def test_worker_loop_restarts_after_its_own_fault():
+
+async def test_worker_loop_restarts_after_its_own_fault():
     def compute(kind, x):
         return Outputs(x * 2, x * 3)
 
-    async def scenario():
-        async with Batcher(compute, max_batch_size=8, observer=FaultyObserver()) as batcher:
-            x = np.ones((2, 1), np.float32)
-            first = batcher.submit(x, Derivative.GRADIENT)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(batcher.evaluate(x * i, Derivative.GRADIENT) for i in range(5))),
-                10,
-            )
-            with contextlib.suppress(EngineFailed):
-                await asyncio.wait_for(first, 10)
-            return batcher.restarts, results
-
-    restarts, results = asyncio.run(scenario())
-    assert restarts == 1
+    observer = FaultyObserver()
+    async with Batcher(compute, max_batch_size=8, observer=observer) as batcher:
+        x = np.ones((2, 1), np.float32)
+        first = batcher.submit(x, Derivative.GRADIENT)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(x * i, Derivative.GRADIENT) for i in range(5))), 10
+        )
+        with contextlib.suppress(EngineFailed):
+            await asyncio.wait_for(first, 10)
+    assert observer.restarts == 1
     assert [float(r.y[0, 0]) for r in results] == [0, 2, 4, 6, 8]
 
 
