@@ -1,1 +1,3 @@
-"""gradserve server: engine, batcher, servicers and their assembly."""
+"""gradserve server, in layers (docs/architecture.md): core, engine, transport, protocols,
+multiproc, and their assembly (app, frontend, cli).
+"""

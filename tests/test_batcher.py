@@ -299,14 +299,12 @@ async def test_idle_engine_dispatches_a_single_request_at_once() -> None:
     engine = FakeEngine()
     async with Batcher(engine, max_batch_size=64) as batcher:
         x = make_x(JACOBIAN, 7)
-        began = time.perf_counter()
-        result = await wait(batcher.submit(x, JACOBIAN))
-        elapsed = time.perf_counter() - began
+        future = batcher.submit(x, JACOBIAN)
+        await engine_busy(engine)  # entered with nothing else submitted: it did not wait
+        result = await wait(future)
     assert [(c.kind, c.rows) for c in engine.calls] == [(JACOBIAN, 7)]
     assert_result(result, JACOBIAN, x)
     assert result.timing.batch_rows == 7
-    assert elapsed < 0.5
-    assert result.timing.queue_us < 200_000
 
 
 async def test_requests_accumulate_while_engine_busy_and_run_in_one_batch() -> None:
@@ -649,11 +647,11 @@ async def test_max_delay_ends_early_when_the_batch_is_full() -> None:
         fa = batcher.submit(a, NONE)
         await asyncio.sleep(0.02)
         fb = batcher.submit(b, NONE)
-        ra, rb = await wait(fa, 1.0), await wait(fb, 1.0)
+        ra, rb = await wait(fa), await wait(fb)  # WAIT_S: well under the 5 s delay
     assert engine.rows() == [4]
     assert_result(ra, NONE, a)
     assert_result(rb, NONE, b)
-    assert ra.timing.queue_us < 1_000_000
+    assert ra.timing.queue_us < WAIT_S * 1e6
 
 
 async def test_zero_delay_dispatches_the_first_request_alone() -> None:
@@ -707,9 +705,7 @@ async def test_close_does_not_wait_out_max_delay() -> None:
         x = make_x(GRADIENT, 3)
         fut = batcher.submit(x, GRADIENT)
         await asyncio.sleep(0.01)
-        began = time.perf_counter()
-        await wait(batcher.close(), 1.0)
-        assert time.perf_counter() - began < 1.0
+        await wait(batcher.close())  # WAIT_S: well under the 5 s delay
         assert_result(fut.result(), GRADIENT, x)
     assert engine.rows() == [3]
 
@@ -735,7 +731,7 @@ async def test_timing_fields() -> None:
     assert ra.timing.batch_rows == 3
     assert rb.timing.batch_rows == 4
     assert rc.timing.batch_rows == 4  # split 3 + 3: the largest batch it was in
-    assert ra.timing.queue_us < 200_000  # dispatched at once
+    assert ra.timing.queue_us < rb.timing.queue_us  # dispatched at once, b behind the engine
     assert ra.timing.compute_us >= 50_000  # held ~50 ms inside the engine
     assert rb.timing.queue_us >= 45_000  # waited behind the held engine
     assert rb.timing.compute_us >= 5_000
