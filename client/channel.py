@@ -17,9 +17,10 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gradserve.client.retry import Attempts, RetryPolicy
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_MESSAGE_MB * MIB
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

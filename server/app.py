@@ -192,7 +192,7 @@ class GradServer:
             )
             batcher.start()
             self.batchers.append(batcher)
-            served.append(Served(spec, batcher, config.max_result_mb * 2**20))
+            served.append(Served(spec, batcher, config.max_result_bytes))
         batchers = list(self.batchers)
         self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers))
         self.metrics.queue_bytes.set_function(lambda: self.memory.held)

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
+
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
 AUTO_MIN_CORES = 4  # below this, one process measured faster (docs/benchmarks.md)
@@ -31,7 +33,7 @@ class ServerConfig:
     max_queue_mb: int = 256
     max_batch_ms: float = 20.0
     fairness: bool = True
-    max_message_mb: int = 64
+    max_message_mb: int = MAX_MESSAGE_MB
     stream_window: int = 256
     stream_window_mb: int = 64
     drain_seconds: float = 30.0
@@ -54,7 +56,7 @@ class ServerConfig:
 
     @property
     def max_message_bytes(self) -> int:
-        return self.max_message_mb * 1024 * 1024
+        return self.max_message_mb * MIB
 
     def connection_options(self) -> list[tuple[str, int]]:
         """gRPC server options for --max-connection-age and its grace (none when off)."""
@@ -67,12 +69,16 @@ class ServerConfig:
         return options
 
     @property
+    def max_result_bytes(self) -> int:
+        return self.max_result_mb * MIB
+
+    @property
     def max_queue_bytes(self) -> int:
-        return self.max_queue_mb * 1024 * 1024
+        return self.max_queue_mb * MIB
 
     @property
     def stream_window_bytes(self) -> int:
-        return self.stream_window_mb * 1024 * 1024
+        return self.stream_window_mb * MIB
 
     def model_paths(self) -> list[Path]:
         """Every model to serve: --model entries (comma-separated; a bare bundled name such as

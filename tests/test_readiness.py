@@ -74,9 +74,13 @@ def test_without_wait_for_ready_a_loading_server_fails_fast(loading):
 
 
 def test_wait_until_ready_times_out_naming_not_serving_then_returns(loading):
-    with GradientClient(loading.target, timeout=10) as client:
+    with GradientClient(loading.target, timeout=10, retry=RetryPolicy(attempts=1)) as client:
+        # Connected first (a loading server refuses at once): the short wait below then sees
+        # health answers, not only the connection being made.
+        with pytest.raises(GradserveError, match="loading"):
+            client.evaluate(0.2)
         with pytest.raises(GradserveError) as caught:
-            client.wait_until_ready(0.4)
+            client.wait_until_ready(1.0)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "NOT_SERVING" in caught.value.message
         timer = release_after(loading.loaded, 0.5)

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradserve.server.core.errors import QueueFull, RequestTooLarge
-
-MIB = 2**20
+from gradserve.wire.limits import MIB
 
 
 def size_text(nbytes: float) -> str:

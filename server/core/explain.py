@@ -49,6 +49,7 @@ from gradserve.wire.kinds import (
     Derivative,
     takers,
 )
+from gradserve.wire.limits import MIB
 
 # batcher.submit(x, kind, deadline, v, **admission) -> future of the rows' Result; raises when
 # not admitted.
@@ -395,8 +396,8 @@ def check_limits(work: Work, spec: ModelSpec, limits: Limits, n: int) -> None:
     if size > limits.max_result_bytes:
         fit = limits.max_result_bytes // (work.per_row * row_bytes)
         raise ExpansionTooLarge(
-            f"{work.what}, whose {work.kind.value} results would take {size / 2**20:.1f} MiB, "
-            f"over the {limits.max_result_bytes / 2**20:.0f} MiB limit (--max-result-mb); "
+            f"{work.what}, whose {work.kind.value} results would take {size / MIB:.1f} MiB, "
+            f"over the {limits.max_result_bytes / MIB:.0f} MiB limit (--max-result-mb); "
             f"{_what_fits(fit, work)}"
         )
 

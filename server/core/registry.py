@@ -19,6 +19,7 @@ from gradserve.server.core.errors import InvalidInput, UnknownModel
 from gradserve.server.core.explain import Limits, Options, Work, expand
 from gradserve.server.core.validation import decode_rows
 from gradserve.wire.kinds import Derivative
+from gradserve.wire.limits import MIB
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class Served:
         size = n * self.spec.result_row_bytes(kind)
         if size > self.max_result_bytes:
             raise InvalidInput(
-                f"the {kind.value} of {n} rows would be {size / 2**20:.1f} MiB, over the "
-                f"{self.max_result_bytes / 2**20:.0f} MiB limit (--max-result-mb); send fewer "
+                f"the {kind.value} of {n} rows would be {size / MIB:.1f} MiB, over the "
+                f"{self.max_result_bytes / MIB:.0f} MiB limit (--max-result-mb); send fewer "
                 "rows, or ask for products instead: vjp, jvp or hvp"
             )
 

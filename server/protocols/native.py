@@ -29,6 +29,7 @@ from gradserve.wire.status import status_number
 from gradserve.wire.timing import FIELDS, Hops
 
 _KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in sorted(native.KIND))
+_PRIORITIES = {pb.Priority.Value(priority.name): priority for priority in Priority}
 _EXPLAINING = " and ".join(kind.value for kind in EXPLANATIONS)
 
 
@@ -83,14 +84,15 @@ class NativeCodec:
         if not request.HasField("x"):
             shape = ", ".join(map(str, served.spec.input_shape))
             raise InvalidInput(f"x is missing; send rows of shape [n, {shape}]")
-        if request.priority not in pb.Priority.values():
+        priority = _PRIORITIES.get(request.priority)
+        if priority is None:
             raise InvalidInput(
                 f"priority {request.priority} is unknown; expected NORMAL (0) or HIGH (1)"
             )
         v = _raw(request.v, "v", payloads.get("v")) if request.HasField("v") else None
         x, v = served.decode(kind, _raw(request.x, "x", payloads.get("x")), v)
         work = served.expand(kind, x, v, _options(request, kind, served))
-        return Ticket(arrival, served, work, Priority[pb.Priority.Name(request.priority)])
+        return Ticket(arrival, served, work, priority)
 
     def encode(self, ticket: Ticket, result: Result | Reduced) -> bulk.Spliced:
         message = pb.EvaluateResponse(id=ticket.arrival.id, y=tensors.to_tensor(result.y))

@@ -37,6 +37,7 @@ from gradserve.server.metrics import Metrics
 from gradserve.server.transport.intake import caller_of
 from gradserve.server.transport.status import Failure, abort, deadline_of
 from gradserve.server.transport.tickets import Arrival, Ticket
+from gradserve.wire.limits import MIB
 from gradserve.wire.timing import Hops
 
 Request = TypeVar("Request")
@@ -74,7 +75,7 @@ class StreamWindow:
     """How far one stream may read ahead of its answers: messages, and bytes they hold."""
 
     messages: int = 256
-    bytes: int = 64 * 2**20
+    bytes: int = 64 * MIB
 
 
 class _ReadAhead:
