@@ -1059,9 +1059,12 @@ async def test_batches_are_capped_to_the_time_budget_once_the_cost_is_learned(la
         learned = {c.kind: c for c in batcher.costs()}
         assert set(learned) == {GRADIENT}
         assert learned[GRADIENT].estimate.calls == len(rows)
-        # a busy machine only makes calls slower, so the cap lower: bound it from above,
-        # and from below only against a tenfold slowdown
-        assert 4 <= learned[GRADIENT].row_cap <= cap
+        # The cap after the last call is not bounded from above: that call is the only one of
+        # another size, and a slow moment of the machine during it flattens the fitted slope
+        # (seen once on a clean clone: fixed 6 ms, 0.02 ms a row, cap 128). What is bounded is
+        # every batch formed while the request was split, below; from below, the cap holds
+        # against a tenfold slowdown.
+        assert learned[GRADIENT].row_cap >= 4
 
     assert rows[0] == 20
     assert sum(rows[1:]) == 300
