@@ -6,9 +6,13 @@ error) and leave the server answering a good request correctly afterwards.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -163,4 +167,85 @@ def test_malformed_inference_requests_get_a_clear_status(channel, request):
 def test_empty_streams_end_cleanly(channel):
     for method in STREAMS:
         assert list(channel.stream_stream(method)(iter([]), timeout=10)) == []
+    good_request_still_works(channel)
+
+
+# ------------------------------------------------------------------ large hostile messages
+
+BIG = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+TINY_FIELDS = b"\x78\x00" * (8 << 20)  # 16 MiB of unknown field 15, varint 0
+HEALTH_MS = 100  # what a health check on another connection may wait meanwhile
+
+
+def health_latencies_during(target: str, call) -> tuple[list[float], object]:
+    """Health checks every 5 ms on a connection of their own while `call()` runs: their
+    latencies (ms) and what the call gave."""
+    latencies, stop = [], threading.Event()
+
+    def probe() -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(target, options=options) as own:
+            check = health_pb2_grpc.HealthStub(own).Check
+            check(health_pb2.HealthCheckRequest(), timeout=10)  # connected before the call
+            ready.set()
+            while not stop.is_set():
+                began = time.perf_counter()
+                check(health_pb2.HealthCheckRequest(), timeout=30)
+                latencies.append((time.perf_counter() - began) * 1e3)
+                time.sleep(0.005)
+
+    ready = threading.Event()
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        assert ready.wait(10), "the health probe could not connect"
+        time.sleep(0.05)
+        outcome = status_and_details(call)
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        prober.join(timeout=40)
+    return latencies, outcome
+
+
+def status_and_details(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize("method", [NATIVE + "Evaluate", INFERENCE + "ModelInfer"])
+def test_a_16_mib_message_of_tiny_fields_is_refused_without_holding_the_server(
+    server, channel, method
+):
+    """Each attempt must be refused with INVALID_ARGUMENT naming the field budget; the health
+    checks meanwhile must stay under HEALTH_MS in one attempt of three (a busy machine may
+    stall any one of them; the message itself used to hold the server for 20 s)."""
+    worst = []
+    with grpc.insecure_channel(server.target, options=BIG) as big:
+        call = big.unary_unary(method)
+        for _ in range(3):
+            latencies, (code, details) = health_latencies_during(
+                server.target, lambda: call(TINY_FIELDS, timeout=60)
+            )
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+            assert "more than 4096 fields" in details
+            assert latencies, "no health check answered meanwhile"
+            worst.append(max(latencies))
+            if worst[-1] < HEALTH_MS:
+                break
+    assert min(worst) < HEALTH_MS, worst
+    good_request_still_works(channel)
+
+
+def test_a_shape_of_millions_of_dims_is_refused_by_its_length(server, channel):
+    shape = [1] * 2_000_000  # packed: one field of 2 MB
+    request = pb.EvaluateRequest(x=pb.Tensor(shape=shape, data=b"\0" * 4))
+    with grpc.insecure_channel(server.target, options=BIG) as big:
+        stub = pb_grpc.GradientServiceStub(big)
+        code, details = status_and_details(lambda: stub.Evaluate(request, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "got 2000000 dims" in details
     good_request_still_works(channel)

@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gradserve.client import GradientClient
+from gradserve.server.protocols.kserve import MAX_TYPED_VALUES
 from gradserve.wire.kinds import Derivative
 
 MODEL = "quadratic"
@@ -97,6 +98,37 @@ def test_typed_contents_are_answered_in_typed_contents(stub, server):
         expected = native.evaluate([0.2, 0.6]).dy_dx[:, 0]
     assert_same_answer(grad.astype(np.float32), expected)
     assert list(response.outputs[1].shape) == [2, 1]
+
+
+def test_typed_contents_are_bounded_and_large_answers_travel_raw(mimo_server):
+    """Typed values cost a Python object each: a request of more than MAX_TYPED_VALUES is
+    refused with the advice to send raw contents, and an answer that large is sent raw."""
+    big = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(mimo_server.target, options=big) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def typed(rows: int, derivative: str) -> service_pb2.ModelInferRequest:
+            request = service_pb2.ModelInferRequest(model_name="mimo")
+            request.parameters["derivative"].string_param = derivative
+            tensor = request.inputs.add(name="x", datatype="FP32", shape=[rows, 3])
+            tensor.contents.fp32_contents.extend(np.full(rows * 3, 0.5, np.float32).tolist())
+            return request
+
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(typed(MAX_TYPED_VALUES // 3 + 1, "gradient"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "send larger tensors in raw_input_contents" in info.value.details()
+        rows = MAX_TYPED_VALUES // 3  # the Jacobian is [rows, 2, 3]: twice the values
+        response = stub.ModelInfer(typed(rows, "jacobian"), timeout=60)
+    assert [o.name for o in response.outputs] == ["y", "dy_dx"]
+    assert not any(o.contents.fp32_contents for o in response.outputs)
+    jacobian = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(rows, 2, 3)
+    assert_same_answer(jacobian[:1], response_of_one(mimo_server.target))
+
+
+def response_of_one(target: str) -> np.ndarray:
+    with GradientClient(target, timeout=10) as native:
+        return native.evaluate(np.full((1, 3), 0.5), "jacobian").dy_dx
 
 
 def test_only_y_requested_computes_no_derivative(bundled_engine):

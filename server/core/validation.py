@@ -44,13 +44,14 @@ def decode_rows(
 
 
 def check_shape(shape: Sequence[int], row_shape: Sequence[int], name: str = "x") -> list[int]:
-    """Return `shape` if it is [n >= 1, *row_shape]; raise InvalidInput saying what is wrong."""
-    shape, row = [int(s) for s in shape], [int(s) for s in row_shape]
+    """Return `shape` if it is [n >= 1, *row_shape]; raise InvalidInput saying what is wrong.
+    Its length is checked before anything is done per dimension (a shape may be long)."""
+    row = [int(s) for s in row_shape]
     expected = f"[n, {', '.join(str(d) for d in row)}]"
     if len(shape) != len(row) + 1:
-        raise InvalidInput(
-            f"{name} must have shape {expected} ({len(row) + 1} dims); got shape {shape}"
-        )
+        got = f"shape {[int(s) for s in shape]}" if len(shape) <= 8 else f"{len(shape)} dims"
+        raise InvalidInput(f"{name} must have shape {expected} ({len(row) + 1} dims); got {got}")
+    shape = [int(s) for s in shape]
     if shape[0] < 1:
         raise InvalidInput(f"{name} has shape {shape}: it needs at least one row")
     if shape[1:] != row:

@@ -40,6 +40,7 @@ LIFTED = {
 }
 # Answer tensors written past protobuf when large, by field.
 _SPLICED = (
+    ("y", pb.EvaluateResponse.Y_FIELD_NUMBER),
     ("dy_dx", pb.EvaluateResponse.DY_DX_FIELD_NUMBER),
     ("attributions", pb.EvaluateResponse.ATTRIBUTIONS_FIELD_NUMBER),
 )
@@ -50,7 +51,7 @@ def _raw(tensor: pb.Tensor, name: str, payload: memoryview | None = None) -> tup
     if kind is None:
         raise InvalidInput(f"{name} has dtype {tensor.dtype}; expected FLOAT32 (0) or FLOAT64 (1)")
     data = tensor.data if payload is None else payload
-    return data, list(tensor.shape), kind.numpy
+    return data, tensor.shape, kind.numpy
 
 
 def _answer_tensor(response: bulk.Spliced, name: str, number: int, array: np.ndarray) -> None:
@@ -95,7 +96,7 @@ class NativeCodec:
         return Ticket(arrival, served, work, priority)
 
     def encode(self, ticket: Ticket, result: Result | Reduced) -> bulk.Spliced:
-        message = pb.EvaluateResponse(id=ticket.arrival.id, y=tensors.to_tensor(result.y))
+        message = pb.EvaluateResponse(id=ticket.arrival.id)
         response = bulk.Spliced(message)
         for name, number in _SPLICED:
             array = getattr(result, name, None)

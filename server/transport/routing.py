@@ -31,16 +31,19 @@ from gradserve.server.transport.status import abort
 
 
 def _parser(message_class, lifted: Mapping[bulk.Path, str] | None = None):
-    """A parser of `message_class` that returns Undecodable rather than raising; with
-    `lifted` paths, the large payloads there are cut out first and it returns bulk.Lifted."""
-    type_name = message_class.DESCRIPTOR.full_name
+    """A parser of `message_class` that returns Undecodable rather than raising. A large
+    message is surveyed first (bounded work whatever it holds, see bulk.py); with `lifted`
+    paths, its large payloads there are cut out, and the parser returns bulk.Lifted."""
+    descriptor = message_class.DESCRIPTOR
 
     def parse(data: bytes):
-        rest, payloads = bulk.lift(data, lifted) if lifted else (data, {})
+        rest, payloads = data, {}
         try:
+            if len(data) >= bulk.LARGE:
+                rest, payloads = bulk.survey(data, descriptor, lifted)
             message = message_class.FromString(rest)
-        except DecodeError as error:
-            return Undecodable(type_name, len(data), str(error))
+        except (bulk.Refused, DecodeError) as error:
+            return Undecodable(descriptor.full_name, len(data), str(error))
         return bulk.Lifted(message, payloads) if lifted else message
 
     return parse
