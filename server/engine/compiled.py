@@ -183,8 +183,8 @@ class Engine:
                 raise ValueError(f"{kind.value} needs a vector v")
             args.append(tf.constant(self._pad(v, pad)))
         results = self._functions[kind](*args)
-        y = results[0].numpy()[:n]
-        dy_dx = results[1].numpy()[:n] if len(results) > 1 else None
+        y = _owned(results[0], n)
+        dy_dx = _owned(results[1], n) if len(results) > 1 else None
         return Outputs(y, dy_dx)
 
     def _pad(self, a: np.ndarray, pad: bool) -> np.ndarray:
@@ -211,3 +211,11 @@ class Engine:
                 v = np.zeros((size, *v_shape), self.numpy_dtype) if kind.needs_vector else None
                 self.run(kind, x, v)
         return time.perf_counter() - start
+
+
+def _owned(tensor: tf.Tensor, n: int) -> np.ndarray:
+    """The first n rows of an output as an array of its own. `.numpy()` views TensorFlow's
+    buffer, which would then live, padding included, as long as any request's answer from
+    the batch: TensorFlow's allocator keeps what it grew to, so buffers held across batches
+    made it grow with the traffic. A copy of the rows frees the buffer for the next batch."""
+    return np.array(tensor.numpy()[:n])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from gradserve.server.config import ServerConfig
-from gradserve.server.core.contract import Engine
+from gradserve.server.core.contract import ENGINE_KINDS, Engine, ModelSpec
+from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve")
 
@@ -37,11 +38,12 @@ def load_engines(config: ServerConfig) -> list[Engine]:
                    "device": engine.device, "input_shape": engine.input_shape,
                    "output_shape": engine.output_shape, "dtype": engine.dtype.name},
         )  # fmt: skip
-        seconds = engine.warm_up()
+        kinds = _servable_kinds(engine, config)
+        seconds = engine.warm_up(kinds)
         log.info(
             "model warmed up",
             extra={"event": "warm_up", "model": engine.name, "seconds": round(seconds, 2),
-                   "xla": engine.xla},
+                   "xla": engine.xla, "kinds": [kind.value for kind in kinds]},
         )  # fmt: skip
         engines.append(engine)
     if config.unsafe_deserialization:
@@ -49,3 +51,11 @@ def load_engines(config: ServerConfig) -> list[Engine]:
             "unsafe deserialization is on: model files may run code", extra={"event": "unsafe"}
         )
     return engines
+
+
+def _servable_kinds(engine: Engine, config: ServerConfig) -> list[Derivative]:
+    """The kinds that can be answered for one row at all: a kind whose one-row result is
+    over --max-result-mb (a Hessian of a 64x64x3 input is 576 MiB) is always refused, and
+    warming it up would grow TensorFlow's memory by that much for nothing."""
+    spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows)
+    return [k for k in ENGINE_KINDS if spec.result_row_bytes(k) <= config.max_result_bytes]
