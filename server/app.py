@@ -94,12 +94,11 @@ class GradServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self.batchers: list[Batcher] = []  # one per served model, in serving order
-        # One budget for every model's batcher; its last 1/16 is kept for small requests.
-        self.memory = MemoryBudget(config.max_queue_bytes, config.max_queue_bytes // 16)
+        self.memory = MemoryBudget.for_server(config.max_queue_bytes)  # every model's
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = health_aio.HealthServicer()
         self._streams = Streams()
-        self._routes = Routes(self.metrics, Intake(self.memory))
+        self._routes = Routes(self.metrics, Intake(self.memory, 2 * config.max_message_bytes))
         self._health_update: asyncio.Future | None = None
 
     async def __aenter__(self) -> GradServer:

@@ -16,7 +16,7 @@ WAIT_S = 2.0  # bound on any single wait
 
 
 def test_large_requests_leave_the_small_share_of_the_budget_to_small_ones() -> None:
-    memory = MemoryBudget(1000, small_bytes=100)
+    memory = MemoryBudget(1000, kept_bytes=100, small_bytes=100)
     memory.reserve(850)
     with pytest.raises(QueueFull):
         memory.reserve(101)  # a large request may fill only up to 900
@@ -30,7 +30,19 @@ def test_large_requests_leave_the_small_share_of_the_budget_to_small_ones() -> N
     with pytest.raises(QueueFull, match="queue full"):
         memory.reserve(101)
     with pytest.raises(ValueError):
-        MemoryBudget(100, small_bytes=100)
+        MemoryBudget(100, kept_bytes=100)
+
+
+def test_the_kept_share_is_for_small_reservations_only() -> None:
+    """A flood's 30 MB reservations must not use the share kept for 1-row calls."""
+    memory = MemoryBudget.for_server(512 * 2**20)  # 32 MiB kept, for up to 2 MiB
+    while memory.fits(30 * 2**20):
+        memory.reserve(30 * 2**20)
+    assert memory.held == 16 * 30 * 2**20 and memory.limit - memory.held >= memory.kept
+    for _ in range(15):
+        memory.reserve(2 * 2**20)  # small ones still fit, into the kept share
+    with pytest.raises(QueueFull):
+        memory.reserve(3 * 2**20)
 
 
 def test_a_reservation_larger_than_the_limit_can_never_fit_and_holds_nothing() -> None:

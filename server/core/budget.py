@@ -31,17 +31,29 @@ def size_text(nbytes: float) -> str:
 class MemoryBudget:
     """Bytes held by admitted requests, against a limit shared by every batcher of a server.
 
-    The last `small_bytes` of the limit are kept for reservations no larger than that, so
-    that large requests filling the budget cannot shut out small ones (a 1-row call behind a
-    flood of 15 MB requests is still admitted)."""
+    The last `kept_bytes` of the limit are kept for reservations of at most `small_bytes`,
+    so that large requests filling the budget cannot shut out small ones (a 1-row call
+    behind a flood of 15 MB requests is still admitted)."""
 
-    def __init__(self, limit_bytes: int, small_bytes: int = 0) -> None:
-        if limit_bytes < 1 or not 0 <= small_bytes < limit_bytes:
+    def __init__(self, limit_bytes: int, kept_bytes: int = 0, small_bytes: int = 0) -> None:
+        if limit_bytes < 1 or not 0 <= kept_bytes < limit_bytes or small_bytes < 0:
             raise ValueError("a memory budget needs at least one byte, and more than it keeps")
         self.limit = limit_bytes
+        self.kept = kept_bytes
         self.small = small_bytes
         self.held = 0
         self._freed = asyncio.Event()
+
+    @classmethod
+    def for_server(cls, limit_bytes: int) -> MemoryBudget:
+        """The server's budget: its last sixteenth kept for reservations of at most a 256th
+        of it (at 256 MiB: 16 MiB kept for reservations of up to 1 MiB)."""
+        return cls(limit_bytes, limit_bytes // 16, limit_bytes // 256)
+
+    @property
+    def large_limit(self) -> int:
+        """What reservations larger than `small` may fill: the limit but the kept share."""
+        return self.limit - self.kept
 
     def reserve(self, nbytes: int) -> None:
         """Count `nbytes` more as held, or raise (holding nothing): RequestTooLarge when they
@@ -61,7 +73,7 @@ class MemoryBudget:
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` more fit now (large reservations leave the small ones' share)."""
-        ceiling = self.limit if nbytes <= self.small else self.limit - self.small
+        ceiling = self.limit if nbytes <= self.small else self.large_limit
         return self.held + nbytes <= ceiling
 
     def hold(self, nbytes: int) -> None:

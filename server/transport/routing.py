@@ -14,7 +14,6 @@ call's message is read only once its bytes are admitted (intake.py).
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Mapping
 from types import ModuleType
@@ -60,13 +59,9 @@ async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
     and parse it: the request and the message's size; a refusal or a missing message ends
     the call with its status."""
     try:
-        intake.admit(caller, lease)
-        data = await context.read()
+        data = await intake.read(context, caller, lease)
         if data is grpc.aio.EOF:
             raise InvalidInput("the call carried no request message; expected exactly one")
-        # Keep the answer's share reserved; until a caller's answers are seen, assume one
-        # as large as its message (a gradient's is).
-        lease.resize(max(lease.nbytes, 2 * len(data)))
     except RequestError as exc:
         await abort(context, exc)
     request = parse(data)
@@ -76,35 +71,55 @@ async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
 
 
 def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize):
-    """A unary method, served as request-streaming so that its message is read only once
-    admitted; its answer is encoded here so the lease can count it until it is sent."""
+    """A unary method, served as a stream of one message each way (clients see a unary call:
+    the two are the same on the wire): its message is read only once admitted, and its
+    answer is encoded and written here, so that the lease counts the answer until it has
+    been written to the connection (a unary handler's answer is still queued in gRPC when
+    the call ends)."""
     latency = metrics.latency.labels(name)
     answered = metrics.requests.labels(name, "OK")
 
-    @functools.wraps(method)
-    async def unary(_requests, context):
+    async def answer(context, lease: Lease) -> None:
+        caller = caller_of(context)
+        request, received = await _receive(context, caller, intake, lease, parse)
+        response = await method(request, context)
+        if isinstance(response, bulk.Spliced) and response.tensors:
+            encoded = await asyncio.to_thread(serialize, response)  # large: off the loop
+        else:
+            encoded = serialize(response)
+        lease.keep(received + len(encoded))
+        intake.remember(caller, lease.nbytes)
+        await context.write(encoded)
+
+    async def unary(_requests, context) -> None:
         started = time.perf_counter()
         lease = Lease(intake.memory)
         context.add_done_callback(lambda _context: lease.release())
         try:
-            caller = caller_of(context)
-            request, received = await _receive(context, caller, intake, lease, parse)
-            response = await method(request, context)
-            if isinstance(response, bulk.Spliced) and response.tensors:
-                answer = await asyncio.to_thread(serialize, response)  # large: off the loop
-            else:
-                answer = serialize(response)
-            lease.keep(received + len(answer))
-            intake.remember(caller, lease.nbytes)
-        except BaseException:
+            await answer(context, lease)
+        except BaseException as exc:
             metrics.requests.labels(name, _code_name(context.code())).inc()
             latency.observe(time.perf_counter() - started)
+            _forget_frames(exc)
             raise
+        finally:
+            lease.release()
         answered.inc()
         latency.observe(time.perf_counter() - started)
-        return answer
 
     return unary
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the frames an ending call's exception (and those it was raised from) refer to.
+    gRPC keeps an aborted call's exception with the call's state, which the exception's
+    frames refer to in turn: a cycle, freed only by the garbage collector, that kept every
+    refused call's message (15 MB in a flood) alive until a full collection."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__context__ or exc.__cause__
 
 
 class Routes(grpc.GenericRpcHandler):
@@ -157,7 +172,10 @@ class Routes(grpc.GenericRpcHandler):
             elif not method.client_streaming and not method.server_streaming:
                 wrapped = _unary(implementation, method.name, self._metrics, self._intake,
                                  parse, serialize)  # fmt: skip
-                handler = grpc.stream_unary_rpc_method_handler(wrapped)
+                handler = grpc.stream_stream_rpc_method_handler(
+                    wrapped,
+                    response_serializer=bytes,  # already encoded, by `wrapped`
+                )
             else:
                 raise ValueError(f"{method.full_name}: only unary and bidirectional RPCs")
             self._handlers[f"/{service.full_name}/{method.name}"] = handler
