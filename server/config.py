@@ -40,6 +40,7 @@ class ServerConfig:
     frontends: str = "auto"
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 0.0
+    bdp_probe: bool = False
     metrics_port: int = 9400
     log_format: str = "text"
     log_level: str = "INFO"
@@ -59,8 +60,8 @@ class ServerConfig:
         return self.max_message_mb * MIB
 
     def connection_options(self) -> list[tuple[str, int]]:
-        """gRPC server options for --max-connection-age and its grace (none when off)."""
-        options = []
+        """gRPC server options: HTTP/2 bandwidth probing, --max-connection-age and its grace."""
+        options = [("grpc.http2.bdp_probe", int(self.bdp_probe))]
         if self.max_connection_age > 0:
             options.append(("grpc.max_connection_age_ms", round(self.max_connection_age * 1000)))
         if self.max_connection_age_grace > 0:
@@ -126,6 +127,9 @@ _HELP = {
     "(0: never)",
     "max_connection_age_grace": "seconds the calls in flight on such a connection may still "
     "take before it is closed (0: no limit)",
+    "bdp_probe": "let HTTP/2 bandwidth probing widen each connection's windows: faster large "
+    "messages on long links, but then most of a message is in the server's memory before it "
+    "is admitted or refused, beyond --max-queue-mb (off: the memory bound holds)",
     "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

@@ -339,16 +339,19 @@ def test_without_max_connection_age_the_connection_stays(server):
     assert grpc.ChannelConnectivity.IDLE not in seen, seen
 
 
-def test_connection_age_flags_become_grpc_options():
+def test_connection_flags_become_grpc_options():
     from gradserve.server import config as cfg
 
     parser = argparse.ArgumentParser()
     cfg.add_arguments(parser)
-    args = parser.parse_args(["--max-connection-age", "300", "--max-connection-age-grace", "2.5"])
+    args = parser.parse_args(
+        ["--max-connection-age", "300", "--max-connection-age-grace", "2.5", "--bdp-probe", "on"]
+    )
     assert cfg.from_namespace(args).connection_options() == [
+        ("grpc.http2.bdp_probe", 1),
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", 2500),
     ]
-    assert cfg.ServerConfig().connection_options() == []
+    assert cfg.ServerConfig().connection_options() == [("grpc.http2.bdp_probe", 0)]
     with pytest.raises(ValueError, match="max-connection-age"):
         cfg.from_namespace(parser.parse_args(["--max-connection-age", "-1"]))
