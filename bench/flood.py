@@ -7,10 +7,13 @@ kernel's high-water mark, reset just before). Used by `make bench` (full size) a
 tests/test_flood.py (scaled down). Refused flood calls (RESOURCE_EXHAUSTED) back off
 briefly and try again, as the SDK does; any other failure counts as lost.
 
-The light caller runs in a process of its own (`python bench/flood.py light TARGET SECONDS`),
-so its latencies are the server's and not those of a client event loop busy with the flood;
-the flooders send their request pre-encoded and keep the answer's bytes unparsed, so the
-client spends its CPU on the connection, not on protobuf.
+Every caller runs outside the measuring process, so that what is measured is the server:
+the light caller in a process of its own (`python bench/flood.py light TARGET SECONDS
+TIMEOUT`), so its latencies are not those of a client event loop busy with the flood; the
+flooders in FLOOD_PROCESSES processes (`python bench/flood.py flood TARGET CALLERS ROWS
+SEED SECONDS`), each caller on a connection of its own, sending its request pre-encoded and
+keeping the answer's bytes unparsed, so the clients spend their CPU on the connection, not
+on protobuf.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from gradserve.wire.tensors import to_tensor
 INPUT_SHAPE = (64, 64, 3)
 REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
 BACKOFF_S = 0.05  # a refused flood caller waits this long before trying again
+FLOOD_PROCESSES = 4  # the flooding callers are spread over this many processes
 
 
 def build_model(path: Path) -> Path:
@@ -197,12 +201,16 @@ class _FloodTally:
     lost: dict[str, int] = field(default_factory=dict)
 
 
-async def _flooder(target: str, rows: int, seed: int, until: float, tally: _FloodTally) -> None:
-    """One flooding caller on its own connection: `rows`-row calls in a loop until `until`."""
-    request = _request(rows, seed).SerializeToString()
+async def _flooder(
+    target: str, request: bytes, until: float, tally: _FloodTally, go: asyncio.Event
+) -> None:
+    """One flooding caller on its own connection (made before `go`): the pre-encoded
+    request in a loop from `go` until `until` (set when `go` is)."""
     async with grpc.aio.insecure_channel(target, options=_BIG_MESSAGES) as channel:
+        await channel.channel_ready()
         evaluate = channel.unary_unary(EVALUATE)  # bytes in, bytes out: no protobuf work
-        while time.perf_counter() < until:
+        await go.wait()
+        while time.perf_counter() < until[0]:
             try:
                 await evaluate(request, timeout=120)
             except grpc.aio.AioRpcError as error:
@@ -219,19 +227,61 @@ _BIG_MESSAGES = [("grpc.max_receive_message_length", 256 << 20)]
 EVALUATE = "/gradserve.v1.GradientService/Evaluate"
 
 
-async def _flood(target: str, callers: int, rows: int, seconds: float, light_timeout: float):
-    light = _light_process(target, seconds, light_timeout)
+async def _flooders(target: str, callers: int, rows: int, seed: int, seconds: float):
+    """`callers` flooding callers of one process: connected and their requests encoded, it
+    prints "ready" and waits for a line on stdin, then floods for `seconds`; their tally."""
+    requests = [_request(rows, seed + i).SerializeToString() for i in range(callers)]
+    tally, go, until = _FloodTally(), asyncio.Event(), [0.0]
+    callers_done = asyncio.gather(
+        *(_flooder(target, request, until, tally, go) for request in requests)
+    )
+    await asyncio.sleep(0.5)  # let the callers connect
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    until[0] = time.perf_counter() + seconds
+    go.set()
+    await callers_done
+    return tally
+
+
+def _flood(target: str, callers: int, rows: int, seconds: float, light_timeout: float):
+    """The flooders' processes and the light caller's, run together: the flooders' tally
+    (the light caller's failures among its losses), its latencies and how long it took."""
+    shares = [callers // FLOOD_PROCESSES + (i < callers % FLOOD_PROCESSES)
+              for i in range(min(callers, FLOOD_PROCESSES))]  # fmt: skip
+    script = str(Path(__file__).resolve())
+    floods = [
+        subprocess.Popen([sys.executable, script, "flood", target, str(share), str(rows),
+                          str(1 + 1000 * i), str(seconds)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for i, share in enumerate(shares)
+    ]  # fmt: skip
+    light, tally = None, _FloodTally()
     try:
+        for process in floods:  # every flooder connected, its requests encoded
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("a flooding process did not start")
         started = time.perf_counter()
-        until = started + seconds
-        tally = _FloodTally()
-        await asyncio.gather(*[_flooder(target, rows, i + 1, until, tally) for i in range(callers)])
-        elapsed = time.perf_counter() - started  # flooders finish their last call after `until`
+        for process in floods:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        light = _light_process(target, seconds, light_timeout)
+        for process in floods:
+            out, _ = process.communicate(timeout=seconds + 180)
+            if process.returncode != 0:
+                raise RuntimeError(f"a flooding process failed ({process.returncode})")
+            part = json.loads(out)
+            tally.answered += part["answered"]
+            tally.refused += part["refused"]
+            for code, n in part["lost"].items():
+                tally.lost[code] = tally.lost.get(code, 0) + n
+        elapsed = time.perf_counter() - started  # flooders finish their last call after it
         latencies, failures = _light_result(light, timeout=seconds + light_timeout + 60)
     finally:
-        if light.poll() is None:
-            light.kill()
-            light.wait(timeout=10)
+        for process in (*floods, light):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
     for code, n in failures.items():
         tally.lost[f"light:{code}"] = n
     return tally, latencies, elapsed
@@ -256,9 +306,7 @@ def run_flood(
         )
         baseline = server.rss_mb()
         reset = server.reset_peak()
-        tally, latencies, elapsed = asyncio.run(
-            _flood(server.target, callers, rows, seconds, light_timeout)
-        )
+        tally, latencies, elapsed = _flood(server.target, callers, rows, seconds, light_timeout)
         peak = server.peak_rss_mb() if reset else float("nan")
     finally:
         server.stop()
@@ -284,7 +332,16 @@ def _light_main(target: str, seconds: str, timeout: str) -> None:
     print(json.dumps({"latencies": latencies, "failures": failures}))
 
 
+def _flood_main(target: str, callers: str, rows: str, seed: str, seconds: str) -> None:
+    tally = asyncio.run(_flooders(target, int(callers), int(rows), int(seed), float(seconds)))
+    print(json.dumps({"answered": tally.answered, "refused": tally.refused, "lost": tally.lost}))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 5 or sys.argv[1] != "light":
-        sys.exit("usage: flood.py light TARGET SECONDS TIMEOUT")
-    _light_main(*sys.argv[2:])
+    if len(sys.argv) == 5 and sys.argv[1] == "light":
+        _light_main(*sys.argv[2:])
+    elif len(sys.argv) == 7 and sys.argv[1] == "flood":
+        _flood_main(*sys.argv[2:])
+    else:
+        sys.exit("usage: flood.py light TARGET SECONDS TIMEOUT | flood TARGET CALLERS ROWS SEED "
+                 "SECONDS")  # fmt: skip
