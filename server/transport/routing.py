@@ -71,41 +71,35 @@ async def _receive(context, caller: str, intake: Intake, lease: Lease, parse):
 
 
 def _unary(method, name: str, metrics: Metrics, intake: Intake, parse, serialize):
-    """A unary method, served as a stream of one message each way (clients see a unary call:
-    the two are the same on the wire): its message is read only once admitted, and its
-    answer is encoded and written here, so that the lease counts the answer until it has
-    been written to the connection (a unary handler's answer is still queued in gRPC when
-    the call ends)."""
+    """A unary method, served as request-streaming (clients see a unary call: the two are
+    the same on the wire) so that its message is read only once admitted; its answer is
+    encoded here so that the lease counts it until the call is done. (Writing the answer
+    from a one-message stream handler instead cost 25 % more CPU per small call.)"""
     latency = metrics.latency.labels(name)
     answered = metrics.requests.labels(name, "OK")
 
-    async def answer(context, lease: Lease) -> None:
-        caller = caller_of(context)
-        request, received = await _receive(context, caller, intake, lease, parse)
-        response = await method(request, context)
-        if isinstance(response, bulk.Spliced) and response.tensors:
-            encoded = await asyncio.to_thread(serialize, response)  # large: off the loop
-        else:
-            encoded = serialize(response)
-        lease.keep(received + len(encoded))
-        intake.remember(caller, lease.nbytes)
-        await context.write(encoded)
-
-    async def unary(_requests, context) -> None:
+    async def unary(_requests, context) -> bytes:
         started = time.perf_counter()
         lease = Lease(intake.memory)
         context.add_done_callback(lambda _context: lease.release())
         try:
-            await answer(context, lease)
+            caller = caller_of(context)
+            request, received = await _receive(context, caller, intake, lease, parse)
+            response = await method(request, context)
+            if isinstance(response, bulk.Spliced) and response.tensors:
+                encoded = await asyncio.to_thread(serialize, response)  # large: off the loop
+            else:
+                encoded = serialize(response)
+            lease.keep(received + len(encoded))
+            intake.remember(caller, lease.nbytes)
         except BaseException as exc:
             metrics.requests.labels(name, _code_name(context.code())).inc()
             latency.observe(time.perf_counter() - started)
             _forget_frames(exc)
             raise
-        finally:
-            lease.release()
         answered.inc()
         latency.observe(time.perf_counter() - started)
+        return encoded
 
     return unary
 
@@ -172,10 +166,7 @@ class Routes(grpc.GenericRpcHandler):
             elif not method.client_streaming and not method.server_streaming:
                 wrapped = _unary(implementation, method.name, self._metrics, self._intake,
                                  parse, serialize)  # fmt: skip
-                handler = grpc.stream_stream_rpc_method_handler(
-                    wrapped,
-                    response_serializer=bytes,  # already encoded, by `wrapped`
-                )
+                handler = grpc.stream_unary_rpc_method_handler(wrapped)  # encoded by it
             else:
                 raise ValueError(f"{method.full_name}: only unary and bidirectional RPCs")
             self._handlers[f"/{service.full_name}/{method.name}"] = handler
