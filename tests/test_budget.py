@@ -35,7 +35,7 @@ def test_large_requests_leave_the_small_share_of_the_budget_to_small_ones() -> N
 
 def test_the_kept_share_is_for_small_reservations_only() -> None:
     """A flood's 30 MB reservations must not use the share kept for 1-row calls."""
-    memory = MemoryBudget.for_server(512 * 2**20)  # 32 MiB kept, for up to 2 MiB
+    memory = MemoryBudget.for_server(512 * 2**20)  # 32 MiB kept, for up to 8 MiB
     while memory.fits(30 * 2**20):
         memory.reserve(30 * 2**20)
     assert memory.held == 16 * 30 * 2**20 and memory.limit - memory.held >= memory.kept
@@ -43,6 +43,7 @@ def test_the_kept_share_is_for_small_reservations_only() -> None:
         memory.reserve(2 * 2**20)  # small ones still fit, into the kept share
     with pytest.raises(QueueFull):
         memory.reserve(3 * 2**20)
+    assert memory.fits(2 * 2**20) and not memory.fits(9 * 2**20)
 
 
 def test_a_reservation_larger_than_the_limit_can_never_fit_and_holds_nothing() -> None:

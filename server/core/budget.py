@@ -46,9 +46,10 @@ class MemoryBudget:
 
     @classmethod
     def for_server(cls, limit_bytes: int) -> MemoryBudget:
-        """The server's budget: its last sixteenth kept for reservations of at most a 256th
-        of it (at 256 MiB: 16 MiB kept for reservations of up to 1 MiB)."""
-        return cls(limit_bytes, limit_bytes // 16, limit_bytes // 256)
+        """The server's budget: its last sixteenth kept for reservations of at most a 64th of
+        it (at 256 MiB: 16 MiB kept for reservations of up to 4 MiB; at 8 MiB, 128 KiB: a
+        1-row 64x64x3 call and its answer, 96 KiB, still fit)."""
+        return cls(limit_bytes, limit_bytes // 16, limit_bytes // 64)
 
     @property
     def large_limit(self) -> int:
