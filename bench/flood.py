@@ -9,7 +9,8 @@ briefly and try again, as the SDK does; any other failure counts as lost.
 
 Every caller runs outside the measuring process, so that what is measured is the server:
 the light caller in a process of its own (`python bench/flood.py light TARGET SECONDS
-TIMEOUT`), so its latencies are not those of a client event loop busy with the flood; the
+TIMEOUT`), connected (one call made) before the flood starts, so its latencies are neither
+those of a client event loop busy with the flood nor a newcomer's first call; the
 flooders in FLOOD_PROCESSES processes (`python bench/flood.py flood TARGET CALLERS ROWS
 SEED SECONDS`), each caller on a connection of its own, sending its request pre-encoded and
 keeping the answer's bytes unparsed, so the clients spend their CPU on the connection, not
@@ -40,6 +41,11 @@ INPUT_SHAPE = (64, 64, 3)
 REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
 BACKOFF_S = 0.05  # a refused flood caller waits this long before trying again
 FLOOD_PROCESSES = 4  # the flooding callers are spread over this many processes
+QUEUE_MB = 512  # --max-queue-mb of `make bench`'s flood
+# What the process may hold beyond 1.2 x --max-queue-mb under it (the engine's batch, the
+# one newcomer's message, answers not yet read by their clients, the allocator's slack).
+MARGIN_MB = 150
+LIGHT_P99_MS = 300  # the light caller's p99 under `make bench`'s flood
 
 
 def build_model(path: Path) -> Path:
@@ -163,11 +169,18 @@ def _request(rows: int, seed: int) -> pb.EvaluateRequest:
     return pb.EvaluateRequest(x=to_tensor(x.astype(np.float32)))
 
 
-async def _light(target: str, until: float, timeout: float) -> tuple[list[float], dict]:
-    """1-row calls back to back until `until`: their latencies and any failures."""
+async def _light(
+    target: str, seconds: float, timeout: float, ready=None
+) -> tuple[list[float], dict]:
+    """1-row calls back to back for `seconds`, on a connection the server has seen one call
+    on (and, with `ready`, once `ready()` returns): their latencies and any failures."""
     request, latencies, failures = _request(1, 0), [], {}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
+        await stub.Evaluate(request, timeout=timeout)
+        if ready is not None:
+            await ready()
+        until = time.perf_counter() + seconds
         while time.perf_counter() < until:
             began = time.perf_counter()
             try:
@@ -179,11 +192,17 @@ async def _light(target: str, until: float, timeout: float) -> tuple[list[float]
     return latencies, failures
 
 
+async def _ready_then_go() -> None:
+    """Say "ready" on stdout, then wait for the measuring process's line on stdin."""
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+
+
 def _light_process(target: str, seconds: float, timeout: float) -> subprocess.Popen:
     """The light caller in its own process; `_light_result` collects what it measured."""
     argv = [sys.executable, str(Path(__file__).resolve()), "light", target, str(seconds)]
     argv.append(str(timeout))
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def _light_result(process: subprocess.Popen, timeout: float) -> tuple[list[float], dict]:
@@ -236,8 +255,7 @@ async def _flooders(target: str, callers: int, rows: int, seed: int, seconds: fl
         *(_flooder(target, request, until, tally, go) for request in requests)
     )
     await asyncio.sleep(0.5)  # let the callers connect
-    print("ready", flush=True)
-    await asyncio.to_thread(sys.stdin.readline)
+    await _ready_then_go()
     until[0] = time.perf_counter() + seconds
     go.set()
     await callers_done
@@ -256,16 +274,15 @@ def _flood(target: str, callers: int, rows: int, seconds: float, light_timeout: 
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for i, share in enumerate(shares)
     ]  # fmt: skip
-    light, tally = None, _FloodTally()
+    light, tally = _light_process(target, seconds, light_timeout), _FloodTally()
     try:
-        for process in floods:  # every flooder connected, its requests encoded
+        for process in (*floods, light):  # every caller connected, its requests encoded
             if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("a flooding process did not start")
+                raise RuntimeError("a calling process did not start")
         started = time.perf_counter()
-        for process in floods:
+        for process in (*floods, light):
             process.stdin.write("go\n")
             process.stdin.flush()
-        light = _light_process(target, seconds, light_timeout)
         for process in floods:
             out, _ = process.communicate(timeout=seconds + 180)
             if process.returncode != 0:
@@ -300,10 +317,8 @@ def run_flood(
     """Start a server with `server_args`, measure the light caller idle, then the flood."""
     server = ServerProcess(model, server_args)
     try:
-        asyncio.run(_light(server.target, time.perf_counter() + 0.5, light_timeout))  # warm
-        idle, _ = asyncio.run(
-            _light(server.target, time.perf_counter() + idle_seconds, light_timeout)
-        )
+        asyncio.run(_light(server.target, 0.5, light_timeout))  # warm
+        idle, _ = asyncio.run(_light(server.target, idle_seconds, light_timeout))
         baseline = server.rss_mb()
         reset = server.reset_peak()
         tally, latencies, elapsed = _flood(server.target, callers, rows, seconds, light_timeout)
@@ -327,8 +342,8 @@ def run_flood(
 
 
 def _light_main(target: str, seconds: str, timeout: str) -> None:
-    until = time.perf_counter() + float(seconds)
-    latencies, failures = asyncio.run(_light(target, until, float(timeout)))
+    light = _light(target, float(seconds), float(timeout), ready=_ready_then_go)
+    latencies, failures = asyncio.run(light)
     print(json.dumps({"latencies": latencies, "failures": failures}))
 
 

@@ -194,7 +194,7 @@ def flood_step() -> dict:
     against the default server and against one with fairness and the time cap off."""
     import tempfile
 
-    from bench.flood import build_model, run_flood
+    from bench.flood import QUEUE_MB, build_model, run_flood
 
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -202,8 +202,8 @@ def flood_step() -> dict:
         for label, server_args in FLOOD_CONFIGS.items():
             print(f"flood ({label})...", flush=True)
             results[label] = run_flood(
-                model, server_args, callers=FLOOD_CALLERS, rows=FLOOD_ROWS,
-                seconds=FLOOD_SECONDS, idle_seconds=3.0,
+                model, [*server_args, "--max-queue-mb", str(QUEUE_MB)], callers=FLOOD_CALLERS,
+                rows=FLOOD_ROWS, seconds=FLOOD_SECONDS, idle_seconds=3.0,
             )  # fmt: skip
     return results
 
