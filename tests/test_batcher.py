@@ -620,6 +620,37 @@ async def test_split_request_failing_in_engine_stops_after_the_failing_part() ->
     assert engine.rows() == [1, 10, 2]
 
 
+async def test_an_error_nobody_in_the_batch_caused_fails_it_whole_without_bisection() -> None:
+    """A full queue behind the engine (the engine process's, with several frontends) is no
+    request's fault: every request of the batch gets it as it is (RESOURCE_EXHAUSTED), and
+    the batch is not bisected into calls that would meet the same full queue."""
+    calls = []
+
+    def full(kind: Derivative, x: np.ndarray) -> Outputs:
+        calls.append(len(x))
+        raise QueueFull("queue full in the engine process")
+
+    gate = threading.Event()
+
+    def held_then_full(kind: Derivative, x: np.ndarray) -> Outputs:
+        if not calls:
+            calls.append(len(x))
+            gate.wait(HOLD_S)
+            return reference(kind, x)
+        return full(kind, x)
+
+    async with Batcher(held_then_full, max_batch_size=64) as batcher:
+        first = batcher.submit(make_x(NONE, 1), NONE)
+        await until(lambda: len(calls) == 1)  # the first call holds the engine
+        futures = [batcher.submit(make_x(NONE, n), NONE) for n in (2, 3, 4)]
+        gate.set()
+        await wait(first)
+        for future in futures:
+            with pytest.raises(QueueFull, match="engine process"):
+                await wait(future)
+    assert calls == [1, 9]  # one call for the three, not a bisection
+
+
 # --------------------------------------------------------------------------- 9. max_delay_s
 
 

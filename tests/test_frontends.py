@@ -7,6 +7,7 @@ outside: its processes in /proc, its one /metrics endpoint, its callers' outcome
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -20,6 +21,8 @@ from conftest import FRONTENDS_ARGS, ServerProcess, assert_same_answer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
+from gradserve.server.core.errors import Closed, EngineFailed, QueueFull, RequestTooLarge
+from gradserve.server.multiproc.remote import SubBatchAnswer
 from gradserve.server.multiproc.shm import SHM_DIR
 from gradserve.wire.kinds import Derivative
 
@@ -167,6 +170,28 @@ def test_engine_merges_the_sub_batches_of_both_frontends(frontends_server, bundl
     assert rows == len(outcomes)
 
 
+def test_the_engine_process_caps_merged_batches_by_max_batch_ms():
+    """--max-batch-ms reaches the engine process's batchers: with a budget no call can meet,
+    the engine learns each call's cost and caps the batches it merges from both frontends
+    at one row (it reports the cap it learned; batched on rows only, it had none)."""
+    server = ServerProcess(*FRONTENDS_ARGS, "--max-batch-ms", "0.001", "--drain-seconds", "10")
+    try:
+        outcomes = call_concurrently(server.target, callers=8, calls=10)
+        assert not [r for _, r in outcomes if isinstance(r, GradserveError)]
+        samples = scrape(server)
+    finally:
+        server.stop()
+    caps = [
+        value
+        for key, value in samples.items()
+        if key.startswith("gradserve_batch_row_cap")
+        and 'process="engine"' in key
+        and 'derivative="gradient"' in key
+    ]
+    assert caps == [1.0], caps
+    assert total(samples, "gradserve_rows_computed_total", 'process="engine"') == len(outcomes)
+
+
 def wait_for(predicate, timeout: float) -> float:
     """Seconds until `predicate()` held; fails the test after `timeout`."""
     start = time.monotonic()
@@ -250,3 +275,27 @@ def test_children_end_when_the_supervisor_is_killed(fresh_server):
     fresh_server.process.wait(timeout=10)
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and maps(pid) for pid in kids), 30)
     assert not list(SHM_DIR.glob(f"gradserve-{supervisor}-*"))  # no shared memory left behind
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (QueueFull("queue full: 9 of 8 rows"), QueueFull),
+        (Closed("shutting down"), Closed),
+        (RequestTooLarge("rows"), RequestTooLarge),
+        (ValueError("kind needs a vector v"), EngineFailed),
+    ],
+)
+def test_errors_cross_from_the_engine_process_as_themselves(raised, expected) -> None:
+    """What the engine process answers for a failed sub-batch (pickled over its socket) is
+    raised in the frontend as the same error with the same message, so each keeps its
+    status; anything else, and the engine failing on rows, is EngineFailed with its cause."""
+    answer = pickle.loads(pickle.dumps(SubBatchAnswer.failed(raised)))
+    with pytest.raises(expected) as info:
+        answer.raise_error()
+    assert str(info.value) == str(raised) and type(info.value) is expected
+    failed = EngineFailed("the engine failed on this request: bad row")
+    failed.__cause__ = ValueError("bad row")
+    with pytest.raises(EngineFailed, match=r"^bad row$"):
+        pickle.loads(pickle.dumps(SubBatchAnswer.failed(failed))).raise_error()
+    SubBatchAnswer(path="p").raise_error()  # outputs: nothing raised

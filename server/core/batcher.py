@@ -43,10 +43,10 @@ import numpy as np
 from gradserve.server.core.budget import CostEstimate, CostModel, MemoryBudget
 from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Priority
 from gradserve.server.core.errors import (
+    NOT_BLAMED,
     Closed,
     DeadlineExpired,
     EngineFailed,
-    EngineUnavailable,
     QueueFull,
     RequestError,
     RequestTooLarge,
@@ -507,7 +507,7 @@ class Batcher:
             outputs, began, ended = await loop.run_in_executor(
                 self._executor, _timed, self._compute, kind, xs, vs
             )
-        except EngineUnavailable as exc:  # nothing ran: no request is to blame
+        except NOT_BLAMED as exc:  # e.g. nothing ran, or the engine's queue is full
             _fail(parts, exc)
             return
         except Exception as exc:

@@ -42,6 +42,18 @@ class Closed(RequestError):
     """The server is shutting down and accepts no new requests or stream messages."""
 
 
+# Errors a computation may end with that are nobody's fault in its batch: the batch is not
+# bisected, each of its requests gets the error as it is.
+NOT_BLAMED = (EngineUnavailable, Closed, QueueFull)
+
+# Every error by its name, the name being how it crosses a process boundary.
+BY_NAME: dict[str, type[RequestError]] = {
+    cls.__name__: cls
+    for cls in (InvalidInput, UnknownModel, QueueFull, RequestTooLarge, DeadlineExpired,
+                EngineFailed, EngineUnavailable, Closed)
+}  # fmt: skip
+
+
 class Undecodable:
     """Stands in for a request message whose bytes did not parse: what it was meant to be and
     why it is not, as the InvalidInput its call or stream message is answered with."""

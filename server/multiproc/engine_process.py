@@ -3,9 +3,12 @@
 It loads and warms up every model, then listens on a local socket for frontends. Each
 frontend sends sub-batches (its own micro-batches); they go into this process's batchers,
 one per model, which merge the sub-batches of every frontend into one device call per
-batch (never mixing models or derivative kinds, at most --max-batch-size rows), on one
-engine thread. A failing sub-batch is isolated by the batcher's bisection and answered
-with its error; the frontend then bisects it down to the request that fails.
+batch (never mixing models or derivative kinds, at most --max-batch-size rows and, as in
+one process, at most the rows whose learned cost fits --max-batch-ms, on the XLA ladder),
+on one engine thread, sharing batches round robin between frontends (--fairness). A
+failing sub-batch is isolated by the batcher's bisection and answered with its error; the
+frontend then bisects it down to the request that fails. Any other error (a full queue,
+shutting down) crosses with its kind and is not bisected.
 """
 
 from __future__ import annotations
@@ -46,16 +49,18 @@ class _Session:
         self._batchers = batchers
         self._requests = Mapped()
         self._answers = Segment(f"gradserve-{os.getppid()}-e{number}")
+        self._number = number  # the frontend's turn in fair batches
         self._pending: asyncio.Future[Result] | None = None
         self.closed = False
 
     def submit(self, message: SubBatch) -> None:
         x = self._requests.view(message.path, message.x)
         v = self._requests.view(message.path, message.v)
+        batcher = self._batchers[message.model]
         try:
-            future = self._batchers[message.model].submit(x, Derivative(message.kind), None, v)
+            future = batcher.submit(x, Derivative(message.kind), None, v, caller=self._number)
         except Exception as exc:
-            self._send(SubBatchAnswer(error=str(exc)))
+            self._send(SubBatchAnswer.failed(exc))
             return
         self._pending = future
         future.add_done_callback(self._answer)
@@ -66,7 +71,7 @@ class _Session:
             return
         error = future.exception()
         if error is not None:
-            self._send(SubBatchAnswer(error=str(error.__cause__ or error)))
+            self._send(SubBatchAnswer.failed(error))
             return
         result = future.result()
         path, (y, dy_dx) = self._answers.write([result.y, result.dy_dx])
@@ -131,6 +136,9 @@ async def _serve(config: ServerConfig, address: str, parent: Connection, load: L
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_delay_us / 1e6,
             max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
+            fair=config.fairness,  # between frontends: each is one caller here
+            max_batch_s=config.max_batch_ms / 1e3,
+            ladder=getattr(engine, "ladder", ()),
             observer=metrics,
             executor=executor,
         )
@@ -139,6 +147,7 @@ async def _serve(config: ServerConfig, address: str, parent: Connection, load: L
     for batcher in batchers.values():
         batcher.start()
     metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers.values()))
+    metrics.watch_costs(lambda: [(name, b.costs()) for name, b in batchers.items()])
     infos = [
         EngineModel(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
                   np.dtype(e.numpy_dtype).name)

@@ -22,7 +22,7 @@ from multiprocessing.connection import Client, Connection
 import numpy as np
 
 from gradserve.server.core.contract import Outputs, Shape
-from gradserve.server.core.errors import EngineFailed, EngineUnavailable
+from gradserve.server.core.errors import BY_NAME, EngineFailed, EngineUnavailable, RequestError
 from gradserve.server.multiproc.shm import ArrayRef, Mapped, Segment
 from gradserve.wire.kinds import Derivative
 
@@ -55,12 +55,29 @@ class SubBatch:
 
 @dataclass(frozen=True, slots=True)
 class SubBatchAnswer:
-    """Engine -> frontend: the outputs in the engine's segment, or what went wrong."""
+    """Engine -> frontend: the outputs in the engine's segment, or what went wrong: the
+    error's message and its kind (a name in errors.BY_NAME), so that the frontend raises the
+    same error and it keeps its status (a full engine queue is RESOURCE_EXHAUSTED, not an
+    engine failure to bisect)."""
 
     path: str = ""
     y: ArrayRef | None = None
     dy_dx: ArrayRef | None = None
     error: str = ""
+    error_kind: str = EngineFailed.__name__
+
+    @classmethod
+    def failed(cls, exc: BaseException) -> SubBatchAnswer:
+        """The answer for a sub-batch that ended with `exc`: a RequestError as itself; the
+        engine failing on the rows (or anything else) as EngineFailed with its cause."""
+        if isinstance(exc, RequestError) and not isinstance(exc, EngineFailed):
+            return cls(error=str(exc), error_kind=type(exc).__name__)
+        return cls(error=str(exc.__cause__ or exc))
+
+    def raise_error(self) -> None:
+        """Raise the error this answer carries (none when it carries outputs)."""
+        if self.error:
+            raise BY_NAME.get(self.error_kind, EngineFailed)(self.error)
 
 
 class EngineLink:
@@ -104,8 +121,7 @@ class EngineLink:
             except (EOFError, OSError) as exc:
                 self._lose(exc)
                 raise EngineUnavailable(_GONE) from exc
-            if answer.error:
-                raise EngineFailed(answer.error)
+            answer.raise_error()
             y = np.array(self._answers.view(answer.path, answer.y))
             dy_dx = self._answers.view(answer.path, answer.dy_dx)
             return Outputs(y, None if dy_dx is None else np.array(dy_dx))
