@@ -188,6 +188,7 @@ class GradServer:
                 ladder=getattr(engine, "ladder", ()),
                 observer=self.metrics,
                 executor=self._executor,
+                hints=getattr(engine, "takes_hints", False),  # the engine process's
             )
             batcher.start()
             self.batchers.append(batcher)

@@ -32,7 +32,7 @@ import pytest
 
 from gradserve.server.core.batcher import Batcher, Result
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import Outputs, Priority
+from gradserve.server.core.contract import BatchHints, Outputs, Priority
 from gradserve.server.core.errors import (
     Closed,
     DeadlineExpired,
@@ -649,6 +649,37 @@ async def test_an_error_nobody_in_the_batch_caused_fails_it_whole_without_bisect
             with pytest.raises(QueueFull, match="engine process"):
                 await wait(future)
     assert calls == [1, 9]  # one call for the three, not a bisection
+
+
+async def test_an_engine_that_schedules_gets_each_batch_s_priority_and_latest_deadline() -> None:
+    """With hints on (the engine process behind a frontend), compute gets the batch's most
+    urgent priority and its latest deadline, or none when a request of it has none."""
+    seen: list[BatchHints] = []
+    gate = threading.Event()
+
+    def compute(kind: Derivative, x: np.ndarray, hints: BatchHints) -> Outputs:
+        seen.append(hints)
+        if len(seen) == 1:
+            gate.wait(HOLD_S)
+        return reference(kind, x)
+
+    loop = asyncio.get_running_loop()
+    async with Batcher(compute, max_batch_size=64, hints=True) as batcher:
+        first = batcher.submit(make_x(NONE, 1), NONE)
+        await until(lambda: len(seen) == 1)  # the engine is held: the rest queue together
+        soon, later = loop.time() + 30, loop.time() + 60
+        normal = batcher.submit(make_x(NONE, 2), NONE, deadline=soon)
+        high = batcher.submit(make_x(NONE, 3), NONE, deadline=later, priority=Priority.HIGH)
+        gate.set()
+        await wait(asyncio.gather(first, normal, high))
+        await wait(batcher.submit(make_x(GRADIENT, 1), GRADIENT, deadline=soon))
+        await wait(batcher.submit(make_x(GRADIENT, 1), GRADIENT))
+    assert seen == [
+        BatchHints(Priority.NORMAL, None),
+        BatchHints(Priority.HIGH, later),
+        BatchHints(Priority.NORMAL, soon),
+        BatchHints(Priority.NORMAL, None),
+    ]
 
 
 # --------------------------------------------------------------------------- 9. max_delay_s

@@ -24,6 +24,9 @@ from gradserve.client import GradientClient, GradserveError, RetryPolicy
 from gradserve.server.core.errors import Closed, EngineFailed, QueueFull, RequestTooLarge
 from gradserve.server.multiproc.remote import SubBatchAnswer
 from gradserve.server.multiproc.shm import SHM_DIR
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire import tensors
 from gradserve.wire.kinds import Derivative
 
 FRONTEND_RSS_LIMIT_MB = 150
@@ -190,6 +193,25 @@ def test_the_engine_process_caps_merged_batches_by_max_batch_ms():
     ]
     assert caps == [1.0], caps
     assert total(samples, "gradserve_rows_computed_total", 'process="engine"') == len(outcomes)
+
+
+def test_priority_and_deadline_cross_to_the_engine_process(frontends_server, bundled_engine):
+    """HIGH requests with and without a deadline, mixed with NORMAL ones, over both frontends
+    (each new connection lands on either): every answer is the engine's own, so the
+    sub-batches' priority and deadline reach the engine process's queue and are served."""
+    x = np.linspace(0.05, 0.95, 24, dtype=np.float32).reshape(24, 1)
+    answers = []
+    for i, row in enumerate(x):
+        with grpc.insecure_channel(frontends_server.target) as channel:
+            request = pb.EvaluateRequest(
+                x=tensors.to_tensor(row[None]), priority=pb.HIGH if i % 2 else pb.NORMAL
+            )
+            timeout = 30 if i % 3 else None
+            answers.append(pb_grpc.GradientServiceStub(channel).Evaluate(request, timeout=timeout))
+    reference = bundled_engine.run(Derivative.GRADIENT, x)
+    assert_same_answer(
+        np.concatenate([tensors.from_tensor(a.dy_dx) for a in answers]), reference.dy_dx
+    )
 
 
 def wait_for(predicate, timeout: float) -> float:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.server.core.budget import CostEstimate, CostModel, MemoryBudget
-from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Priority
+from gradserve.server.core.contract import ENGINE_KINDS, BatchHints, Outputs, Priority
 from gradserve.server.core.errors import (
     NOT_BLAMED,
     Closed,
@@ -97,6 +98,7 @@ class _Pending:
         "n",
         "nbytes",
         "next_row",
+        "priority",
         "started",
         "v",
         "waited_s",
@@ -104,7 +106,7 @@ class _Pending:
         "y",
     )
 
-    def __init__(self, x, v, kind, future, deadline, enqueued, caller, nbytes) -> None:
+    def __init__(self, x, v, kind, future, deadline, enqueued, caller, nbytes, priority) -> None:
         self.x: np.ndarray | None = x
         self.v: np.ndarray | None = v
         self.n: int = x.shape[0]
@@ -114,6 +116,7 @@ class _Pending:
         self.enqueued: float = enqueued
         self.caller: Hashable = caller
         self.nbytes: int = nbytes
+        self.priority: Priority = priority
         self.next_row = 0
         self.started: float | None = None
         self.compute_s = 0.0
@@ -202,17 +205,20 @@ class Batcher:
         ladder: Sequence[int] = (),
         observer: Observer | None = None,
         executor: ThreadPoolExecutor | None = None,
+        hints: bool = False,
     ) -> None:
         """`memory`: the byte budget admission counts against (None: bytes unbounded);
         `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
         `fair`: a queue per caller, batches filled round robin (False: one shared queue);
         `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
-        the engine pads to (empty: it does not pad)."""
+        the engine pads to (empty: it does not pad); `hints`: pass `compute` each batch's
+        BatchHints as `hints=` (an engine that schedules further: the engine process)."""
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or max_batch_s < 0:
             raise ValueError(
                 "max_batch_size and max_queue_rows must be >= 1, max_delay_s and max_batch_s >= 0"
             )
         self._compute = compute
+        self._hints = hints
         self._observer = observer or Observer()
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -300,9 +306,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         key = caller if self.fair else None
-        pending = _Pending(x, v, kind, future, deadline, time.perf_counter(), key, nbytes)
+        priority = Priority(priority)
+        pending = _Pending(x, v, kind, future, deadline, time.perf_counter(), key, nbytes, priority)
         future.add_done_callback(lambda _f: self._finished(pending))
-        self._lanes[Priority(priority)][kind].add(pending)
+        self._lanes[priority][kind].add(pending)
         self._queued_rows += n
         self.pending += 1
         self._idle.clear()
@@ -504,8 +511,11 @@ class Batcher:
         vs = None if parts[0].pending.v is None else _slices(parts, "v")
         loop = asyncio.get_running_loop()
         try:
+            compute = self._compute
+            if self._hints:
+                compute = functools.partial(compute, hints=_hints_of(parts))
             outputs, began, ended = await loop.run_in_executor(
-                self._executor, _timed, self._compute, kind, xs, vs
+                self._executor, _timed, compute, kind, xs, vs
             )
         except NOT_BLAMED as exc:  # e.g. nothing ran, or the engine's queue is full
             _fail(parts, exc)
@@ -538,6 +548,14 @@ def _timed(
     began = time.perf_counter()
     outputs = compute(*args)
     return outputs, began, time.perf_counter()
+
+
+def _hints_of(parts: list[_Part]) -> BatchHints:
+    """A batch's most urgent priority and latest deadline (deadlines are on the asyncio
+    loop's clock, time.monotonic(), as BatchHints wants them)."""
+    deadlines = [p.pending.deadline for p in parts]
+    deadline = None if None in deadlines else max(deadlines)
+    return BatchHints(max(p.pending.priority for p in parts), deadline)
 
 
 def _slices(parts: list[_Part], field: str) -> list[np.ndarray]:

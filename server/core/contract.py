@@ -37,6 +37,18 @@ class Outputs(NamedTuple):
     dy_dx: np.ndarray | None
 
 
+@dataclass(frozen=True, slots=True)
+class BatchHints:
+    """What a scheduler behind the engine needs of one batch (the engine process, which
+    queues the sub-batches of every frontend): its most urgent priority, and its latest
+    deadline on the system's monotonic clock (time.monotonic(), the asyncio loop's clock in
+    every process of the machine; None when a request of it has none). A batch past that
+    deadline holds no request anyone still waits for."""
+
+    priority: Priority = Priority.NORMAL
+    deadline: float | None = None
+
+
 class Engine(Protocol):
     """What the server needs of a loaded model (server.engine.Engine; fakes in tests)."""
 

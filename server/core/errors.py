@@ -43,8 +43,9 @@ class Closed(RequestError):
 
 
 # Errors a computation may end with that are nobody's fault in its batch: the batch is not
-# bisected, each of its requests gets the error as it is.
-NOT_BLAMED = (EngineUnavailable, Closed, QueueFull)
+# bisected, each of its requests gets the error as it is (DeadlineExpired: from the engine
+# process, for a batch whose every request's deadline had passed).
+NOT_BLAMED = (EngineUnavailable, Closed, QueueFull, DeadlineExpired)
 
 # Every error by its name, the name being how it crosses a process boundary.
 BY_NAME: dict[str, type[RequestError]] = {

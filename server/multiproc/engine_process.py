@@ -8,7 +8,9 @@ one process, at most the rows whose learned cost fits --max-batch-ms, on the XLA
 on one engine thread, sharing batches round robin between frontends (--fairness). A
 failing sub-batch is isolated by the batcher's bisection and answered with its error; the
 frontend then bisects it down to the request that fails. Any other error (a full queue,
-shutting down) crosses with its kind and is not bisected.
+shutting down) crosses with its kind and is not bisected. Each sub-batch is queued with
+its requests' most urgent priority and latest deadline (a HIGH request overtakes NORMAL
+rows queued here; a sub-batch whose every request is past its deadline is never computed).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher, Result
-from gradserve.server.core.contract import Engine
+from gradserve.server.core.contract import Engine, Priority
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import shm
 from gradserve.server.multiproc.remote import EngineModel, SubBatch, SubBatchAnswer
@@ -58,7 +60,10 @@ class _Session:
         v = self._requests.view(message.path, message.v)
         batcher = self._batchers[message.model]
         try:
-            future = batcher.submit(x, Derivative(message.kind), None, v, caller=self._number)
+            future = batcher.submit(
+                x, Derivative(message.kind), message.deadline, v,
+                caller=self._number, priority=Priority(message.priority),
+            )  # fmt: skip
         except Exception as exc:
             self._send(SubBatchAnswer.failed(exc))
             return

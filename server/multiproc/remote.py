@@ -21,7 +21,7 @@ from multiprocessing.connection import Client, Connection
 
 import numpy as np
 
-from gradserve.server.core.contract import Outputs, Shape
+from gradserve.server.core.contract import BatchHints, Outputs, Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, EngineUnavailable, RequestError
 from gradserve.server.multiproc.shm import ArrayRef, Mapped, Segment
 from gradserve.wire.kinds import Derivative
@@ -29,6 +29,7 @@ from gradserve.wire.kinds import Derivative
 log = logging.getLogger(__name__)
 _GONE = "the engine process is gone; this server is stopping: retry (another replica)"
 _CONNECT_RETRY_S = 0.05
+_NO_HINTS = BatchHints()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +45,17 @@ class EngineModel:
 
 @dataclass(frozen=True, slots=True)
 class SubBatch:
-    """Frontend -> engine: rows of one model and kind, in the frontend's segment."""
+    """Frontend -> engine: rows of one model and kind, in the frontend's segment, with what
+    the engine process schedules them by (core.contract.BatchHints): the most urgent
+    priority of their requests and their latest deadline (time.monotonic())."""
 
     model: str
     kind: str
     path: str
     x: ArrayRef
     v: ArrayRef | None
+    priority: int = Priority.NORMAL
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,15 +113,19 @@ class EngineLink:
     def engines(self) -> list[RemoteEngine]:
         return [RemoteEngine(self, info) for info in self.models]
 
-    def exchange(self, model: str, kind: Derivative, x: np.ndarray, v: np.ndarray | None):
+    def exchange(
+        self, model: str, kind: Derivative, x: np.ndarray, v: np.ndarray | None, hints: BatchHints
+    ) -> Outputs:
         """Send one sub-batch and wait for its outputs (copied out of the engine's segment,
         which it reuses for the next answer)."""
         with self._lock:
             if self.lost:
                 raise EngineUnavailable(_GONE)
             path, (x_ref, v_ref) = self._segment.write([x, v])
+            message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
+                               hints.deadline)  # fmt: skip
             try:
-                self._conn.send(SubBatch(model, kind.value, path, x_ref, v_ref))
+                self._conn.send(message)
                 answer: SubBatchAnswer = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._lose(exc)
@@ -139,7 +148,10 @@ class EngineLink:
 
 
 class RemoteEngine:
-    """One model of the engine process, with the interface of a local Engine."""
+    """One model of the engine process, with the interface of a local Engine; its batcher
+    passes it each batch's BatchHints, for the engine process's queue."""
+
+    takes_hints = True
 
     def __init__(self, link: EngineLink, info: EngineModel) -> None:
         self._link = link
@@ -149,5 +161,11 @@ class RemoteEngine:
         self.device = info.device
         self.numpy_dtype = np.dtype(info.dtype)
 
-    def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
-        return self._link.exchange(self.name, kind, x, v)
+    def run(
+        self,
+        kind: Derivative,
+        x: np.ndarray,
+        v: np.ndarray | None = None,
+        hints: BatchHints | None = None,
+    ) -> Outputs:
+        return self._link.exchange(self.name, kind, x, v, hints or _NO_HINTS)
