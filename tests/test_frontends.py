@@ -7,7 +7,6 @@ outside: its processes in /proc, its one /metrics endpoint, its callers' outcome
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import threading
 import time
@@ -21,9 +20,11 @@ from conftest import FRONTENDS_ARGS, ServerProcess, assert_same_answer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
+from gradserve.server.core.contract import Priority
 from gradserve.server.core.errors import Closed, EngineFailed, QueueFull, RequestTooLarge
-from gradserve.server.multiproc.remote import SubBatchAnswer
-from gradserve.server.multiproc.shm import SHM_DIR
+from gradserve.server.multiproc import messages
+from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
+from gradserve.server.multiproc.shm import SHM_DIR, ArrayRef
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import tensors
@@ -309,15 +310,54 @@ def test_children_end_when_the_supervisor_is_killed(fresh_server):
     ],
 )
 def test_errors_cross_from_the_engine_process_as_themselves(raised, expected) -> None:
-    """What the engine process answers for a failed sub-batch (pickled over its socket) is
+    """What the engine process answers for a failed sub-batch (a frame on its socket) is
     raised in the frontend as the same error with the same message, so each keeps its
     status; anything else, and the engine failing on rows, is EngineFailed with its cause."""
-    answer = pickle.loads(pickle.dumps(SubBatchAnswer.failed(raised)))
+    answer = messages.decode(messages.encode(SubBatchAnswer.failed(raised)))
     with pytest.raises(expected) as info:
         answer.raise_error()
     assert str(info.value) == str(raised) and type(info.value) is expected
     failed = EngineFailed("the engine failed on this request: bad row")
     failed.__cause__ = ValueError("bad row")
     with pytest.raises(EngineFailed, match=r"^bad row$"):
-        pickle.loads(pickle.dumps(SubBatchAnswer.failed(failed))).raise_error()
+        messages.decode(messages.encode(SubBatchAnswer.failed(failed))).raise_error()
     SubBatchAnswer(path="p").raise_error()  # outputs: nothing raised
+
+
+def test_every_message_crosses_as_bytes_and_back_unchanged() -> None:
+    """The exchange's frames (no pickle) give back exactly what was sent, each field."""
+    ref = ArrayRef(4096, (300, 64, 64, 3), "<f4")
+    sent = [
+        [EngineModel("quadratic", (1,), (1,), "/CPU:0", "float32"),
+         EngineModel("modèle", (64, 64, 3), (), "/GPU:0", "float64")],
+        SubBatch("quadratic", "vjp", "/dev/shm/gradserve-1-f2.3", ref, ArrayRef(0, (3, 1), "<f8"),
+                 Priority.HIGH, 12345.678),
+        SubBatch("m", "gradient", "p", ArrayRef(0, (1,), "<f4"), None),
+        SubBatchAnswer("/dev/shm/e1.0", ArrayRef(0, (7, 1), "<f4"), None),
+        SubBatchAnswer(error="queue full: 9 of 8 rows; retry later", error_kind="QueueFull"),
+    ]  # fmt: skip
+    for message in sent:
+        assert messages.decode(messages.encode(message)) == message
+
+
+def test_a_frame_that_is_not_a_message_is_refused_whatever_its_bytes() -> None:
+    """Truncated, extended, corrupted or other-version frames raise BadFrame (the engine
+    closes the connection that sent one), never another error, and nothing is run."""
+    frame = messages.encode(SubBatch("quadratic", "gradient", "p", ArrayRef(0, (2, 1), "<f4"),
+                                     None, Priority.NORMAL, None))  # fmt: skip
+    bad = [frame[:n] for n in range(len(frame))] + [frame + b"\x00", b"", pickle_like()]
+    bad.append(bytes([messages.VERSION + 1]) + frame[1:])
+    bad += [frame[:i] + bytes([frame[i] ^ 0xFF]) + frame[i + 1 :] for i in range(len(frame))]
+    for data in bad:
+        try:
+            decoded = messages.decode(data)
+        except messages.BadFrame:
+            continue
+        # A flipped byte inside a string or a number may still make a well-formed message;
+        # it must then be a message of the format, not anything else.
+        assert isinstance(decoded, SubBatch | SubBatchAnswer | list), data
+
+
+def pickle_like() -> bytes:
+    """A pickle stream, as the exchange's frames once were."""
+    return b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02osK\x01."

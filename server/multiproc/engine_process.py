@@ -32,8 +32,8 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher, Result
 from gradserve.server.core.contract import Engine, Priority
 from gradserve.server.metrics import Metrics
-from gradserve.server.multiproc import shm
-from gradserve.server.multiproc.remote import EngineModel, SubBatch, SubBatchAnswer
+from gradserve.server.multiproc import messages, shm
+from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
 from gradserve.server.multiproc.shm import Mapped, Segment
 from gradserve.wire.kinds import Derivative
 
@@ -56,10 +56,10 @@ class _Session:
         self.closed = False
 
     def submit(self, message: SubBatch) -> None:
-        x = self._requests.view(message.path, message.x)
-        v = self._requests.view(message.path, message.v)
-        batcher = self._batchers[message.model]
         try:
+            x = self._requests.view(message.path, message.x)
+            v = self._requests.view(message.path, message.v)
+            batcher = self._batchers[message.model]
             future = batcher.submit(
                 x, Derivative(message.kind), message.deadline, v,
                 caller=self._number, priority=Priority(message.priority),
@@ -84,7 +84,7 @@ class _Session:
 
     def _send(self, answer: SubBatchAnswer) -> None:
         with contextlib.suppress(OSError):  # the frontend is gone; its reader ends the session
-            self._conn.send(answer)
+            self._conn.send_bytes(messages.encode(answer))
 
     def close(self) -> None:
         """The frontend went away: drop what it had queued; free this session's memory."""
@@ -100,7 +100,14 @@ def _read(conn: Connection, session: _Session, loop: asyncio.AbstractEventLoop) 
     """Thread: hand each sub-batch of one frontend to the loop; end the session at EOF."""
     while True:
         try:
-            message = conn.recv()
+            message = messages.decode(conn.recv_bytes())
+            if not isinstance(message, SubBatch):
+                raise messages.BadFrame(f"a frontend sent a {type(message).__name__}")
+        except messages.BadFrame as exc:
+            log.error("closing a connection that sent a bad frame: %s", exc,
+                      extra={"event": "bad_frame"})  # fmt: skip
+            loop.call_soon_threadsafe(session.close)
+            return
         except (EOFError, OSError):
             loop.call_soon_threadsafe(session.close)
             return
@@ -116,7 +123,7 @@ def _accept(listener: Listener, infos, batchers, loop: asyncio.AbstractEventLoop
         except OSError:
             return
         number += 1
-        conn.send(infos)
+        conn.send_bytes(messages.encode(infos))
         session = _Session(conn, batchers, number)
         threading.Thread(target=_read, args=(conn, session, loop), daemon=True).start()
 

@@ -16,73 +16,21 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
 
 import numpy as np
 
-from gradserve.server.core.contract import BatchHints, Outputs, Priority, Shape
-from gradserve.server.core.errors import BY_NAME, EngineFailed, EngineUnavailable, RequestError
-from gradserve.server.multiproc.shm import ArrayRef, Mapped, Segment
+from gradserve.server.core.contract import BatchHints, Outputs
+from gradserve.server.core.errors import EngineUnavailable
+from gradserve.server.multiproc import messages
+from gradserve.server.multiproc.messages import EngineModel, SubBatch
+from gradserve.server.multiproc.shm import Mapped, Segment
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger(__name__)
 _GONE = "the engine process is gone; this server is stopping: retry (another replica)"
 _CONNECT_RETRY_S = 0.05
 _NO_HINTS = BatchHints()
-
-
-@dataclass(frozen=True, slots=True)
-class EngineModel:
-    """What the engine process tells a frontend about each model it serves."""
-
-    name: str
-    input_shape: Shape
-    output_shape: Shape
-    device: str
-    dtype: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubBatch:
-    """Frontend -> engine: rows of one model and kind, in the frontend's segment, with what
-    the engine process schedules them by (core.contract.BatchHints): the most urgent
-    priority of their requests and their latest deadline (time.monotonic())."""
-
-    model: str
-    kind: str
-    path: str
-    x: ArrayRef
-    v: ArrayRef | None
-    priority: int = Priority.NORMAL
-    deadline: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SubBatchAnswer:
-    """Engine -> frontend: the outputs in the engine's segment, or what went wrong: the
-    error's message and its kind (a name in errors.BY_NAME), so that the frontend raises the
-    same error and it keeps its status (a full engine queue is RESOURCE_EXHAUSTED, not an
-    engine failure to bisect)."""
-
-    path: str = ""
-    y: ArrayRef | None = None
-    dy_dx: ArrayRef | None = None
-    error: str = ""
-    error_kind: str = EngineFailed.__name__
-
-    @classmethod
-    def failed(cls, exc: BaseException) -> SubBatchAnswer:
-        """The answer for a sub-batch that ended with `exc`: a RequestError as itself; the
-        engine failing on the rows (or anything else) as EngineFailed with its cause."""
-        if isinstance(exc, RequestError) and not isinstance(exc, EngineFailed):
-            return cls(error=str(exc), error_kind=type(exc).__name__)
-        return cls(error=str(exc.__cause__ or exc))
-
-    def raise_error(self) -> None:
-        """Raise the error this answer carries (none when it carries outputs)."""
-        if self.error:
-            raise BY_NAME.get(self.error_kind, EngineFailed)(self.error)
 
 
 class EngineLink:
@@ -95,7 +43,7 @@ class EngineLink:
         self._lock = threading.Lock()
         self._on_lost = on_lost
         self.lost = False
-        self.models: list[EngineModel] = self._conn.recv()
+        self.models: list[EngineModel] = messages.decode(self._conn.recv_bytes())
 
     @classmethod
     def connect(
@@ -125,9 +73,9 @@ class EngineLink:
             message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
                                hints.deadline)  # fmt: skip
             try:
-                self._conn.send(message)
-                answer: SubBatchAnswer = self._conn.recv()
-            except (EOFError, OSError) as exc:
+                self._conn.send_bytes(messages.encode(message))
+                answer = messages.decode(self._conn.recv_bytes())
+            except (EOFError, OSError, messages.BadFrame) as exc:
                 self._lose(exc)
                 raise EngineUnavailable(_GONE) from exc
             answer.raise_error()

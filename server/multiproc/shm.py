@@ -95,6 +95,8 @@ class Mapped:
         if ref is None:
             return None
         if path != self._path:
+            if Path(path).resolve().parent != SHM_DIR.resolve():
+                raise ValueError(f"{path!r} is not a shared-memory segment (not in {SHM_DIR})")
             self.close()
             with open(path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -1,0 +1,203 @@
+"""What a frontend and the engine process say to each other, and its bytes on their socket.
+
+Three messages: the engine's greeting (the models it serves), a sub-batch (frontend ->
+engine) and its answer (engine -> frontend). Each is sent as one length-delimited frame of
+a versioned binary format, never pickled: whatever can connect to the engine's socket can
+at most send a frame that is refused, not code to run. A frame starts with the format's
+version and the message's type; strings are length-prefixed UTF-8, numbers little-endian;
+an array is referred to by where it lies in the sender's shared-memory segment (shm.py).
+
+Knows the standard library only (and shm's ArrayRef).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+from gradserve.server.core.contract import Priority, Shape
+from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
+from gradserve.server.multiproc.shm import ArrayRef
+
+VERSION = 1
+_GREETING, _SUB_BATCH, _ANSWER = 1, 2, 3
+_HEAD = struct.Struct("<BB")  # version, message type
+_U8, _U32 = struct.Struct("<B"), struct.Struct("<I")
+_SCHEDULE = struct.Struct("<Bd")  # priority, deadline (NaN: none)
+_REF = struct.Struct("<QB")  # offset, number of dimensions
+
+
+class BadFrame(ValueError):
+    """Bytes that are not a message of this format (or of another version of it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineModel:
+    """What the engine process tells a frontend about each model it serves."""
+
+    name: str
+    input_shape: Shape
+    output_shape: Shape
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubBatch:
+    """Frontend -> engine: rows of one model and kind, in the frontend's segment, with what
+    the engine process schedules them by (core.contract.BatchHints): the most urgent
+    priority of their requests and their latest deadline (time.monotonic())."""
+
+    model: str
+    kind: str
+    path: str
+    x: ArrayRef
+    v: ArrayRef | None
+    priority: int = Priority.NORMAL
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubBatchAnswer:
+    """Engine -> frontend: the outputs in the engine's segment, or what went wrong: the
+    error's message and its kind (a name in errors.BY_NAME), so that the frontend raises the
+    same error and it keeps its status (a full engine queue is RESOURCE_EXHAUSTED, not an
+    engine failure to bisect)."""
+
+    path: str = ""
+    y: ArrayRef | None = None
+    dy_dx: ArrayRef | None = None
+    error: str = ""
+    error_kind: str = EngineFailed.__name__
+
+    @classmethod
+    def failed(cls, exc: BaseException) -> SubBatchAnswer:
+        """The answer for a sub-batch that ended with `exc`: a RequestError as itself; the
+        engine failing on the rows (or anything else) as EngineFailed with its cause."""
+        if isinstance(exc, RequestError) and not isinstance(exc, EngineFailed):
+            return cls(error=str(exc), error_kind=type(exc).__name__)
+        return cls(error=str(exc.__cause__ or exc))
+
+    def raise_error(self) -> None:
+        """Raise the error this answer carries (none when it carries outputs)."""
+        if self.error:
+            raise BY_NAME.get(self.error_kind, EngineFailed)(self.error)
+
+
+Message = list[EngineModel] | SubBatch | SubBatchAnswer
+
+
+def encode(message: Message) -> bytes:
+    """One frame for `message` (a greeting is the list of EngineModels)."""
+    if isinstance(message, SubBatch):
+        deadline = math.nan if message.deadline is None else message.deadline
+        parts = [_HEAD.pack(VERSION, _SUB_BATCH), _SCHEDULE.pack(message.priority, deadline)]
+        parts += [_text(message.model), _text(message.kind), _text(message.path)]
+        parts += [_ref(message.x), _ref(message.v)]
+    elif isinstance(message, SubBatchAnswer):
+        parts = [_HEAD.pack(VERSION, _ANSWER), _text(message.path), _ref(message.y)]
+        parts += [_ref(message.dy_dx), _text(message.error), _text(message.error_kind)]
+    else:
+        parts = [_HEAD.pack(VERSION, _GREETING), _U32.pack(len(message))]
+        for model in message:
+            parts += [_text(model.name), _shape(model.input_shape), _shape(model.output_shape)]
+            parts += [_text(model.device), _text(model.dtype)]
+    return b"".join(parts)
+
+
+def decode(frame: bytes) -> Message:
+    """The message in `frame`; BadFrame if it is not one of this version."""
+    reader = _Reader(frame)
+    try:
+        version, kind = reader.unpack(_HEAD)
+        if version != VERSION:
+            raise BadFrame(f"frame of format version {version}; this process speaks {VERSION}")
+        message = _DECODERS[kind](reader) if kind in _DECODERS else None
+        if message is None or reader.pos != len(frame):
+            raise BadFrame(f"not a message of format version {VERSION}")
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise BadFrame(f"malformed frame ({len(frame)} bytes): {exc}") from None
+    return message
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return _U32.pack(len(data)) + data
+
+
+def _shape(shape: Shape) -> bytes:
+    return _U8.pack(len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+
+
+def _ref(ref: ArrayRef | None) -> bytes:
+    if ref is None:
+        return _U8.pack(0)
+    dims = struct.pack(f"<{len(ref.shape)}Q", *ref.shape)
+    return _U8.pack(1) + _REF.pack(ref.offset, len(ref.shape)) + dims + _text(ref.dtype)
+
+
+class _Reader:
+    """Reads a frame front to back; struct.error when it ends too soon."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def unpack(self, layout: struct.Struct) -> tuple:
+        values = layout.unpack_from(self.data, self.pos)
+        self.pos += layout.size
+        return values
+
+    def dims(self, n: int) -> tuple[int, ...]:
+        return self.unpack(struct.Struct(f"<{n}Q"))
+
+    def text(self) -> str:
+        (n,) = self.unpack(_U32)
+        if self.pos + n > len(self.data):
+            raise struct.error("a string runs past the frame's end")
+        value = bytes(self.data[self.pos : self.pos + n]).decode()
+        self.pos += n
+        return value
+
+    def shape(self) -> Shape:
+        (n,) = self.unpack(_U8)
+        return self.dims(n)
+
+    def ref(self) -> ArrayRef | None:
+        (present,) = self.unpack(_U8)
+        if present == 0:
+            return None
+        if present != 1:
+            raise ValueError("an array reference's flag is neither 0 nor 1")
+        offset, n = self.unpack(_REF)
+        shape = self.dims(n)
+        return ArrayRef(offset, shape, self.text())
+
+
+def _sub_batch(reader: _Reader) -> SubBatch:
+    priority, deadline = reader.unpack(_SCHEDULE)
+    model, kind, path = reader.text(), reader.text(), reader.text()
+    x = reader.ref()
+    if x is None:
+        raise ValueError("a sub-batch without rows")
+    v = reader.ref()
+    return SubBatch(model, kind, path, x, v, priority, None if math.isnan(deadline) else deadline)
+
+
+def _answer(reader: _Reader) -> SubBatchAnswer:
+    path, y, dy_dx = reader.text(), reader.ref(), reader.ref()
+    return SubBatchAnswer(path, y, dy_dx, reader.text(), reader.text())
+
+
+def _greeting(reader: _Reader) -> list[EngineModel]:
+    (count,) = reader.unpack(_U32)
+    return [
+        EngineModel(reader.text(), reader.shape(), reader.shape(), reader.text(), reader.text())
+        for _ in range(count)
+    ]
+
+
+_DECODERS = {_GREETING: _greeting, _SUB_BATCH: _sub_batch, _ANSWER: _answer}
