@@ -682,6 +682,24 @@ async def test_an_engine_that_schedules_gets_each_batch_s_priority_and_latest_de
     ]
 
 
+async def test_inline_compute_runs_on_the_loop_s_thread_and_batches_as_usual() -> None:
+    """The engine process's batchers compute on its loop's thread (no executor hop): the
+    rows that arrive while one call runs still go together into the next."""
+    threads, rows = [], []
+
+    def compute(kind: Derivative, x: np.ndarray) -> Outputs:
+        threads.append(threading.current_thread())
+        rows.append(len(x))
+        return reference(kind, x)
+
+    async with Batcher(compute, max_batch_size=64, inline=True) as batcher:
+        xs = [make_x(GRADIENT, n) for n in (1, 2, 3)]
+        futures = [batcher.submit(x, GRADIENT) for x in xs]  # queued before the worker runs
+        for x, future in zip(xs, futures, strict=True):
+            assert_result(await wait(future), GRADIENT, x)
+    assert threads == [threading.main_thread()] and rows == [6]
+
+
 # --------------------------------------------------------------------------- 9. max_delay_s
 
 

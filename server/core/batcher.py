@@ -206,13 +206,16 @@ class Batcher:
         observer: Observer | None = None,
         executor: ThreadPoolExecutor | None = None,
         hints: bool = False,
+        inline: bool = False,
     ) -> None:
         """`memory`: the byte budget admission counts against (None: bytes unbounded);
         `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
         `fair`: a queue per caller, batches filled round robin (False: one shared queue);
         `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
         the engine pads to (empty: it does not pad); `hints`: pass `compute` each batch's
-        BatchHints as `hints=` (an engine that schedules further: the engine process)."""
+        BatchHints as `hints=` (an engine that schedules further: the engine process);
+        `inline`: compute on the event loop's own thread, no executor hop (a process whose
+        loop has nothing else to do meanwhile: the engine process)."""
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or max_batch_s < 0:
             raise ValueError(
                 "max_batch_size and max_queue_rows must be >= 1, max_delay_s and max_batch_s >= 0"
@@ -238,8 +241,11 @@ class Batcher:
         self._idle.set()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
-        self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
+        self._inline = inline
+        self._owns_executor = executor is None and not inline
+        self._executor = executor or (
+            None if inline else ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
+        )
         self._in_flight: list[_Part] = []
         self.batches_run = 0
         self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)
@@ -514,9 +520,12 @@ class Batcher:
             compute = self._compute
             if self._hints:
                 compute = functools.partial(compute, hints=_hints_of(parts))
-            outputs, began, ended = await loop.run_in_executor(
-                self._executor, _timed, compute, kind, xs, vs
-            )
+            if self._inline:
+                outputs, began, ended = _timed(compute, kind, xs, vs)
+            else:
+                outputs, began, ended = await loop.run_in_executor(
+                    self._executor, _timed, compute, kind, xs, vs
+                )
         except NOT_BLAMED as exc:  # e.g. nothing ran, or the engine's queue is full
             _fail(parts, exc)
             return

@@ -22,7 +22,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, Listener
 
 import numpy as np
@@ -141,7 +140,6 @@ def _exit_with_parent(parent: Connection, segments: str) -> None:
 async def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
     engines = await asyncio.to_thread(load, config)
     metrics = Metrics()
-    executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
     batchers = {
         engine.name: Batcher(
             engine.run,
@@ -152,7 +150,7 @@ async def _serve(config: ServerConfig, address: str, parent: Connection, load: L
             max_batch_s=config.max_batch_ms / 1e3,
             ladder=getattr(engine, "ladder", ()),
             observer=metrics,
-            executor=executor,
+            inline=True,  # this loop only hands sub-batches in and answers out
         )
         for engine in engines
     }
@@ -179,7 +177,6 @@ async def _serve(config: ServerConfig, address: str, parent: Connection, load: L
     listener.close()
     for batcher in batchers.values():
         await batcher.close()
-    executor.shutdown(wait=True)
     http.shutdown()
     log.info("engine process stopped", extra={"event": "engine_stop"})
 
