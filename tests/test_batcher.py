@@ -624,20 +624,14 @@ async def test_an_error_nobody_in_the_batch_caused_fails_it_whole_without_bisect
     """A full queue behind the engine (the engine process's, with several frontends) is no
     request's fault: every request of the batch gets it as it is (RESOURCE_EXHAUSTED), and
     the batch is not bisected into calls that would meet the same full queue."""
-    calls = []
-
-    def full(kind: Derivative, x: np.ndarray) -> Outputs:
-        calls.append(len(x))
-        raise QueueFull("queue full in the engine process")
-
-    gate = threading.Event()
+    calls, gate = [], threading.Event()
 
     def held_then_full(kind: Derivative, x: np.ndarray) -> Outputs:
-        if not calls:
-            calls.append(len(x))
+        calls.append(len(x))
+        if len(calls) == 1:
             gate.wait(HOLD_S)
             return reference(kind, x)
-        return full(kind, x)
+        raise QueueFull("queue full in the engine process")
 
     async with Batcher(held_then_full, max_batch_size=64) as batcher:
         first = batcher.submit(make_x(NONE, 1), NONE)

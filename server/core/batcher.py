@@ -243,9 +243,9 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._inline = inline
         self._owns_executor = executor is None and not inline
-        self._executor = executor or (
-            None if inline else ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
-        )
+        if self._owns_executor:
+            executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
+        self._executor = executor
         self._in_flight: list[_Part] = []
         self.batches_run = 0
         self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)

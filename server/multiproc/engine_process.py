@@ -5,7 +5,8 @@ frontend sends sub-batches (its own micro-batches); they go into this process's 
 one per model, which merge the sub-batches of every frontend into one device call per
 batch (never mixing models or derivative kinds, at most --max-batch-size rows and, as in
 one process, at most the rows whose learned cost fits --max-batch-ms, on the XLA ladder),
-on one engine thread, sharing batches round robin between frontends (--fairness). A
+computed on this process's event loop thread, sharing batches round robin between
+frontends (--fairness). A
 failing sub-batch is isolated by the batcher's bisection and answered with its error; the
 frontend then bisects it down to the request that fails. Any other error (a full queue,
 shutting down) crosses with its kind and is not bisected. Each sub-batch is queued with

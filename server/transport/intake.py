@@ -21,7 +21,7 @@ long; every first message is settled to its real size once read, and refused the
 does not fit.
 
 The reservation (a `Lease`) lives as long as the call: the message while it is served, then
-the encoded answer until it has been written to the connection.
+the encoded answer until gRPC reports the call done.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from gradserve.server.core.budget import MemoryBudget, size_text
 from gradserve.server.core.errors import QueueFull
 
 CLIENT_ID_KEY = "x-gradserve-client"
-WAIT_S = 10.0  # the longest a new caller waits for room before it is refused
+WAIT_S = 10.0  # the longest a new caller waits for the newcomers' turn before it is refused
 HOLD_S = 0.5  # how long a new caller's reservation waits for its message to arrive
 
 
