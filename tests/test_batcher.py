@@ -694,6 +694,26 @@ async def test_inline_compute_runs_on_the_loop_s_thread_and_batches_as_usual() -
     assert threads == [threading.main_thread()] and rows == [6]
 
 
+async def test_inline_compute_lets_a_batch_s_answers_out_before_the_next_batch() -> None:
+    """Computing inline gives the loop no turn of its own: the worker yields after each
+    batch, so that the answers of one batch (their futures' callbacks: in the engine
+    process, the frames to the frontends waiting on them) go out before the next is
+    computed, not a whole batch later."""
+    answered, seen_in_second = asyncio.Event(), []
+
+    def compute(kind: Derivative, x: np.ndarray) -> Outputs:
+        if kind is GRADIENT:
+            seen_in_second.append(answered.is_set())
+        return reference(kind, x)
+
+    async with Batcher(compute, max_batch_size=64, inline=True) as batcher:
+        first = batcher.submit(make_x(NONE, 2), NONE)
+        first.add_done_callback(lambda _f: answered.set())
+        second = batcher.submit(make_x(GRADIENT, 2), GRADIENT)  # another kind: its own batch
+        await wait(asyncio.gather(first, second))
+    assert seen_in_second == [True]
+
+
 # --------------------------------------------------------------------------- 9. max_delay_s
 
 

@@ -408,6 +408,8 @@ class Batcher:
                 continue
             await self._execute(parts, dispatched)
             self._in_flight = []
+            if self._inline:  # nothing above gave the loop a turn: answers go out first
+                await asyncio.sleep(0)
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
