@@ -176,6 +176,7 @@ class GradServer:
         served = []
         for engine in engines:
             spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows)
+            remote = getattr(engine, "in_flight", 0)  # the engine process's: its batches awaited
             batcher = Batcher(
                 engine.run,
                 max_batch_size=config.max_batch_size,
@@ -184,11 +185,12 @@ class GradServer:
                 memory=self.memory,
                 result_row_bytes={kind: spec.answer_row_bytes(kind) for kind in Derivative},
                 fair=config.fairness,
-                max_batch_s=config.max_batch_ms / 1e3,
+                max_batch_s=0.0 if remote else config.max_batch_ms / 1e3,  # remote: it decides
                 ladder=getattr(engine, "ladder", ()),
                 observer=self.metrics,
                 executor=self._executor,
                 hints=getattr(engine, "takes_hints", False),  # the engine process's
+                in_flight=remote,
             )
             batcher.start()
             self.batchers.append(batcher)

@@ -11,6 +11,7 @@ from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
+MAX_IN_FLIGHT = 64  # sub-batches per frontend: each slot holds a segment on both sides
 AUTO_MIN_CORES = 4  # below this, one process measured faster (docs/benchmarks.md)
 
 
@@ -38,6 +39,7 @@ class ServerConfig:
     stream_window_mb: int = 64
     drain_seconds: float = 30.0
     frontends: str = "auto"
+    in_flight: int = 4
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 0.0
     bdp_probe: bool = False
@@ -122,6 +124,8 @@ _HELP = {
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
     "frontends": "protocol processes sharing the port, fed to one engine process: a number, "
     "or auto (1, one process, below 4 cores; else half the cores)",
+    "in_flight": "with --frontends N >= 2: sub-batches each frontend keeps in flight to the "
+    "engine process, which queues and schedules them",
     "max_connection_age": "seconds after which a client connection is asked to reconnect "
     "(GOAWAY, +-10%% jitter), so balancing clients re-resolve and spread over new replicas "
     "(0: never)",
@@ -186,6 +190,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:
         raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    if not 1 <= config.in_flight <= MAX_IN_FLIGHT:
+        raise ValueError(f"--in-flight must be 1 to {MAX_IN_FLIGHT}, got {config.in_flight}")
     count = config.frontends
     if count != "auto" and not (count.isdigit() and int(count) >= 1):
         raise ValueError(f"--frontends must be a number >= 1 or auto, got {config.frontends!r}")

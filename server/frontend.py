@@ -37,8 +37,8 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
         loop.call_soon_threadsafe(server.engine_lost)
 
     def load(_config: ServerConfig) -> list:
-        links.append(EngineLink.connect(address, lost, abandon))
-        return links[0].engines()
+        links.append(EngineLink.connect(address, lost, abandon, config.in_flight))
+        return links[0].engines(loop)
 
     server = GradServer(config, load=load, reuse_port=True, internal_metrics=True)
     try:

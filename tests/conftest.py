@@ -66,11 +66,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gradserve(port: int, *args: str, **env: str) -> subprocess.Popen:
-    """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise)."""
+def start_gradserve(
+    port: int, *args: str, script: Path | None = None, **env: str
+) -> subprocess.Popen:
+    """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise);
+    `script`: a script that takes serve's flags instead (bench/stand_in.py)."""
     environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", **env}
+    command = [str(script)] if script else ["-m", "gradserve.server.cli", "serve"]
     return subprocess.Popen(
-        [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port), *args],
+        [sys.executable, *command, "--port", str(port), *args],
         env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -287,11 +291,11 @@ def mimo_server(mimo_engine) -> Iterator[RunningServer]:
 class ServerProcess:
     """`gradserve serve` in a child process (the multi-process server needs its own)."""
 
-    def __init__(self, *args: str, **env: str) -> None:
+    def __init__(self, *args: str, script: Path | None = None, **env: str) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         metrics = ("--metrics-port", str(self.metrics_port))
-        self.process = start_gradserve(self.port, *metrics, *args, **env)
+        self.process = start_gradserve(self.port, *metrics, *args, script=script, **env)
         wait_serving(self.target, self.process, timeout=240)
 
     def stop(self) -> int:

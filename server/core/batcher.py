@@ -24,7 +24,9 @@ Bounds and fairness:
 This module knows nothing of gRPC or protobuf: `compute` is any function
 (Derivative, x [n, ...]) -> Outputs, called as compute(kind, x, v) for the kinds that take
 a vector v (row-aligned with x), run on one dedicated thread. Several batchers (one per
-model) may share that thread by sharing an executor.
+model) may share that thread by sharing an executor. With `in_flight` N, `compute` instead
+returns an awaitable (the engine process's exchange) and up to N batches are outstanding at
+once: the next batch is formed while earlier ones are being computed elsewhere.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class _Pending:
         "nbytes",
         "next_row",
         "priority",
+        "rows_done",
         "started",
         "v",
         "waited_s",
@@ -118,6 +121,7 @@ class _Pending:
         self.nbytes: int = nbytes
         self.priority: Priority = priority
         self.next_row = 0
+        self.rows_done = 0
         self.started: float | None = None
         self.compute_s = 0.0
         self.handoff_s = 0.0
@@ -207,6 +211,7 @@ class Batcher:
         executor: ThreadPoolExecutor | None = None,
         hints: bool = False,
         inline: bool = False,
+        in_flight: int = 0,
     ) -> None:
         """`memory`: the byte budget admission counts against (None: bytes unbounded);
         `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
@@ -215,7 +220,9 @@ class Batcher:
         the engine pads to (empty: it does not pad); `hints`: pass `compute` each batch's
         BatchHints as `hints=` (an engine that schedules further: the engine process);
         `inline`: compute on the event loop's own thread, no executor hop (a process whose
-        loop has nothing else to do meanwhile: the engine process)."""
+        loop has nothing else to do meanwhile: the engine process); `in_flight`: `compute`
+        returns an awaitable, and up to this many batches may be awaited at once (0: a plain
+        function, one batch at a time)."""
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or max_batch_s < 0:
             raise ValueError(
                 "max_batch_size and max_queue_rows must be >= 1, max_delay_s and max_batch_s >= 0"
@@ -241,8 +248,10 @@ class Batcher:
         self._idle.set()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
-        self._inline = inline
-        self._owns_executor = executor is None and not inline
+        self._inline = inline or in_flight > 0
+        self._slots = asyncio.Semaphore(in_flight) if in_flight else None
+        self._outstanding: set[asyncio.Task[None]] = set()
+        self._owns_executor = executor is None and not self._inline
         if self._owns_executor:
             executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._executor = executor
@@ -356,6 +365,8 @@ class Batcher:
         self.stop_accepting()
         if self._worker is not None:
             await self._worker
+        if self._outstanding:
+            await asyncio.gather(*self._outstanding, return_exceptions=True)
         if self._owns_executor:
             self._executor.shutdown(wait=True)
 
@@ -399,17 +410,43 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if self._slots is not None:
+                await self._slots.acquire()  # meanwhile rows accumulate for a fuller batch
             if self.max_delay_s > 0:
                 await self._wait_for_fill()
             dispatched = time.perf_counter()
             parts = self._take_batch(dispatched)
             if not parts:
+                if self._slots is not None:
+                    self._slots.release()
                 await asyncio.sleep(0)  # let pending done-callbacks run before looking again
+                continue
+            if self._slots is not None:
+                self._launch(parts, dispatched)
                 continue
             await self._execute(parts, dispatched)
             self._in_flight = []
             if self._inline:  # nothing above gave the loop a turn: answers go out first
                 await asyncio.sleep(0)
+
+    def _launch(self, parts: list[_Part], dispatched: float) -> None:
+        """Await one batch in its own task (in_flight mode); its slot is freed when done."""
+        self._in_flight = []
+        task = asyncio.get_running_loop().create_task(self._outstanding_batch(parts, dispatched))
+        self._outstanding.add(task)
+        task.add_done_callback(self._outstanding.discard)
+
+    async def _outstanding_batch(self, parts: list[_Part], dispatched: float) -> None:
+        try:
+            await self._execute(parts, dispatched)
+        except asyncio.CancelledError:
+            _fail(parts, Closed("the server stopped before this request finished"))
+            raise
+        except Exception as exc:
+            log.exception("an outstanding batch failed outside the engine")
+            _fail(parts, EngineFailed(f"internal error in the batch worker: {exc}"))
+        finally:
+            self._slots.release()
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
@@ -496,7 +533,8 @@ class Batcher:
             pending.waited_s = taken - pending.enqueued
             self._observer.queued(pending.waited_s)
         else:  # the next part of a split request
-            pending.waited_s += taken - pending.last_end
+            since = max(pending.last_end, pending.started)  # an earlier part may be in flight
+            pending.waited_s += max(0.0, taken - since)
 
     def _drop_if_dead(self, pending: _Pending, now: float) -> bool:
         """True (and its rows freed now, not in a later callback) for a finished request."""
@@ -522,7 +560,9 @@ class Batcher:
             compute = self._compute
             if self._hints:
                 compute = functools.partial(compute, hints=_hints_of(parts))
-            if self._inline:
+            if self._slots is not None:
+                outputs, began, ended = await _awaited(compute, kind, xs, vs)
+            elif self._inline:
                 outputs, began, ended = _timed(compute, kind, xs, vs)
             else:
                 outputs, began, ended = await loop.run_in_executor(
@@ -558,6 +598,17 @@ def _timed(
     args = (kind, x) if vs is None else (kind, x, _joined(vs))
     began = time.perf_counter()
     outputs = compute(*args)
+    return outputs, began, time.perf_counter()
+
+
+async def _awaited(
+    compute: Compute, kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None
+) -> tuple[Outputs, float, float]:
+    """As _timed, for a `compute` that returns an awaitable (in_flight mode)."""
+    x = _joined(xs)
+    args = (kind, x) if vs is None else (kind, x, _joined(vs))
+    began = time.perf_counter()
+    outputs = await compute(*args)
     return outputs, began, time.perf_counter()
 
 
@@ -617,7 +668,8 @@ def _deliver(
             pending.dy_dx = None if outputs.dy_dx is None else outputs.dy_dx[chunk]
         else:
             _store(pending, outputs, chunk, part)
-        if part.stop == pending.n:  # parts of a request run in order, so this one completes it
+        pending.rows_done += rows
+        if pending.rows_done == pending.n:  # its last part (parts may finish in any order)
             timing = Timing(
                 queue_us=round(pending.waited_s * 1e6),
                 handoff_us=round(pending.handoff_s * 1e6),

@@ -31,6 +31,7 @@ from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher, Result
 from gradserve.server.core.contract import Engine, Priority
+from gradserve.server.core.errors import QueueFull
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import messages, shm
 from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
@@ -44,43 +45,60 @@ Load = Callable[[ServerConfig], list[Engine]]
 
 
 class _Session:
-    """One frontend's connection: its sub-batches in, their answers out (loop thread)."""
+    """One frontend's connection: its sub-batches in, their answers out (loop thread).
 
-    def __init__(self, conn: Connection, batchers: dict[str, Batcher], number: int) -> None:
+    Each in-flight sub-batch occupies one of the frontend's slots: its rows lie in the
+    frontend's segment of that slot, its answer goes into this session's segment of it."""
+
+    def __init__(
+        self, conn: Connection, batchers: dict[str, Batcher], number: int, slots: int
+    ) -> None:
         self._conn = conn
+        self._slots = slots
         self._batchers = batchers
-        self._requests = Mapped()
-        self._answers = Segment(f"gradserve-{os.getppid()}-e{number}")
+        self._requests: dict[int, Mapped] = {}
+        self._answers: dict[int, Segment] = {}
+        self._prefix = f"gradserve-{os.getppid()}-e{number}s"
         self._number = number  # the frontend's turn in fair batches
-        self._pending: asyncio.Future[Result] | None = None
+        self._pending: dict[int, asyncio.Future[Result]] = {}
         self.closed = False
 
     def submit(self, message: SubBatch) -> None:
+        slot = message.slot
         try:
-            x = self._requests.view(message.path, message.x)
-            v = self._requests.view(message.path, message.v)
+            if slot in self._pending or not 0 <= slot < self._slots:
+                raise ValueError(f"slot {slot} is in flight or not one of 0..{self._slots - 1}")
+            mapped = self._requests.setdefault(slot, Mapped())
+            x = mapped.view(message.path, message.x)
+            v = mapped.view(message.path, message.v)
             batcher = self._batchers[message.model]
             future = batcher.submit(
                 x, Derivative(message.kind), message.deadline, v,
                 caller=self._number, priority=Priority(message.priority),
             )  # fmt: skip
-        except Exception as exc:
-            self._send(SubBatchAnswer.failed(exc))
+        except QueueFull as exc:
+            self._send(SubBatchAnswer.failed(QueueFull(f"the engine process's {exc}"), slot))
             return
-        self._pending = future
-        future.add_done_callback(self._answer)
+        except Exception as exc:
+            self._send(SubBatchAnswer.failed(exc, slot))
+            return
+        self._pending[slot] = future
+        future.add_done_callback(lambda done: self._answer(slot, done))
 
-    def _answer(self, future: asyncio.Future[Result]) -> None:
-        self._pending = None
+    def _answer(self, slot: int, future: asyncio.Future[Result]) -> None:
+        self._pending.pop(slot, None)
         if self.closed or future.cancelled():
             return
         error = future.exception()
         if error is not None:
-            self._send(SubBatchAnswer.failed(error))
+            self._send(SubBatchAnswer.failed(error, slot))
             return
         result = future.result()
-        path, (y, dy_dx) = self._answers.write([result.y, result.dy_dx])
-        self._send(SubBatchAnswer(path, y, dy_dx))
+        segment = self._answers.get(slot)
+        if segment is None:
+            segment = self._answers[slot] = Segment(f"{self._prefix}{slot}")
+        path, (y, dy_dx) = segment.write([result.y, result.dy_dx])
+        self._send(SubBatchAnswer(path, y, dy_dx, slot=slot))
 
     def _send(self, answer: SubBatchAnswer) -> None:
         with contextlib.suppress(OSError):  # the frontend is gone; its reader ends the session
@@ -89,11 +107,13 @@ class _Session:
     def close(self) -> None:
         """The frontend went away: drop what it had queued; free this session's memory."""
         self.closed = True
-        if self._pending is not None:
-            self._pending.cancel()
+        for future in list(self._pending.values()):
+            future.cancel()
         self._conn.close()
-        self._answers.close()
-        self._requests.close()
+        for segment in self._answers.values():
+            segment.close()
+        for mapped in self._requests.values():
+            mapped.close()
 
 
 def _read(conn: Connection, session: _Session, loop: asyncio.AbstractEventLoop) -> None:
@@ -114,7 +134,9 @@ def _read(conn: Connection, session: _Session, loop: asyncio.AbstractEventLoop) 
         loop.call_soon_threadsafe(session.submit, message)
 
 
-def _accept(listener: Listener, infos, batchers, loop: asyncio.AbstractEventLoop) -> None:
+def _accept(
+    listener: Listener, infos, batchers, slots: int, loop: asyncio.AbstractEventLoop
+) -> None:
     """Thread: greet every frontend that connects and start reading its sub-batches."""
     number = 0
     while True:
@@ -124,7 +146,7 @@ def _accept(listener: Listener, infos, batchers, loop: asyncio.AbstractEventLoop
             return
         number += 1
         conn.send_bytes(messages.encode(infos))
-        session = _Session(conn, batchers, number)
+        session = _Session(conn, batchers, number, slots)
         threading.Thread(target=_read, args=(conn, session, loop), daemon=True).start()
 
 
@@ -169,7 +191,8 @@ async def _serve(config: ServerConfig, address: str, parent: Connection, load: L
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     listener = Listener(address, family="AF_UNIX")
-    threading.Thread(target=_accept, args=(listener, infos, batchers, loop), daemon=True).start()
+    accepting = (listener, infos, batchers, config.in_flight, loop)
+    threading.Thread(target=_accept, args=accepting, daemon=True).start()
     parent.send(("ready", http.server_port))
     segments = f"gradserve-{os.getppid()}-"
     threading.Thread(target=_exit_with_parent, args=(parent, segments), daemon=True).start()

@@ -6,6 +6,9 @@ a versioned binary format, never pickled: whatever can connect to the engine's s
 at most send a frame that is refused, not code to run. A frame starts with the format's
 version and the message's type; strings are length-prefixed UTF-8, numbers little-endian;
 an array is referred to by where it lies in the sender's shared-memory segment (shm.py).
+A sub-batch names its slot: one of the frontend's in-flight places (a request segment on
+its side, an answer segment on the engine's), free again once its answer has been read; the
+answer names the same slot, since answers come in the order the engine computes them.
 
 Knows the standard library only (and shm's ArrayRef).
 """
@@ -20,11 +23,11 @@ from gradserve.server.core.contract import Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
 from gradserve.server.multiproc.shm import ArrayRef
 
-VERSION = 1
+VERSION = 2
 _GREETING, _SUB_BATCH, _ANSWER = 1, 2, 3
 _HEAD = struct.Struct("<BB")  # version, message type
-_U8, _U32 = struct.Struct("<B"), struct.Struct("<I")
-_SCHEDULE = struct.Struct("<Bd")  # priority, deadline (NaN: none)
+_U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
+_SCHEDULE = struct.Struct("<BdH")  # priority, deadline (NaN: none), slot
 _REF = struct.Struct("<QB")  # offset, number of dimensions
 
 
@@ -56,6 +59,7 @@ class SubBatch:
     v: ArrayRef | None
     priority: int = Priority.NORMAL
     deadline: float | None = None
+    slot: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +74,15 @@ class SubBatchAnswer:
     dy_dx: ArrayRef | None = None
     error: str = ""
     error_kind: str = EngineFailed.__name__
+    slot: int = 0
 
     @classmethod
-    def failed(cls, exc: BaseException) -> SubBatchAnswer:
+    def failed(cls, exc: BaseException, slot: int = 0) -> SubBatchAnswer:
         """The answer for a sub-batch that ended with `exc`: a RequestError as itself; the
         engine failing on the rows (or anything else) as EngineFailed with its cause."""
         if isinstance(exc, RequestError) and not isinstance(exc, EngineFailed):
-            return cls(error=str(exc), error_kind=type(exc).__name__)
-        return cls(error=str(exc.__cause__ or exc))
+            return cls(error=str(exc), error_kind=type(exc).__name__, slot=slot)
+        return cls(error=str(exc.__cause__ or exc), slot=slot)
 
     def raise_error(self) -> None:
         """Raise the error this answer carries (none when it carries outputs)."""
@@ -92,11 +97,13 @@ def encode(message: Message) -> bytes:
     """One frame for `message` (a greeting is the list of EngineModels)."""
     if isinstance(message, SubBatch):
         deadline = math.nan if message.deadline is None else message.deadline
-        parts = [_HEAD.pack(VERSION, _SUB_BATCH), _SCHEDULE.pack(message.priority, deadline)]
+        schedule = _SCHEDULE.pack(message.priority, deadline, message.slot)
+        parts = [_HEAD.pack(VERSION, _SUB_BATCH), schedule]
         parts += [_text(message.model), _text(message.kind), _text(message.path)]
         parts += [_ref(message.x), _ref(message.v)]
     elif isinstance(message, SubBatchAnswer):
-        parts = [_HEAD.pack(VERSION, _ANSWER), _text(message.path), _ref(message.y)]
+        parts = [_HEAD.pack(VERSION, _ANSWER), _U16.pack(message.slot), _text(message.path)]
+        parts.append(_ref(message.y))
         parts += [_ref(message.dy_dx), _text(message.error), _text(message.error_kind)]
     else:
         parts = [_HEAD.pack(VERSION, _GREETING), _U32.pack(len(message))]
@@ -178,18 +185,20 @@ class _Reader:
 
 
 def _sub_batch(reader: _Reader) -> SubBatch:
-    priority, deadline = reader.unpack(_SCHEDULE)
+    priority, deadline, slot = reader.unpack(_SCHEDULE)
     model, kind, path = reader.text(), reader.text(), reader.text()
     x = reader.ref()
     if x is None:
         raise ValueError("a sub-batch without rows")
     v = reader.ref()
-    return SubBatch(model, kind, path, x, v, priority, None if math.isnan(deadline) else deadline)
+    deadline = None if math.isnan(deadline) else deadline
+    return SubBatch(model, kind, path, x, v, priority, deadline, slot)
 
 
 def _answer(reader: _Reader) -> SubBatchAnswer:
+    (slot,) = reader.unpack(_U16)
     path, y, dy_dx = reader.text(), reader.ref(), reader.ref()
-    return SubBatchAnswer(path, y, dy_dx, reader.text(), reader.text())
+    return SubBatchAnswer(path, y, dy_dx, reader.text(), reader.text(), slot)
 
 
 def _greeting(reader: _Reader) -> list[EngineModel]:

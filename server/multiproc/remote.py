@@ -5,13 +5,18 @@ its engines are these stand-ins, whose `run` hands the frontend's micro-batch (a
 to the engine process and waits for its outputs. The engine process merges sub-batches
 from every frontend into its own device calls. No TensorFlow here.
 
-All of a frontend's batchers share one engine thread, so a frontend has at most one
-sub-batch in flight; the connection is used from that thread only (and read by nobody
-else), which keeps the protocol a plain request/answer exchange.
+A frontend keeps up to `window` sub-batches in flight (shared by all its models): each
+takes a free slot, its rows are written into that slot's segment and a frame is sent from
+the event loop's thread; one reader thread receives the answers (in whatever order the
+engine process computes them: a HIGH sub-batch overtakes), copies each answer's outputs out
+of the engine's segment for that slot and resolves its future on the loop, which frees the
+slot. A slot whose call was cancelled stays taken until its answer arrives, so neither side
+ever writes memory the other may still read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -23,7 +28,7 @@ import numpy as np
 from gradserve.server.core.contract import BatchHints, Outputs
 from gradserve.server.core.errors import EngineUnavailable
 from gradserve.server.multiproc import messages
-from gradserve.server.multiproc.messages import EngineModel, SubBatch
+from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
 from gradserve.server.multiproc.shm import Mapped, Segment
 from gradserve.wire.kinds import Derivative
 
@@ -36,68 +41,122 @@ _NO_HINTS = BatchHints()
 class EngineLink:
     """A frontend's connection to the engine process, shared by its RemoteEngines."""
 
-    def __init__(self, address: str, on_lost: Callable[[], None]) -> None:
+    def __init__(self, address: str, on_lost: Callable[[], None], window: int) -> None:
         self._conn: Connection = Client(address, family="AF_UNIX")
-        self._segment = Segment(f"gradserve-{os.getppid()}-f{os.getpid()}")
-        self._answers = Mapped()
-        self._lock = threading.Lock()
+        prefix = f"gradserve-{os.getppid()}-f{os.getpid()}"
+        self._segments = [Segment(f"{prefix}s{slot}") for slot in range(window)]
+        self._answers = [Mapped() for _ in range(window)]
+        self._waiting: dict[int, asyncio.Future[Outputs]] = {}
+        self._free: asyncio.Queue[int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._on_lost = on_lost
+        self.window = window
         self.lost = False
         self.models: list[EngineModel] = messages.decode(self._conn.recv_bytes())
 
     @classmethod
     def connect(
-        cls, address: str, on_lost: Callable[[], None], abandon: threading.Event
+        cls, address: str, on_lost: Callable[[], None], abandon: threading.Event, window: int
     ) -> EngineLink:
         """Wait until the engine process listens at `address`, then connect; give up
         (RuntimeError) if `abandon` is set first."""
         while not abandon.is_set():
             try:
-                return cls(address, on_lost)
+                return cls(address, on_lost, window)
             except (FileNotFoundError, ConnectionRefusedError):
                 abandon.wait(_CONNECT_RETRY_S)
         raise RuntimeError("stopped before the engine process was ready")
 
-    def engines(self) -> list[RemoteEngine]:
+    def engines(self, loop: asyncio.AbstractEventLoop) -> list[RemoteEngine]:
+        """The engine process's models, exchanged with from `loop` (reading starts now)."""
+        self._loop = loop
+        self._free = asyncio.Queue()
+        for slot in range(self.window):
+            self._free.put_nowait(slot)
+        threading.Thread(target=self._read, name="gradserve-engine-link", daemon=True).start()
         return [RemoteEngine(self, info) for info in self.models]
 
-    def exchange(
+    async def exchange(
         self, model: str, kind: Derivative, x: np.ndarray, v: np.ndarray | None, hints: BatchHints
     ) -> Outputs:
-        """Send one sub-batch and wait for its outputs (copied out of the engine's segment,
-        which it reuses for the next answer)."""
-        with self._lock:
-            if self.lost:
-                raise EngineUnavailable(_GONE)
-            path, (x_ref, v_ref) = self._segment.write([x, v])
-            message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
-                               hints.deadline)  # fmt: skip
+        """Send one sub-batch in a free slot and wait for its outputs."""
+        slot = await self._free.get()
+        if self.lost:
+            self._free.put_nowait(slot)
+            raise EngineUnavailable(_GONE)
+        path, (x_ref, v_ref) = self._segments[slot].write([x, v])
+        message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
+                           hints.deadline, slot)  # fmt: skip
+        future = self._loop.create_future()
+        self._waiting[slot] = future
+        try:
+            self._conn.send_bytes(messages.encode(message))
+        except OSError as exc:
+            self._lose(exc)
+        return await future
+
+    def _read(self) -> None:
+        """Thread: receive each answer, copy its outputs out of the engine's segment (which it
+        reuses for the slot's next answer) and hand them to the loop."""
+        while True:
             try:
-                self._conn.send_bytes(messages.encode(message))
                 answer = messages.decode(self._conn.recv_bytes())
+                if not isinstance(answer, SubBatchAnswer) or not 0 <= answer.slot < self.window:
+                    raise messages.BadFrame("the engine process sent no answer of a slot")
+                outcome = self._outcome(answer)
             except (EOFError, OSError, messages.BadFrame) as exc:
-                self._lose(exc)
-                raise EngineUnavailable(_GONE) from exc
+                self._loop.call_soon_threadsafe(self._lose, exc)
+                return
+            self._loop.call_soon_threadsafe(self._resolve, answer.slot, outcome)
+
+    def _outcome(self, answer: SubBatchAnswer) -> Outputs | Exception:
+        try:
             answer.raise_error()
-            y = np.array(self._answers.view(answer.path, answer.y))
-            dy_dx = self._answers.view(answer.path, answer.dy_dx)
-            return Outputs(y, None if dy_dx is None else np.array(dy_dx))
+        except Exception as exc:
+            return exc
+        mapped = self._answers[answer.slot]
+        dy_dx = mapped.view(answer.path, answer.dy_dx)
+        y = np.array(mapped.view(answer.path, answer.y))
+        return Outputs(y, None if dy_dx is None else np.array(dy_dx))
+
+    def _resolve(self, slot: int, outcome: Outputs | Exception) -> None:
+        """Loop: the slot's answer is in; free the slot (cancelled calls included)."""
+        future = self._waiting.pop(slot, None)
+        self._free.put_nowait(slot)
+        if future is None or future.done():
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
     def _lose(self, exc: BaseException) -> None:
-        if not self.lost:
-            self.lost = True
-            log.error("lost the engine process: %s", exc, extra={"event": "engine_lost"})
-            self._on_lost()
+        """Loop: the engine process is gone; every call in flight fails UNAVAILABLE."""
+        if self.lost:
+            return
+        self.lost = True
+        log.error("lost the engine process: %s", exc, extra={"event": "engine_lost"})
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(_GONE))
+        self._waiting.clear()
+        for slot in range(self.window):  # wake every caller waiting for a slot
+            self._free.put_nowait(slot)
+        self._on_lost()
 
     def close(self) -> None:
         self._conn.close()
-        self._segment.close()
-        self._answers.close()
+        for segment in self._segments:
+            segment.close()
+        for mapped in self._answers:
+            mapped.close()
 
 
 class RemoteEngine:
-    """One model of the engine process, with the interface of a local Engine; its batcher
-    passes it each batch's BatchHints, for the engine process's queue."""
+    """One model of the engine process, with the interface of a local Engine except that
+    `run` is a coroutine and up to `in_flight` calls may await at once (the batcher keeps
+    that many sub-batches outstanding); its batcher passes it each batch's BatchHints, for
+    the engine process's queue."""
 
     takes_hints = True
 
@@ -108,12 +167,13 @@ class RemoteEngine:
         self.output_shape = info.output_shape
         self.device = info.device
         self.numpy_dtype = np.dtype(info.dtype)
+        self.in_flight = link.window
 
-    def run(
+    async def run(
         self,
         kind: Derivative,
         x: np.ndarray,
         v: np.ndarray | None = None,
         hints: BatchHints | None = None,
     ) -> Outputs:
-        return self._link.exchange(self.name, kind, x, v, hints or _NO_HINTS)
+        return await self._link.exchange(self.name, kind, x, v, hints or _NO_HINTS)
