@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench loadtest soak nginx cluster cluster-load \
+.PHONY: serve test lint format proto train clean bench perf-analyzer loadtest soak nginx \
+	cluster cluster-load \
 	image image-host image-test explain-demo
 
 # The container image: name and tag live in deploy/image.env (the k8s manifests use the same).
@@ -91,7 +92,20 @@ image-test: export CONTAINERS_CONF = $(CURDIR)/deploy/image/containers.conf
 image-test: image
 	$(BIN)/python deploy/image/check_image.py $(IMAGE)
 
+# perf_analyzer (the independent load generator `make bench` uses where it runs): the files
+# of the last tritonclient wheel that carries it, and the CUDA runtime library it links (no
+# GPU needed; the system needs libb64, Debian package libb64-0d). Kept apart from the venv:
+# that wheel pins numpy<2 and protobuf<5.
+PERF_ANALYZER_DIR := build/perf_analyzer
+$(PERF_ANALYZER_DIR)/bin/perf_analyzer: | $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(PERF_ANALYZER_DIR) \
+		tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.*
+
+perf-analyzer: $(PERF_ANALYZER_DIR)/bin/perf_analyzer
+
+# Best effort: without perf_analyzer the bench says so and uses gradserve loadtest alone.
 bench: $(STAMP)
+	-$(MAKE) --no-print-directory perf-analyzer
 	$(BIN)/python bench/run.py $(ARGS)
 
 loadtest: $(STAMP)

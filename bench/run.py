@@ -211,8 +211,8 @@ def flood_step() -> dict:
 def explain_only(args) -> int:
     """Just the integrated-gradients step against the engine at batch 1024 (prints only)."""
     engine = engine_ceiling(args.repeats, "--batches", "1024", "--xla", "on")
-    server = Server("batched", ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"],
-                    True)  # fmt: skip
+    argv = ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0", "--frontends", "1"]
+    server = Server("batched", argv, True)
     try:
         explain = integrated_gradients(server, args.repeats, args.seconds)
     finally:
@@ -239,28 +239,38 @@ def main() -> int:
         return 0
     if args.only_explain:
         return explain_only(args)
-    from bench import scaling  # bench/ is on the path only when run as a script
+    from bench import perf, scaling  # bench/ is on the path only when run as a script
 
     started = time.monotonic()
+    tool, tool_note = perf.locate()
+    print(tool_note, flush=True)
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
-    serve = ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"]
-    metrics_port = free_port()
-    frontends = ["--frontends", str(FRONTENDS), "--metrics-port", str(metrics_port)]
+    serve = ["-m", "gradserve.server.cli", "serve"]
+    one = ["--frontends", "1"]
     configs = [
         ("transport", ["bench/transport_server.py"], False),
-        ("unbatched", [*serve, "--max-batch-size", "1"], True),
-        ("batched", serve, True),
-        (f"frontends={FRONTENDS}", [*serve, *frontends], True),
+        ("unbatched", [*serve, *one, "--max-batch-size", "1"], True),
+        ("batched", [*serve, *one], True),
+        (f"frontends={FRONTENDS}", [*serve, "--frontends", str(FRONTENDS)], True),
+        ("stand-in", ["bench/stand_in.py", "--frontends", str(FRONTENDS)], True),
     ]
     results: list[StepResult] = []
+    perf_results: list = []
     rss: dict[str, float] = {}
     costs: dict = {}
     explain = None
     for label, argv, health in configs:
         print(f"{label}...", flush=True)
-        server = Server(label, argv, health)
+        metrics_port = free_port() if health else None
+        extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
+        server = Server(label, [*argv, *extra], health)
         try:
+            if tool is not None:
+                perf_results += perf.run(tool, server.target, label, server.process.pid,
+                                         metrics_port, "quadratic")  # fmt: skip
+            if label == "stand-in":
+                continue
             results += measure(server, UNARY + STREAMS, args.repeats, args.seconds)
             if label.startswith("frontends"):
                 costs = scaling.measure(server.target, metrics_port, server.process.pid)
@@ -271,10 +281,12 @@ def main() -> int:
         rss[label] = server.peak_rss_mb
     floods = flood_step()
     elapsed = time.monotonic() - started
-    from bench.report import render, render_flood
+    from bench.report import render, render_flood, render_perf
 
     text = (
         render(engine, results, rss, elapsed, args, costs, explain)
+        + "\n\n"
+        + "\n".join(render_perf(perf_results, tool_note, engine))
         + "\n\n"
         + "\n".join(render_flood(floods))
     )

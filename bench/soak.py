@@ -81,7 +81,9 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     server = Server(
-        "soak", ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0"], health=True
+        "soak",
+        ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0", "--frontends", "1"],
+        health=True,
     )
     codes: Counter = Counter()
     samples: list[tuple[float, float]] = []

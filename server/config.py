@@ -12,7 +12,7 @@ from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
 MAX_IN_FLIGHT = 64  # sub-batches per frontend: each slot holds a segment on both sides
-AUTO_MIN_CORES = 4  # below this, one process measured faster (docs/benchmarks.md)
+AUTO_MIN_CORES = 2  # from here on, 2 frontends measured faster than one process (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ServerConfig:
     stream_window_mb: int = 64
     drain_seconds: float = 30.0
     frontends: str = "auto"
-    in_flight: int = 4
+    in_flight: int = 1
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 0.0
     bdp_probe: bool = False
@@ -54,7 +54,7 @@ class ServerConfig:
         """How many frontend processes: 1 means today's single process."""
         if self.frontends == "auto":
             cores = len(os.sched_getaffinity(0))  # the cores this process may run on
-            return 1 if cores < AUTO_MIN_CORES else cores // 2
+            return 1 if cores < AUTO_MIN_CORES else max(2, cores // 2)
         return int(self.frontends)
 
     @property
@@ -123,9 +123,10 @@ _HELP = {
     "stream_window_mb": "MiB of one stream's messages read ahead and not yet answered",
     "drain_seconds": "on SIGTERM/SIGINT, how long accepted requests may take to finish",
     "frontends": "protocol processes sharing the port, fed to one engine process: a number, "
-    "or auto (1, one process, below 4 cores; else half the cores)",
+    "or auto (1, one process, on 1 core; else half the cores, at least 2)",
     "in_flight": "with --frontends N >= 2: sub-batches each frontend keeps in flight to the "
-    "engine process, which queues and schedules them",
+    "engine process, which queues and schedules them (more: smaller sub-batches, more CPU "
+    "per request; for an engine with cores to spare)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect "
     "(GOAWAY, +-10%% jitter), so balancing clients re-resolve and spread over new replicas "
     "(0: never)",

@@ -71,7 +71,8 @@ def start_gradserve(
 ) -> subprocess.Popen:
     """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise);
     `script`: a script that takes serve's flags instead (bench/stand_in.py)."""
-    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", **env}
+    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0",
+                   "GRADSERVE_FRONTENDS": "1", **env}  # fmt: skip
     command = [str(script)] if script else ["-m", "gradserve.server.cli", "serve"]
     return subprocess.Popen(
         [sys.executable, *command, "--port", str(port), *args],
