@@ -73,7 +73,7 @@ class EngineLink:
         self._free = asyncio.Queue()
         for slot in range(self.window):
             self._free.put_nowait(slot)
-        threading.Thread(target=self._read, name="gradserve-engine-link", daemon=True).start()
+        loop.add_reader(self._conn.fileno(), self._read)
         return [RemoteEngine(self, info) for info in self.models]
 
     async def exchange(
@@ -96,18 +96,17 @@ class EngineLink:
         return await future
 
     def _read(self) -> None:
-        """Thread: receive each answer, copy its outputs out of the engine's segment (which it
-        reuses for the slot's next answer) and hand them to the loop."""
-        while True:
-            try:
+        """Loop (the connection is readable): each answer in, its outputs copied out of the
+        engine's segment (which it reuses for the slot's next answer), its call resolved."""
+        try:
+            while self._conn.poll(0):
                 answer = messages.decode(self._conn.recv_bytes())
                 if not isinstance(answer, SubBatchAnswer) or not 0 <= answer.slot < self.window:
                     raise messages.BadFrame("the engine process sent no answer of a slot")
-                outcome = self._outcome(answer)
-            except (EOFError, OSError, messages.BadFrame) as exc:
-                self._loop.call_soon_threadsafe(self._lose, exc)
-                return
-            self._loop.call_soon_threadsafe(self._resolve, answer.slot, outcome)
+                self._resolve(answer.slot, self._outcome(answer))
+        except (EOFError, OSError, messages.BadFrame) as exc:
+            self._loop.remove_reader(self._conn.fileno())
+            self._lose(exc)
 
     def _outcome(self, answer: SubBatchAnswer) -> Outputs | Exception:
         try:
@@ -145,6 +144,8 @@ class EngineLink:
         self._on_lost()
 
     def close(self) -> None:
+        if self._loop is not None and not self._conn.closed and not self._loop.is_closed():
+            self._loop.remove_reader(self._conn.fileno())
         self._conn.close()
         for segment in self._segments:
             segment.close()
