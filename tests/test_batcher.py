@@ -41,6 +41,7 @@ from gradserve.server.core.errors import (
     RequestError,
     RequestTooLarge,
 )
+from gradserve.server.core.scheduler import Scheduler
 from gradserve.wire.kinds import Derivative
 
 NONE, GRADIENT, JACOBIAN = Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN
@@ -676,42 +677,74 @@ async def test_an_engine_that_schedules_gets_each_batch_s_priority_and_latest_de
     ]
 
 
-async def test_inline_compute_runs_on_the_loop_s_thread_and_batches_as_usual() -> None:
-    """The engine process's batchers compute on its loop's thread (no executor hop): the
-    rows that arrive while one call runs still go together into the next."""
-    threads, rows = [], []
+class _Ticket:
+    """A request's ticket without an event loop (as the engine process's loop has)."""
+
+    def __init__(self, on_done: Callable[[], None]) -> None:
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+        self._on_done = on_done
+
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def set_result(self, result: Result) -> None:
+        self.result = result
+        self._on_done()
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.error = exception
+        self._on_done()
+
+
+def test_the_scheduler_alone_merges_what_was_admitted_and_isolates_a_failing_request() -> None:
+    """Driven by hand, without asyncio (as the engine process drives it): requests admitted
+    before a batch go into it together, each ticket gets its own rows' answer during the
+    call, and a failing request is bisected out of the batch with its error alone."""
+    scheduler, rows = Scheduler(max_batch_size=64), []
 
     def compute(kind: Derivative, x: np.ndarray) -> Outputs:
-        threads.append(threading.current_thread())
         rows.append(len(x))
+        if (x == MARKER).any():
+            raise ValueError(f"marker value {MARKER} in the batch")
         return reference(kind, x)
 
-    async with Batcher(compute, max_batch_size=64, inline=True) as batcher:
-        xs = [make_x(GRADIENT, n) for n in (1, 2, 3)]
-        futures = [batcher.submit(x, GRADIENT) for x in xs]  # queued before the worker runs
-        for x, future in zip(xs, futures, strict=True):
-            assert_result(await wait(future), GRADIENT, x)
-    assert threads == [threading.main_thread()] and rows == [6]
+    xs = [make_x(GRADIENT, 1), make_x(GRADIENT, 2, marker_row=1), make_x(GRADIENT, 3)]
+    tickets = []
+    for caller, x in enumerate(xs):
+        holder: list = []
+        ticket = _Ticket(lambda holder=holder: scheduler.finished(holder[0]))
+        holder.append(scheduler.admit(x, GRADIENT, None, None, caller, Priority.NORMAL, ticket))
+        tickets.append(ticket)
+    dispatched = time.perf_counter()
+    scheduler.execute(scheduler.take_batch(dispatched), compute, dispatched)
+    assert rows[0] == 6 and scheduler.pending == 0 and scheduler.queued_rows == 0
+    assert isinstance(tickets[1].error, EngineFailed) and tickets[1].result is None
+    for i in (0, 2):
+        assert_result(tickets[i].result, GRADIENT, xs[i])
 
 
-async def test_inline_compute_lets_a_batch_s_answers_out_before_the_next_batch() -> None:
-    """Computing inline gives the loop no turn of its own: the worker yields after each
-    batch, so that the answers of one batch (their futures' callbacks: in the engine
-    process, the frames to the frontends waiting on them) go out before the next is
-    computed, not a whole batch later."""
-    answered, seen_in_second = asyncio.Event(), []
+async def test_batches_in_flight_at_once_reassemble_a_split_request_in_any_order() -> None:
+    """With in_flight, the next batch is formed while earlier ones are out; a request split
+    over two batches is answered whole and right even when its second part comes back
+    first."""
+    release_first, outstanding, most = asyncio.Event(), [0], [0]
 
-    def compute(kind: Derivative, x: np.ndarray) -> Outputs:
-        if kind is GRADIENT:
-            seen_in_second.append(answered.is_set())
+    async def compute(kind: Derivative, x: np.ndarray) -> Outputs:
+        outstanding[0] += 1
+        most[0] = max(most[0], outstanding[0])
+        first = x[0, 2] == 0  # the first row of the request: its first part
+        if first:
+            await asyncio.wait_for(release_first.wait(), WAIT_S)
+        else:
+            release_first.set()  # the second part is done before the first
+        outstanding[0] -= 1
         return reference(kind, x)
 
-    async with Batcher(compute, max_batch_size=64, inline=True) as batcher:
-        first = batcher.submit(make_x(NONE, 2), NONE)
-        first.add_done_callback(lambda _f: answered.set())
-        second = batcher.submit(make_x(GRADIENT, 2), GRADIENT)  # another kind: its own batch
-        await wait(asyncio.gather(first, second))
-    assert seen_in_second == [True]
+    async with Batcher(compute, max_batch_size=4, in_flight=2) as batcher:
+        x = make_x(GRADIENT, 7)
+        assert_result(await wait(batcher.submit(x, GRADIENT)), GRADIENT, x)
+    assert most[0] == 2
 
 
 # --------------------------------------------------------------------------- 9. max_delay_s

@@ -1,32 +1,16 @@
-"""Micro-batching: every caller's rows are queued, one worker runs them on the engine.
+"""Micro-batching on an event loop: the Scheduler (core/scheduler.py) driven by one worker.
 
-The worker forms a batch as soon as the engine is free, from whatever is queued
-(no fixed wait at low load); while the engine computes, new rows accumulate for
-the next batch, up to `max_batch_size` rows. Batches never mix derivative kinds.
-A request larger than a batch is split across batches and reassembled. A request
-that is cancelled, or whose deadline passes, before its rows are dispatched is
-dropped and its rows (and bytes) freed. If the engine fails on a batch, the batch is
-bisected so only the request that fails on its own gets the error.
+The worker forms a batch as soon as the engine is free, from whatever is queued (no fixed
+wait at low load, unless `max_delay_s`); while the engine computes, new rows accumulate for
+the next batch. Each request's future is its ticket: cancelling it withdraws whatever rows
+are not yet dispatched and frees the request's bytes.
 
-Bounds and fairness:
-- Admission counts rows (`max_queue_rows`) and bytes (a MemoryBudget shared by every
-  batcher of a server): past either, a request is refused at once and nothing queued is
-  dropped.
-- Each caller (a plain key given to `submit`) has its own queue per priority and kind; a
-  batch is filled deficit round robin in rows across the callers with rows of its kind, so
-  a caller with one row is in the next batch however many rows another caller has queued.
-  HIGH priority rows go before NORMAL ones. With `fair=False` every caller shares one queue
-  (first come, first served).
-- With `max_batch_s`, a batch holds at most the rows whose expected engine time (a CostModel
-  per kind, learned from the calls measured) fits that budget, on the engine's padding
-  ladder where it pads; a request larger than that is split.
-
-This module knows nothing of gRPC or protobuf: `compute` is any function
-(Derivative, x [n, ...]) -> Outputs, called as compute(kind, x, v) for the kinds that take
-a vector v (row-aligned with x), run on one dedicated thread. Several batchers (one per
-model) may share that thread by sharing an executor. With `in_flight` N, `compute` instead
-returns an awaitable (the engine process's exchange) and up to N batches are outstanding at
-once: the next batch is formed while earlier ones are being computed elsewhere.
+`compute` is any function (Derivative, x [n, ...]) -> Outputs, called as compute(kind, x, v)
+for the kinds that take a vector v (row-aligned with x), run on one dedicated thread.
+Several batchers (one per model) may share that thread by sharing an executor. With
+`in_flight` N, `compute` instead returns an awaitable (the engine process's exchange) and
+up to N batches are outstanding at once: the next batch is formed while earlier ones are
+being computed elsewhere. This module knows nothing of gRPC or protobuf.
 """
 
 from __future__ import annotations
@@ -36,163 +20,36 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.server.core.budget import CostEstimate, CostModel, MemoryBudget
-from gradserve.server.core.contract import ENGINE_KINDS, BatchHints, Outputs, Priority
-from gradserve.server.core.errors import (
-    NOT_BLAMED,
-    Closed,
-    DeadlineExpired,
-    EngineFailed,
-    QueueFull,
-    RequestError,
-    RequestTooLarge,
+from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.contract import Outputs, Priority
+from gradserve.server.core.errors import Closed, EngineFailed
+from gradserve.server.core.scheduler import (
+    Compute,
+    KindCost,
+    Observer,
+    Part,
+    Result,
+    Scheduler,
+    batch_rows,
+    fail,
+    hints_of,
+    joined,
+    live_parts,
+    timed,
 )
-from gradserve.server.core.timing import Timing
 from gradserve.wire.kinds import Derivative
+
+__all__ = ["Batcher", "KindCost", "Observer", "Result"]
 
 log = logging.getLogger(__name__)
 
-Compute = Callable[..., Outputs]
 
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    y: np.ndarray
-    dy_dx: np.ndarray | None
-    timing: Timing
-
-
-class Observer:
-    """What the batcher reports as it works (metrics implement it); the default ignores it."""
-
-    def batch(self, kind: Derivative, rows: int, seconds: float) -> None:
-        """One successful engine call of `rows` rows that took `seconds`."""
-
-    def queued(self, seconds: float) -> None:
-        """A request's first rows left the queue after waiting `seconds`."""
-
-    def restarted(self) -> None:
-        """The batch worker failed on its own (a bug, not an engine error) and was started
-        again; the requests of the batch it held failed."""
-
-
-class _Pending:
-    """One request in the queue; `next_row` marks how far it has been dispatched."""
-
-    __slots__ = (
-        "batch_rows",
-        "caller",
-        "compute_s",
-        "deadline",
-        "dy_dx",
-        "enqueued",
-        "future",
-        "handoff_s",
-        "kind",
-        "last_end",
-        "n",
-        "nbytes",
-        "next_row",
-        "priority",
-        "rows_done",
-        "started",
-        "v",
-        "waited_s",
-        "x",
-        "y",
-    )
-
-    def __init__(self, x, v, kind, future, deadline, enqueued, caller, nbytes, priority) -> None:
-        self.x: np.ndarray | None = x
-        self.v: np.ndarray | None = v
-        self.n: int = x.shape[0]
-        self.kind: Derivative = kind
-        self.future: asyncio.Future[Result] = future
-        self.deadline: float | None = deadline
-        self.enqueued: float = enqueued
-        self.caller: Hashable = caller
-        self.nbytes: int = nbytes
-        self.priority: Priority = priority
-        self.next_row = 0
-        self.rows_done = 0
-        self.started: float | None = None
-        self.compute_s = 0.0
-        self.handoff_s = 0.0
-        self.waited_s = 0.0
-        self.last_end = 0.0
-        self.batch_rows = 0
-        self.y: np.ndarray | None = None
-        self.dy_dx: np.ndarray | None = None
-
-
-class _CallerQueue:
-    """One caller's requests of one priority and kind, oldest first, and its turn's credit."""
-
-    __slots__ = ("deficit", "requests", "since")
-
-    def __init__(self, since: float) -> None:
-        self.requests: deque[_Pending] = deque()
-        self.deficit = 0  # rows it may still take in its current turn
-        self.since = since  # when it last became due: its first request queued, or last served
-
-
-class _Lane:
-    """The requests of one priority and kind: a queue per caller, callers in turn order."""
-
-    __slots__ = ("callers", "order")
-
-    def __init__(self) -> None:
-        self.callers: dict[Hashable, _CallerQueue] = {}
-        self.order: deque[Hashable] = deque()
-
-    def __bool__(self) -> bool:
-        return bool(self.order)
-
-    def add(self, pending: _Pending) -> None:
-        queue = self.callers.get(pending.caller)
-        if queue is None:
-            queue = self.callers[pending.caller] = _CallerQueue(pending.enqueued)
-            self.order.append(pending.caller)
-        queue.requests.append(pending)
-
-    def due_since(self) -> float:
-        """How long the most neglected of its callers has waited for a turn."""
-        return min(queue.since for queue in self.callers.values())
-
-    def front(self) -> _CallerQueue:
-        return self.callers[self.order[0]]
-
-    def drop_front(self) -> None:
-        """The caller whose turn it is has nothing left: it leaves the rotation."""
-        del self.callers[self.order.popleft()]
-
-
-@dataclass
-class _Part:
-    """Rows [start, stop) of one pending request, placed in a batch."""
-
-    pending: _Pending
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True, slots=True)
-class KindCost:
-    """What the batcher has learned of one derivative kind's engine cost, and its batch cap."""
-
-    kind: Derivative
-    estimate: CostEstimate
-    row_cap: int  # the most rows a batch of this kind takes now
-
-
-class Batcher:
+class Batcher(Scheduler):
     """Queue + single worker in front of a compute function. Use as `async with`."""
 
     def __init__(
@@ -210,59 +67,34 @@ class Batcher:
         observer: Observer | None = None,
         executor: ThreadPoolExecutor | None = None,
         hints: bool = False,
-        inline: bool = False,
         in_flight: int = 0,
     ) -> None:
-        """`memory`: the byte budget admission counts against (None: bytes unbounded);
-        `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
-        `fair`: a queue per caller, batches filled round robin (False: one shared queue);
-        `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
-        the engine pads to (empty: it does not pad); `hints`: pass `compute` each batch's
-        BatchHints as `hints=` (an engine that schedules further: the engine process);
-        `inline`: compute on the event loop's own thread, no executor hop (a process whose
-        loop has nothing else to do meanwhile: the engine process); `in_flight`: `compute`
-        returns an awaitable, and up to this many batches may be awaited at once (0: a plain
-        function, one batch at a time)."""
-        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or max_batch_s < 0:
-            raise ValueError(
-                "max_batch_size and max_queue_rows must be >= 1, max_delay_s and max_batch_s >= 0"
-            )
+        """The Scheduler's settings, and: `max_delay_s`, how long an idle engine may be held
+        to gather a larger batch; `executor`, the engine thread (shared by several batchers;
+        None: one of its own); `hints`, pass `compute` each batch's BatchHints as `hints=`
+        (an engine that schedules further: the engine process); `in_flight`, `compute`
+        returns an awaitable and up to this many batches may be awaited at once (0: a plain
+        function, one batch at a time, on the executor)."""
+        if max_delay_s < 0:
+            raise ValueError("max_delay_s must be >= 0")
+        super().__init__(
+            max_batch_size=max_batch_size, max_queue_rows=max_queue_rows, memory=memory,
+            result_row_bytes=result_row_bytes, fair=fair, max_batch_s=max_batch_s,
+            ladder=ladder, observer=observer,
+        )  # fmt: skip
         self._compute = compute
         self._hints = hints
-        self._observer = observer or Observer()
-        self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self.max_queue_rows = max_queue_rows
-        self.max_batch_s = max_batch_s
-        self.fair = fair
-        self.memory = memory
-        self._result_row_bytes = dict(result_row_bytes or {})
-        self._ladder = sorted(ladder)
-        self._costs: dict[Derivative, CostModel] = {kind: CostModel() for kind in ENGINE_KINDS}
-        self._lanes: dict[Priority, dict[Derivative, _Lane]] = {
-            priority: {kind: _Lane() for kind in ENGINE_KINDS} for priority in Priority
-        }
-        self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._closing = False
         self._worker: asyncio.Task[None] | None = None
-        self._inline = inline or in_flight > 0
         self._slots = asyncio.Semaphore(in_flight) if in_flight else None
         self._outstanding: set[asyncio.Task[None]] = set()
-        self._owns_executor = executor is None and not self._inline
+        self._owns_executor = executor is None and not in_flight
         if self._owns_executor:
             executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._executor = executor
-        self._in_flight: list[_Part] = []
-        self.batches_run = 0
-        self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)
-
-    @property
-    def queued_rows(self) -> int:
-        """Rows admitted but not yet handed to the engine."""
-        return self._queued_rows
 
     async def __aenter__(self) -> Batcher:
         self.start()
@@ -274,12 +106,6 @@ class Batcher:
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
-
-    def request_bytes(self, x: np.ndarray, kind: Derivative, v: np.ndarray | None = None) -> int:
-        """The bytes a request holds until it is answered: its rows, its vectors and the
-        answer it will produce (its message is counted by whoever read it)."""
-        vector = 0 if v is None else v.nbytes
-        return x.nbytes + vector + x.shape[0] * self._result_row_bytes.get(kind, 0)
 
     def submit(
         self,
@@ -296,61 +122,25 @@ class Batcher:
 
         `deadline` is on the event loop's clock (loop.time()). `caller` is any key that names
         who sends the request (batches are shared fairly between callers); `priority` HIGH
-        goes before NORMAL; its bytes (`request_bytes`) are counted against the memory
-        budget. Raises at once, queueing nothing, when the batcher is closing or
-        the queue is full (rows or bytes). Cancelling the future withdraws whatever rows are
-        not yet dispatched and frees the request's bytes.
+        goes before NORMAL; its bytes are counted against the memory budget. Raises at once,
+        queueing nothing, when the batcher is closing or the queue is full (rows or bytes).
+        Cancelling the future withdraws whatever rows are not yet dispatched and frees the
+        request's bytes.
         """
-        if self._closing:
-            raise Closed("the server is shutting down and accepts no new requests")
-        n = x.shape[0]
-        if n < 1:
-            raise ValueError("a request needs at least one row")
-        if n > self.max_queue_rows:
-            raise RequestTooLarge(
-                f"request has {n} rows; at most {self.max_queue_rows} rows fit in one request"
-            )
-        if self._queued_rows + n > self.max_queue_rows:
-            raise QueueFull(
-                f"queue full: {self._queued_rows} of {self.max_queue_rows} rows are waiting and "
-                f"this request adds {n}; retry later"
-            )
-        nbytes = self.request_bytes(x, kind, v)
-        if self.memory is not None:
-            self.memory.reserve(nbytes)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Result] = loop.create_future()
-        key = caller if self.fair else None
-        priority = Priority(priority)
-        pending = _Pending(x, v, kind, future, deadline, time.perf_counter(), key, nbytes, priority)
-        future.add_done_callback(lambda _f: self._finished(pending))
-        self._lanes[priority][kind].add(pending)
-        self._queued_rows += n
-        self.pending += 1
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        pending = self.admit(x, kind, deadline, v, caller, priority, future)
+        future.add_done_callback(lambda _f: self.finished(pending))
         self._idle.clear()
         self._wakeup.set()
         return future
 
-    def row_cap(self, kind: Derivative) -> int:
-        """The most rows the next batch of `kind` may take: max_batch_size, or fewer when
-        the learned cost of more would exceed max_batch_s."""
-        if not self.max_batch_s:
-            return self.max_batch_size
-        return self._costs[kind].rows_within(self.max_batch_s, self.max_batch_size, self._ladder)
-
-    def costs(self) -> list[KindCost]:
-        """The learned engine cost and current batch cap of every kind measured so far."""
-        learned = []
-        for kind, model in self._costs.items():
-            estimate = model.estimate()
-            if estimate is not None:
-                learned.append(KindCost(kind, estimate, self.row_cap(kind)))
-        return learned
-
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Closed); admitted ones still complete."""
-        self._closing = True
+        super().stop_accepting()
         self._wakeup.set()
+
+    def _on_idle(self) -> None:
+        self._idle.set()
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every admitted request has finished; False if `timeout` passed first."""
@@ -370,22 +160,6 @@ class Batcher:
         if self._owns_executor:
             self._executor.shutdown(wait=True)
 
-    def _finished(self, pending: _Pending) -> None:
-        """A request is answered, failed or cancelled: free its rows and bytes, and drop its
-        arrays (a cancelled one may still sit in its caller's queue until its turn)."""
-        self.pending -= 1
-        self._withdraw(pending)
-        if self.memory is not None:
-            self.memory.release(pending.nbytes)
-        pending.x = pending.v = pending.y = pending.dy_dx = None
-        if self.pending == 0:
-            self._idle.set()
-
-    def _withdraw(self, pending: _Pending) -> None:
-        """Free the not-yet-dispatched rows of a finished (answered, failed, cancelled) request."""
-        self._queued_rows -= pending.n - pending.next_row
-        pending.next_row = pending.n
-
     async def _supervise(self) -> None:
         """Run the worker loop; if it ever fails, fail the batch it held and start it again,
         so no admitted request is left waiting on a dead worker."""
@@ -394,12 +168,12 @@ class Batcher:
                 await self._run()
                 return
             except asyncio.CancelledError:
-                _fail(self._in_flight, Closed("the server stopped before this request finished"))
+                fail(self._in_flight, Closed("the server stopped before this request finished"))
                 raise
             except Exception as exc:
                 log.exception("batch worker failed; restarting it")
                 self._observer.restarted()
-                _fail(self._in_flight, EngineFailed(f"internal error in the batch worker: {exc}"))
+                fail(self._in_flight, EngineFailed(f"internal error in the batch worker: {exc}"))
                 self._in_flight = []
 
     async def _run(self) -> None:
@@ -415,7 +189,7 @@ class Batcher:
             if self.max_delay_s > 0:
                 await self._wait_for_fill()
             dispatched = time.perf_counter()
-            parts = self._take_batch(dispatched)
+            parts = self.take_batch(dispatched)
             if not parts:
                 if self._slots is not None:
                     self._slots.release()
@@ -426,33 +200,30 @@ class Batcher:
                 continue
             await self._execute(parts, dispatched)
             self._in_flight = []
-            if self._inline:  # nothing above gave the loop a turn: answers go out first
-                await asyncio.sleep(0)
 
-    def _launch(self, parts: list[_Part], dispatched: float) -> None:
+    def _launch(self, parts: list[Part], dispatched: float) -> None:
         """Await one batch in its own task (in_flight mode); its slot is freed when done."""
         self._in_flight = []
         task = asyncio.get_running_loop().create_task(self._outstanding_batch(parts, dispatched))
         self._outstanding.add(task)
         task.add_done_callback(self._outstanding.discard)
 
-    async def _outstanding_batch(self, parts: list[_Part], dispatched: float) -> None:
+    async def _outstanding_batch(self, parts: list[Part], dispatched: float) -> None:
         try:
             await self._execute(parts, dispatched)
         except asyncio.CancelledError:
-            _fail(parts, Closed("the server stopped before this request finished"))
+            fail(parts, Closed("the server stopped before this request finished"))
             raise
         except Exception as exc:
             log.exception("an outstanding batch failed outside the engine")
-            _fail(parts, EngineFailed(f"internal error in the batch worker: {exc}"))
+            fail(parts, EngineFailed(f"internal error in the batch worker: {exc}"))
         finally:
             self._slots.release()
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
-        lanes = [lane for by_kind in self._lanes.values() for lane in by_kind.values() if lane]
-        oldest = min((lane.due_since() for lane in lanes), default=time.perf_counter())
-        until = oldest + self.max_delay_s
+        oldest = self.oldest_due()
+        until = (time.perf_counter() if oldest is None else oldest) + self.max_delay_s
         while self._queued_rows < self.max_batch_size and not self._closing:
             remaining = until - time.perf_counter()
             if remaining <= 0:
@@ -461,232 +232,38 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _next_kind(self) -> Derivative | None:
-        """The kind of the next batch: that of the lane whose most neglected caller has
-        waited longest, among the HIGH lanes if any has rows, else the NORMAL ones."""
-        for priority in (Priority.HIGH, Priority.NORMAL):
-            live = [
-                (lane.due_since(), kind) for kind, lane in self._lanes[priority].items() if lane
-            ]
-            if live:
-                return min(live, key=lambda due: due[0])[1]
-        return None
-
-    def _take_batch(self, taken: float) -> list[_Part]:
-        """Up to row_cap rows of one kind, HIGH callers first, each priority's callers in
-        deficit round robin, dispatched at `taken` (time.perf_counter())."""
-        kind = self._next_kind()
-        if kind is None:
-            return []
-        now = asyncio.get_running_loop().time()
-        starts: dict[_Pending, int] = {}  # request -> its first row in this batch
-        room = self.row_cap(kind)
-        try:
-            for priority in (Priority.HIGH, Priority.NORMAL):
-                room = self._fill(self._lanes[priority][kind], room, starts, taken, now)
-        finally:  # even on a fault, so that the worker fails these rather than strands them
-            parts = [_Part(pending, start, pending.next_row) for pending, start in starts.items()]
-            self._in_flight = parts
-        return parts
-
-    def _fill(
-        self, lane: _Lane, room: int, starts: dict[_Pending, int], taken: float, now: float
-    ) -> int:
-        """Give up to `room` rows of `lane` to the batch, deficit round robin: the caller
-        whose turn it is gets a quantum (an equal share of the room) of rows from its oldest
-        requests, then the next caller; a turn cut short by a full batch resumes in the next
-        one. Returns the room left."""
-        if not lane:
-            return room
-        quantum = max(1, room // len(lane.order))
-        while room and lane:
-            queue = lane.front()
-            while queue.requests and self._drop_if_dead(queue.requests[0], now):
-                queue.requests.popleft()
-            if not queue.requests:
-                lane.drop_front()
-                continue
-            if queue.deficit <= 0:
-                queue.deficit = quantum
-            pending = queue.requests[0]
-            take = min(room, queue.deficit, pending.n - pending.next_row)
-            if pending not in starts:
-                starts[pending] = pending.next_row
-                self._dispatching(pending, taken)
-            pending.next_row += take
-            self._queued_rows -= take
-            room -= take
-            queue.deficit -= take
-            queue.since = taken
-            if pending.next_row == pending.n:
-                queue.requests.popleft()
-            if not queue.requests:
-                lane.drop_front()
-            elif queue.deficit == 0:
-                lane.order.rotate(-1)
-        return room
-
-    def _dispatching(self, pending: _Pending, taken: float) -> None:
-        """Account for a request's rows leaving the queue in a batch dispatched at `taken`."""
-        if pending.started is None:
-            pending.started = taken
-            pending.waited_s = taken - pending.enqueued
-            self._observer.queued(pending.waited_s)
-        else:  # the next part of a split request
-            since = max(pending.last_end, pending.started)  # an earlier part may be in flight
-            pending.waited_s += max(0.0, taken - since)
-
-    def _drop_if_dead(self, pending: _Pending, now: float) -> bool:
-        """True (and its rows freed now, not in a later callback) for a finished request."""
-        if _is_dead(pending, now):
-            self._withdraw(pending)
-            return True
-        return False
-
-    def _padded(self, rows: int) -> int:
-        """The rows the engine computes for a batch of `rows`: the next ladder size."""
-        return next((size for size in self._ladder if size >= rows), rows)
-
-    async def _execute(self, parts: list[_Part], dispatched: float) -> None:
+    async def _execute(self, parts: list[Part], dispatched: float) -> None:
         """Run one batch; on an engine error, bisect so only the failing request fails."""
-        parts = [p for p in parts if not p.pending.future.done()]  # e.g. cancelled meanwhile
+        parts = live_parts(parts)
         if not parts:
             return
+        xs, vs = batch_rows(parts)
         kind = parts[0].pending.kind
-        xs = _slices(parts, "x")  # views taken here: a cancelled request drops its arrays
-        vs = None if parts[0].pending.v is None else _slices(parts, "v")
-        loop = asyncio.get_running_loop()
+        compute = self._compute
+        if self._hints:
+            compute = functools.partial(compute, hints=hints_of(parts))
         try:
-            compute = self._compute
-            if self._hints:
-                compute = functools.partial(compute, hints=_hints_of(parts))
             if self._slots is not None:
                 outputs, began, ended = await _awaited(compute, kind, xs, vs)
-            elif self._inline:
-                outputs, began, ended = _timed(compute, kind, xs, vs)
             else:
-                outputs, began, ended = await loop.run_in_executor(
-                    self._executor, _timed, compute, kind, xs, vs
+                outputs, began, ended = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, timed, compute, kind, xs, vs
                 )
-        except NOT_BLAMED as exc:  # e.g. nothing ran, or the engine's queue is full
-            _fail(parts, exc)
-            return
         except Exception as exc:
-            if len(parts) == 1:
-                log.warning("engine failed on a request of %d rows: %s", len(xs[0]), exc)
-                error = EngineFailed(f"the engine failed on this request: {exc}")
-                error.__cause__ = exc
-                _fail(parts, error)
-                return
-            middle = len(parts) // 2
-            await self._execute(parts[:middle], dispatched)
-            await self._execute(parts[middle:], dispatched)
+            if not self.failed_whole(parts, exc):
+                middle = len(parts) // 2
+                await self._execute(parts[:middle], dispatched)
+                await self._execute(parts[middle:], dispatched)
             return
-        self.batches_run += 1
-        rows = sum(len(x) for x in xs)
-        self._costs[kind].observe(self._padded(rows), ended - began)
-        self._observer.batch(kind, rows, ended - began)
-        _deliver(parts, outputs, began - dispatched, ended - began, ended)
-
-
-def _timed(
-    compute: Compute, kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None
-) -> tuple[Outputs, float, float]:
-    """Run on the engine thread (so that joining large batches does not hold up the event
-    loop): join the parts' rows, compute; the outputs and when the call began and ended."""
-    x = _joined(xs)
-    args = (kind, x) if vs is None else (kind, x, _joined(vs))
-    began = time.perf_counter()
-    outputs = compute(*args)
-    return outputs, began, time.perf_counter()
+        self.succeeded(parts, outputs, dispatched, began, ended)
 
 
 async def _awaited(
     compute: Compute, kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None
 ) -> tuple[Outputs, float, float]:
-    """As _timed, for a `compute` that returns an awaitable (in_flight mode)."""
-    x = _joined(xs)
-    args = (kind, x) if vs is None else (kind, x, _joined(vs))
+    """As scheduler.timed, for a `compute` that returns an awaitable (in_flight mode)."""
+    x = joined(xs)
+    args = (kind, x) if vs is None else (kind, x, joined(vs))
     began = time.perf_counter()
     outputs = await compute(*args)
     return outputs, began, time.perf_counter()
-
-
-def _hints_of(parts: list[_Part]) -> BatchHints:
-    """A batch's most urgent priority and latest deadline (deadlines are on the asyncio
-    loop's clock, time.monotonic(), as BatchHints wants them)."""
-    deadlines = [p.pending.deadline for p in parts]
-    deadline = None if None in deadlines else max(deadlines)
-    return BatchHints(max(p.pending.priority for p in parts), deadline)
-
-
-def _slices(parts: list[_Part], field: str) -> list[np.ndarray]:
-    """The batch's rows of `x` or `v`, as one view per part."""
-    return [getattr(p.pending, field)[p.start : p.stop] for p in parts]
-
-
-def _joined(arrays: list[np.ndarray]) -> np.ndarray:
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def _is_dead(pending: _Pending, now: float) -> bool:
-    """True for a request already finished (e.g. cancelled); fails one past its deadline."""
-    if pending.future.done():
-        return True
-    if pending.deadline is not None and now >= pending.deadline:
-        pending.future.set_exception(
-            DeadlineExpired("the deadline passed while the request waited in the queue")
-        )
-        return True
-    return False
-
-
-def _fail(parts: list[_Part], error: RequestError) -> None:
-    for part in parts:
-        if not part.pending.future.done():
-            part.pending.future.set_exception(error)
-
-
-def _deliver(
-    parts: list[_Part], outputs: Outputs, handoff_s: float, compute_s: float, ended: float
-) -> None:
-    """Split a batch's outputs back to its requests; resolve those now complete."""
-    batch_rows = sum(p.stop - p.start for p in parts)
-    offset = 0
-    for part in parts:
-        pending, rows = part.pending, part.stop - part.start
-        chunk = slice(offset, offset + rows)
-        offset += rows
-        if pending.future.done():
-            continue
-        pending.compute_s += compute_s
-        pending.handoff_s += handoff_s
-        pending.last_end = ended
-        pending.batch_rows = max(pending.batch_rows, batch_rows)
-        if rows == pending.n:
-            pending.y = outputs.y[chunk]
-            pending.dy_dx = None if outputs.dy_dx is None else outputs.dy_dx[chunk]
-        else:
-            _store(pending, outputs, chunk, part)
-        pending.rows_done += rows
-        if pending.rows_done == pending.n:  # its last part (parts may finish in any order)
-            timing = Timing(
-                queue_us=round(pending.waited_s * 1e6),
-                handoff_us=round(pending.handoff_s * 1e6),
-                compute_us=round(pending.compute_s * 1e6),
-                batch_rows=pending.batch_rows,
-                queued=pending.enqueued,
-                done=ended,
-            )
-            pending.future.set_result(Result(pending.y, pending.dy_dx, timing))
-
-
-def _store(pending: _Pending, outputs: Outputs, chunk: slice, part: _Part) -> None:
-    """Copy one slice of a split request's results into its own buffers."""
-    if pending.y is None:
-        pending.y = np.empty((pending.n, *outputs.y.shape[1:]), outputs.y.dtype)
-        if outputs.dy_dx is not None:
-            pending.dy_dx = np.empty((pending.n, *outputs.dy_dx.shape[1:]), outputs.dy_dx.dtype)
-    pending.y[part.start : part.stop] = outputs.y[chunk]
-    if pending.dy_dx is not None and outputs.dy_dx is not None:
-        pending.dy_dx[part.start : part.stop] = outputs.dy_dx[chunk]

@@ -1,37 +1,46 @@
-"""The engine process of a multi-frontend server: the one process that imports TensorFlow.
+"""The engine process of a multi-frontend server: the one process that imports TensorFlow,
+and the one scheduler of the server.
 
 It loads and warms up every model, then listens on a local socket for frontends. Each
-frontend sends sub-batches (its own micro-batches); they go into this process's batchers,
-one per model, which merge the sub-batches of every frontend into one device call per
-batch (never mixing models or derivative kinds, at most --max-batch-size rows and, as in
-one process, at most the rows whose learned cost fits --max-batch-ms, on the XLA ladder),
-computed on this process's event loop thread, sharing batches round robin between
-frontends (--fairness). A
-failing sub-batch is isolated by the batcher's bisection and answered with its error; the
-frontend then bisects it down to the request that fails. Any other error (a full queue,
-shutting down) crosses with its kind and is not bisected. Each sub-batch is queued with
-its requests' most urgent priority and latest deadline (a HIGH request overtakes NORMAL
-rows queued here; a sub-batch whose every request is past its deadline is never computed).
+frontend sends sub-batches (its own micro-batches, up to --in-flight at once); they go into
+this process's schedulers (core/scheduler.py), one per model, which merge the sub-batches of
+every frontend into one device call per batch (never mixing models or derivative kinds, at
+most --max-batch-size rows and, as in one process, at most the rows whose learned cost fits
+--max-batch-ms, on the XLA ladder), sharing batches round robin between frontends
+(--fairness). Each sub-batch is queued with its requests' most urgent priority and latest
+deadline: a HIGH sub-batch overtakes NORMAL rows queued here, and a sub-batch whose every
+request is past its deadline is never computed. The server's whole --max-queue-rows is the
+bound here: past it a sub-batch is refused (RESOURCE_EXHAUSTED).
+
+One thread does all of it, without asyncio or an executor: it waits on every frontend's
+socket at once (selectors), takes in every frame that arrived, runs one batch, answers each
+sub-batch of it as soon as the batch is split, and looks at the sockets again before the
+next batch (so a sub-batch that arrived meanwhile is in it, HIGH ones first). A failing
+sub-batch is isolated by bisection and answered with its error; the frontend then bisects
+it down to the request that fails. Any other error (a full queue, shutting down) crosses
+with its kind and is not bisected.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import selectors
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection
 
 import numpy as np
 
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
-from gradserve.server.core.batcher import Batcher, Result
 from gradserve.server.core.contract import Engine, Priority
 from gradserve.server.core.errors import QueueFull
+from gradserve.server.core.scheduler import Result, Scheduler
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import messages, shm
 from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
@@ -44,110 +53,203 @@ log = logging.getLogger("gradserve.engine")
 Load = Callable[[ServerConfig], list[Engine]]
 
 
+class _Answer:
+    """The ticket of one sub-batch: its outcome is sent to its frontend the moment it is
+    known (scheduler.Ticket)."""
+
+    __slots__ = ("_done", "pending", "scheduler", "session", "slot")
+
+    def __init__(self, session: _Session, slot: int, scheduler: Scheduler) -> None:
+        self.session, self.slot, self.scheduler = session, slot, scheduler
+        self.pending = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Result) -> None:
+        self._finish()
+        self.session.answer(self.slot, result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._finish()
+        self.session.fail(self.slot, exception)
+
+    def cancel(self) -> None:
+        """Its frontend went away: withdraw its rows, answer nobody."""
+        if not self._done:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.session.tickets.pop(self.slot, None)
+        if self.pending is not None:
+            self.scheduler.finished(self.pending)
+
+
 class _Session:
-    """One frontend's connection: its sub-batches in, their answers out (loop thread).
+    """One frontend's connection. Each in-flight sub-batch occupies one of the frontend's
+    slots: its rows lie in the frontend's segment of that slot, its answer goes into this
+    session's segment of it."""
 
-    Each in-flight sub-batch occupies one of the frontend's slots: its rows lie in the
-    frontend's segment of that slot, its answer goes into this session's segment of it."""
-
-    def __init__(
-        self, conn: Connection, batchers: dict[str, Batcher], number: int, slots: int
-    ) -> None:
-        self._conn = conn
+    def __init__(self, conn: Connection, number: int, slots: int) -> None:
+        self.conn = conn
+        self.number = number  # the frontend's turn in fair batches
+        self.tickets: dict[int, _Answer] = {}
         self._slots = slots
-        self._batchers = batchers
         self._requests: dict[int, Mapped] = {}
         self._answers: dict[int, Segment] = {}
         self._prefix = f"gradserve-{os.getppid()}-e{number}s"
-        self._number = number  # the frontend's turn in fair batches
-        self._pending: dict[int, asyncio.Future[Result]] = {}
-        self.closed = False
 
-    def submit(self, message: SubBatch) -> None:
+    def submit(self, message: SubBatch, schedulers: dict[str, Scheduler]) -> None:
         slot = message.slot
         try:
-            if slot in self._pending or not 0 <= slot < self._slots:
+            if slot in self.tickets or not 0 <= slot < self._slots:
                 raise ValueError(f"slot {slot} is in flight or not one of 0..{self._slots - 1}")
             mapped = self._requests.setdefault(slot, Mapped())
             x = mapped.view(message.path, message.x)
             v = mapped.view(message.path, message.v)
-            batcher = self._batchers[message.model]
-            future = batcher.submit(
-                x, Derivative(message.kind), message.deadline, v,
-                caller=self._number, priority=Priority(message.priority),
+            scheduler = schedulers[message.model]
+            ticket = _Answer(self, slot, scheduler)
+            ticket.pending = scheduler.admit(
+                x, Derivative(message.kind), message.deadline, v, self.number,
+                Priority(message.priority), ticket,
             )  # fmt: skip
         except QueueFull as exc:
-            self._send(SubBatchAnswer.failed(QueueFull(f"the engine process's {exc}"), slot))
+            self.fail(slot, QueueFull(f"the engine process's {exc}"))
             return
         except Exception as exc:
-            self._send(SubBatchAnswer.failed(exc, slot))
+            self.fail(slot, exc)
             return
-        self._pending[slot] = future
-        future.add_done_callback(lambda done: self._answer(slot, done))
+        self.tickets[slot] = ticket
 
-    def _answer(self, slot: int, future: asyncio.Future[Result]) -> None:
-        self._pending.pop(slot, None)
-        if self.closed or future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:
-            self._send(SubBatchAnswer.failed(error, slot))
-            return
-        result = future.result()
+    def answer(self, slot: int, result: Result) -> None:
         segment = self._answers.get(slot)
         if segment is None:
             segment = self._answers[slot] = Segment(f"{self._prefix}{slot}")
         path, (y, dy_dx) = segment.write([result.y, result.dy_dx])
         self._send(SubBatchAnswer(path, y, dy_dx, slot=slot))
 
+    def fail(self, slot: int, exc: BaseException) -> None:
+        self._send(SubBatchAnswer.failed(exc, slot))
+
     def _send(self, answer: SubBatchAnswer) -> None:
-        with contextlib.suppress(OSError):  # the frontend is gone; its reader ends the session
-            self._conn.send_bytes(messages.encode(answer))
+        with contextlib.suppress(OSError):  # the frontend is gone; its EOF ends the session
+            self.conn.send_bytes(messages.encode(answer))
 
     def close(self) -> None:
         """The frontend went away: drop what it had queued; free this session's memory."""
-        self.closed = True
-        for future in list(self._pending.values()):
-            future.cancel()
-        self._conn.close()
+        for ticket in list(self.tickets.values()):
+            ticket.cancel()
+        self.conn.close()
         for segment in self._answers.values():
             segment.close()
         for mapped in self._requests.values():
             mapped.close()
 
 
-def _read(conn: Connection, session: _Session, loop: asyncio.AbstractEventLoop) -> None:
-    """Thread: hand each sub-batch of one frontend to the loop; end the session at EOF."""
-    while True:
+class _Loop:
+    """The engine process's one thread: frontends' frames in, batches run, answers out."""
+
+    def __init__(self, config: ServerConfig, engines: list[Engine], metrics: Metrics) -> None:
+        self._config = config
+        self._engines = {engine.name: engine for engine in engines}
+        self.schedulers = {
+            engine.name: Scheduler(
+                max_batch_size=config.max_batch_size,
+                max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
+                fair=config.fairness,  # between frontends: each is one caller here
+                max_batch_s=config.max_batch_ms / 1e3,
+                ladder=getattr(engine, "ladder", ()),
+                observer=metrics,
+            )
+            for engine in engines
+        }
+        self._delay_s = config.max_delay_us / 1e6
+        self._infos = [
+            EngineModel(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
+                        np.dtype(e.numpy_dtype).name)
+            for e in engines
+        ]  # fmt: skip
+        self._selector = selectors.DefaultSelector()
+        self._sessions = 0
+        self._turn = 0  # the model whose batch goes next when several have rows
+        self._stopping = False
+
+    def run(self, listener: socket.socket, wakeup: socket.socket) -> None:
+        """Serve until SIGTERM (`wakeup` becomes readable) and every admitted row is done."""
+        self._selector.register(listener, selectors.EVENT_READ, self._accept)
+        self._selector.register(wakeup, selectors.EVENT_READ, self._stop)
+        while not (self._stopping and self._idle()):
+            for key, _ in self._selector.select(self._timeout()):
+                key.data(key.fileobj)
+            self._run_batch()
+        self._selector.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        sock, _ = listener.accept()
+        conn = Connection(sock.detach())
+        if self._stopping:
+            conn.close()
+            return
+        conn.send_bytes(messages.encode(self._infos))
+        self._sessions += 1
+        session = _Session(conn, self._sessions, self._config.in_flight)
+        self._selector.register(conn, selectors.EVENT_READ, lambda _c: self._read(session))
+
+    def _read(self, session: _Session) -> None:
+        """Take in every frame the frontend has sent; end its session at EOF or a bad frame."""
+        conn = session.conn
         try:
-            message = messages.decode(conn.recv_bytes())
-            if not isinstance(message, SubBatch):
-                raise messages.BadFrame(f"a frontend sent a {type(message).__name__}")
+            while conn.poll(0):
+                message = messages.decode(conn.recv_bytes())
+                if not isinstance(message, SubBatch):
+                    raise messages.BadFrame(f"a frontend sent a {type(message).__name__}")
+                session.submit(message, self.schedulers)
         except messages.BadFrame as exc:
             log.error("closing a connection that sent a bad frame: %s", exc,
                       extra={"event": "bad_frame"})  # fmt: skip
-            loop.call_soon_threadsafe(session.close)
-            return
+            self._end(session)
         except (EOFError, OSError):
-            loop.call_soon_threadsafe(session.close)
-            return
-        loop.call_soon_threadsafe(session.submit, message)
+            self._end(session)
 
+    def _end(self, session: _Session) -> None:
+        self._selector.unregister(session.conn)
+        session.close()
 
-def _accept(
-    listener: Listener, infos, batchers, slots: int, loop: asyncio.AbstractEventLoop
-) -> None:
-    """Thread: greet every frontend that connects and start reading its sub-batches."""
-    number = 0
-    while True:
-        try:
-            conn = listener.accept()
-        except OSError:
-            return
-        number += 1
-        conn.send_bytes(messages.encode(infos))
-        session = _Session(conn, batchers, number, slots)
-        threading.Thread(target=_read, args=(conn, session, loop), daemon=True).start()
+    def _stop(self, wakeup: socket.socket) -> None:
+        wakeup.recv(64)
+        self._stopping = True
+        for scheduler in self.schedulers.values():
+            scheduler.stop_accepting()
+
+    def _idle(self) -> bool:
+        return all(scheduler.pending == 0 for scheduler in self.schedulers.values())
+
+    def _timeout(self) -> float | None:
+        """How long the sockets may be waited on: not at all while a batch is due; until the
+        oldest row's --max-delay-us has passed while one is being gathered; else forever."""
+        waits = [self._wait_s(s) for s in self.schedulers.values() if s.queued_rows]
+        return min(waits) if waits else (0.5 if self._stopping else None)
+
+    def _wait_s(self, scheduler: Scheduler) -> float:
+        if not self._delay_s or scheduler.queued_rows >= scheduler.max_batch_size:
+            return 0.0
+        return max(0.0, scheduler.oldest_due() + self._delay_s - time.perf_counter())
+
+    def _run_batch(self) -> None:
+        """One batch of the next model (round robin) whose rows are due."""
+        names = list(self.schedulers)
+        for i in range(len(names)):
+            name = names[(self._turn + i) % len(names)]
+            scheduler = self.schedulers[name]
+            if scheduler.queued_rows and self._wait_s(scheduler) == 0.0:
+                self._turn = (self._turn + i + 1) % len(names)
+                dispatched = time.perf_counter()
+                parts = scheduler.take_batch(dispatched)
+                if parts:
+                    scheduler.execute(parts, self._engines[name].run, dispatched)
+                return
 
 
 def _exit_with_parent(parent: Connection, segments: str) -> None:
@@ -160,48 +262,35 @@ def _exit_with_parent(parent: Connection, segments: str) -> None:
     os._exit(1)
 
 
-async def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
-    engines = await asyncio.to_thread(load, config)
+def _listen(address: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(64)
+    return listener
+
+
+def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
+    engines = load(config)
     metrics = Metrics()
-    batchers = {
-        engine.name: Batcher(
-            engine.run,
-            max_batch_size=config.max_batch_size,
-            max_delay_s=config.max_delay_us / 1e6,
-            max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
-            fair=config.fairness,  # between frontends: each is one caller here
-            max_batch_s=config.max_batch_ms / 1e3,
-            ladder=getattr(engine, "ladder", ()),
-            observer=metrics,
-            inline=True,  # this loop only hands sub-batches in and answers out
-        )
-        for engine in engines
-    }
-    for batcher in batchers.values():
-        batcher.start()
-    metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers.values()))
-    metrics.watch_costs(lambda: [(name, b.costs()) for name, b in batchers.items()])
-    infos = [
-        EngineModel(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
-                  np.dtype(e.numpy_dtype).name)
-        for e in engines
-    ]  # fmt: skip
+    loop = _Loop(config, engines, metrics)
+    schedulers = loop.schedulers
+    metrics.queue_rows.set_function(lambda: sum(s.queued_rows for s in schedulers.values()))
+    metrics.watch_costs(lambda: [(name, s.costs()) for name, s in schedulers.items()])
     http = metrics.serve("127.0.0.1", 0)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    listener = Listener(address, family="AF_UNIX")
-    accepting = (listener, infos, batchers, config.in_flight, loop)
-    threading.Thread(target=_accept, args=accepting, daemon=True).start()
+    wakeup, wakeup_writer = socket.socketpair()
+    wakeup_writer.setblocking(False)
+    signal.set_wakeup_fd(wakeup_writer.fileno())
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the wake-up byte does the work
+    listener = _listen(address)
     parent.send(("ready", http.server_port))
     segments = f"gradserve-{os.getppid()}-"
     threading.Thread(target=_exit_with_parent, args=(parent, segments), daemon=True).start()
     log.info("engine process serving", extra={"event": "engine_ready", "address": address})
-    await stop.wait()
-    listener.close()
-    for batcher in batchers.values():
-        await batcher.close()
-    http.shutdown()
+    try:
+        loop.run(listener, wakeup)
+    finally:
+        listener.close()
+        http.shutdown()
     log.info("engine process stopped", extra={"event": "engine_stop"})
 
 
@@ -211,7 +300,7 @@ def run(config: ServerConfig, address: str, parent: Connection, load: Load) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders
     logs.configure(config.log_format, config.log_level)
     try:
-        asyncio.run(_serve(config, address, parent, load))
+        _serve(config, address, parent, load)
     except Exception as exc:
         log.exception("engine process failed")
         parent.send(("failed", f"{type(exc).__name__}: {exc}"))
