@@ -94,6 +94,7 @@ class _Session:
 
     def __init__(self, conn: Connection, number: int, slots: int) -> None:
         self.conn = conn
+        self.frames = messages.FrameReader(conn)
         self.number = number  # the frontend's turn in fair batches
         self.tickets: dict[int, _Answer] = {}
         self._slots = slots
@@ -142,6 +143,7 @@ class _Session:
         for ticket in list(self.tickets.values()):
             ticket.cancel()
         self.conn.close()
+        self.frames.close()
         for segment in self._answers.values():
             segment.close()
         for mapped in self._requests.values():
@@ -199,10 +201,9 @@ class _Loop:
 
     def _read(self, session: _Session) -> None:
         """Take in every frame the frontend has sent; end its session at EOF or a bad frame."""
-        conn = session.conn
         try:
-            while conn.poll(0):
-                message = messages.decode(conn.recv_bytes())
+            for frame in session.frames.frames():
+                message = messages.decode(frame)
                 if not isinstance(message, SubBatch):
                     raise messages.BadFrame(f"a frontend sent a {type(message).__name__}")
                 session.submit(message, self.schedulers)

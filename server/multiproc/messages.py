@@ -16,8 +16,11 @@ Knows the standard library only (and shm's ArrayRef).
 from __future__ import annotations
 
 import math
+import os
+import socket
 import struct
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from gradserve.server.core.contract import Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
@@ -33,6 +36,55 @@ _REF = struct.Struct("<QB")  # offset, number of dimensions
 
 class BadFrame(ValueError):
     """Bytes that are not a message of this format (or of another version of it)."""
+
+
+_LENGTH = struct.Struct("!i")  # Connection.send_bytes's frame length
+MAX_FRAME = 1 << 20  # a message is a header of a few hundred bytes; larger is not one
+_CHUNK = 1 << 16
+
+
+class FrameReader:
+    """The frames that have arrived on a connection, taken without blocking and without a
+    poll per frame: one non-blocking receive (MSG_DONTWAIT on a duplicate of the socket, so
+    that sending on the connection stays blocking) per time the socket is readable, cut into
+    the length-prefixed frames Connection.send_bytes writes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._socket = socket.socket(fileno=os.dup(conn.fileno()))
+        self._buffer = bytearray()
+        self._ended = False
+
+    def frames(self) -> list[bytes]:
+        """Every complete frame received so far (perhaps none); EOFError once the other side
+        has closed and every frame has been taken; BadFrame for a length no frame has."""
+        while not self._ended:
+            try:
+                chunk = self._socket.recv(_CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            self._buffer += chunk
+            self._ended = not chunk
+            if len(chunk) < _CHUNK:
+                break
+        frames, buffer, start = [], self._buffer, 0
+        while len(buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, start)
+            if not 0 <= size <= MAX_FRAME:
+                raise BadFrame(f"a frame of {size} bytes (at most {MAX_FRAME})")
+            end = start + _LENGTH.size + size
+            if end > len(buffer):
+                break
+            frames.append(bytes(buffer[start + _LENGTH.size : end]))
+            start = end
+        del buffer[:start]
+        if not frames and self._ended:
+            raise EOFError("the other side closed the connection")
+        return frames
+
+    def close(self) -> None:
+        self._socket.close()
 
 
 @dataclass(frozen=True, slots=True)

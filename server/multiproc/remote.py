@@ -53,6 +53,7 @@ class EngineLink:
         self.window = window
         self.lost = False
         self.models: list[EngineModel] = messages.decode(self._conn.recv_bytes())
+        self._frames = messages.FrameReader(self._conn)  # from here on, answers only
 
     @classmethod
     def connect(
@@ -99,8 +100,8 @@ class EngineLink:
         """Loop (the connection is readable): each answer in, its outputs copied out of the
         engine's segment (which it reuses for the slot's next answer), its call resolved."""
         try:
-            while self._conn.poll(0):
-                answer = messages.decode(self._conn.recv_bytes())
+            for frame in self._frames.frames():
+                answer = messages.decode(frame)
                 if not isinstance(answer, SubBatchAnswer) or not 0 <= answer.slot < self.window:
                     raise messages.BadFrame("the engine process sent no answer of a slot")
                 self._resolve(answer.slot, self._outcome(answer))
@@ -147,6 +148,7 @@ class EngineLink:
         if self._loop is not None and not self._conn.closed and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
         self._conn.close()
+        self._frames.close()
         for segment in self._segments:
             segment.close()
         for mapped in self._answers:
