@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
@@ -361,3 +363,42 @@ def test_a_frame_that_is_not_a_message_is_refused_whatever_its_bytes() -> None:
 def pickle_like() -> bytes:
     """A pickle stream, as the exchange's frames once were."""
     return b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02osK\x01."
+
+
+def test_frames_arrive_whole_however_the_bytes_are_cut() -> None:
+    """FrameReader gives back each frame Connection.send_bytes wrote, whole and in order,
+    whether the bytes arrive a few at a time or many frames at once; nothing while a frame
+    is incomplete; EOFError once the sender closed and every frame was taken; BadFrame for
+    a length no message has."""
+    frames = [messages.encode(SubBatchAnswer(error="x" * n, slot=n)) for n in (0, 7, 300, 5)]
+    wire = b"".join(len(f).to_bytes(4, "big") + f for f in frames)
+    for cut in (1, 3, 17, len(wire)):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            reader, got = messages.FrameReader(Connection(ours.detach())), []
+            for start in range(0, len(wire), cut):
+                theirs.sendall(wire[start : start + cut])
+                got += wait_for_frames(reader) if start + cut >= len(wire) else reader.frames()
+            assert got == frames
+            theirs.close()
+            with pytest.raises(EOFError):
+                for _ in range(100):
+                    reader.frames()
+            reader.close()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        reader = messages.FrameReader(Connection(ours.detach()))
+        theirs.sendall((messages.MAX_FRAME + 1).to_bytes(4, "big"))
+        with pytest.raises(messages.BadFrame):
+            wait_for_frames(reader)
+        reader.close()
+
+
+def wait_for_frames(reader: messages.FrameReader) -> list[bytes]:
+    """The frames once at least one has arrived (a local socket delivers at once)."""
+    for _ in range(1000):
+        frames = reader.frames()
+        if frames:
+            return frames
+        time.sleep(0.001)
+    raise AssertionError("no frame arrived")

@@ -7,11 +7,11 @@ from every frontend into its own device calls. No TensorFlow here.
 
 A frontend keeps up to `window` sub-batches in flight (shared by all its models): each
 takes a free slot, its rows are written into that slot's segment and a frame is sent from
-the event loop's thread; one reader thread receives the answers (in whatever order the
-engine process computes them: a HIGH sub-batch overtakes), copies each answer's outputs out
-of the engine's segment for that slot and resolves its future on the loop, which frees the
-slot. A slot whose call was cancelled stays taken until its answer arrives, so neither side
-ever writes memory the other may still read.
+the event loop's thread; the loop also reads the answers when the socket is readable (in
+whatever order the engine process computes them: a HIGH sub-batch overtakes), copies each
+answer's outputs out of the engine's segment for that slot and resolves its future, which
+frees the slot. A slot whose call was cancelled stays taken until its answer arrives, so
+neither side ever writes memory the other may still read.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Moving sub-batches between a frontend process and the engine process.
 
-Rows travel through shared memory: each side owns one growable segment (a file in
-/dev/shm, mapped by both), writes its arrays into it once, and tells the other side where
-they are in a small header sent over a local socket. The reader maps the same pages, so an
-array crosses the process boundary with one copy (into the segment). A side never writes
-its segment while the other may still read it: a frontend has one sub-batch in flight, and
-the engine answers it before the frontend sends the next.
+Rows travel through shared memory: each side owns one growable segment per in-flight slot
+(a file in /dev/shm, mapped by both), writes its arrays into it once, and tells the other
+side where they are in a small header sent over a local socket. The reader maps the same
+pages, so an array crosses the process boundary with one copy (into the segment). A side
+never writes a slot's segment while the other may still read it: a frontend reuses a slot
+only once its answer has been read, and the engine answers a slot's sub-batch once.
 
 Knows numpy and the standard library only.
 """
