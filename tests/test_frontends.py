@@ -26,6 +26,7 @@ from gradserve.server.core.contract import Priority
 from gradserve.server.core.errors import Closed, EngineFailed, QueueFull, RequestTooLarge
 from gradserve.server.multiproc import messages
 from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
+from gradserve.server.multiproc.remote import COPY_OFF_LOOP
 from gradserve.server.multiproc.shm import SHM_DIR, ArrayRef
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -402,3 +403,36 @@ def wait_for_frames(reader: messages.FrameReader) -> list[bytes]:
             return frames
         time.sleep(0.001)
     raise AssertionError("no frame arrived")
+
+
+def test_a_large_answer_crosses_whole_while_small_calls_go_on():
+    """Jacobians of the bundled digits model, 512 rows per sub-batch (1.3 MB of outputs, past
+    remote.COPY_OFF_LOOP: copied out of the engine's segment on a worker thread): each
+    equals the engine's own, and a 1-row caller on the same server is answered meanwhile."""
+    from gradserve.server.config import BUNDLED_DIR
+    from gradserve.server.engine.compiled import Engine
+
+    server = ServerProcess("--frontends", "2", "--model", "digits", "--max-batch-size", "512",
+                           "--drain-seconds", "10")  # fmt: skip
+    try:
+        with GradientClient(server.target) as client:
+            shape = client.model_info().input_shape
+            rng = np.random.default_rng(3)
+            xs = [rng.random((512, *shape), dtype=np.float32) for _ in range(3)]
+            small: list = []
+
+            def light() -> None:
+                with GradientClient(server.target) as other:
+                    small.extend(other.evaluate(xs[0][:1]) for _ in range(5))
+
+            caller = threading.Thread(target=light)
+            caller.start()
+            answers = [client.evaluate(x, "jacobian") for x in xs]
+            caller.join(timeout=60)
+        assert len(small) == 5
+    finally:
+        server.stop()
+    engine = Engine(BUNDLED_DIR / "digits.keras", xla=False, max_batch_size=512)
+    for x, answer in zip(xs, answers, strict=True):
+        assert answer.dy_dx.nbytes >= COPY_OFF_LOOP
+        assert_same_answer(answer.dy_dx, engine.run(Derivative.JACOBIAN, x).dy_dx)

@@ -10,14 +10,17 @@ takes a free slot, its rows are written into that slot's segment and a frame is 
 the event loop's thread; the loop also reads the answers when the socket is readable (in
 whatever order the engine process computes them: a HIGH sub-batch overtakes), copies each
 answer's outputs out of the engine's segment for that slot and resolves its future, which
-frees the slot. A slot whose call was cancelled stays taken until its answer arrives, so
-neither side ever writes memory the other may still read.
+frees the slot; outputs of COPY_OFF_LOOP bytes or more are copied on a worker thread, so
+that a large answer does not hold up the loop's other callers. A slot whose call was
+cancelled stays taken until its answer arrives, so neither side ever writes memory the
+other may still read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 _GONE = "the engine process is gone; this server is stopping: retry (another replica)"
 _CONNECT_RETRY_S = 0.05
 _NO_HINTS = BatchHints()
+COPY_OFF_LOOP = 1 << 20  # bytes of outputs from which an answer is copied on a worker thread
 
 
 class EngineLink:
@@ -49,6 +53,7 @@ class EngineLink:
         self._waiting: dict[int, asyncio.Future[Outputs]] = {}
         self._free: asyncio.Queue[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._copies: set[asyncio.Task[None]] = set()
         self._on_lost = on_lost
         self.window = window
         self.lost = False
@@ -104,10 +109,18 @@ class EngineLink:
                 answer = messages.decode(frame)
                 if not isinstance(answer, SubBatchAnswer) or not 0 <= answer.slot < self.window:
                     raise messages.BadFrame("the engine process sent no answer of a slot")
-                self._resolve(answer.slot, self._outcome(answer))
+                if _output_bytes(answer) >= COPY_OFF_LOOP:
+                    copy = self._loop.create_task(self._copy_then_resolve(answer))
+                    self._copies.add(copy)
+                    copy.add_done_callback(self._copies.discard)
+                else:
+                    self._resolve(answer.slot, self._outcome(answer))
         except (EOFError, OSError, messages.BadFrame) as exc:
             self._loop.remove_reader(self._conn.fileno())
             self._lose(exc)
+
+    async def _copy_then_resolve(self, answer: SubBatchAnswer) -> None:
+        self._resolve(answer.slot, await asyncio.to_thread(self._outcome, answer))
 
     def _outcome(self, answer: SubBatchAnswer) -> Outputs | Exception:
         try:
@@ -153,6 +166,11 @@ class EngineLink:
             segment.close()
         for mapped in self._answers:
             mapped.close()
+
+
+def _output_bytes(answer: SubBatchAnswer) -> int:
+    refs = [ref for ref in (answer.y, answer.dy_dx) if ref is not None]
+    return sum(math.prod(ref.shape) * np.dtype(ref.dtype).itemsize for ref in refs)
 
 
 class RemoteEngine:
