@@ -1,0 +1,85 @@
+"""How many rows' answers depend on their batch: `python bench/invariance.py [MODEL]`.
+
+For each derivative kind, with XLA and without, computes 32 rows alone (one row per engine
+call), then inside batches of 2, 5, 32, 100 and 1024 rows and at shifted positions (the same
+rows after 7 others), and counts the rows whose outputs or derivative differ in any bit
+from the row computed alone. MODEL defaults to an 8-64-64-3 tanh MLP built here (seeded).
+Prints a table; writes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gradserve.server.core.contract import ENGINE_KINDS
+from gradserve.server.engine.compiled import Engine
+from gradserve.wire.kinds import Derivative
+
+KINDS = [kind for kind in ENGINE_KINDS if kind is not Derivative.NONE]
+BATCHES = (2, 5, 32, 100, 1024)
+ROWS, SHIFT = 32, 7
+
+
+def mlp(folder: Path) -> Path:
+    import keras
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input(shape=(8,)),
+        keras.layers.Dense(64, activation="tanh"),
+        keras.layers.Dense(64, activation="tanh"),
+        keras.layers.Dense(3),
+    ])  # fmt: skip
+    path = folder / "mlp.keras"
+    model.save(path)
+    return path
+
+
+def differing(engine: Engine, kind: Derivative, x: np.ndarray, v: np.ndarray | None) -> int:
+    """Rows (of the first ROWS) whose answer differs in any bit from the row alone."""
+
+    def answer(rows: slice | np.ndarray) -> np.ndarray:
+        outputs = engine.run(kind, x[rows], None if v is None else v[rows])
+        n = outputs.y.shape[0]
+        return np.concatenate([outputs.y.reshape(n, -1), outputs.dy_dx.reshape(n, -1)], axis=1)
+
+    alone = np.concatenate([answer(slice(i, i + 1)) for i in range(ROWS)])
+    count = 0
+    for batch in BATCHES:
+        got = answer(slice(0, batch))[:ROWS]
+        count += _rows_differing(got, alone[: len(got)])
+    shifted = np.r_[np.arange(ROWS, ROWS + SHIFT), np.arange(ROWS)]  # the rows after others
+    count += _rows_differing(answer(shifted)[SHIFT:], alone)
+    return count
+
+
+def _rows_differing(a: np.ndarray, b: np.ndarray) -> int:
+    return int((a.view(np.uint8) != b.view(np.uint8)).any(axis=1).sum())
+
+
+def main(argv: list[str]) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(argv[0]) if argv else mlp(Path(folder))
+        rng = np.random.default_rng(0)
+        compared = ROWS * (len(BATCHES) + 1)
+        print(f"rows differing from the row alone, of {compared} compared ({path.name})")
+        print(f"{'kind':<10} {'XLA off':>8} {'XLA on':>8}")
+        counts = {}
+        for xla in (False, True):
+            engine = Engine(path, xla=xla, max_batch_size=max(BATCHES))
+            x = rng.standard_normal((max(BATCHES), *engine.input_shape)).astype(np.float32)
+            for kind in KINDS:
+                shape = engine.output_shape if kind is Derivative.VJP else engine.input_shape
+                v = rng.standard_normal((len(x), *shape)).astype(np.float32)
+                counts[kind, xla] = differing(engine, kind, x, v if kind.needs_vector else None)
+        for kind in KINDS:
+            print(f"{kind.value:<10} {counts[kind, False]:>8} {counts[kind, True]:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
