@@ -111,6 +111,9 @@ def run(
             continue
         rate = float(row["Inferences/Second"])
         requests = after.get("requests", 0) - before.get("requests", 0) or rate * seconds
+        if not requests:
+            print(f"  {label:<12} {mode:<6} x{concurrency:<3} no request was answered")
+            continue
         roles = [r for r in ("server", "frontends", "engine") if r in after]
         cpu = {r: (after[r] - before[r]) / requests * 1e6 for r in roles}
         sub_batches = (after.get("sub_batches", 0) - before.get("sub_batches", 0)) / seconds

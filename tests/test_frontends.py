@@ -436,3 +436,47 @@ def test_a_large_answer_crosses_whole_while_small_calls_go_on():
     for x, answer in zip(xs, answers, strict=True):
         assert answer.dy_dx.nbytes >= COPY_OFF_LOOP
         assert_same_answer(answer.dy_dx, engine.run(Derivative.JACOBIAN, x).dy_dx)
+
+
+class _TwoInputs:
+    """An engine the engine-side checks look at: 2 inputs, 1 output, float32."""
+
+    name, input_shape, output_shape, device = "m", (2,), (1,), "cpu"
+    numpy_dtype = np.dtype(np.float32)
+
+
+def test_the_engine_process_refuses_rows_it_cannot_take_and_a_slot_used_twice():
+    """A frontend that sends rows of another width or a kind without its vector gets that
+    sub-batch refused with InvalidInput on its slot, and nothing is queued; one that sends a
+    second sub-batch on a slot in flight is disconnected (BadFrame ends its session: its
+    slots can no longer be trusted)."""
+    from gradserve.server.core.scheduler import Scheduler
+    from gradserve.server.multiproc.engine_process import _Session
+    from gradserve.server.multiproc.shm import Segment
+
+    ours, theirs = socket.socketpair()
+    frontend = Connection(theirs.detach())
+    session = _Session(Connection(ours.detach()), 1, 2)
+    scheduler = Scheduler(max_batch_size=8)
+    models = {"m": (scheduler, _TwoInputs())}
+    segment = Segment(f"gradserve-test-{os.getpid()}")
+    try:
+        path, (wide, _) = segment.write([np.zeros((3, 5), np.float32), None])
+        session.submit(SubBatch("m", "gradient", path, wide, None, slot=0), models)
+        path, (rows, _) = segment.write([np.zeros((3, 2), np.float32), None])
+        session.submit(SubBatch("m", "vjp", path, rows, None, slot=1), models)
+        for slot in (0, 1):
+            answer = messages.decode(frontend.recv_bytes())
+            assert (answer.slot, answer.error_kind) == (slot, "InvalidInput"), answer
+        assert scheduler.pending == 0
+        session.submit(SubBatch("m", "gradient", path, rows, None, slot=0), models)
+        assert scheduler.pending == 1
+        with pytest.raises(messages.BadFrame):
+            session.submit(SubBatch("m", "gradient", path, rows, None, slot=0), models)
+        with pytest.raises(messages.BadFrame):
+            session.submit(SubBatch("m", "gradient", path, rows, None, slot=2), models)
+    finally:
+        session.close()
+        frontend.close()
+        segment.close()
+    assert scheduler.pending == 0  # closing the session withdrew what it had queued

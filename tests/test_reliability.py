@@ -91,12 +91,22 @@ class FaultyObserver(Observer):
         self.restarts += 1
 
 
-async def test_worker_loop_restarts_after_its_own_fault():
+@pytest.mark.timeout(30)  # the fault once left a frontend's batcher waiting for good
+@pytest.mark.parametrize("in_flight", [0, 1])
+async def test_worker_loop_restarts_after_its_own_fault(in_flight):
+    """A fault of the worker itself (here in forming a batch) fails that batch's request and
+    no other, with a plain engine and with batches awaited in flight (a frontend's; its
+    in-flight permit goes back, or no batch would be sent again)."""
+
     def compute(kind, x):
         return Outputs(x * 2, x * 3)
 
+    async def awaited(kind, x):
+        return compute(kind, x)
+
     observer = FaultyObserver()
-    async with Batcher(compute, max_batch_size=8, observer=observer) as batcher:
+    engine = awaited if in_flight else compute
+    async with Batcher(engine, max_batch_size=8, observer=observer, in_flight=in_flight) as batcher:
         x = np.ones((2, 1), np.float32)
         first = batcher.submit(x, Derivative.GRADIENT)
         results = await asyncio.wait_for(

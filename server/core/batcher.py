@@ -168,13 +168,12 @@ class Batcher(Scheduler):
                 await self._run()
                 return
             except asyncio.CancelledError:
-                fail(self._in_flight, Closed("the server stopped before this request finished"))
+                self.fail_held(Closed("the server stopped before this request finished"))
                 raise
             except Exception as exc:
                 log.exception("batch worker failed; restarting it")
                 self._observer.restarted()
-                fail(self._in_flight, EngineFailed(f"internal error in the batch worker: {exc}"))
-                self._in_flight = []
+                self.fail_held(EngineFailed(f"internal error in the batch worker: {exc}"))
 
     async def _run(self) -> None:
         while True:
@@ -186,20 +185,30 @@ class Batcher(Scheduler):
                 continue
             if self._slots is not None:
                 await self._slots.acquire()  # meanwhile rows accumulate for a fuller batch
-            if self.max_delay_s > 0:
-                await self._wait_for_fill()
-            dispatched = time.perf_counter()
-            parts = self.take_batch(dispatched)
-            if not parts:
-                if self._slots is not None:
+                try:
+                    parts, dispatched = await self._next_batch()
+                except BaseException:  # a fault (or closing) before the batch is out: the
+                    self._slots.release()  # permit goes back, or the worker would starve
+                    raise
+                if parts:
+                    self._launch(parts, dispatched)
+                else:
                     self._slots.release()
-                await asyncio.sleep(0)  # let pending done-callbacks run before looking again
+                    await asyncio.sleep(0)  # let done-callbacks run before looking again
                 continue
-            if self._slots is not None:
-                self._launch(parts, dispatched)
+            parts, dispatched = await self._next_batch()
+            if not parts:
+                await asyncio.sleep(0)  # let pending done-callbacks run before looking again
                 continue
             await self._execute(parts, dispatched)
             self._in_flight = []
+
+    async def _next_batch(self) -> tuple[list[Part], float]:
+        """The next batch (after max_delay_s of gathering, if set) and when it was taken."""
+        if self.max_delay_s > 0:
+            await self._wait_for_fill()
+        dispatched = time.perf_counter()
+        return self.take_batch(dispatched), dispatched
 
     def _launch(self, parts: list[Part], dispatched: float) -> None:
         """Await one batch in its own task (in_flight mode); its slot is freed when done."""

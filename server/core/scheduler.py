@@ -275,11 +275,11 @@ class Scheduler:
                 f"queue full: {self._queued_rows} of {self.max_queue_rows} rows are waiting and "
                 f"this request adds {n}; retry later"
             )
+        priority = Priority(priority)
         nbytes = self.request_bytes(x, kind, v)
         if self.memory is not None:
             self.memory.reserve(nbytes)
         key = caller if self.fair else None
-        priority = Priority(priority)
         pending = _Pending(x, v, kind, ticket, deadline, time.perf_counter(), key, nbytes, priority)
         self._lanes[priority][kind].add(pending)
         self._queued_rows += n
@@ -305,6 +305,12 @@ class Scheduler:
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Closed); admitted ones still complete."""
         self._closing = True
+
+    def fail_held(self, error: RequestError) -> None:
+        """Fail the requests of the batch last taken, where a fault outside the engine (in
+        forming or splitting it) left it unanswered; the scheduler goes on."""
+        fail(self._in_flight, error)
+        self._in_flight = []
 
     def oldest_due(self) -> float | None:
         """When the most neglected caller with queued rows became due (perf_counter)."""

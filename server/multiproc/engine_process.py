@@ -39,7 +39,7 @@ import numpy as np
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Engine, Priority
-from gradserve.server.core.errors import QueueFull
+from gradserve.server.core.errors import EngineFailed, InvalidInput, QueueFull
 from gradserve.server.core.scheduler import Result, Scheduler
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import messages, shm
@@ -102,15 +102,18 @@ class _Session:
         self._answers: dict[int, Segment] = {}
         self._prefix = f"gradserve-{os.getppid()}-e{number}s"
 
-    def submit(self, message: SubBatch, schedulers: dict[str, Scheduler]) -> None:
+    def submit(self, message: SubBatch, models: dict[str, tuple[Scheduler, Engine]]) -> None:
+        """Queue a sub-batch, or answer its slot with why not; BadFrame (the session ends)
+        for a slot that is in flight already or not one of the frontend's."""
         slot = message.slot
+        if slot in self.tickets or not 0 <= slot < self._slots:
+            raise messages.BadFrame(f"slot {slot} is in flight or not one of 0..{self._slots - 1}")
         try:
-            if slot in self.tickets or not 0 <= slot < self._slots:
-                raise ValueError(f"slot {slot} is in flight or not one of 0..{self._slots - 1}")
             mapped = self._requests.setdefault(slot, Mapped())
             x = mapped.view(message.path, message.x)
             v = mapped.view(message.path, message.v)
-            scheduler = schedulers[message.model]
+            scheduler, engine = models[message.model]
+            _check_rows(engine, Derivative(message.kind), x, v)
             ticket = _Answer(self, slot, scheduler)
             ticket.pending = scheduler.admit(
                 x, Derivative(message.kind), message.deadline, v, self.number,
@@ -155,7 +158,6 @@ class _Loop:
 
     def __init__(self, config: ServerConfig, engines: list[Engine], metrics: Metrics) -> None:
         self._config = config
-        self._engines = {engine.name: engine for engine in engines}
         self.schedulers = {
             engine.name: Scheduler(
                 max_batch_size=config.max_batch_size,
@@ -167,6 +169,7 @@ class _Loop:
             )
             for engine in engines
         }
+        self._models = {e.name: (self.schedulers[e.name], e) for e in engines}
         self._delay_s = config.max_delay_us / 1e6
         self._infos = [
             EngineModel(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
@@ -189,12 +192,19 @@ class _Loop:
         self._selector.close()
 
     def _accept(self, listener: socket.socket) -> None:
-        sock, _ = listener.accept()
+        try:
+            sock, _ = listener.accept()
+        except OSError as exc:  # e.g. out of file descriptors: the frontend retries
+            log.error("could not accept a frontend: %s", exc, extra={"event": "accept_failed"})
+            return
         conn = Connection(sock.detach())
-        if self._stopping:
+        try:
+            if self._stopping:
+                raise OSError("stopping")
+            conn.send_bytes(messages.encode(self._infos))
+        except OSError:  # the frontend went away before its greeting
             conn.close()
             return
-        conn.send_bytes(messages.encode(self._infos))
         self._sessions += 1
         session = _Session(conn, self._sessions, self._config.in_flight)
         self._selector.register(conn, selectors.EVENT_READ, lambda _c: self._read(session))
@@ -206,7 +216,7 @@ class _Loop:
                 message = messages.decode(frame)
                 if not isinstance(message, SubBatch):
                     raise messages.BadFrame(f"a frontend sent a {type(message).__name__}")
-                session.submit(message, self.schedulers)
+                session.submit(message, self._models)
         except messages.BadFrame as exc:
             log.error("closing a connection that sent a bad frame: %s", exc,
                       extra={"event": "bad_frame"})  # fmt: skip
@@ -246,11 +256,34 @@ class _Loop:
             scheduler = self.schedulers[name]
             if scheduler.queued_rows and self._wait_s(scheduler) == 0.0:
                 self._turn = (self._turn + i + 1) % len(names)
-                dispatched = time.perf_counter()
-                parts = scheduler.take_batch(dispatched)
-                if parts:
-                    scheduler.execute(parts, self._engines[name].run, dispatched)
+                self._run(scheduler, self._models[name][1])
                 return
+
+    def _run(self, scheduler: Scheduler, engine: Engine) -> None:
+        """One batch; a fault outside the engine call (forming, splitting or answering it)
+        fails that batch's requests, not the process."""
+        dispatched = time.perf_counter()
+        try:
+            parts = scheduler.take_batch(dispatched)
+            if parts:
+                scheduler.execute(parts, engine.run, dispatched)
+        except Exception as exc:
+            log.exception("a batch failed outside the engine")
+            scheduler.fail_held(EngineFailed(f"internal error in the engine process: {exc}"))
+
+
+def _check_rows(engine: Engine, kind: Derivative, x: np.ndarray, v: np.ndarray | None) -> None:
+    """Rows that the model takes, with the vector the kind takes (the frontend validated its
+    requests; this guards the engine against a frontend that did not)."""
+    width = engine.output_shape if kind is Derivative.VJP else engine.input_shape
+    dtype = np.dtype(engine.numpy_dtype)
+    if x.ndim < 1 or tuple(x.shape[1:]) != tuple(engine.input_shape) or x.dtype != dtype:
+        raise InvalidInput(f"rows of shape {x.shape} {x.dtype}; the model takes [n, "
+                           f"{', '.join(map(str, engine.input_shape))}] {dtype}")  # fmt: skip
+    if kind.needs_vector != (v is not None):
+        raise InvalidInput(f"{kind.value} {'needs' if kind.needs_vector else 'takes no'} vector")
+    if v is not None and (v.shape != (x.shape[0], *width) or v.dtype != dtype):
+        raise InvalidInput(f"vectors of shape {v.shape} {v.dtype} for {x.shape[0]} rows")
 
 
 def _exit_with_parent(parent: Connection, segments: str) -> None:

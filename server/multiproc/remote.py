@@ -29,7 +29,7 @@ from multiprocessing.connection import Client, Connection
 import numpy as np
 
 from gradserve.server.core.contract import BatchHints, Outputs
-from gradserve.server.core.errors import EngineUnavailable
+from gradserve.server.core.errors import EngineUnavailable, RequestError
 from gradserve.server.multiproc import messages
 from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
 from gradserve.server.multiproc.shm import Mapped, Segment
@@ -76,11 +76,15 @@ class EngineLink:
     def engines(self, loop: asyncio.AbstractEventLoop) -> list[RemoteEngine]:
         """The engine process's models, exchanged with from `loop` (reading starts now)."""
         self._loop = loop
+        loop.call_soon_threadsafe(self._start)  # called from the loader's thread
+        return [RemoteEngine(self, info) for info in self.models]
+
+    def _start(self) -> None:
+        """Loop: the free slots, and reading answers whenever the socket is readable."""
         self._free = asyncio.Queue()
         for slot in range(self.window):
             self._free.put_nowait(slot)
-        loop.add_reader(self._conn.fileno(), self._read)
-        return [RemoteEngine(self, info) for info in self.models]
+        self._loop.add_reader(self._conn.fileno(), self._read)
 
     async def exchange(
         self, model: str, kind: Derivative, x: np.ndarray, v: np.ndarray | None, hints: BatchHints
@@ -90,7 +94,11 @@ class EngineLink:
         if self.lost:
             self._free.put_nowait(slot)
             raise EngineUnavailable(_GONE)
-        path, (x_ref, v_ref) = self._segments[slot].write([x, v])
+        try:
+            path, (x_ref, v_ref) = self._segments[slot].write([x, v])
+        except BaseException:
+            self._free.put_nowait(slot)  # nothing was sent: the slot is free again
+            raise
         message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
                            hints.deadline, slot)  # fmt: skip
         future = self._loop.create_future()
@@ -123,20 +131,28 @@ class EngineLink:
         self._resolve(answer.slot, await asyncio.to_thread(self._outcome, answer))
 
     def _outcome(self, answer: SubBatchAnswer) -> Outputs | Exception:
+        """The answer's outputs, copied out, or the error its call ends with (whatever went
+        wrong, so that the call and its slot never wait for good)."""
         try:
             answer.raise_error()
-        except Exception as exc:
+            mapped = self._answers[answer.slot]
+            dy_dx = mapped.view(answer.path, answer.dy_dx)
+            y = np.array(mapped.view(answer.path, answer.y))
+            return Outputs(y, None if dy_dx is None else np.array(dy_dx))
+        except RequestError as exc:
             return exc
-        mapped = self._answers[answer.slot]
-        dy_dx = mapped.view(answer.path, answer.dy_dx)
-        y = np.array(mapped.view(answer.path, answer.y))
-        return Outputs(y, None if dy_dx is None else np.array(dy_dx))
+        except Exception as exc:
+            log.error("could not read an answer of the engine process: %s", exc,
+                      extra={"event": "answer_unreadable"})  # fmt: skip
+            return EngineUnavailable(f"the engine process's answer could not be read ({exc})")
 
     def _resolve(self, slot: int, outcome: Outputs | Exception) -> None:
         """Loop: the slot's answer is in; free the slot (cancelled calls included)."""
         future = self._waiting.pop(slot, None)
+        if future is None:  # none waits on it (the engine was lost): the slot is free already
+            return
         self._free.put_nowait(slot)
-        if future is None or future.done():
+        if future.done():
             return
         if isinstance(outcome, Exception):
             future.set_exception(outcome)
