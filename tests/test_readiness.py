@@ -80,7 +80,9 @@ def test_wait_until_ready_times_out_naming_not_serving_then_returns(loading):
         with pytest.raises(GradserveError, match="loading"):
             client.evaluate(0.2)
         with pytest.raises(GradserveError) as caught:
-            client.wait_until_ready(1.0)
+            # long enough for a health answer even if one Check is slow on a loaded machine
+            # (with 1 s, one stalled Check once took the whole wait)
+            client.wait_until_ready(3.0)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "NOT_SERVING" in caught.value.message
         timer = release_after(loading.loaded, 0.5)
