@@ -20,12 +20,12 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
-from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import Outputs, Priority
 from gradserve.server.core.errors import Closed, EngineFailed
 from gradserve.server.core.scheduler import (
@@ -36,9 +36,9 @@ from gradserve.server.core.scheduler import (
     Result,
     Scheduler,
     batch_rows,
+    call_args,
     fail,
     hints_of,
-    joined,
     live_parts,
     timed,
 )
@@ -56,32 +56,22 @@ class Batcher(Scheduler):
         self,
         compute: Compute,
         *,
-        max_batch_size: int = 1024,
         max_delay_s: float = 0.0,
-        max_queue_rows: int = 1 << 20,
-        memory: MemoryBudget | None = None,
-        result_row_bytes: Mapping[Derivative, int] | None = None,
-        fair: bool = True,
-        max_batch_s: float = 0.0,
-        ladder: Sequence[int] = (),
-        observer: Observer | None = None,
         executor: ThreadPoolExecutor | None = None,
         hints: bool = False,
         in_flight: int = 0,
+        **scheduling: Any,
     ) -> None:
-        """The Scheduler's settings, and: `max_delay_s`, how long an idle engine may be held
-        to gather a larger batch; `executor`, the engine thread (shared by several batchers;
-        None: one of its own); `hints`, pass `compute` each batch's BatchHints as `hints=`
-        (an engine that schedules further: the engine process); `in_flight`, `compute`
-        returns an awaitable and up to this many batches may be awaited at once (0: a plain
-        function, one batch at a time, on the executor)."""
+        """`scheduling`: the Scheduler's settings (max_batch_size, max_queue_rows, memory,
+        result_row_bytes, fair, max_batch_s, ladder, observer). `max_delay_s`: how long an
+        idle engine may be held to gather a larger batch; `executor`: the engine thread
+        (shared by several batchers; None: one of its own); `hints`: pass `compute` each
+        batch's BatchHints as `hints=` (an engine that schedules further: the engine
+        process); `in_flight`: `compute` returns an awaitable and up to this many batches
+        may be awaited at once (0: a plain function, one batch at a time, on the executor)."""
         if max_delay_s < 0:
             raise ValueError("max_delay_s must be >= 0")
-        super().__init__(
-            max_batch_size=max_batch_size, max_queue_rows=max_queue_rows, memory=memory,
-            result_row_bytes=result_row_bytes, fair=fair, max_batch_s=max_batch_s,
-            ladder=ladder, observer=observer,
-        )  # fmt: skip
+        super().__init__(**scheduling)
         self._compute = compute
         self._hints = hints
         self.max_delay_s = max_delay_s
@@ -271,8 +261,7 @@ async def _awaited(
     compute: Compute, kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None
 ) -> tuple[Outputs, float, float]:
     """As scheduler.timed, for a `compute` that returns an awaitable (in_flight mode)."""
-    x = joined(xs)
-    args = (kind, x) if vs is None else (kind, x, joined(vs))
+    args = call_args(kind, xs, vs)
     began = time.perf_counter()
     outputs = await compute(*args)
     return outputs, began, time.perf_counter()

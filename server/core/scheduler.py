@@ -473,11 +473,16 @@ def timed(
     """Join the parts' rows, compute; the outputs and when the call began and ended (run on
     the engine thread where there is one, so that joining large batches does not hold up an
     event loop)."""
-    x = joined(xs)
-    args = (kind, x) if vs is None else (kind, x, joined(vs))
+    args = call_args(kind, xs, vs)
     began = time.perf_counter()
     outputs = compute(*args)
     return outputs, began, time.perf_counter()
+
+
+def call_args(kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None) -> tuple:
+    """The engine call's arguments: the kind, the parts' rows joined, and their vectors."""
+    x = joined(xs)
+    return (kind, x) if vs is None else (kind, x, joined(vs))
 
 
 def hints_of(parts: list[Part]) -> BatchHints:
