@@ -1,4 +1,5 @@
-"""The engine alone, in-process: rows/s per batch size (the compute ceiling). Prints JSON.
+"""The engine alone, in-process: rows/s per batch size (the compute ceiling), with today's
+functions and with the deterministic ones (fixed tiles). Prints JSON.
 
 Run as a script by bench/run.py so the load generator's process never loads TensorFlow.
 """
@@ -42,19 +43,22 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64,256,1024,16384")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--xla", default="on,off")
+    parser.add_argument("--deterministic", default="off,on")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     out = []
-    for xla in args.xla.split(","):
-        engine = Engine(BUNDLED_MODEL, xla=xla == "on", max_batch_size=max(batches))
-        engine.warm_up()
-        for kind in (Derivative.GRADIENT, Derivative.NONE, Derivative.JACOBIAN):
-            for batch in batches:
-                s = seconds_per_call(engine, kind, batch, args.repeats)
-                out.append(
-                    {"xla": xla, "kind": kind.value, "batch": batch, "us_per_call": s * 1e6,
-                     "rows_per_s": batch / s}
-                )  # fmt: skip
+    for deterministic in args.deterministic.split(","):
+        for xla in args.xla.split(","):
+            engine = Engine(BUNDLED_MODEL, xla=xla == "on", max_batch_size=max(batches),
+                            deterministic=deterministic == "on")  # fmt: skip
+            engine.warm_up()
+            for kind in (Derivative.GRADIENT, Derivative.NONE, Derivative.JACOBIAN):
+                for batch in batches:
+                    s = seconds_per_call(engine, kind, batch, args.repeats)
+                    out.append(
+                        {"xla": xla, "deterministic": deterministic, "kind": kind.value,
+                         "batch": batch, "us_per_call": s * 1e6, "rows_per_s": batch / s}
+                    )  # fmt: skip
     print(json.dumps(out))
 
 

@@ -1,10 +1,10 @@
 """How many rows' answers depend on their batch: `python bench/invariance.py [MODEL]`.
 
-For each derivative kind, with XLA and without, computes 32 rows alone (one row per engine
-call), then inside batches of 2, 5, 32, 100 and 1024 rows and at shifted positions (the same
-rows after 7 others), and counts the rows whose outputs or derivative differ in any bit
-from the row computed alone. MODEL defaults to an 8-64-64-3 tanh MLP built here (seeded).
-Prints a table; writes nothing.
+For each derivative kind, with XLA and without, deterministic or not, computes 32 rows alone
+(one row per engine call), then inside batches of 2, 5, 32, 100 and 1024 rows and at shifted
+positions (the same rows after 7 others), and counts the rows whose outputs or derivative
+differ in any bit from the row computed alone. MODEL defaults to an 8-64-64-3 tanh MLP built
+here (seeded). Prints a table; writes nothing.
 """
 
 from __future__ import annotations
@@ -61,24 +61,33 @@ def _rows_differing(a: np.ndarray, b: np.ndarray) -> int:
     return int((a.view(np.uint8) != b.view(np.uint8)).any(axis=1).sum())
 
 
+MODES = [(False, False), (False, True), (True, False), (True, True)]  # (deterministic, xla)
+
+
 def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(argv[0]) if argv else mlp(Path(folder))
-        rng = np.random.default_rng(0)
         compared = ROWS * (len(BATCHES) + 1)
         print(f"rows differing from the row alone, of {compared} compared ({path.name})")
-        print(f"{'kind':<10} {'XLA off':>8} {'XLA on':>8}")
+        print(f"{'kind':<10}" + "".join(f"{_label(*mode):>24}" for mode in MODES))
         counts = {}
-        for xla in (False, True):
-            engine = Engine(path, xla=xla, max_batch_size=max(BATCHES))
+        for deterministic, xla in MODES:
+            rng = np.random.default_rng(0)
+            engine = Engine(path, xla=xla, max_batch_size=max(BATCHES), deterministic=deterministic)
             x = rng.standard_normal((max(BATCHES), *engine.input_shape)).astype(np.float32)
             for kind in KINDS:
                 shape = engine.output_shape if kind is Derivative.VJP else engine.input_shape
                 v = rng.standard_normal((len(x), *shape)).astype(np.float32)
-                counts[kind, xla] = differing(engine, kind, x, v if kind.needs_vector else None)
+                vector = v if kind.needs_vector else None
+                counts[kind, deterministic, xla] = differing(engine, kind, x, vector)
         for kind in KINDS:
-            print(f"{kind.value:<10} {counts[kind, False]:>8} {counts[kind, True]:>8}")
+            cells = "".join(f"{counts[kind, *mode]:>24}" for mode in MODES)
+            print(f"{kind.value:<10}{cells}")
     return 0
+
+
+def _label(deterministic: bool, xla: bool) -> str:
+    return f"{'deterministic' if deterministic else 'today'}, XLA {'on' if xla else 'off'}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from bench.flood import LIGHT_P99_MS, MARGIN_MB, QUEUE_MB
 from gradserve.client.loadtest import BREAKDOWN, StepResult
 
 FRONTENDS = 2
+DETERMINISTIC = "deterministic"  # the label of the server run with --deterministic on
 
 
 def _cpu() -> str:
@@ -32,8 +33,11 @@ def _find(results: list[StepResult], label: str, mode: str, conc: int, rows: int
     )
 
 
-def _engine(engine: list[dict], batch: int, xla: str = "on", kind: str = "gradient") -> dict:
-    return next(e for e in engine if (e["batch"], e["xla"], e["kind"]) == (batch, xla, kind))
+def _engine(
+    engine: list[dict], batch: int, xla: str = "on", kind: str = "gradient", det: str = "off"
+) -> dict:
+    key = (batch, xla, kind, det)
+    return next(e for e in engine if (e["batch"], e["xla"], e["kind"], e["deterministic"]) == key)
 
 
 def render(
@@ -60,13 +64,14 @@ def render(
         "|---:|---|---:|---:|---:|---:|",
     ]
     for e in engine:
-        if e["xla"] != "on":
+        if e["xla"] != "on" or e["deterministic"] != "off":
             continue
         off = _engine(engine, e["batch"], "off", e["kind"])
         lines.append(
             f"| {e['batch']} | {e['kind']} | {e['us_per_call']:.0f} | {e['rows_per_s']:,.0f} "
             f"| {off['us_per_call']:.0f} | {off['rows_per_s']:,.0f} |"
         )
+    lines += ["", *_deterministic_cost(engine, results)]
     lines += [
         "",
         "### Servers under load (gradient, 1 input column)",
@@ -102,6 +107,48 @@ def render(
     lines += ["", "### Targets", "", *targets, ""]
     lines += ["![rows/s against p99 latency](benchmarks.png)"]
     return "\n".join(lines)
+
+
+def _deterministic_cost(engine: list[dict], results: list[StepResult]) -> list[str]:
+    """What --deterministic costs: the engine's time per call with the tiled functions over
+    today's, per kind, batch and XLA setting; and the deterministic server's requests/s
+    against the same server without it, per load."""
+    lines = [
+        "### What `--deterministic` costs",
+        "",
+        "Engine alone: us per call, deterministic / today (ratio > 1: slower).",
+        "",
+        "| batch | kind | XLA today | XLA deterministic | ratio | no-XLA today "
+        "| no-XLA deterministic | ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in engine:
+        if e["xla"] != "on" or e["deterministic"] != "off":
+            continue
+        cells = []
+        for xla in ("on", "off"):
+            today = _engine(engine, e["batch"], xla, e["kind"])["us_per_call"]
+            tiled = _engine(engine, e["batch"], xla, e["kind"], "on")["us_per_call"]
+            cells.append(f"{today:.0f} | {tiled:.0f} | {tiled / today:.2f}")
+        lines.append(f"| {e['batch']} | {e['kind']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Servers (`--frontends {FRONTENDS}`), gradserve loadtest: requests/s without and with "
+        "`--deterministic on`.",
+        "",
+        "| mode | concurrency | rows/msg | today req/s | deterministic req/s | today / det |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.label != DETERMINISTIC:
+            continue
+        today = _find(results, f"frontends={FRONTENDS}", r.mode, r.concurrency,
+                      r.rows_per_request)  # fmt: skip
+        lines.append(
+            f"| {r.mode} | {r.concurrency} | {r.rows_per_request} | {today.requests_per_s:,.0f} "
+            f"| {r.requests_per_s:,.0f} | {today.requests_per_s / r.requests_per_s:.2f} |"
+        )
+    return lines
 
 
 def _breakdown(results: list[StepResult]) -> list[str]:

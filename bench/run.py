@@ -240,6 +240,7 @@ def main() -> int:
     if args.only_explain:
         return explain_only(args)
     from bench import perf, scaling  # bench/ is on the path only when run as a script
+    from bench.report import DETERMINISTIC
 
     started = time.monotonic()
     tool, tool_note = perf.locate()
@@ -253,6 +254,7 @@ def main() -> int:
         ("unbatched", [*serve, *one, "--max-batch-size", "1"], True),
         ("batched", [*serve, *one], True),
         (f"frontends={FRONTENDS}", [*serve, "--frontends", str(FRONTENDS)], True),
+        (DETERMINISTIC, [*serve, "--frontends", str(FRONTENDS), "--deterministic", "on"], True),
         ("stand-in", ["bench/stand_in.py", "--frontends", str(FRONTENDS)], True),
     ]
     results: list[StepResult] = []

@@ -28,6 +28,7 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"
     xla: bool = True
+    deterministic: bool = False
     max_batch_size: int = 4096
     max_delay_us: int = 0
     max_queue_rows: int = 262144
@@ -108,6 +109,8 @@ _HELP = {
     "port": "port to bind; 0 picks a free one",
     "device": "auto (first GPU, else CPU), cpu, or gpu:N",
     "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
+    "deterministic": "compute every batch in fixed tiles of rows, so a row's answer is the "
+    "same in every bit whatever else is in its batch (costs engine time: README)",
     "max_batch_size": "most rows per engine call; larger requests are split",
     "max_delay_us": "hold an idle engine up to this long to gather a larger batch (0: never)",
     "max_queue_rows": "most rows waiting at once (and per request, counting an explanation's "

@@ -1,7 +1,9 @@
 """The engine: a loaded model on one device with one compiled function per derivative kind.
 
 The functions close over the loaded model's own variables (see loading.py); with XLA, every
-batch shape they are called with is one of a ladder compiled at warm-up.
+batch shape they are called with is one of a ladder compiled at warm-up. Deterministic
+engines compute every batch as fixed tiles of TILE_ROWS rows, one after another inside one
+function, so that a row's bits never depend on the batch it came in (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from gradserve.server.engine.loading import ModelError, load
 from gradserve.wire.kinds import Derivative
 
 XLA_KINDS = (Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN)
+TILE_ROWS = 32  # the one batch shape a deterministic engine's kernels ever see
 
 
 def batch_ladder(max_batch_size: int) -> list[int]:
@@ -63,6 +66,7 @@ class Engine:
         unsafe: bool = False,
         input_name: str | None = None,
         output_name: str | None = None,
+        deterministic: bool = False,
     ) -> None:
         path = Path(model_path)
         if not path.exists():
@@ -71,7 +75,8 @@ class Engine:
         self.name = name or path.stem
         self.xla = xla
         self.max_batch_size = max_batch_size
-        self.ladder = batch_ladder(max_batch_size) if xla else []
+        self.tile = TILE_ROWS if deterministic else 0
+        self.ladder = _ladder(max_batch_size, self.tile) if xla else []
         with tf.device(self.device):
             forward, self.model = load(
                 path, unsafe=unsafe, input_name=input_name, output_name=output_name
@@ -83,6 +88,10 @@ class Engine:
         self._functions = self._compile()
 
     @property
+    def deterministic(self) -> bool:
+        return bool(self.tile)
+
+    @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype.as_numpy_dtype)
 
@@ -91,7 +100,8 @@ class Engine:
         signature matching, which costs more than a small model itself).
 
         XLA (when on) compiles the three common kinds, once per ladder size; the others
-        trace once for any batch size, which keeps warm-up short.
+        trace once for any batch size, which keeps warm-up short. A deterministic engine
+        wraps every body in the loop over tiles.
         """
         x = tf.TensorSpec([None, *self.input_shape], self.dtype)
         y = tf.TensorSpec([None, *self.output_shape], self.dtype)
@@ -108,7 +118,9 @@ class Engine:
             return {
                 kind: _Compiled(
                     tf.function(
-                        body, input_signature=spec, jit_compile=self._uses_xla(kind)
+                        self._tiled(body, kind) if self.tile else body,
+                        input_signature=spec,
+                        jit_compile=self._uses_xla(kind),
                     ).get_concrete_function()
                 )
                 for kind, (body, spec) in bodies.items()
@@ -116,6 +128,27 @@ class Engine:
 
     def _uses_xla(self, kind: Derivative) -> bool:
         return self.xla and kind in XLA_KINDS
+
+    def _tiled(self, body, kind: Derivative):
+        """`body` applied to tiles of `self.tile` rows in turn, the results joined again.
+
+        Kernels (oneDNN, Eigen, XLA) choose their blocking and summation order by the
+        batch dimension, so a row alone and the same row among 31 others could differ in
+        the last bits. Here every kernel sees one shape, [tile, ...], whatever the batch;
+        one tile at a time (parallel_iterations=1) also keeps each tile's threads the same.
+        Inputs come padded to a multiple of the tile (`run`).
+        """
+        tile = self.tile
+        signature = (self.dtype,) if kind is Derivative.NONE else (self.dtype, self.dtype)
+
+        def fn(*args):
+            tiles = tuple(tf.reshape(a, [-1, tile, *a.shape[1:]]) for a in args)
+            results = tf.map_fn(
+                lambda t: body(*t), tiles, fn_output_signature=signature, parallel_iterations=1
+            )
+            return tuple(tf.reshape(r, [-1, *r.shape[2:]]) for r in results)
+
+        return fn
 
     def _outputs(self, x):
         return (self._f(x),)
@@ -176,27 +209,33 @@ class Engine:
             ]
             dy_dx = None if parts[0].dy_dx is None else np.concatenate([p.dy_dx for p in parts])
             return Outputs(np.concatenate([p.y for p in parts]), dy_dx)
-        pad = self._uses_xla(kind)
-        args = [tf.constant(self._pad(x, pad))]
+        rows = self.rows_computed(kind, n)
+        args = [tf.constant(self._pad(x, rows))]
         if kind.needs_vector:
             if v is None:
                 raise ValueError(f"{kind.value} needs a vector v")
-            args.append(tf.constant(self._pad(v, pad)))
+            args.append(tf.constant(self._pad(v, rows)))
         results = self._functions[kind](*args)
         y = _owned(results[0], n)
         dy_dx = _owned(results[1], n) if len(results) > 1 else None
         return Outputs(y, dy_dx)
 
-    def _pad(self, a: np.ndarray, pad: bool) -> np.ndarray:
-        """With XLA, pad rows up to the next ladder size so no new shape is ever compiled."""
+    def rows_computed(self, kind: Derivative, n: int) -> int:
+        """The rows a call of `kind` with n rows computes: with XLA the next ladder size,
+        so no new shape is ever compiled; deterministic, a whole number of tiles."""
+        if self._uses_xla(kind):
+            return next(size for size in self.ladder if size >= n)
+        if self.tile:
+            return -(-n // self.tile) * self.tile
+        return n
+
+    def _pad(self, a: np.ndarray, rows: int) -> np.ndarray:
+        """a as the engine's dtype, with zero rows appended up to `rows`."""
         a = np.asarray(a, dtype=self.numpy_dtype)
-        if not pad:
-            return a
         n = a.shape[0]
-        size = next(s for s in self.ladder if s >= n)
-        if size == n:
+        if rows == n:
             return a
-        padded = np.zeros((size, *a.shape[1:]), dtype=a.dtype)
+        padded = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
         padded[:n] = a
         return padded
 
@@ -204,13 +243,21 @@ class Engine:
         """Trace (and with XLA compile) every function at every batch shape; returns seconds."""
         start = time.perf_counter()
         for kind in kinds:
-            sizes = self.ladder if self._uses_xla(kind) else [1]
+            sizes = self.ladder if self._uses_xla(kind) else [max(1, self.tile)]
             for size in sizes:
                 x = np.zeros((size, *self.input_shape), self.numpy_dtype)
                 v_shape = self.output_shape if kind is Derivative.VJP else self.input_shape
                 v = np.zeros((size, *v_shape), self.numpy_dtype) if kind.needs_vector else None
                 self.run(kind, x, v)
         return time.perf_counter() - start
+
+
+def _ladder(max_batch_size: int, tile: int) -> list[int]:
+    """The XLA batch shapes: powers of two up to max_batch_size, or with tiles, a power of
+    two of tiles, up to the tiles max_batch_size needs."""
+    if not tile:
+        return batch_ladder(max_batch_size)
+    return [tile * count for count in batch_ladder(-(-max_batch_size // tile))]
 
 
 def _owned(tensor: tf.Tensor, n: int) -> np.ndarray:

@@ -26,6 +26,7 @@ def load_engines(config: ServerConfig) -> list[Engine]:
             path,
             device=config.device,
             xla=config.xla,
+            deterministic=config.deterministic,
             max_batch_size=config.max_batch_size,
             name=config.model_name or None,
             unsafe=config.unsafe_deserialization,
@@ -43,7 +44,8 @@ def load_engines(config: ServerConfig) -> list[Engine]:
         log.info(
             "model warmed up",
             extra={"event": "warm_up", "model": engine.name, "seconds": round(seconds, 2),
-                   "xla": engine.xla, "kinds": [kind.value for kind in kinds]},
+                   "xla": engine.xla, "deterministic": engine.deterministic,
+                   "kinds": [kind.value for kind in kinds]},
         )  # fmt: skip
         engines.append(engine)
     if config.unsafe_deserialization:
