@@ -29,26 +29,36 @@ from gradserve.server.core.explain import Limits
 from gradserve.server.core.timing import Timing
 from gradserve.wire.kinds import Derivative
 
-TEST_CONFIG = ServerConfig(port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0)
+TEST_CONFIG = ServerConfig(
+    port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0, deterministic=True
+)
 
-# Answers to the same rows computed in different batches (alone, next to other callers'
-# rows, at another batch size, split, padded to another XLA ladder size) agree to a few ulp,
-# not bit for bit: TensorFlow's CPU kernels choose their blocking and threading by the batch
-# shape, so each row's sums of products are rounded in another order (seen: 4.5e-8 on values
-# near 0.1, 3.9e-7 relative). Every comparison of such answers allows this much, relative to
-# the largest magnitude compared; answers of one and the same computation are compared bit
-# for bit.
-BATCH_RTOL = 1e-5
+# Every engine and server in the tests is deterministic (--deterministic on): a row's answer,
+# alone, next to other callers' rows, at any batch size, split or padded, is the same in every
+# bit, so answers of one computation are compared with assert_same_answer, bit for bit. Two
+# different computations of the same quantity (another kind, another file format, another
+# dtype, a float64 tape) are compared with assert_close, with one tolerance: REFERENCE_RTOL of
+# the largest magnitude compared (float32 rounding of sums of products in another order; seen
+# 4.5e-8 on values near 0.1, 3.9e-7 relative).
+REFERENCE_RTOL = 1e-5
 
 
-def assert_same_answer(actual, expected, scale: float | None = None) -> None:
-    """`actual` equals `expected` up to what batching may change: BATCH_RTOL of the largest
+def assert_same_answer(actual, expected) -> None:
+    """`actual` is the same answer as `expected`, to the bit: what the server promises for one
+    row computed in any batch."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{actual.dtype} against {expected.dtype}"
+    np.testing.assert_array_equal(actual, expected, strict=True)
+
+
+def assert_close(actual, expected, scale: float | None = None) -> None:
+    """`actual`, computed another way, equals `expected` within REFERENCE_RTOL of the largest
     magnitude compared, or of `scale` for a quantity that is a small difference of larger
     ones (integrated gradients' delta: of its attributions)."""
     expected = np.asarray(expected)
     if scale is None:
         scale = float(np.abs(expected).max()) if expected.size else 0.0
-    np.testing.assert_allclose(actual, expected, rtol=BATCH_RTOL, atol=BATCH_RTOL * scale)
+    np.testing.assert_allclose(actual, expected, rtol=REFERENCE_RTOL, atol=REFERENCE_RTOL * scale)
 
 
 def wait_until(predicate, timeout: float = 15.0) -> None:
@@ -69,10 +79,11 @@ def free_port() -> int:
 def start_gradserve(
     port: int, *args: str, script: Path | None = None, **env: str
 ) -> subprocess.Popen:
-    """`gradserve serve` in a child process (XLA and metrics off unless `env` says otherwise);
+    """`gradserve serve` in a child process (XLA and metrics off, deterministic, unless `env`
+    says otherwise);
     `script`: a script that takes serve's flags instead (bench/stand_in.py)."""
     environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0",
-                   "GRADSERVE_FRONTENDS": "1", **env}  # fmt: skip
+                   "GRADSERVE_FRONTENDS": "1", "GRADSERVE_DETERMINISTIC": "on", **env}  # fmt: skip
     command = [str(script)] if script else ["-m", "gradserve.server.cli", "serve"]
     return subprocess.Popen(
         [sys.executable, *command, "--port", str(port), *args],
@@ -234,7 +245,9 @@ class GatedEngine:
 def bundled_engine():
     from gradserve.server.engine.compiled import Engine
 
-    engine = Engine(BUNDLED_MODEL, xla=True, max_batch_size=TEST_CONFIG.max_batch_size)
+    engine = Engine(
+        BUNDLED_MODEL, xla=True, max_batch_size=TEST_CONFIG.max_batch_size, deterministic=True
+    )
     engine.warm_up()
     return engine
 
@@ -278,7 +291,7 @@ def mimo_model_path(tmp_path_factory) -> Path:
 def mimo_engine(mimo_model_path):
     from gradserve.server.engine.compiled import Engine
 
-    engine = Engine(mimo_model_path, xla=False, max_batch_size=64)
+    engine = Engine(mimo_model_path, xla=False, max_batch_size=64, deterministic=True)
     engine.warm_up()
     return engine
 

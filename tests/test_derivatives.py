@@ -152,7 +152,7 @@ def test_jvp_and_hvp_match_central_finite_differences(models, name):
 
 
 def test_all_kinds_batched_equal_unbatched_through_the_server(models):
-    engine = Engine(models["cnn"][0], xla=False, max_batch_size=64)
+    engine = Engine(models["cnn"][0], xla=False, max_batch_size=64, deterministic=True)
     engine.warm_up()
     rng = np.random.default_rng(7)
     jobs = []

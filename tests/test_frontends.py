@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import FRONTENDS_ARGS, ServerProcess, assert_same_answer
+from conftest import FRONTENDS_ARGS, ServerProcess, assert_close, assert_same_answer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
@@ -259,7 +259,7 @@ def test_killed_frontend_is_replaced_and_sdk_callers_see_no_error(fresh_server, 
     assert len(results) == 8 * 150
     xs = np.array([[x] for x, _ in results], np.float32)
     expected = bundled_engine.run(Derivative.GRADIENT, xs).dy_dx[:, 0]
-    assert_same_answer([r.dy_dx[0, 0] for _, r in results], expected)
+    assert_close([r.dy_dx[0, 0] for _, r in results], expected)  # XLA off there, on here
     assert fresh_server.stop() == 0
 
 
@@ -432,7 +432,7 @@ def test_a_large_answer_crosses_whole_while_small_calls_go_on():
         assert len(small) == 5
     finally:
         server.stop()
-    engine = Engine(BUNDLED_DIR / "digits.keras", xla=False, max_batch_size=512)
+    engine = Engine(BUNDLED_DIR / "digits.keras", xla=False, max_batch_size=512, deterministic=True)
     for x, answer in zip(xs, answers, strict=True):
         assert answer.dy_dx.nbytes >= COPY_OFF_LOOP
         assert_same_answer(answer.dy_dx, engine.run(Derivative.JACOBIAN, x).dy_dx)

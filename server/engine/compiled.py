@@ -76,6 +76,8 @@ class Engine:
         self.xla = xla
         self.max_batch_size = max_batch_size
         self.tile = TILE_ROWS if deterministic else 0
+        if deterministic and "GPU" in self.device.upper():
+            tf.config.experimental.enable_op_determinism()  # no kernels that sum by atomics
         self.ladder = _ladder(max_batch_size, self.tile) if xla else []
         with tf.device(self.device):
             forward, self.model = load(
@@ -144,7 +146,10 @@ class Engine:
         def fn(*args):
             tiles = tuple(tf.reshape(a, [-1, tile, *a.shape[1:]]) for a in args)
             results = tf.map_fn(
-                lambda t: body(*t), tiles, fn_output_signature=signature, parallel_iterations=1
+                lambda t: body(*map(_any_rows, t)),
+                tiles,
+                fn_output_signature=signature,
+                parallel_iterations=1,
             )
             return tuple(tf.reshape(r, [-1, *r.shape[2:]]) for r in results)
 
@@ -250,6 +255,19 @@ class Engine:
                 v = np.zeros((size, *v_shape), self.numpy_dtype) if kind.needs_vector else None
                 self.run(kind, x, v)
         return time.perf_counter() - start
+
+
+def _any_rows(tile: tf.Tensor) -> tf.Tensor:
+    """The tile, its row count unknown to the graph (it is always TILE_ROWS when run).
+
+    TensorFlow traces each op's forward-mode derivative (jvp, hvp) once per shape and reuses a
+    trace made for a more general shape: with the tile's exact shape, a model's JVPs took
+    another graph, and other bits, when an engine with unknown batch sizes had been traced
+    before it in the process (measured: other JVP and HVP bits after one such engine of the
+    same model). With the rows unknown, as every engine's are, the graph never depends on
+    what the process traced before.
+    """
+    return tf.compat.v1.placeholder_with_default(tile, [None, *tile.shape[1:]])
 
 
 def _ladder(max_batch_size: int, tile: int) -> list[int]:
