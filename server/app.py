@@ -11,11 +11,13 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -31,6 +33,7 @@ from gradserve.server.engine.startup import load_engines
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
+from gradserve.server.protocols.rest import RestService
 from gradserve.server.transport.answering import Streams, StreamWindow
 from gradserve.server.transport.intake import Intake
 from gradserve.server.transport.routing import Routes
@@ -100,6 +103,9 @@ class GradServer:
         self._streams = Streams()
         self._routes = Routes(self.metrics, Intake(self.memory, 2 * config.max_message_bytes))
         self._health_update: asyncio.Future | None = None
+        self._rest = RestService(self.metrics, lambda: self.ready)
+        self._http: web.AppRunner | None = None
+        self.http_port: int | None = None
 
     async def __aenter__(self) -> GradServer:
         await self.start()
@@ -165,11 +171,26 @@ class GradServer:
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
         if self._metrics_http is not None:
             self.metrics_port = self._metrics_http.server_port
+        if config.http_port:
+            await self._listen_http()
         log.info(
             "listening",
             extra={"event": "listen", "port": self.port, "tls": credentials is not None,
-                   "metrics_port": self.metrics_port},
+                   "metrics_port": self.metrics_port, "http_port": self.http_port},
         )  # fmt: skip
+
+    async def _listen_http(self) -> None:
+        """The REST protocol on --http-port, in this event loop (frontends share the port)."""
+        config = self.config
+        application = web.Application(client_max_size=config.max_message_bytes)
+        application.add_routes(self._rest.routes())
+        self._http = web.AppRunner(application, access_log=None, handle_signals=False)
+        await self._http.setup()
+        tls = _ssl_context(config)
+        site = web.TCPSite(self._http, config.host, config.http_port,
+                           reuse_port=self._reuse_port, ssl_context=tls)  # fmt: skip
+        await site.start()
+        self.http_port = self._http.addresses[0][1]
 
     def _serve(self, engines: list[Engine]) -> None:
         config = self.config
@@ -206,6 +227,7 @@ class GradServer:
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
         inference = InferenceServicer(models, self.metrics, lambda: self.ready, **common)
         self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
+        self._rest.serve(models)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse
@@ -251,12 +273,27 @@ class GradServer:
         if self._server is not None:
             remaining = deadline - asyncio.get_running_loop().time()
             await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
+        if self._http is not None:
+            await self._http.cleanup()
         for batcher in self.batchers:
             await batcher.close()
         self._executor.shutdown(wait=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped", extra={"event": "stop"})
+
+
+def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP port when the gRPC port has it: the same certificate, and with
+    --tls-client-ca the same demand for client certificates."""
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 async def _all_idle(batchers: list[Batcher], grace: float) -> bool:

@@ -45,6 +45,7 @@ class ServerConfig:
     max_connection_age_grace: float = 0.0
     bdp_probe: bool = False
     metrics_port: int = 9400
+    http_port: int = 0
     log_format: str = "text"
     log_level: str = "INFO"
     tls_cert: str = ""
@@ -139,6 +140,8 @@ _HELP = {
     "messages on long links, but then most of a message is in the server's memory before it "
     "is admitted or refused, beyond --max-queue-mb (off: the memory bound holds)",
     "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
+    "http_port": "the standard inference protocol over HTTP/JSON (KServe v2 REST), on --host "
+    "(0: off; Triton's is 8000)",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain: serve TLS (needs --tls-key)",

@@ -306,10 +306,10 @@ class ServerProcess:
     """`gradserve serve` in a child process (the multi-process server needs its own)."""
 
     def __init__(self, *args: str, script: Path | None = None, **env: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
-        metrics = ("--metrics-port", str(self.metrics_port))
-        self.process = start_gradserve(self.port, *metrics, *args, script=script, **env)
+        ports = ("--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port))
+        self.process = start_gradserve(self.port, *ports, *args, script=script, **env)
         wait_serving(self.target, self.process, timeout=240)
 
     def stop(self) -> int:

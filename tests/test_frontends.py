@@ -6,6 +6,7 @@ outside: its processes in /proc, its one /metrics endpoint, its callers' outcome
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from conftest import FRONTENDS_ARGS, ServerProcess, assert_close, assert_same_answer
@@ -114,6 +116,27 @@ def fresh_server():
     if running.process.poll() is None:
         running.process.kill()
         running.process.wait(timeout=10)
+
+
+def test_every_frontend_serves_rest_with_the_in_process_answers(frontends_server, bundled_engine):
+    xs = np.linspace(-1, 2, 40, dtype=np.float32).reshape(40, 1, 1)
+    url = f"http://127.0.0.1:{frontends_server.http_port}/v2/models/quadratic/infer"
+
+    def call(x: np.ndarray) -> np.ndarray:  # a connection of its own each time
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [[x]]}]}
+        answer = httpx.post(url, json=body, timeout=30).json()
+        grad = next(o for o in answer["outputs"] if o["name"] == "dy_dx")
+        return np.asarray(grad["data"], np.float32)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda x: call(float(x[0, 0])), xs))
+    expected = bundled_engine.run(Derivative.GRADIENT, xs[:, 0]).dy_dx[:, 0]
+    assert_same_answer(np.concatenate(got), expected)
+    counted = {name: value for name, value in scrape(frontends_server).items()
+               if name.startswith("gradserve_requests_total")
+               and 'rpc="rest/infer"' in name and 'code="OK"' in name}  # fmt: skip
+    assert len(counted) == 2, counted  # one series per frontend process: both served REST
+    assert sum(counted.values()) >= len(xs)
 
 
 def test_frontends_never_load_tensorflow_and_stay_small(frontends_server):

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from conftest import TEST_CONFIG, RunningServer, free_port, start_gradserve, wait_serving
@@ -262,6 +263,30 @@ def test_mtls_requires_a_client_certificate(bundled_engine, pki, tmp_path):
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert json.loads(out.read_text())[0]["requests"] > 0
+
+
+def test_the_http_port_has_the_grpc_ports_tls_and_client_certificates(bundled_engine, pki):
+    config = replace(TEST_CONFIG, tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
+                     tls_client_ca=str(pki["ca_cert"]), http_port=free_port())  # fmt: skip
+    with RunningServer(config, bundled_engine) as running:
+        url = f"https://127.0.0.1:{running.server.http_port}/v2/health/ready"
+        client_cert = (str(pki["client_cert"]), str(pki["client_key"]))
+        with httpx.Client(verify=ssl_context(pki["ca_cert"], client_cert)) as mutual:
+            assert mutual.get(url).json() == {"ready": True}
+        anonymous = httpx.Client(verify=ssl_context(pki["ca_cert"]))
+        with anonymous, pytest.raises(httpx.HTTPError):
+            anonymous.get(url)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https", "http"), timeout=3)
+
+
+def ssl_context(ca: Path, cert: tuple[str, str] | None = None):
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert:
+        context.load_cert_chain(*cert)
+    return context
 
 
 def test_several_targets_are_balanced_and_survive_one_going_away(bundled_engine):

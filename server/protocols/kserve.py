@@ -25,7 +25,7 @@ import numpy as np
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core.batcher import Result
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import Priority
+from gradserve.server.core.contract import ModelSpec, Priority
 from gradserve.server.core.errors import InvalidInput, RequestError, UnknownModel
 from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
@@ -111,19 +111,7 @@ class InferenceServicer:
         )
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        spec = (await self._checked(context, request.name, request.version)).spec
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        datatype = tensors.float_type(spec.dtype).kserve
-        return pb.ModelMetadataResponse(
-            name=spec.name,
-            versions=[spec.version],
-            platform=PLATFORM,
-            inputs=[tensor(name=INPUT, datatype=datatype, shape=[-1, *spec.input_shape])],
-            outputs=[
-                tensor(name=OUTPUT, datatype=datatype, shape=[-1, *spec.output_shape]),
-                tensor(name=DERIVATIVE, datatype=datatype, shape=[-1, *spec.input_shape]),
-            ],
-        )
+        return model_metadata((await self._checked(context, request.name, request.version)).spec)
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
@@ -153,6 +141,22 @@ class InferenceServicer:
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for response in self._answer.stream(requests, context):
             yield response
+
+
+def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
+    """A model's tensors as the standard protocol describes them (gRPC and REST)."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    datatype = tensors.float_type(spec.dtype).kserve
+    return pb.ModelMetadataResponse(
+        name=spec.name,
+        versions=[spec.version],
+        platform=PLATFORM,
+        inputs=[tensor(name=INPUT, datatype=datatype, shape=[-1, *spec.input_shape])],
+        outputs=[
+            tensor(name=OUTPUT, datatype=datatype, shape=[-1, *spec.output_shape]),
+            tensor(name=DERIVATIVE, datatype=datatype, shape=[-1, *spec.input_shape]),
+        ],
+    )
 
 
 def _model(models: Models, name: str, version: str) -> Served:

@@ -1,0 +1,345 @@
+"""The standard inference protocol over HTTP/JSON (KServe v2 REST), on the same models,
+batchers and bounds as gRPC, served by aiohttp in the gRPC server's event loop, with
+Triton's binary tensor data extension (inputs with `binary_data_size` after a JSON header of
+`Inference-Header-Content-Length` bytes; outputs with `binary_data` answered the same way).
+
+A JSON request is read into the standard protocol's message, its tensors as raw contents (one
+array per tensor, never a protobuf value per number), and answered through the same codec as
+gRPC's ModelInfer: the same tensors, parameters, checks and messages. Errors are
+`{"error": "..."}` with the HTTP status of the gRPC code (400, 404, 429, 503, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import orjson
+from aiohttp import web
+
+from gradserve.inference import grpc_service_pb2 as pb
+from gradserve.server.core import explain
+from gradserve.server.core.errors import Closed, InvalidInput, RequestError
+from gradserve.server.core.registry import Models
+from gradserve.server.core.timing import breakdown
+from gradserve.server.metrics import Metrics
+from gradserve.server.protocols.kserve import (
+    PLATFORM,
+    SERVER_NAME,
+    SERVER_VERSION,
+    InferenceCodec,
+    model_metadata,
+)
+from gradserve.server.transport.status import Failure
+from gradserve.server.transport.tickets import Arrival
+from gradserve.wire import tensors
+from gradserve.wire.timing import FIELDS
+
+RPC = "rest/infer"  # the metrics' label of this protocol's inference requests
+_STATUS = {  # the HTTP status of each gRPC code a request can end with
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+_RETRY_AFTER = {429: "1", 503: "1"}
+_JSON = "application/json"
+_BINARY = "application/octet-stream"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_ALL = frozenset({"*"})  # every output in binary (the request's binary_data_output)
+
+
+class RestService:
+    """The v2 REST endpoints; `is_ready` reports readiness. Health answers from the start;
+    the model endpoints once `serve` has given the models (before: 503)."""
+
+    def __init__(self, metrics: Metrics, is_ready: Callable[[], bool]) -> None:
+        self._models: Models | None = None
+        self._codec: InferenceCodec | None = None
+        self._metrics = metrics
+        self._is_ready = is_ready
+        self._latency = metrics.latency.labels(RPC)
+
+    def serve(self, models: Models) -> None:
+        self._models, self._codec = models, InferenceCodec(models)
+
+    def routes(self) -> list[web.RouteDef]:
+        model = "/v2/models/{model}"
+        versioned = model + "/versions/{version}"
+        return [
+            web.get("/v2/health/live", self.live),
+            web.get("/v2/health/ready", self.ready),
+            web.get("/v2", self.server_metadata),
+            *(web.get(path + "/ready", self.model_ready) for path in (model, versioned)),
+            *(web.get(path, self.model_metadata) for path in (model, versioned)),
+            *(web.post(path + "/infer", self.infer) for path in (model, versioned)),
+        ]
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self._is_ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": SERVER_NAME, "version": SERVER_VERSION,
+                      "extensions": ["model_configuration"]})  # fmt: skip
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            self._served(request)
+        except RequestError as exc:
+            return _error(exc)
+        ready = self._is_ready()
+        return _json({"name": request.match_info["model"], "ready": ready}, 200 if ready else 503)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        try:
+            spec = self._served(request).spec
+        except RequestError as exc:
+            return _error(exc)
+        meta = model_metadata(spec)
+        tensor = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}  # noqa: E731
+        return _json({"name": meta.name, "versions": list(meta.versions), "platform": PLATFORM,
+                      "inputs": [tensor(t) for t in meta.inputs],
+                      "outputs": [tensor(t) for t in meta.outputs]})  # fmt: skip
+
+    def _served(self, request: web.Request):
+        if self._models is None:
+            raise Closed("the server is still loading its models")
+        return self._models.get(request.match_info["model"], request.match_info.get("version", ""))
+
+    async def infer(self, request: web.Request) -> web.Response:
+        """One inference request: JSON in, the batcher, JSON out."""
+        started = time.perf_counter()
+        try:
+            self._served(request)  # the model exists (404) and the server serves (503)
+            header = request.headers.get(HEADER_LENGTH)
+            body = await request.read()
+            message, binary = _message(request.match_info, body, _header_length(header, body))
+            arrival = Arrival(message.id, message.model_name, started)
+            ticket = self._codec.decode(message, arrival)
+            caller = request.headers.get("x-gradserve-client") or str(request.remote)
+            future = explain.submit(ticket.work, ticket.served.batcher.submit, None,
+                                    caller=caller, priority=ticket.priority)  # fmt: skip
+            result = await future
+            answer = self._codec.encode(ticket, result)
+            hops = breakdown(arrival.at, result.timing)
+            self._metrics.hops(hops)
+            response = _respond(_answer(answer, hops, binary))
+        except Exception as exc:  # every failure is the caller's answer, never the server's
+            response = _error(exc)
+        code = "OK" if response.status == 200 else _code_of(response)
+        self._metrics.requests.labels(RPC, code).inc()
+        self._latency.observe(time.perf_counter() - started)
+        return response
+
+
+def _header_length(header: str | None, body: bytes) -> int | None:
+    """The JSON header's length from Inference-Header-Content-Length (None: all JSON)."""
+    if header is None:
+        return None
+    if not header.isdigit() or not 0 < int(header) <= len(body):
+        raise InvalidInput(
+            f"{HEADER_LENGTH} is {header!r}; expected the JSON header's length in bytes, "
+            f"1 to the body's {len(body)}"
+        )
+    return int(header)
+
+
+def _message(
+    match: dict, body: bytes, header_length: int | None
+) -> tuple[pb.ModelInferRequest, frozenset[str]]:
+    """The request as the standard protocol's message, tensors as raw contents (JSON data
+    parsed into one array, binary data sliced from the body), and the outputs to answer in
+    binary."""
+    json_part = body if header_length is None else memoryview(body)[:header_length]
+    binary = _Binary(body, header_length or len(body))
+    try:
+        document = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput('the request body must be a JSON object with an "inputs" list')
+    message = pb.ModelInferRequest(
+        model_name=match["model"], model_version=match.get("version", ""),
+        id=str(document.get("id", "")),
+    )  # fmt: skip
+    _parameters(message.parameters, document.get("parameters", {}))
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput('the request needs "inputs": a list of tensors')
+    for entry in inputs:
+        name, datatype, shape = _input_fields(entry)
+        message.inputs.add(name=name, datatype=datatype, shape=shape)
+        size = _binary_size(entry, name)
+        if size is None:
+            if "data" not in entry:
+                raise InvalidInput(f'input {name!r} has neither "data" nor binary_data_size')
+            raw = _raw(name, datatype, shape, entry["data"])
+        else:
+            raw = binary.take(name, size, _nbytes(name, datatype, shape))
+        message.raw_input_contents.append(raw)
+    binary.check_used()
+    all_binary = document.get("parameters", {}).get("binary_data_output") is True
+    in_binary = set()
+    for entry in document.get("outputs", []) or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput('each of "outputs" must be an object with a "name"')
+        message.outputs.add(name=entry["name"])
+        if (entry.get("parameters") or {}).get("binary_data") is True:
+            in_binary.add(entry["name"])
+    return message, _ALL if all_binary else frozenset(in_binary)
+
+
+class _Binary:
+    """The body after the JSON header: each binary input's bytes, in the inputs' order."""
+
+    def __init__(self, body: bytes, start: int) -> None:
+        self._body, self._at = body, start
+
+    def take(self, name: str, size: int, expected: int) -> bytes:
+        if size != expected:
+            raise InvalidInput(
+                f"input {name!r} declares binary_data_size {size}; its datatype and shape "
+                f"need {expected} bytes"
+            )
+        end = self._at + size
+        if end > len(self._body):
+            raise InvalidInput(
+                f"input {name!r} needs {size} bytes of binary data; the body has "
+                f"{len(self._body) - self._at} left"
+            )
+        raw = self._body[self._at : end]
+        self._at = end
+        return raw
+
+    def check_used(self) -> None:
+        if self._at != len(self._body):
+            raise InvalidInput(
+                f"{len(self._body) - self._at} bytes after the last binary input: the "
+                "binary_data_size of the inputs must add up to the binary part of the body"
+            )
+
+
+def _binary_size(entry: dict, name: str) -> int | None:
+    size = (entry.get("parameters") or {}).get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"input {name!r}: binary_data_size must be an integer >= 0")
+    return size
+
+
+def _input_fields(entry: object) -> tuple[str, str, list[int]]:
+    if not isinstance(entry, dict):
+        raise InvalidInput('each of "inputs" must be an object (name, datatype, shape, data)')
+    name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise InvalidInput('each input needs a string "name" and "datatype"')
+    sizes = isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    )
+    if not sizes:
+        raise InvalidInput(f'input {name!r}: "shape" must be a list of sizes >= 0')
+    return name, datatype, shape
+
+
+def _float_kind(name: str, datatype: str):
+    kind = tensors.by_kserve(datatype)
+    if kind is None:
+        raise InvalidInput(f"input {name!r} has datatype {datatype!r}; expected FP32 or FP64")
+    return kind
+
+
+def _nbytes(name: str, datatype: str, shape: list[int]) -> int:
+    return math.prod(shape) * np.dtype(_float_kind(name, datatype).numpy).itemsize
+
+
+def _raw(name: str, datatype: str, shape: list[int], data: object) -> bytes:
+    """The input's values (nested or flat, row-major) as bytes of its float type."""
+    kind = _float_kind(name, datatype)
+    try:
+        values = np.asarray(data, dtype=kind.numpy).ravel()
+    except (TypeError, ValueError):
+        raise InvalidInput(f'input {name!r}: "data" must hold numbers only') from None
+    needed = math.prod(shape)
+    if values.size != needed:
+        raise InvalidInput(
+            f"input {name!r} has {values.size} values, but shape {shape} needs {needed}"
+        )
+    return values.tobytes()
+
+
+def _parameters(target, given: object) -> None:
+    """JSON parameters into the message's: strings, bools, integers and numbers."""
+    if not isinstance(given, dict):
+        raise InvalidInput('"parameters" must be an object')
+    for key, value in given.items():
+        param = target[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        elif isinstance(value, str):
+            param.string_param = value
+        else:
+            raise InvalidInput(f'parameter "{key}" must be a string, bool or number')
+
+
+def _answer(
+    response: pb.ModelInferResponse, hops, binary: frozenset[str]
+) -> tuple[dict, list[bytes]]:
+    """The standard protocol's answer as v2 REST JSON (outputs' data flat, row-major), and
+    the bytes of the outputs answered in binary, in order."""
+    outputs, chunks = [], []
+    for index, output in enumerate(response.outputs):
+        raw = response.raw_output_contents[index]
+        entry = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
+        if binary is _ALL or output.name in binary:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = np.frombuffer(raw, dtype=tensors.by_kserve(output.datatype).numpy)
+        outputs.append(entry)
+    document = {"model_name": response.model_name, "model_version": response.model_version,
+                "id": response.id, "outputs": outputs,
+                "parameters": {name: getattr(hops, name) for name in FIELDS}}  # fmt: skip
+    return document, chunks
+
+
+def _respond(answer: tuple[dict, list[bytes]]) -> web.Response:
+    document, chunks = answer
+    if not chunks:
+        return _json(document)
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    response = web.Response(body=b"".join([header, *chunks]), content_type=_BINARY)
+    response.headers[HEADER_LENGTH] = str(len(header))
+    return response
+
+
+def _json(document: dict, status: int = 200) -> web.Response:
+    body = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    return web.Response(body=body, status=status, content_type=_JSON)
+
+
+def _error(exc: BaseException) -> web.Response:
+    failure = Failure.of(exc)
+    status = _STATUS.get(failure.code, 500)
+    response = _json({"error": failure.message}, status)
+    if status in _RETRY_AFTER:
+        response.headers["Retry-After"] = _RETRY_AFTER[status]
+    response.headers["x-gradserve-code"] = failure.code.name
+    return response
+
+
+def _code_of(response: web.Response) -> str:
+    return response.headers.get("x-gradserve-code", "UNKNOWN")
