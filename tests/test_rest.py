@@ -45,6 +45,9 @@ def test_health_and_metadata(rest):
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
     assert [o["name"] for o in meta["outputs"]] == ["y", "dy_dx"]
     assert httpx.get(f"{url}/v2/models/mimo/versions/1").json()["name"] == "mimo"
+    config = httpx.get(f"{url}/v2/models/mimo/config").json()
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]
+    assert config["max_batch_size"] > 0
     missing = httpx.get(f"{url}/v2/models/nope")
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
 

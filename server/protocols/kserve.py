@@ -115,19 +115,7 @@ class InferenceServicer:
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
-        data_type = pb.DataType.Value(tensors.float_type(spec.dtype).triton_config)
-        config = pb.ModelConfig(
-            name=spec.name,
-            platform=PLATFORM,
-            backend="tensorflow",
-            max_batch_size=min(spec.max_request_rows, _INT32_MAX),
-            input=[pb.ModelInput(name=INPUT, data_type=data_type, dims=spec.input_shape)],
-            output=[
-                pb.ModelOutput(name=OUTPUT, data_type=data_type, dims=spec.output_shape),
-                pb.ModelOutput(name=DERIVATIVE, data_type=data_type, dims=spec.input_shape),
-            ],
-        )
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=model_config(spec))
 
     # -- inference -------------------------------------------------------------------------
 
@@ -155,6 +143,22 @@ def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
         outputs=[
             tensor(name=OUTPUT, datatype=datatype, shape=[-1, *spec.output_shape]),
             tensor(name=DERIVATIVE, datatype=datatype, shape=[-1, *spec.input_shape]),
+        ],
+    )
+
+
+def model_config(spec: ModelSpec) -> pb.ModelConfig:
+    """A model's configuration as Triton's extension describes it (gRPC and REST)."""
+    data_type = pb.DataType.Value(tensors.float_type(spec.dtype).triton_config)
+    return pb.ModelConfig(
+        name=spec.name,
+        platform=PLATFORM,
+        backend="tensorflow",
+        max_batch_size=min(spec.max_request_rows, _INT32_MAX),
+        input=[pb.ModelInput(name=INPUT, data_type=data_type, dims=spec.input_shape)],
+        output=[
+            pb.ModelOutput(name=OUTPUT, data_type=data_type, dims=spec.output_shape),
+            pb.ModelOutput(name=DERIVATIVE, data_type=data_type, dims=spec.input_shape),
         ],
     )
 

@@ -31,6 +31,7 @@ from gradserve.server.protocols.kserve import (
     SERVER_NAME,
     SERVER_VERSION,
     InferenceCodec,
+    model_config,
     model_metadata,
 )
 from gradserve.server.transport.status import Failure
@@ -77,6 +78,7 @@ class RestService:
             web.get("/v2", self.server_metadata),
             *(web.get(path + "/ready", self.model_ready) for path in (model, versioned)),
             *(web.get(path, self.model_metadata) for path in (model, versioned)),
+            *(web.get(path + "/config", self.model_config) for path in (model, versioned)),
             *(web.post(path + "/infer", self.infer) for path in (model, versioned)),
         ]
 
@@ -109,6 +111,20 @@ class RestService:
         return _json({"name": meta.name, "versions": list(meta.versions), "platform": PLATFORM,
                       "inputs": [tensor(t) for t in meta.inputs],
                       "outputs": [tensor(t) for t in meta.outputs]})  # fmt: skip
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        """Triton's model configuration extension, as JSON (perf_analyzer reads it)."""
+        try:
+            spec = self._served(request).spec
+        except RequestError as exc:
+            return _error(exc)
+        config = model_config(spec)
+        tensor = lambda t: {"name": t.name, "data_type": pb.DataType.Name(t.data_type),  # noqa: E731
+                            "dims": list(t.dims)}  # fmt: skip
+        return _json({"name": config.name, "platform": config.platform,
+                      "backend": config.backend, "max_batch_size": config.max_batch_size,
+                      "input": [tensor(t) for t in config.input],
+                      "output": [tensor(t) for t in config.output]})  # fmt: skip
 
     def _served(self, request: web.Request):
         if self._models is None:
