@@ -234,3 +234,20 @@ def test_a_body_shorter_than_its_binary_header_says_is_refused(rest):
     got = httpx.post(f"{url}/v2/models/mimo/infer", content=body[:-8], timeout=30,
                      headers={"Inference-Header-Content-Length": str(length)})  # fmt: skip
     assert got.status_code == 400 and "the body has 40 left" in got.json()["error"]
+
+
+def test_a_zero_length_header_means_the_body_is_the_rows_of_x(rest):
+    _, url = rest
+    x = np.random.default_rng(9).normal(size=(5, 3)).astype(np.float32)
+    raw = httpx.post(f"{url}/v2/models/mimo/infer", content=x.tobytes(), timeout=30,
+                     headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
+    assert raw.status_code == 200, raw.text
+    got = {o["name"]: o for o in raw.json()["outputs"]}
+    assert got["dy_dx"]["shape"] == [5, 3]
+    expected = {
+        o["name"]: o for o in infer(url, "mimo", {"inputs": [x_input(x)]}).json()["outputs"]
+    }
+    assert got == expected
+    partial = httpx.post(f"{url}/v2/models/mimo/infer", content=x.tobytes()[:-4], timeout=30,
+                         headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
+    assert partial.status_code == 400 and "12 bytes each" in partial.json()["error"]

@@ -1,7 +1,8 @@
 """The standard inference protocol over HTTP/JSON (KServe v2 REST), on the same models,
 batchers and bounds as gRPC, served by aiohttp in the gRPC server's event loop, with
 Triton's binary tensor data extension (inputs with `binary_data_size` after a JSON header of
-`Inference-Header-Content-Length` bytes; outputs with `binary_data` answered the same way).
+`Inference-Header-Content-Length` bytes; outputs with `binary_data` answered the same way; a
+zero-length header: the body is the one input's rows).
 
 A JSON request is read into the standard protocol's message, its tensors as raw contents (one
 array per tensor, never a protobuf value per number), and answered through the same codec as
@@ -22,11 +23,13 @@ from aiohttp import web
 
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core import explain
+from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import Closed, InvalidInput, RequestError
 from gradserve.server.core.registry import Models
 from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.kserve import (
+    INPUT,
     PLATFORM,
     SERVER_NAME,
     SERVER_VERSION,
@@ -135,10 +138,14 @@ class RestService:
         """One inference request: JSON in, the batcher, JSON out."""
         started = time.perf_counter()
         try:
-            self._served(request)  # the model exists (404) and the server serves (503)
+            served = self._served(request)  # the model exists (404) and the server serves (503)
             header = request.headers.get(HEADER_LENGTH)
             body = await request.read()
-            message, binary = _message(request.match_info, body, _header_length(header, body))
+            if header == "0":
+                message, binary = _raw_body(request.match_info, body, served.spec), frozenset()
+            else:
+                length = _header_length(header, body)
+                message, binary = _message(request.match_info, body, length)
             arrival = Arrival(message.id, message.model_name, started)
             ticket = self._codec.decode(message, arrival)
             caller = request.headers.get("x-gradserve-client") or str(request.remote)
@@ -155,6 +162,26 @@ class RestService:
         self._metrics.requests.labels(RPC, code).inc()
         self._latency.observe(time.perf_counter() - started)
         return response
+
+
+def _raw_body(match: dict, body: bytes, spec: ModelSpec) -> pb.ModelInferRequest:
+    """A zero-length header: the whole body is the input x of the model's float type, its
+    rows [n, *X] told by its length; the default derivative, answered in JSON."""
+    kind = tensors.float_type(spec.dtype)
+    row_bytes = math.prod(spec.input_shape) * np.dtype(kind.numpy).itemsize
+    if not body or len(body) % row_bytes:
+        raise InvalidInput(
+            f"a raw body (zero-length {HEADER_LENGTH}) holds whole rows of x: "
+            f"{row_bytes} bytes each ({kind.kserve}, {list(spec.input_shape)}); "
+            f"got {len(body)} bytes"
+        )
+    message = pb.ModelInferRequest(
+        model_name=match["model"], model_version=match.get("version", "")
+    )
+    shape = [len(body) // row_bytes, *spec.input_shape]
+    message.inputs.add(name=INPUT, datatype=kind.kserve, shape=shape)
+    message.raw_input_contents.append(body)
+    return message
 
 
 def _header_length(header: str | None, body: bytes) -> int | None:
