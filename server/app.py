@@ -182,8 +182,7 @@ class GradServer:
     async def _listen_http(self) -> None:
         """The REST protocol on --http-port, in this event loop (frontends share the port)."""
         config = self.config
-        application = web.Application(client_max_size=config.max_message_bytes)
-        application.add_routes(self._rest.routes())
+        application = self._rest.application(config.max_message_bytes)
         self._http = web.AppRunner(application, access_log=None, handle_signals=False)
         await self._http.setup()
         tls = _ssl_context(config)

@@ -68,11 +68,18 @@ class RestService:
         self._metrics = metrics
         self._is_ready = is_ready
         self._latency = metrics.latency.labels(RPC)
+        self._answered = metrics.requests.labels(RPC, "OK")
 
     def serve(self, models: Models) -> None:
         self._models, self._codec = models, InferenceCodec(models)
 
-    def routes(self) -> list[web.RouteDef]:
+    def application(self, max_body_bytes: int) -> web.Application:
+        """The aiohttp application of these endpoints, bodies up to `max_body_bytes`."""
+        application = web.Application(client_max_size=max_body_bytes, middlewares=[refusals])
+        application.add_routes(self._routes())
+        return application
+
+    def _routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{model}"
         versioned = model + "/versions/{version}"
         return [
@@ -97,37 +104,23 @@ class RestService:
                       "extensions": ["model_configuration"]})  # fmt: skip
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        try:
-            self._served(request)
-        except RequestError as exc:
-            return _error(exc)
+        self._served(request)
         ready = self._is_ready()
         return _json({"name": request.match_info["model"], "ready": ready}, 200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        try:
-            spec = self._served(request).spec
-        except RequestError as exc:
-            return _error(exc)
-        meta = model_metadata(spec)
-        tensor = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}  # noqa: E731
+        meta = model_metadata(self._served(request).spec)
         return _json({"name": meta.name, "versions": list(meta.versions), "platform": PLATFORM,
-                      "inputs": [tensor(t) for t in meta.inputs],
-                      "outputs": [tensor(t) for t in meta.outputs]})  # fmt: skip
+                      "inputs": [_described(t) for t in meta.inputs],
+                      "outputs": [_described(t) for t in meta.outputs]})  # fmt: skip
 
     async def model_config(self, request: web.Request) -> web.Response:
         """Triton's model configuration extension, as JSON (perf_analyzer reads it)."""
-        try:
-            spec = self._served(request).spec
-        except RequestError as exc:
-            return _error(exc)
-        config = model_config(spec)
-        tensor = lambda t: {"name": t.name, "data_type": pb.DataType.Name(t.data_type),  # noqa: E731
-                            "dims": list(t.dims)}  # fmt: skip
+        config = model_config(self._served(request).spec)
         return _json({"name": config.name, "platform": config.platform,
                       "backend": config.backend, "max_batch_size": config.max_batch_size,
-                      "input": [tensor(t) for t in config.input],
-                      "output": [tensor(t) for t in config.output]})  # fmt: skip
+                      "input": [_configured(t) for t in config.input],
+                      "output": [_configured(t) for t in config.output]})  # fmt: skip
 
     def _served(self, request: web.Request):
         if self._models is None:
@@ -156,10 +149,11 @@ class RestService:
             hops = breakdown(arrival.at, result.timing)
             self._metrics.hops(hops)
             response = _respond(_answer(answer, hops, binary))
+            self._answered.inc()
         except Exception as exc:  # every failure is the caller's answer, never the server's
-            response = _error(exc)
-        code = "OK" if response.status == 200 else _code_of(response)
-        self._metrics.requests.labels(RPC, code).inc()
+            failure = Failure.of(exc)
+            response = _failed(failure)
+            self._metrics.requests.labels(RPC, failure.code.name).inc()
         self._latency.observe(time.perf_counter() - started)
         return response
 
@@ -374,15 +368,30 @@ def _json(document: dict, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=_JSON)
 
 
-def _error(exc: BaseException) -> web.Response:
-    failure = Failure.of(exc)
+@web.middleware
+async def refusals(request: web.Request, handler) -> web.StreamResponse:
+    """A request error raised by an endpoint (an unknown model, a server still loading) as
+    its answer; the inference endpoint answers its own failures, to count them."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return _failed(Failure.of(exc))
+
+
+def _described(tensor) -> dict:
+    """A tensor of the model metadata as JSON."""
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+
+
+def _configured(tensor) -> dict:
+    """An input or output of the model configuration as JSON."""
+    return {"name": tensor.name, "data_type": pb.DataType.Name(tensor.data_type),
+            "dims": list(tensor.dims)}  # fmt: skip
+
+
+def _failed(failure: Failure) -> web.Response:
     status = _STATUS.get(failure.code, 500)
     response = _json({"error": failure.message}, status)
     if status in _RETRY_AFTER:
         response.headers["Retry-After"] = _RETRY_AFTER[status]
-    response.headers["x-gradserve-code"] = failure.code.name
     return response
-
-
-def _code_of(response: web.Response) -> str:
-    return response.headers.get("x-gradserve-code", "UNKNOWN")
