@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/gradserve serve --http-port 8000 $(ARGS)
+	$(BIN)/gradserve serve $(ARGS)
 
 test: lint nginx
 	$(BIN)/python -m pytest $(ARGS)

@@ -78,7 +78,8 @@ class ServerProcess:
         self.port = _free_port()
         self.target = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "gradserve.server.cli", "serve", "--model", str(model)]
-        argv += ["--port", str(self.port), "--metrics-port", "0", "--drain-seconds", "10"]
+        argv += ["--port", str(self.port), "--metrics-port", "0", "--http-port", "0"]
+        argv += ["--drain-seconds", "10"]
         argv += ["--frontends", "1", *args]  # one process: its memory is the server's
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.process = subprocess.Popen(

@@ -34,6 +34,8 @@ from gradserve.client.results import make_request
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
+SERVE = ["-m", "gradserve.server.cli", "serve"]
+SIDE_PORTS_OFF = ["--metrics-port", "0", "--http-port", "0"]  # metrics and REST: not measured
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
@@ -211,7 +213,7 @@ def flood_step() -> dict:
 def explain_only(args) -> int:
     """Just the integrated-gradients step against the engine at batch 1024 (prints only)."""
     engine = engine_ceiling(args.repeats, "--batches", "1024", "--xla", "on")
-    argv = ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0", "--frontends", "1"]
+    argv = [*SERVE, *SIDE_PORTS_OFF, "--frontends", "1"]
     server = Server("batched", argv, True)
     try:
         explain = integrated_gradients(server, args.repeats, args.seconds)
@@ -247,14 +249,13 @@ def main() -> int:
     print(tool_note, flush=True)
     print("engine ceiling (in-process)...", flush=True)
     engine = engine_ceiling(args.repeats)
-    serve = ["-m", "gradserve.server.cli", "serve"]
     one = ["--frontends", "1"]
     configs = [
         ("transport", ["bench/transport_server.py"], False),
-        ("unbatched", [*serve, *one, "--max-batch-size", "1"], True),
-        ("batched", [*serve, *one], True),
-        (f"frontends={FRONTENDS}", [*serve, "--frontends", str(FRONTENDS)], True),
-        (DETERMINISTIC, [*serve, "--frontends", str(FRONTENDS), "--deterministic", "on"], True),
+        ("unbatched", [*SERVE, *one, "--max-batch-size", "1"], True),
+        ("batched", [*SERVE, *one], True),
+        (f"frontends={FRONTENDS}", [*SERVE, "--frontends", str(FRONTENDS)], True),
+        (DETERMINISTIC, [*SERVE, "--frontends", str(FRONTENDS), "--deterministic", "on"], True),
         ("stand-in", ["bench/stand_in.py", "--frontends", str(FRONTENDS)], True),
     ]
     results: list[StepResult] = []
@@ -266,6 +267,7 @@ def main() -> int:
         print(f"{label}...", flush=True)
         metrics_port = free_port() if health else None
         extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
+        extra += ["--http-port", "0"] if health else []
         server = Server(label, [*argv, *extra], health)
         try:
             if tool is not None:

@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import DOC, Server  # noqa: E402
+from bench.run import DOC, SERVE, SIDE_PORTS_OFF, Server  # noqa: E402
 from gradserve.v1 import gradserve_pb2 as pb  # noqa: E402
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc  # noqa: E402
 from gradserve.wire.tensors import to_tensor  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     server = Server(
         "soak",
-        ["-m", "gradserve.server.cli", "serve", "--metrics-port", "0", "--frontends", "1"],
+        [*SERVE, *SIDE_PORTS_OFF, "--frontends", "1"],
         health=True,
     )
     codes: Counter = Counter()

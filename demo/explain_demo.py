@@ -27,7 +27,9 @@ async def explain(digits: list[int], steps: int, samples: int) -> dict[str, np.n
     """Serve `digits` on a free loopback port and ask for both explanations of each."""
     data = np.load(SAMPLES)
     x, labels = data["x"][digits], data["label"][digits]
-    config = ServerConfig(model="digits", port=0, metrics_port=0, xla=False, drain_seconds=5)
+    config = ServerConfig(
+        model="digits", port=0, metrics_port=0, http_port=0, xla=False, drain_seconds=5
+    )
     async with (
         GradServer(config) as server,
         AsyncGradientClient(f"127.0.0.1:{server.port}", timeout=60) as client,

@@ -239,6 +239,7 @@ class Cluster:
             argv += ["--xla", "on" if self.xla else "off"]
         # last, so they win over anything in server_args: loopback, the ports handed out here
         argv += ["--host", HOST, "--port", str(port), "--metrics-port", str(metrics_port)]
+        argv += ["--http-port", "0"]  # nginx balances gRPC; REST is not routed here
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         log = self.run_dir / f"replica-{index}.log"
         with log.open("w") as out:

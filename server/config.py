@@ -45,7 +45,7 @@ class ServerConfig:
     max_connection_age_grace: float = 0.0
     bdp_probe: bool = False
     metrics_port: int = 9400
-    http_port: int = 0
+    http_port: int = 8000
     log_format: str = "text"
     log_level: str = "INFO"
     tls_cert: str = ""
@@ -141,7 +141,7 @@ _HELP = {
     "is admitted or refused, beyond --max-queue-mb (off: the memory bound holds)",
     "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
     "http_port": "the standard inference protocol over HTTP/JSON (KServe v2 REST), on --host "
-    "(0: off; Triton's is 8000)",
+    "(0: off; 8000, as Triton)",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain: serve TLS (needs --tls-key)",

@@ -30,7 +30,7 @@ from gradserve.server.core.timing import Timing
 from gradserve.wire.kinds import Derivative
 
 TEST_CONFIG = ServerConfig(
-    port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0, deterministic=True
+    port=0, max_batch_size=256, drain_seconds=5.0, metrics_port=0, http_port=0, deterministic=True
 )
 
 # Every engine and server in the tests is deterministic (--deterministic on): a row's answer,
@@ -82,7 +82,7 @@ def start_gradserve(
     """`gradserve serve` in a child process (XLA and metrics off, deterministic, unless `env`
     says otherwise);
     `script`: a script that takes serve's flags instead (bench/stand_in.py)."""
-    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0",
+    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", "GRADSERVE_HTTP_PORT": "0",
                    "GRADSERVE_FRONTENDS": "1", "GRADSERVE_DETERMINISTIC": "on", **env}  # fmt: skip
     command = [str(script)] if script else ["-m", "gradserve.server.cli", "serve"]
     return subprocess.Popen(

@@ -18,14 +18,26 @@ import pytest
 import yaml
 
 from gradserve.server import config as cfg
-from gradserve.server.app import SERVICE_NAMES
 from gradserve.server.config import ServerConfig
+from gradserve.server.metrics import Metrics
+from gradserve.server.protocols.rest import HEALTH_LIVE, HEALTH_READY, RestService
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 DEFAULTS = ServerConfig()
 METRICS_PORT = DEFAULTS.metrics_port
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 PROBE_HANDLERS = {"grpc", "httpGet", "tcpSocket", "exec"}
+# readiness turns 503 while loading and draining; liveness only says the process answers
+PROBE_PATHS = {"startupProbe": HEALTH_READY, "readinessProbe": HEALTH_READY,
+               "livenessProbe": HEALTH_LIVE}  # fmt: skip
+
+
+def rest_paths() -> set[str]:
+    """The paths the REST protocol's application routes, from the application itself."""
+    application = RestService(Metrics(), lambda: True).application(max_body_bytes=1)
+    return {resource.canonical for resource in application.router.resources()}
+
+
 K8S_DEFAULT_GRACE_SECONDS = 30
 
 
@@ -123,25 +135,27 @@ def test_command_binds_all_interfaces_on_the_declared_ports(
 ) -> None:
     assert served["host"] == "0.0.0.0", "127.0.0.1 is unreachable from outside the pod"
     assert served["port"] == ports["grpc"] == DEFAULTS.port
+    assert served["http_port"] == ports["http"] == DEFAULTS.http_port
     assert served["metrics_port"] == ports["metrics"] == METRICS_PORT
-    assert served["port"] != served["metrics_port"]
+    assert len({served["port"], served["http_port"], served["metrics_port"]}) == 3
 
 
 def test_named_container_ports(ports: dict[str, int]) -> None:
-    assert ports == {"grpc": DEFAULTS.port, "metrics": METRICS_PORT}
+    assert ports == {"grpc": DEFAULTS.port, "http": DEFAULTS.http_port, "metrics": METRICS_PORT}
 
 
 @pytest.mark.parametrize("kind", PROBES)
-def test_probe_is_grpc_health_on_the_grpc_port(container: dict, served: dict, kind: str) -> None:
+def test_probe_is_an_http_get_of_the_rest_health_endpoint(container: dict, kind: str) -> None:
     probe = container.get(kind)
     assert probe is not None, f"no {kind}"
-    assert PROBE_HANDLERS & probe.keys() == {"grpc"}, f"{kind} must be a native gRPC probe"
-    # gRPC probes take a port number only (no named ports).
-    assert type(probe["grpc"]["port"]) is int
-    assert probe["grpc"]["port"] == served["port"]
-    service = probe["grpc"].get("service")
-    allowed = {None, ""} if kind == "readinessProbe" else {None, "", *SERVICE_NAMES}
-    assert service in allowed, f"{kind} asks health for {service!r}, which the server never sets"
+    assert PROBE_HANDLERS & probe.keys() == {"httpGet"}, f"{kind} must be an HTTP GET"
+    get = probe["httpGet"]
+    assert get["port"] == "http", "probe the named REST port, so a port change stays one edit"
+    assert get.get("scheme", "HTTP") == "HTTP"
+    assert get["path"] == PROBE_PATHS[kind]
+    assert get["path"] in rest_paths(), (
+        f"{kind} probes {get['path']}, which the server never serves"
+    )
 
 
 def test_startup_probe_allows_model_load_and_warm_up(container: dict) -> None:
@@ -187,23 +201,24 @@ def test_deployment_selects_its_own_pods(deployment: dict, pod_labels: dict) -> 
     assert pod_labels["app"] == "gradserve"
 
 
-def test_service_is_headless_over_the_grpc_port(
-    service: dict, pod_labels: dict, ports: dict[str, int]
+@pytest.mark.parametrize("name", ["grpc", "http"])
+def test_service_is_headless_over_the_grpc_and_http_ports(
+    service: dict, pod_labels: dict, ports: dict[str, int], name: str
 ) -> None:
     spec = service["spec"]
     assert spec["clusterIP"] == "None", "round_robin needs one DNS record per pod"
     assert spec.get("type", "ClusterIP") == "ClusterIP"
     assert spec["selector"]
     assert spec["selector"].items() <= pod_labels.items()
-    grpc_ports = [p for p in spec["ports"] if p.get("name") == "grpc"]
-    assert len(grpc_ports) == 1
-    port = grpc_ports[0]
+    named = [p for p in spec["ports"] if p.get("name") == name]
+    assert len(named) == 1
+    port = named[0]
     # Headless: clients dial pod IPs directly, so the Service port must be the container's.
-    assert port["port"] == ports["grpc"]
+    assert port["port"] == ports[name]
     target = port.get("targetPort", port["port"])
-    assert ports.get(target, target) == ports["grpc"]
+    assert ports.get(target, target) == ports[name]
     assert port.get("protocol", "TCP") == "TCP"
-    assert port["appProtocol"] == "grpc"
+    assert port["appProtocol"] == name
 
 
 def test_pdb_covers_the_same_pods(pdb: dict, deployment: dict, pod_labels: dict) -> None:
@@ -219,7 +234,7 @@ def test_pdb_covers_the_same_pods(pdb: dict, deployment: dict, pod_labels: dict)
 # --- The manifests against the Kubernetes API schemas, the image they run, the Dockerfile ---
 
 ROOT = K8S.parents[1]
-# The Kubernetes version the manifests are validated for (native gRPC probes are GA from 1.27).
+# The Kubernetes version the manifests are validated for.
 KUBERNETES_VERSION = "1.30"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 

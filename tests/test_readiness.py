@@ -159,7 +159,7 @@ def test_readme_first_example_runs_right_after_the_server_starts(tmp_path):
     port = free_port()
     script = tmp_path / "example.py"
     script.write_text(example.replace("127.0.0.1:50051", f"127.0.0.1:{port}"))
-    env = {**os.environ, "GRADSERVE_METRICS_PORT": "0"}
+    env = {**os.environ, "GRADSERVE_METRICS_PORT": "0", "GRADSERVE_HTTP_PORT": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

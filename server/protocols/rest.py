@@ -55,6 +55,10 @@ _RETRY_AFTER = {429: "1", 503: "1"}
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEALTH_LIVE = "/v2/health/live"
+HEALTH_READY = "/v2/health/ready"
+_MODEL = "/v2/models/{model}"
+_VERSIONED = _MODEL + "/versions/{version}"
 _ALL = frozenset({"*"})  # every output in binary (the request's binary_data_output)
 
 
@@ -80,11 +84,10 @@ class RestService:
         return application
 
     def _routes(self) -> list[web.RouteDef]:
-        model = "/v2/models/{model}"
-        versioned = model + "/versions/{version}"
+        model, versioned = _MODEL, _VERSIONED
         return [
-            web.get("/v2/health/live", self.live),
-            web.get("/v2/health/ready", self.ready),
+            web.get(HEALTH_LIVE, self.live),
+            web.get(HEALTH_READY, self.ready),
             web.get("/v2", self.server_metadata),
             *(web.get(path + "/ready", self.model_ready) for path in (model, versioned)),
             *(web.get(path, self.model_metadata) for path in (model, versioned)),
