@@ -82,8 +82,9 @@ def start_gradserve(
     """`gradserve serve` in a child process (XLA and metrics off, deterministic, unless `env`
     says otherwise);
     `script`: a script that takes serve's flags instead (bench/stand_in.py)."""
-    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0", "GRADSERVE_HTTP_PORT": "0",
-                   "GRADSERVE_FRONTENDS": "1", "GRADSERVE_DETERMINISTIC": "on", **env}  # fmt: skip
+    environment = {**os.environ, "GRADSERVE_XLA": "off", "GRADSERVE_METRICS_PORT": "0",
+                   "GRADSERVE_HTTP_PORT": "0", "GRADSERVE_FRONTENDS": "1",
+                   "GRADSERVE_DETERMINISTIC": "on", **env}  # fmt: skip
     command = [str(script)] if script else ["-m", "gradserve.server.cli", "serve"]
     return subprocess.Popen(
         [sys.executable, *command, "--port", str(port), *args],
