@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from aiohttp import web
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -31,6 +30,7 @@ from gradserve.server.core.contract import Engine, ModelSpec
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.engine.startup import load_engines
 from gradserve.server.metrics import Metrics
+from gradserve.server.protocols.http_listener import HttpListener
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
 from gradserve.server.protocols.rest import RestService
@@ -104,7 +104,7 @@ class GradServer:
         self._routes = Routes(self.metrics, Intake(self.memory, 2 * config.max_message_bytes))
         self._health_update: asyncio.Future | None = None
         self._rest = RestService(self.metrics, lambda: self.ready)
-        self._http: web.AppRunner | None = None
+        self._http: HttpListener | None = None
         self.http_port: int | None = None
 
     async def __aenter__(self) -> GradServer:
@@ -182,14 +182,20 @@ class GradServer:
     async def _listen_http(self) -> None:
         """The REST protocol on --http-port, in this event loop (frontends share the port)."""
         config = self.config
-        application = self._rest.application(config.max_message_bytes)
-        self._http = web.AppRunner(application, access_log=None, handle_signals=False)
-        await self._http.setup()
-        tls = _ssl_context(config)
-        site = web.TCPSite(self._http, config.host, config.http_port,
-                           reuse_port=self._reuse_port, ssl_context=tls)  # fmt: skip
-        await site.start()
-        self.http_port = self._http.addresses[0][1]
+        self._http = HttpListener(
+            self._rest.application(config.max_message_bytes, config.http_idle_seconds),
+            max_connections=config.http_max_connections,
+            idle_seconds=config.http_idle_seconds,
+        )
+        await self._http.start(
+            config.host, config.http_port, _ssl_context(config), reuse_port=self._reuse_port
+        )
+        self.http_port = self._http.port
+
+    @property
+    def http_connections(self) -> int:
+        """HTTP connections open now on the REST port (0 when it is off)."""
+        return 0 if self._http is None else self._http.open_connections
 
     def _serve(self, engines: list[Engine]) -> None:
         config = self.config
@@ -273,7 +279,7 @@ class GradServer:
             remaining = deadline - asyncio.get_running_loop().time()
             await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
         if self._http is not None:
-            await self._http.cleanup()
+            await self._http.close()
         for batcher in self.batchers:
             await batcher.close()
         self._executor.shutdown(wait=True)

@@ -46,6 +46,8 @@ class ServerConfig:
     bdp_probe: bool = False
     metrics_port: int = 9400
     http_port: int = 8000
+    http_max_connections: int = 1024
+    http_idle_seconds: float = 60.0
     log_format: str = "text"
     log_level: str = "INFO"
     tls_cert: str = ""
@@ -142,6 +144,10 @@ _HELP = {
     "metrics_port": "Prometheus /metrics HTTP port, on --host (0: off)",
     "http_port": "the standard inference protocol over HTTP/JSON (KServe v2 REST), on --host "
     "(0: off; 8000, as Triton)",
+    "http_max_connections": "most HTTP connections open at once; beyond, a new one is "
+    "answered 503 (Retry-After) and closed",
+    "http_idle_seconds": "an HTTP connection without a request for this long is closed, and a "
+    "request body that stalls this long is answered 408",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain: serve TLS (needs --tls-key)",
@@ -202,6 +208,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
     count = config.frontends
     if count != "auto" and not (count.isdigit() and int(count) >= 1):
         raise ValueError(f"--frontends must be a number >= 1 or auto, got {config.frontends!r}")
+    if config.http_max_connections < 1 or config.http_idle_seconds <= 0:
+        raise ValueError("--http-max-connections must be >= 1, --http-idle-seconds > 0")
     if config.log_format not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, got {config.log_format!r}")
     return config

@@ -20,7 +20,8 @@ import yaml
 from gradserve.server import config as cfg
 from gradserve.server.config import ServerConfig
 from gradserve.server.metrics import Metrics
-from gradserve.server.protocols.rest import HEALTH_LIVE, HEALTH_READY, RestService
+from gradserve.server.protocols.openapi import HEALTH_LIVE, HEALTH_READY
+from gradserve.server.protocols.rest import RestService
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 DEFAULTS = ServerConfig()
@@ -34,8 +35,7 @@ PROBE_PATHS = {"startupProbe": HEALTH_READY, "readinessProbe": HEALTH_READY,
 
 def rest_paths() -> set[str]:
     """The paths the REST protocol's application routes, from the application itself."""
-    application = RestService(Metrics(), lambda: True).application(max_body_bytes=1)
-    return {resource.canonical for resource in application.router.resources()}
+    return RestService(Metrics(), lambda: True).paths
 
 
 K8S_DEFAULT_GRACE_SECONDS = 30

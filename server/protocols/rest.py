@@ -12,6 +12,7 @@ gRPC's ModelInfer: the same tensors, parameters, checks and messages. Errors are
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from gradserve.server.core.errors import Closed, InvalidInput, RequestError
 from gradserve.server.core.registry import Models
 from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
+from gradserve.server.protocols import openapi
 from gradserve.server.protocols.kserve import (
     INPUT,
     PLATFORM,
@@ -52,13 +54,14 @@ _STATUS = {  # the HTTP status of each gRPC code a request can end with
     grpc.StatusCode.CANCELLED: 499,
 }
 _RETRY_AFTER = {429: "1", 503: "1"}
+_HTTP_CODES = {  # the metrics' code of each refusal of a body, as gRPC would count it
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-HEALTH_LIVE = "/v2/health/live"
-HEALTH_READY = "/v2/health/ready"
-_MODEL = "/v2/models/{model}"
-_VERSIONED = _MODEL + "/versions/{version}"
+
 _ALL = frozenset({"*"})  # every output in binary (the request's binary_data_output)
 
 
@@ -73,22 +76,31 @@ class RestService:
         self._is_ready = is_ready
         self._latency = metrics.latency.labels(RPC)
         self._answered = metrics.requests.labels(RPC, "OK")
+        self._body: _BodyReader | None = None  # the application's
 
     def serve(self, models: Models) -> None:
         self._models, self._codec = models, InferenceCodec(models)
 
-    def application(self, max_body_bytes: int) -> web.Application:
-        """The aiohttp application of these endpoints, bodies up to `max_body_bytes`."""
+    def application(self, max_body_bytes: int, idle_seconds: float) -> web.Application:
+        """The aiohttp application of these endpoints: bodies up to `max_body_bytes` (413),
+        each part of a body within `idle_seconds` of the last (408)."""
+        self._body = _BodyReader(max_body_bytes, idle_seconds)
         application = web.Application(client_max_size=max_body_bytes, middlewares=[refusals])
         application.add_routes(self._routes())
         return application
 
+    @property
+    def paths(self) -> set[str]:
+        """Every path these endpoints answer."""
+        return {route.path for route in self._routes()}
+
     def _routes(self) -> list[web.RouteDef]:
-        model, versioned = _MODEL, _VERSIONED
+        model, versioned = openapi.MODEL, openapi.VERSIONED
         return [
-            web.get(HEALTH_LIVE, self.live),
-            web.get(HEALTH_READY, self.ready),
-            web.get("/v2", self.server_metadata),
+            web.get(openapi.HEALTH_LIVE, self.live),
+            web.get(openapi.HEALTH_READY, self.ready),
+            web.get(openapi.SERVER, self.server_metadata),
+            web.get(openapi.OPENAPI, self.openapi),
             *(web.get(path + "/ready", self.model_ready) for path in (model, versioned)),
             *(web.get(path, self.model_metadata) for path in (model, versioned)),
             *(web.get(path + "/config", self.model_config) for path in (model, versioned)),
@@ -105,6 +117,11 @@ class RestService:
     async def server_metadata(self, request: web.Request) -> web.Response:
         return _json({"name": SERVER_NAME, "version": SERVER_VERSION,
                       "extensions": ["model_configuration"]})  # fmt: skip
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of these endpoints and the served models."""
+        specs = [] if self._models is None else [served.spec for served in self._models]
+        return _json(openapi.document(specs, SERVER_VERSION, HEADER_LENGTH))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._served(request)
@@ -136,7 +153,7 @@ class RestService:
         try:
             served = self._served(request)  # the model exists (404) and the server serves (503)
             header = request.headers.get(HEADER_LENGTH)
-            body = await request.read()
+            body = await self._body.read(request)
             if header == "0":
                 message, binary = _raw_body(request.match_info, body, served.spec), frozenset()
             else:
@@ -153,12 +170,51 @@ class RestService:
             self._metrics.hops(hops)
             response = _respond(_answer(answer, hops, binary))
             self._answered.inc()
+        except web.HTTPException as exc:  # the body's size or pace: before any model work
+            response = _http_failed(exc)
+            self._metrics.requests.labels(RPC, _HTTP_CODES[exc.status].name).inc()
         except Exception as exc:  # every failure is the caller's answer, never the server's
             failure = Failure.of(exc)
             response = _failed(failure)
             self._metrics.requests.labels(RPC, failure.code.name).inc()
         self._latency.observe(time.perf_counter() - started)
         return response
+
+
+class _BodyReader:
+    """A request's body, refused early: a declared or received size over `limit` (413) and a
+    client that stops sending for `idle_seconds` (408) cost no more than what has arrived."""
+
+    def __init__(self, limit: int, idle_seconds: float) -> None:
+        self._limit, self._idle = limit, idle_seconds
+
+    async def read(self, request: web.Request) -> bytes:
+        declared = request.content_length
+        if declared is not None and declared > self._limit:
+            raise self._too_large(declared)
+        chunks, size = [], 0
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise web.HTTPRequestTimeout(
+                    text=f"the request body stalled: nothing arrived for {self._idle:g} s "
+                    f"after {size} bytes (--http-idle-seconds)"
+                ) from None
+            if not chunk:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            size += len(chunk)
+            if size > self._limit:
+                raise self._too_large(size, "at least ")
+            chunks.append(chunk)
+
+    def _too_large(self, size: int, bound: str = "") -> web.HTTPRequestEntityTooLarge:
+        return web.HTTPRequestEntityTooLarge(
+            max_size=self._limit, actual_size=size,
+            text=f"the request body is {bound}{size} bytes; the most this server takes is "
+            f"{self._limit} bytes (--max-message-mb)",
+        )  # fmt: skip
 
 
 def _raw_body(match: dict, body: bytes, spec: ModelSpec) -> pb.ModelInferRequest:
@@ -373,12 +429,30 @@ def _json(document: dict, status: int = 200) -> web.Response:
 
 @web.middleware
 async def refusals(request: web.Request, handler) -> web.StreamResponse:
-    """A request error raised by an endpoint (an unknown model, a server still loading) as
-    its answer; the inference endpoint answers its own failures, to count them."""
+    """A request error raised by an endpoint (an unknown model, a server still loading) or by
+    routing (no such path, method not allowed) as a JSON answer; the inference endpoint
+    answers its own failures, to count them."""
     try:
         return await handler(request)
     except RequestError as exc:
         return _failed(Failure.of(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_failed(exc)
+
+
+def _http_failed(exc: web.HTTPException) -> web.Response:
+    """An HTTP-level refusal as {"error": ...}, its headers (Allow, ...) kept; a refused
+    body is not read further, so the connection closes after the answer."""
+    message = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
+    response = _json({"error": message}, exc.status)
+    for name in ("Allow", "Retry-After"):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    if exc.status in _HTTP_CODES:
+        response.force_close()
+    return response
 
 
 def _described(tensor) -> dict:
