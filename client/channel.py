@@ -8,6 +8,7 @@ retries on another.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ class Tls:
             return Path(path).read_bytes() if path else None
 
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same settings for an HTTPS client (the REST protocol); `server_name` is a
+        gRPC option only."""
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.cert:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
     def options(self) -> list[tuple[str, str]]:
         if not self.server_name:

@@ -75,18 +75,25 @@ class _Tally:
     done: int = 0
 
     def ok(self, seconds: float, response: pb.EvaluateResponse) -> None:
-        self.done += 1
         if response.HasField("error"):
-            self.errors[status_code(response.error.code).name] += 1
+            self.failed_named(status_code(response.error.code).name)
             return
-        self.latencies.append(seconds)
         t = response.timing
-        self.batch_rows.append(t.batch_rows)
-        self.hops.append(tuple(getattr(t, name) for name in _HOP_FIELDS))
+        self.answered(seconds, t.batch_rows, tuple(getattr(t, name) for name in _HOP_FIELDS))
+
+    def answered(self, seconds: float, batch_rows: int, hops: tuple[int, ...]) -> None:
+        """One answer: its latency, its batch's rows, its hops (in _HOP_FIELDS' order)."""
+        self.done += 1
+        self.latencies.append(seconds)
+        self.batch_rows.append(batch_rows)
+        self.hops.append(hops)
 
     def failed(self, code: grpc.StatusCode) -> None:
+        self.failed_named(code.name)
+
+    def failed_named(self, name: str) -> None:
         self.done += 1
-        self.errors[code.name] += 1
+        self.errors[name] += 1
 
 
 def build_requests(
@@ -221,14 +228,29 @@ async def run_step(
     model: str = "",
     x: np.ndarray | None = None,
     request: pb.EvaluateRequest | None = None,
+    protocol: str = "native",
+    http_data: str = "binary",
 ) -> StepResult:
     """Run one load step and summarise it; callers are spread round-robin over `connections`
     connections to each of `targets` (default: one per caller, at most 16).
 
     The request shapes come from the server's description of `model` (empty: the only one
     served); `x` ([N, *input_shape]) replaces the random inputs; `request` (e.g. an
-    explanation with its options) replaces them all, `rows` then being its row count."""
+    explanation with its options) replaces them all, `rows` then being its row count.
+    `protocol` "rest": unary steps over HTTP (targets are HTTP host:port), the tensors in
+    `http_data` (binary or json)."""
     connections = connections or min(concurrency, 16)
+    if protocol == "rest":
+        if mode != "unary":
+            raise ValueError("--protocol rest runs unary steps only: HTTP has no streams")
+        requests = {"concurrency": concurrency, "rows": rows, "derivative": derivative,
+                    "model": model, "x": x, "http_data": http_data}  # fmt: skip
+        tally, seconds, name = await _rest_step(
+            targets, _Clock(duration, max_requests), timeout, tls, connections, label, progress,
+            **requests,
+        )  # fmt: skip
+        result = _summarise(tally, label, mode, concurrency, rows, seconds)
+        return replace(result, derivative=derivative, model=name)
     channels = [open_channel(t, tls, aio=True) for t in targets for _ in range(connections)]
     try:
         stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
@@ -256,6 +278,56 @@ async def run_step(
             await channel.close()
     result = _summarise(tally, label, mode, concurrency, rows, seconds)
     return replace(result, derivative=derivative, model=info.name)
+
+
+async def _rest_step(
+    targets: list[str],
+    clock: _Clock,
+    timeout: float,
+    tls: Tls | None,
+    connections: int,
+    label: str,
+    progress: bool,
+    *,
+    concurrency: int,
+    rows: int,
+    derivative: str,
+    model: str,
+    x: np.ndarray | None,
+    http_data: str,
+) -> tuple[_Tally, float, str]:
+    """One unary step over HTTP: the tally, its seconds, the model's name."""
+    from gradserve.client import rest_load
+
+    context = None if tls is None else tls.ssl_context()
+    callers = [rest_load.RestCaller(t, connections, timeout, context) for t in targets]
+    try:
+        first = callers[0]
+        name = await rest_load.model_name(first.session, first.base, model, timeout)
+        shapes = await rest_load.model_shapes(first.session, first.base, name, timeout)
+        info = ModelInfo(name, "", 0, 0, KINDS, "", 0, 0, *shapes)
+        bodies = [rest_load.rest_body(r, http_data)
+                  for r in build_requests(info, rows, derivative, x)]  # fmt: skip
+        tally = _Tally()
+
+        async def worker(caller) -> None:
+            url, sent = f"{caller.base}/v2/models/{name}/infer", 0
+            while clock.take():
+                body, headers = bodies[sent % len(bodies)]
+                sent += 1
+                await caller.call(url, body, headers, tally)
+
+        started = time.perf_counter()
+        reporter = asyncio.create_task(_report(tally, clock, started, label)) if progress else None
+        await asyncio.gather(*(worker(callers[i % len(callers)]) for i in range(concurrency)))
+        seconds = time.perf_counter() - started
+        if reporter:
+            reporter.cancel()
+            print(file=sys.stderr)
+    finally:
+        for caller in callers:
+            await caller.close()
+    return tally, seconds, name
 
 
 async def _report(tally: _Tally, clock: _Clock, started: float, label: str) -> None:
@@ -400,6 +472,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", action="append", help=f"server address (repeatable; default {DEFAULT_TARGET})"
     )
+    parser.add_argument(
+        "--protocol", choices=("native", "rest"), default="native",
+        help="native: gradserve's gRPC service; rest: the standard protocol over HTTP/JSON "
+        "(targets are the HTTP port, e.g. 127.0.0.1:8000; unary only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--http-data", choices=("binary", "json"), default="binary",
+        help="with --protocol rest: tensors in the binary extension or as JSON numbers",
+    )  # fmt: skip
     parser.add_argument("--mode", choices=("unary", "stream"), default="unary")
     parser.add_argument(
         "--concurrency", default="1,8,64", help="comma list: callers (unary) or streams"
@@ -476,6 +557,8 @@ async def run(args: argparse.Namespace) -> list[StepResult]:
             "connections": args.connections,
             "model": args.model,
             "x": x,
+            "protocol": args.protocol,
+            "http_data": args.http_data,
         }
         if args.warmup > 0:
             await run_step(targets, duration=args.warmup, **common)

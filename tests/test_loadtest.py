@@ -9,15 +9,34 @@ import sys
 import numpy as np
 import pytest
 
+from gradserve.wire.kinds import Derivative
 
-@pytest.mark.parametrize("mode", ["unary", "stream"])
-def test_loadtest_json_counts_add_up(server, tmp_path, mode):
+
+@pytest.fixture(scope="module")
+def both_ports(bundled_engine):
+    """The bundled model on gRPC and on HTTP (the REST protocol)."""
+    from dataclasses import replace
+
+    from conftest import TEST_CONFIG, RunningServer, free_port
+
+    with RunningServer(replace(TEST_CONFIG, http_port=free_port()), bundled_engine) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("mode", "protocol"),
+    [("unary", ["native"]), ("stream", ["native"]), ("unary", ["rest", "--http-data", "binary"]),
+     ("unary", ["rest", "--http-data", "json"])],
+)  # fmt: skip
+def test_loadtest_json_counts_add_up(both_ports, tmp_path, mode, protocol):
     out = tmp_path / "results.json"
     csv = tmp_path / "results.csv"
+    port = both_ports.server.http_port if protocol[0] == "rest" else both_ports.server.port
     run = subprocess.run(
-        [sys.executable, "-m", "gradserve.server.cli", "loadtest", "--target", server.target,
-         "--mode", mode, "--concurrency", "1,4", "--rows", "3", "--duration", "0.6",
-         "--requests", "400", "--warmup", "0.1", "--json", str(out), "--csv", str(csv)],
+        [sys.executable, "-m", "gradserve.server.cli", "loadtest", "--target", f"127.0.0.1:{port}",
+         "--protocol", *protocol, "--mode", mode, "--concurrency", "1,4", "--rows", "3",
+         "--duration", "0.6", "--requests", "400", "--warmup", "0.1", "--json", str(out),
+         "--csv", str(csv)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -40,6 +59,20 @@ def test_loadtest_json_counts_add_up(server, tmp_path, mode):
     assert len(csv.read_text().splitlines()) == 3
     assert "req/s" in run.stdout and "p99" in run.stdout
     assert "where the time went" in run.stdout and "handoff" in run.stdout
+
+
+def test_loadtest_over_rest_runs_every_derivative_kind(both_ports, tmp_path):
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "gradserve.server.cli", "loadtest", "--protocol", "rest",
+         "--target", f"127.0.0.1:{both_ports.server.http_port}", "--derivative", "all",
+         "--concurrency", "2", "--requests", "20", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    steps = json.loads(out.read_text())
+    assert [s["derivative"] for s in steps] == [kind.value for kind in Derivative]
+    assert all(s["errors"] == {} and s["requests"] == 20 for s in steps)
 
 
 def test_loadtest_exits_non_zero_when_requests_fail(bundled_engine, tmp_path):
