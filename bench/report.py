@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench import scaling
 from bench.flood import LIGHT_P99_MS, MARGIN_MB, QUEUE_MB
+from bench.perf import BULK_ROWS
 from gradserve.client.loadtest import BREAKDOWN, StepResult
 
 FRONTENDS = 2
@@ -302,7 +303,7 @@ def render_perf(perf: list, note: str, engine: list[dict]) -> list[str]:
     lines = ["### Standard protocol under perf_analyzer (1 row per request)", ""]
     if not perf:
         return [*lines, f"Not run: {note}; the figures above come from `gradserve loadtest`."]
-    by = {(r.label, r.mode, r.concurrency): r for r in perf}
+    by = {(r.label, r.mode, r.concurrency): r for r in perf if r.rows == 1}
     lines += [
         f"Load generator: {note}. CPU per request of each process role over the load "
         "(its CPU seconds / requests answered); `stand-in` is `--frontends "
@@ -348,8 +349,43 @@ def render_perf(perf: list, note: str, engine: list[dict]) -> list[str]:
         f"req/s, `--frontends {FRONTENDS}` {multi.req_s:,.0f} req/s (64 callers).",
         "",
         *_perf_targets(by, costs, engine),
+        "",
+        *_rest_targets(perf),
     ]  # fmt: skip
     return lines
+
+
+def _rest_targets(perf: list) -> list[str]:
+    """REST (perf_analyzer -i http, binary tensors) against the standard protocol over gRPC
+    on the same server, and against a bare HTTP echo on the same HTTP stack."""
+    by = {r.key: r for r in perf}
+    server = f"frontends={FRONTENDS}"
+    rest, grpc = by.get((server, "rest", 64, 1)), by.get((server, "unary", 64, 1))
+    echo = by.get(("transport", "rest", 64, 1))
+    bulk_rest = by.get((server, "rest", 16, BULK_ROWS))
+    bulk_grpc = by.get((server, "unary", 16, BULK_ROWS))
+    if None in (rest, grpc, echo, bulk_rest, bulk_grpc):
+        return ["REST targets: not every REST load gave a figure."]
+
+    def row(name: str, value: float, target: float, detail: str) -> str:
+        verdict = "met" if value >= target else "NOT met"
+        return f"| {name} | {value:.2f} ({detail}) | >= {target} | {verdict} |"
+
+    rows_s = {r: r.req_s * r.rows for r in (bulk_rest, bulk_grpc)}
+    return [
+        f"REST targets (perf_analyzer `-i http` against `-i grpc`, `--frontends {FRONTENDS}`; "
+        "the echo is bench/transport_server.py's HTTP port on the same aiohttp stack):",
+        "",
+        "| measure | value | target | |",
+        "|---|---:|---|---|",
+        row("REST x64 / gRPC standard protocol x64", rest.req_s / grpc.req_s, 0.8,
+            f"{rest.req_s:,.0f} vs {grpc.req_s:,.0f} req/s"),
+        row("REST x64 / bare HTTP echo x64", rest.req_s / echo.req_s, 0.5,
+            f"{rest.req_s:,.0f} vs {echo.req_s:,.0f} req/s"),
+        row(f"REST / gRPC, 16 callers x {bulk_rest.rows} rows (rows/s)",
+            rows_s[bulk_rest] / rows_s[bulk_grpc], 0.8,
+            f"{rows_s[bulk_rest]:,.0f} vs {rows_s[bulk_grpc]:,.0f} rows/s"),
+    ]  # fmt: skip
 
 
 def perf_costs(multi, stand_in) -> dict:

@@ -40,6 +40,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
 FRONTENDS = 2
+REST_CONFIGS = ("transport", f"frontends={FRONTENDS}")  # measured over HTTP as well
 STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)] + [("stream", 16, 1)]
 IG_ROWS, IG_STEPS = 16, 64  # integrated gradients: rows per message, quadrature intervals
 # Messages in flight on the stream: each expands to 1040 rows, and the queue bound counts
@@ -267,12 +268,15 @@ def main() -> int:
         print(f"{label}...", flush=True)
         metrics_port = free_port() if health else None
         extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
-        extra += ["--http-port", "0"] if health else []
+        http_port = free_port() if label in REST_CONFIGS else 0
+        extra += ["--http-port", str(http_port)]
         server = Server(label, [*argv, *extra], health)
         try:
             if tool is not None:
+                http = f"127.0.0.1:{http_port}" if http_port else ""
                 perf_results += perf.run(tool, server.target, label, server.process.pid,
-                                         metrics_port, "quadratic")  # fmt: skip
+                                         metrics_port, "quadratic", http_target=http,
+                                         bulk=label != "transport")  # fmt: skip
             if label == "stand-in":
                 continue
             results += measure(server, UNARY + STREAMS, args.repeats, args.seconds)

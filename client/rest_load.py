@@ -18,9 +18,9 @@ import numpy as np
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import native, tensors
+from gradserve.wire.http import HEADER_LENGTH
 from gradserve.wire.timing import FIELDS
 
-HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
 ENCODINGS = ("binary", "json")
 _INPUT, _VECTOR = "x", "v"
 

@@ -42,6 +42,7 @@ from gradserve.server.protocols.kserve import (
 from gradserve.server.transport.status import Failure
 from gradserve.server.transport.tickets import Arrival
 from gradserve.wire import tensors
+from gradserve.wire.http import HEADER_LENGTH
 from gradserve.wire.timing import FIELDS
 
 RPC = "rest/infer"  # the metrics' label of this protocol's inference requests
@@ -60,7 +61,6 @@ _HTTP_CODES = {  # the metrics' code of each refusal of a body, as gRPC would co
 }
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 _ALL = frozenset({"*"})  # every output in binary (the request's binary_data_output)
 
@@ -192,6 +192,8 @@ class _BodyReader:
         declared = request.content_length
         if declared is not None and declared > self._limit:
             raise self._too_large(declared)
+        if request.content.is_eof():  # it has all arrived (most small bodies): no timer
+            return await request.read()
         chunks, size = [], 0
         while True:
             try:
