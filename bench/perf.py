@@ -26,9 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = ROOT / "build" / "perf_analyzer"
 LOADS = [("unary", 1), ("unary", 16), ("unary", 64), ("stream", 16)]
-REST_LOADS = [("rest", 1), ("rest", 64)]  # perf_analyzer -i http, binary tensors
-BULK_ROWS = 4096  # rows per request of the bulk loads
-BULK_LOADS = [("unary", 16), ("rest", 16)]
+
 _TICK = os.sysconf("SC_CLK_TCK")
 _WINDOW_MS = "2000"  # one measurement window; stable over 3 within 40 %, at most 10 tries
 
@@ -49,16 +47,10 @@ class PerfResult:
     p99_ms: float
     cpu_us: dict[str, float] = field(default_factory=dict)  # role -> CPU us per request
     sub_batches_per_s: float = 0.0
-    rows: int = 1  # per request
 
     @property
     def name(self) -> str:
-        bulk = f", {self.rows} rows" if self.rows > 1 else ""
-        return f"{self.mode} x{self.concurrency}{bulk}"
-
-    @property
-    def key(self) -> tuple[str, str, int, int]:
-        return self.label, self.mode, self.concurrency, self.rows
+        return f"{self.mode} x{self.concurrency}"
 
 
 def locate() -> tuple[Tool | None, str]:
@@ -107,31 +99,18 @@ def _counters(pid: int, metrics_port: int | None) -> dict[str, float]:
 
 
 def run(
-    tool: Tool,
-    target: str,
-    label: str,
-    pid: int,
-    metrics_port: int | None,
-    model: str,
-    http_target: str = "",
-    bulk: bool = False,
+    tool: Tool, target: str, label: str, pid: int, metrics_port: int | None, model: str
 ) -> list[PerfResult]:
-    """Every load of LOADS against one server (with `http_target`, REST_LOADS too; with
-    `bulk`, BULK_LOADS of BULK_ROWS rows); CPU per request of each of its roles."""
-    loads = [(mode, c, 1) for mode, c in LOADS]
-    if http_target:
-        loads += [(mode, c, 1) for mode, c in REST_LOADS]
-        loads += [(mode, c, BULK_ROWS) for mode, c in BULK_LOADS] if bulk else []
+    """Every load of LOADS against one server; CPU per request of each of its roles."""
     results = []
-    for mode, concurrency, rows in loads:
-        url = http_target if mode == "rest" else target
+    for mode, concurrency in LOADS:
         before, started = _counters(pid, metrics_port), time.monotonic()
-        row = _perf_analyzer(tool, url, model, mode, concurrency, rows)
+        row = load(tool, target, model, mode, concurrency)
         after, seconds = _counters(pid, metrics_port), time.monotonic() - started
         if row is None:
             print(f"  {label:<12} {mode:<6} x{concurrency:<3} perf_analyzer gave no figure")
             continue
-        rate = float(row["Inferences/Second"]) / rows  # it counts rows ("inferences")
+        rate = float(row["Inferences/Second"])
         requests = after.get("requests", 0) - before.get("requests", 0) or rate * seconds
         if not requests:
             print(f"  {label:<12} {mode:<6} x{concurrency:<3} no request was answered")
@@ -140,17 +119,18 @@ def run(
         cpu = {r: (after[r] - before[r]) / requests * 1e6 for r in roles}
         sub_batches = (after.get("sub_batches", 0) - before.get("sub_batches", 0)) / seconds
         result = PerfResult(label, mode, concurrency, rate, float(row["p50 latency"]) / 1e3,
-                            float(row["p99 latency"]) / 1e3, cpu, sub_batches, rows)  # fmt: skip
+                            float(row["p99 latency"]) / 1e3, cpu, sub_batches)  # fmt: skip
         results.append(result)
         print(f"  {label:<12} {result.name:<10} {rate:>8.0f} req/s  p50 {result.p50_ms:.2f} ms  "
               + "  ".join(f"{r} {us:.0f} us" for r, us in cpu.items()), flush=True)  # fmt: skip
     return results
 
 
-def _perf_analyzer(
+def load(
     tool: Tool, target: str, model: str, mode: str, concurrency: int, rows: int = 1
 ) -> dict[str, str] | None:
-    """One load: mode unary or stream (gRPC) or rest (HTTP, binary tensors both ways)."""
+    """One load of `rows`-row requests: mode unary or stream (gRPC) or rest (HTTP, binary
+    tensors both ways); perf_analyzer's CSV row, its rate counting rows ("inferences")."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.csv"
         protocol = "http" if mode == "rest" else "grpc"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench import scaling
 from bench.flood import LIGHT_P99_MS, MARGIN_MB, QUEUE_MB
-from bench.perf import BULK_ROWS
+from bench.rest_compare import BULK_ROWS
 from gradserve.client.loadtest import BREAKDOWN, StepResult
 
 FRONTENDS = 2
@@ -303,7 +303,7 @@ def render_perf(perf: list, note: str, engine: list[dict]) -> list[str]:
     lines = ["### Standard protocol under perf_analyzer (1 row per request)", ""]
     if not perf:
         return [*lines, f"Not run: {note}; the figures above come from `gradserve loadtest`."]
-    by = {(r.label, r.mode, r.concurrency): r for r in perf if r.rows == 1}
+    by = {(r.label, r.mode, r.concurrency): r for r in perf}
     lines += [
         f"Load generator: {note}. CPU per request of each process role over the load "
         "(its CPU seconds / requests answered); `stand-in` is `--frontends "
@@ -349,41 +349,57 @@ def render_perf(perf: list, note: str, engine: list[dict]) -> list[str]:
         f"req/s, `--frontends {FRONTENDS}` {multi.req_s:,.0f} req/s (64 callers).",
         "",
         *_perf_targets(by, costs, engine),
-        "",
-        *_rest_targets(perf),
     ]  # fmt: skip
     return lines
 
 
-def _rest_targets(perf: list) -> list[str]:
-    """REST (perf_analyzer -i http, binary tensors) against the standard protocol over gRPC
-    on the same server, and against a bare HTTP echo on the same HTTP stack."""
-    by = {r.key: r for r in perf}
-    server = f"frontends={FRONTENDS}"
-    rest, grpc = by.get((server, "rest", 64, 1)), by.get((server, "unary", 64, 1))
-    echo = by.get(("transport", "rest", 64, 1))
-    bulk_rest = by.get((server, "rest", 16, BULK_ROWS))
-    bulk_grpc = by.get((server, "unary", 16, BULK_ROWS))
-    if None in (rest, grpc, echo, bulk_rest, bulk_grpc):
-        return ["REST targets: not every REST load gave a figure."]
+def render_rest(comparison) -> list[str]:
+    """REST against gRPC's standard protocol and the bare HTTP echo: medians of alternating
+    rounds (bench/rest_compare.py), and the targets they meet."""
+    lines = ["### REST against gRPC and a bare HTTP echo (perf_analyzer, alternating)", ""]
+    if comparison is None:
+        return [*lines, "Not run: no perf_analyzer."]
+    median = comparison.median
+    lines += [
+        f"Both servers up at once: `--frontends {FRONTENDS}` (REST on its HTTP port, the "
+        "standard protocol on its gRPC port) and bench/transport_server.py's HTTP echo (the "
+        "same aiohttp stack and connection gate, no model); perf_analyzer's loads in turn, "
+        f"{len(next(iter(comparison.rounds.values())))} rounds, medians. REST: `-i http`, "
+        "binary tensors both ways.",
+        "",
+        "| server | protocol | callers | rows | req/s (median) | rows/s | every round |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for key, rates in comparison.rounds.items():
+        name, mode, callers, rows = key
+        protocol = "REST (HTTP)" if mode == "rest" else "gRPC"
+        if key in median:
+            lines.append(f"| {name} | {protocol} | {callers} | {rows} | {median[key]:,.0f} | "
+                         f"{comparison.rows_s(key):,.0f} | "
+                         + ", ".join(f"{r:,.0f}" for r in rates) + " |")  # fmt: skip
+    keys = {"rest": ("server", "rest", 64, 1), "grpc": ("server", "unary", 64, 1),
+            "echo": ("echo", "rest", 64, 1), "bulk_rest": ("server", "rest", 16, BULK_ROWS),
+            "bulk_grpc": ("server", "unary", 16, BULK_ROWS)}  # fmt: skip
+    if any(k not in median for k in keys.values()):
+        return [*lines, "", "REST targets: not every load gave a figure."]
+    rest, grpc, echo = (median[keys[k]] for k in ("rest", "grpc", "echo"))
+    bulk_rest, bulk_grpc = (comparison.rows_s(keys[k]) for k in ("bulk_rest", "bulk_grpc"))
 
     def row(name: str, value: float, target: float, detail: str) -> str:
         verdict = "met" if value >= target else "NOT met"
         return f"| {name} | {value:.2f} ({detail}) | >= {target} | {verdict} |"
 
-    rest_rows, grpc_rows = bulk_rest.req_s * bulk_rest.rows, bulk_grpc.req_s * bulk_grpc.rows
     return [
-        f"REST targets (perf_analyzer `-i http` against `-i grpc`, `--frontends {FRONTENDS}`; "
-        "the echo is bench/transport_server.py's HTTP port on the same aiohttp stack):",
+        *lines,
         "",
         "| measure | value | target | |",
         "|---|---:|---|---|",
-        row("REST x64 / gRPC standard protocol x64", rest.req_s / grpc.req_s, 0.8,
-            f"{rest.req_s:,.0f} vs {grpc.req_s:,.0f} req/s"),
-        row("REST x64 / bare HTTP echo x64", rest.req_s / echo.req_s, 0.5,
-            f"{rest.req_s:,.0f} vs {echo.req_s:,.0f} req/s"),
-        row(f"REST / gRPC, 16 callers x {bulk_rest.rows} rows (rows/s)",
-            rest_rows / grpc_rows, 0.8, f"{rest_rows:,.0f} vs {grpc_rows:,.0f} rows/s"),
+        row("REST x64 / gRPC standard protocol x64", rest / grpc, 0.8,
+            f"{rest:,.0f} vs {grpc:,.0f} req/s"),
+        row("REST x64 / bare HTTP echo x64", rest / echo, 0.5,
+            f"{rest:,.0f} vs {echo:,.0f} req/s"),
+        row(f"REST / gRPC, 16 callers x {BULK_ROWS} rows (rows/s)", bulk_rest / bulk_grpc, 0.8,
+            f"{bulk_rest:,.0f} vs {bulk_grpc:,.0f} rows/s"),
     ]  # fmt: skip
 
 

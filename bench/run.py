@@ -40,7 +40,6 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 UNARY = [("unary", c, 1) for c in (1, 16, 64)]
 FRONTENDS = 2
-REST_CONFIGS = ("transport", f"frontends={FRONTENDS}")  # measured over HTTP as well
 STREAMS = [("stream", c, rows) for c in (1, 8) for rows in (1, 256)] + [("stream", 16, 1)]
 IG_ROWS, IG_STEPS = 16, 64  # integrated gradients: rows per message, quadrature intervals
 # Messages in flight on the stream: each expands to 1040 rows, and the queue bound counts
@@ -211,6 +210,24 @@ def flood_step() -> dict:
     return results
 
 
+def rest_step(tool, repeats: int):
+    """REST against gRPC and a bare HTTP echo, alternating (bench/rest_compare.py)."""
+    from bench import rest_compare
+
+    print("REST against gRPC and the HTTP echo (alternating)...", flush=True)
+    echo_http, server_http = free_port(), free_port()
+    echo = Server("transport", ["bench/transport_server.py", "--http-port", str(echo_http)], False)
+    argv = [*SERVE, "--frontends", str(FRONTENDS), "--metrics-port", "0"]
+    server = Server(f"frontends={FRONTENDS}", [*argv, "--http-port", str(server_http)], True)
+    try:
+        server_ports = {"rest": f"127.0.0.1:{server_http}", "unary": server.target}
+        targets = {"echo": {"rest": f"127.0.0.1:{echo_http}"}, "server": server_ports}
+        return rest_compare.measure(tool, targets, repeats)
+    finally:
+        server.stop()
+        echo.stop()
+
+
 def explain_only(args) -> int:
     """Just the integrated-gradients step against the engine at batch 1024 (prints only)."""
     engine = engine_ceiling(args.repeats, "--batches", "1024", "--xla", "on")
@@ -268,15 +285,12 @@ def main() -> int:
         print(f"{label}...", flush=True)
         metrics_port = free_port() if health else None
         extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
-        http_port = free_port() if label in REST_CONFIGS else 0
-        extra += ["--http-port", str(http_port)]
+        extra += ["--http-port", "0"] if health else []
         server = Server(label, [*argv, *extra], health)
         try:
             if tool is not None:
-                http = f"127.0.0.1:{http_port}" if http_port else ""
                 perf_results += perf.run(tool, server.target, label, server.process.pid,
-                                         metrics_port, "quadratic", http_target=http,
-                                         bulk=label != "transport")  # fmt: skip
+                                         metrics_port, "quadratic")  # fmt: skip
             if label == "stand-in":
                 continue
             results += measure(server, UNARY + STREAMS, args.repeats, args.seconds)
@@ -287,14 +301,17 @@ def main() -> int:
         finally:
             server.stop()
         rss[label] = server.peak_rss_mb
+    rest = rest_step(tool, args.repeats) if tool is not None else None
     floods = flood_step()
     elapsed = time.monotonic() - started
-    from bench.report import render, render_flood, render_perf
+    from bench.report import render, render_flood, render_perf, render_rest
 
     text = (
         render(engine, results, rss, elapsed, args, costs, explain)
         + "\n\n"
         + "\n".join(render_perf(perf_results, tool_note, engine))
+        + "\n\n"
+        + "\n".join(render_rest(rest))
         + "\n\n"
         + "\n".join(render_flood(floods))
     )
