@@ -26,7 +26,7 @@ from conftest import (
 
 from gradserve.wire.kinds import Derivative
 
-IDLE_S = 0.5  # --http-idle-seconds of the bounded server
+IDLE_S = 2.0  # --http-idle-seconds of the bounded server: far above a gap between sends
 MAX_CONNECTIONS = 3
 WAIT_S = 15  # every client's timeout: far above any answer here
 
@@ -121,24 +121,24 @@ def test_an_idle_connection_is_closed(bounded):
         assert idle.recv(1) == b""  # closed by the server, never answered
 
 
-def test_connections_beyond_the_limit_get_503_and_a_freed_slot_serves_again(
-    bounded, bundled_engine
-):
-    wait_until(lambda: bounded.server.http_connections == 0, WAIT_S)
-    held = [connect(bounded) for _ in range(MAX_CONNECTIONS)]
-    for connection in held:
-        connection.request("GET", "/v2/health/live")
-        assert read(connection)[0] == 200  # kept alive: holds its slot
-    extra = connect(bounded)
-    extra.request("GET", "/v2/health/live")
-    status, headers, answer = read(extra)
-    assert (status, headers["Retry-After"]) == (503, "1")
-    assert answer["error"] == "too many open HTTP connections; retry after 1 s"
-    held.pop().close()
-    wait_until(lambda: bounded.server.http_connections < MAX_CONNECTIONS, WAIT_S)
-    well_behaved_infer(bounded, bundled_engine, 0.4)
-    for connection in held:
-        connection.close()
+def test_connections_beyond_the_limit_get_503_and_a_freed_slot_serves_again(bundled_engine):
+    config = replace(TEST_CONFIG, http_port=free_port(), http_max_connections=MAX_CONNECTIONS,
+                     http_idle_seconds=10 * WAIT_S)  # held connections stay open  # fmt: skip
+    with RunningServer(config, bundled_engine) as running:
+        held = [connect(running) for _ in range(MAX_CONNECTIONS)]
+        for connection in held:
+            connection.request("GET", "/v2/health/live")
+            assert read(connection)[0] == 200  # kept alive: holds its slot
+        extra = connect(running)
+        extra.request("GET", "/v2/health/live")
+        status, headers, answer = read(extra)
+        assert (status, headers["Retry-After"]) == (503, "1")
+        assert answer["error"] == "too many open HTTP connections; retry after 1 s"
+        held.pop().close()
+        wait_until(lambda: running.server.http_connections < MAX_CONNECTIONS, WAIT_S)
+        well_behaved_infer(running, bundled_engine, 0.4)
+        for connection in held:
+            connection.close()
 
 
 @pytest.mark.parametrize(
