@@ -201,18 +201,25 @@ class InferenceCodec:
         encoding = _Encoding(outputs, raw=bool(request.raw_input_contents))
         return Ticket(arrival, served, work, _priority(request), encoding)
 
+    def outputs(self, ticket: Ticket, result: Result | Reduced) -> list[tuple[str, np.ndarray]]:
+        """The answer's outputs, in the order asked: (name, contiguous array of the model's
+        float type). Every encoding of the standard protocol (gRPC, REST) starts here."""
+        arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
+        if isinstance(result, Reduced):
+            arrays.update({ATTRIBUTIONS: result.attributions, DELTA: result.delta})
+        numpy = tensors.float_type(ticket.served.spec.dtype).numpy
+        return [(name, np.ascontiguousarray(arrays[name], dtype=numpy))
+                for name in ticket.encoding.outputs]  # fmt: skip
+
     def encode(self, ticket: Ticket, result: Result | Reduced) -> pb.ModelInferResponse:
         spec, plan = ticket.served.spec, ticket.encoding
         response = pb.ModelInferResponse(
             model_name=spec.name, model_version=spec.version, id=ticket.arrival.id
         )
-        arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
-        if isinstance(result, Reduced):
-            arrays.update({ATTRIBUTIONS: result.attributions, DELTA: result.delta})
+        outputs = self.outputs(ticket, result)
         kind = tensors.float_type(spec.dtype)
-        raw = plan.raw or any(arrays[name].size > MAX_TYPED_VALUES for name in plan.outputs)
-        for name in plan.outputs:
-            array = np.ascontiguousarray(arrays[name], dtype=kind.numpy)
+        raw = plan.raw or any(array.size > MAX_TYPED_VALUES for _, array in outputs)
+        for name, array in outputs:
             output = response.outputs.add(name=name, datatype=kind.kserve, shape=array.shape)
             if raw:
                 response.raw_output_contents.append(array.tobytes())

@@ -165,10 +165,10 @@ class RestService:
             future = explain.submit(ticket.work, ticket.served.batcher.submit, None,
                                     caller=caller, priority=ticket.priority)  # fmt: skip
             result = await future
-            answer = self._codec.encode(ticket, result)
+            outputs = self._codec.outputs(ticket, result)
             hops = breakdown(arrival.at, result.timing)
             self._metrics.hops(hops)
-            response = _respond(_answer(answer, hops, binary))
+            response = _respond(_answer(ticket, outputs, hops, binary))
             self._answered.inc()
         except web.HTTPException as exc:  # the body's size or pace: before any model work
             response = _http_failed(exc)
@@ -394,27 +394,28 @@ def _parameters(target, given: object) -> None:
 
 
 def _answer(
-    response: pb.ModelInferResponse, hops, binary: frozenset[str]
-) -> tuple[dict, list[bytes]]:
-    """The standard protocol's answer as v2 REST JSON (outputs' data flat, row-major), and
-    the bytes of the outputs answered in binary, in order."""
-    outputs, chunks = [], []
-    for index, output in enumerate(response.outputs):
-        raw = response.raw_output_contents[index]
-        entry = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
-        if binary is _ALL or output.name in binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+    ticket, outputs: list[tuple[str, np.ndarray]], hops, binary: frozenset[str]
+) -> tuple[dict, list]:
+    """The answer as v2 REST JSON (outputs' data flat, row-major), and the outputs answered
+    in binary, in order (arrays: their bytes are written as they are)."""
+    spec = ticket.served.spec
+    datatype = tensors.float_type(spec.dtype).kserve
+    entries, chunks = [], []
+    for name, array in outputs:
+        entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary is _ALL or name in binary:
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+            chunks.append(array)
         else:
-            entry["data"] = np.frombuffer(raw, dtype=tensors.by_kserve(output.datatype).numpy)
-        outputs.append(entry)
-    document = {"model_name": response.model_name, "model_version": response.model_version,
-                "id": response.id, "outputs": outputs,
+            entry["data"] = array.ravel()
+        entries.append(entry)
+    document = {"model_name": spec.name, "model_version": spec.version,
+                "id": ticket.arrival.id, "outputs": entries,
                 "parameters": {name: getattr(hops, name) for name in FIELDS}}  # fmt: skip
     return document, chunks
 
 
-def _respond(answer: tuple[dict, list[bytes]]) -> web.Response:
+def _respond(answer: tuple[dict, list]) -> web.Response:
     document, chunks = answer
     if not chunks:
         return _json(document)
