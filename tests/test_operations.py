@@ -265,7 +265,9 @@ def test_mtls_requires_a_client_certificate(bundled_engine, pki, tmp_path):
         assert json.loads(out.read_text())[0]["requests"] > 0
 
 
-def test_the_http_port_has_the_grpc_ports_tls_and_client_certificates(bundled_engine, pki):
+def test_the_http_port_has_the_grpc_ports_tls_and_client_certificates(
+    bundled_engine, pki, tmp_path
+):
     config = replace(TEST_CONFIG, tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
                      tls_client_ca=str(pki["ca_cert"]), http_port=free_port())  # fmt: skip
     with RunningServer(config, bundled_engine) as running:
@@ -278,6 +280,18 @@ def test_the_http_port_has_the_grpc_ports_tls_and_client_certificates(bundled_en
             anonymous.get(url)
         with pytest.raises(httpx.HTTPError):
             httpx.get(url.replace("https", "http"), timeout=3)
+        out = tmp_path / "lt.json"
+        run = subprocess.run(
+            [sys.executable, "-m", "gradserve.client.loadtest", "--protocol", "rest",
+             "--target", f"127.0.0.1:{running.server.http_port}", "--concurrency", "2",
+             "--requests", "20", "--warmup", "0", "--json", str(out),
+             "--tls-ca", str(pki["ca_cert"]), "--tls-cert", str(pki["client_cert"]),
+             "--tls-key", str(pki["client_key"])],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        step = json.loads(out.read_text())[0]
+        assert (step["requests"], step["errors"]) == (20, {})
 
 
 def ssl_context(ca: Path, cert: tuple[str, str] | None = None):
