@@ -103,7 +103,7 @@ class GradServer:
         self._streams = Streams()
         self._routes = Routes(self.metrics, Intake(self.memory, 2 * config.max_message_bytes))
         self._health_update: asyncio.Future | None = None
-        self._rest = RestService(self.metrics, lambda: self.ready)
+        self._rest = RestService(self.metrics, lambda: self.ready, self.memory)
         self._http: HttpListener | None = None
         self.http_port: int | None = None
 

@@ -19,6 +19,7 @@ import yaml
 
 from gradserve.server import config as cfg
 from gradserve.server.config import ServerConfig
+from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.openapi import HEALTH_LIVE, HEALTH_READY
 from gradserve.server.protocols.rest import RestService
@@ -35,7 +36,7 @@ PROBE_PATHS = {"startupProbe": HEALTH_READY, "readinessProbe": HEALTH_READY,
 
 def rest_paths() -> set[str]:
     """The paths the REST protocol's application routes, from the application itself."""
-    return RestService(Metrics(), lambda: True).paths
+    return RestService(Metrics(), lambda: True, MemoryBudget(1)).paths
 
 
 K8S_DEFAULT_GRACE_SECONDS = 30

@@ -78,6 +78,30 @@ def test_a_declared_size_over_the_limit_is_refused_before_the_body_is_read(bound
     well_behaved_infer(bounded, bundled_engine, 0.7)
 
 
+def test_a_body_that_does_not_fit_the_memory_budget_is_refused_before_it_is_read(
+    bounded, bundled_engine
+):
+    memory = bounded.server.memory
+
+    async def hold(nbytes: int) -> None:  # on the server's loop, as its requests' are
+        memory.hold(nbytes) if nbytes > 0 else memory.release(-nbytes)
+
+    full = memory.limit - memory.held
+    bounded._call(hold(full), WAIT_S)
+    try:
+        connection = connect(bounded)
+        connection.putrequest("POST", "/v2/models/quadratic/infer")
+        connection.putheader("Content-Length", "1000")
+        connection.endheaders()  # no body sent: the answer must not wait for it
+        status, headers, answer = read(connection)
+    finally:
+        bounded._call(hold(-full), WAIT_S)
+    assert (status, headers["Retry-After"]) == (429, "1")
+    assert answer["error"].startswith("queue full: ")
+    assert answer["error"].endswith("this request needs 2.0 KiB; retry later")  # body + answer
+    well_behaved_infer(bounded, bundled_engine, 0.6)
+
+
 def test_a_chunked_body_is_read_whole_and_one_over_the_limit_is_refused(bounded, bundled_engine):
     rows = np.array([[0.25], [0.75]], "<f4")
     payload = body(rows)

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core import explain
+from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import Closed, InvalidInput, RequestError
 from gradserve.server.core.registry import Models
@@ -39,6 +40,7 @@ from gradserve.server.protocols.kserve import (
     model_config,
     model_metadata,
 )
+from gradserve.server.transport.intake import Lease
 from gradserve.server.transport.status import Failure
 from gradserve.server.transport.tickets import Arrival
 from gradserve.wire import tensors
@@ -69,7 +71,10 @@ class RestService:
     """The v2 REST endpoints; `is_ready` reports readiness. Health answers from the start;
     the model endpoints once `serve` has given the models (before: 503)."""
 
-    def __init__(self, metrics: Metrics, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, metrics: Metrics, is_ready: Callable[[], bool], memory: MemoryBudget
+    ) -> None:
+        self._memory = memory  # the server's: a body is reserved against it before it is read
         self._models: Models | None = None
         self._codec: InferenceCodec | None = None
         self._metrics = metrics
@@ -148,12 +153,26 @@ class RestService:
         return self._models.get(request.match_info["model"], request.match_info.get("version", ""))
 
     async def infer(self, request: web.Request) -> web.Response:
-        """One inference request: JSON in, the batcher, JSON out."""
+        """One inference request: JSON in, the batcher, JSON out. Its body and an answer as
+        large are held against the server's memory budget from before the body is read
+        until the answer is written (refused, 429, when they do not fit)."""
+        lease = Lease(self._memory)
+        try:
+            response = await self._infer(request, lease)
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:  # the caller went away: nobody to answer
+            pass
+        finally:
+            lease.release()
+        return response
+
+    async def _infer(self, request: web.Request, lease: Lease) -> web.Response:
         started = time.perf_counter()
         try:
             served = self._served(request)  # the model exists (404) and the server serves (503)
             header = request.headers.get(HEADER_LENGTH)
-            body = await self._body.read(request)
+            body = await self._body.read(request, lease)
             if header == "0":
                 message, binary = _raw_body(request.match_info, body, served.spec), frozenset()
             else:
@@ -188,10 +207,15 @@ class _BodyReader:
     def __init__(self, limit: int, idle_seconds: float) -> None:
         self._limit, self._idle = limit, idle_seconds
 
-    async def read(self, request: web.Request) -> bytes:
+    async def read(self, request: web.Request, lease: Lease) -> bytes:
+        """The body, `lease` holding twice its size (it and an answer as large, as for a
+        gRPC message): reserved from the declared size before anything is read, else as
+        each part arrives."""
         declared = request.content_length
         if declared is not None and declared > self._limit:
             raise self._too_large(declared)
+        if declared is not None:
+            lease.reserve(2 * declared)
         if request.content.is_eof():  # it has all arrived (most small bodies): no timer
             return await request.read()
         chunks, size = [], 0
@@ -209,6 +233,8 @@ class _BodyReader:
             size += len(chunk)
             if size > self._limit:
                 raise self._too_large(size, "at least ")
+            if declared is None:
+                lease.reserve(2 * len(chunk))
             chunks.append(chunk)
 
     def _too_large(self, size: int, bound: str = "") -> web.HTTPRequestEntityTooLarge:
