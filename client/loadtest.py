@@ -266,13 +266,7 @@ async def run_step(
             else _stream_worker(stubs[i % len(stubs)], requests, clock, tally, window, timeout)
             for i in range(concurrency)
         ]
-        started = time.perf_counter()
-        reporter = asyncio.create_task(_report(tally, clock, started, label)) if progress else None
-        await asyncio.gather(*workers)
-        seconds = time.perf_counter() - started
-        if reporter:
-            reporter.cancel()
-            print(file=sys.stderr)
+        seconds = await _timed(workers, tally, clock, label, progress)
     finally:
         for channel in channels:
             await channel.close()
@@ -317,17 +311,23 @@ async def _rest_step(
                 sent += 1
                 await caller.call(url, body, headers, tally)
 
-        started = time.perf_counter()
-        reporter = asyncio.create_task(_report(tally, clock, started, label)) if progress else None
-        await asyncio.gather(*(worker(callers[i % len(callers)]) for i in range(concurrency)))
-        seconds = time.perf_counter() - started
-        if reporter:
-            reporter.cancel()
-            print(file=sys.stderr)
+        workers = [worker(callers[i % len(callers)]) for i in range(concurrency)]
+        seconds = await _timed(workers, tally, clock, label, progress)
     finally:
         for caller in callers:
             await caller.close()
     return tally, seconds, name
+
+
+async def _timed(workers: list, tally: _Tally, clock: _Clock, label: str, progress: bool) -> float:
+    """Run the step's workers to the end, with the live progress bar if asked; its seconds."""
+    started = time.perf_counter()
+    reporter = asyncio.create_task(_report(tally, clock, started, label)) if progress else None
+    await asyncio.gather(*workers)
+    if reporter:
+        reporter.cancel()
+        print(file=sys.stderr)
+    return time.perf_counter() - started
 
 
 async def _report(tally: _Tally, clock: _Clock, started: float, label: str) -> None:
