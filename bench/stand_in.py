@@ -23,6 +23,7 @@ from gradserve.server import config as cfg
 from gradserve.server import frontend
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Outputs
+from gradserve.server.core.repository import Observer, Repository
 from gradserve.server.multiproc import supervisor
 from gradserve.wire.kinds import Derivative
 
@@ -50,8 +51,8 @@ class StandIn:
         return Outputs(y, None if kind is Derivative.NONE else np.zeros_like(y))
 
 
-def load(config: ServerConfig) -> list[StandIn]:
-    return [StandIn()]
+def load(config: ServerConfig, observer: Observer) -> Repository:
+    return Repository.fixed([StandIn()], observer)
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ with GradientClient("127.0.0.1:50051") as client:
 from gradserve.client.aio import AsyncGradientClient
 from gradserve.client.channel import Tls
 from gradserve.client.errors import GradserveError
-from gradserve.client.results import ModelInfo, Result, Timing
+from gradserve.client.results import ModelInfo, ModelVersion, Result, Timing
 from gradserve.client.retry import RetryPolicy
 from gradserve.client.sync import GradientClient
 
@@ -18,6 +18,7 @@ __all__ = [
     "GradientClient",
     "GradserveError",
     "ModelInfo",
+    "ModelVersion",
     "Result",
     "RetryPolicy",
     "Timing",

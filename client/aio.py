@@ -13,11 +13,13 @@ from gradserve.client.errors import GradserveError
 from gradserve.client.readiness import OVERALL, ReadinessWait
 from gradserve.client.results import (
     ModelInfo,
+    ModelVersion,
     Result,
     make_request,
     stream_request,
     to_model_info,
     to_result,
+    to_versions,
 )
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
@@ -45,9 +47,10 @@ class AsyncGradientClient(ClientBase):
         v: object = None,
         model: str = "",
         target: int | None = None,
+        version: str = "",
     ) -> Result:
         """Like GradientClient.evaluate."""
-        request = make_request(x, derivative, model=model, v=v, target=target)
+        request = make_request(x, derivative, model=model, v=v, target=target, version=version)
         return to_result(await self._call(self._stub.Evaluate, request))
 
     async def integrated_gradients(
@@ -57,11 +60,13 @@ class AsyncGradientClient(ClientBase):
         steps: int = DEFAULT_STEPS,
         target: int | None = None,
         model: str = "",
+        version: str = "",
     ) -> Result:
         """Like GradientClient.integrated_gradients."""
         request = make_request(
-            x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps
-        )
+            x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps,
+            version=version,
+        )  # fmt: skip
         return to_result(await self._call(self._stub.Evaluate, request))
 
     async def smooth_grad(
@@ -73,10 +78,12 @@ class AsyncGradientClient(ClientBase):
         target: int | None = None,
         model: str = "",
         noise_absolute: bool = False,
+        version: str = "",
     ) -> Result:
         """Like GradientClient.smooth_grad."""
         request = make_request(x, "smooth_grad", model=model, target=target, samples=samples,
-                               noise=noise, seed=seed, noise_absolute=noise_absolute)  # fmt: skip
+                               noise=noise, seed=seed, noise_absolute=noise_absolute,
+                               version=version)  # fmt: skip
         return to_result(await self._call(self._stub.Evaluate, request))
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
@@ -152,13 +159,31 @@ class AsyncGradientClient(ClientBase):
             call.cancel()
 
     async def list_models(self) -> list[ModelInfo]:
-        """Every model the server serves."""
+        """Every version of every model the server serves."""
         models = await self._call(self._stub.ListModels, pb.ListModelsRequest())
         return [to_model_info(m) for m in models.models]
 
-    async def model_info(self, model: str = "") -> ModelInfo:
-        info = await self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model))
+    async def model_info(self, model: str = "", version: str = "") -> ModelInfo:
+        """One model (version "": its default, the highest served)."""
+        info = await self._call(
+            self._stub.GetModelInfo, pb.ModelInfoRequest(model=model, version=str(version))
+        )
         return to_model_info(info)
+
+    async def repository_index(self) -> list[ModelVersion]:
+        """Every model version the server's repository knows, with its state."""
+        index = await self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest())
+        return to_versions(index)
+
+    async def load_model(self, model: str) -> None:
+        """Load (or reload) `model` as its version policy says; returns once its versions
+        serve. Needs --model-control explicit. GradserveError FAILED_PRECONDITION, with the
+        reason, when a version failed to load (the versions served before still are)."""
+        await self._call(self._stub.LoadModel, pb.LoadModelRequest(model=model))
+
+    async def unload_model(self, model: str) -> None:
+        """Stop serving `model` (--model-control explicit); requests it admitted finish."""
+        await self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model))
 
 
 async def _aiter(xs: Iterable[object] | AsyncIterable[object]) -> AsyncIterator[object]:

@@ -73,13 +73,15 @@ def make_request(
     v: object = None,
     *,
     target: int | None = None,
+    version: str = "",
     **options: object,
 ) -> pb.EvaluateRequest:
     """The request message; `v` is the vector of vjp (y's shape), jvp and hvp (x's shape), or
     k of them per row ([n, k, ...]); `target` an index into the flattened output (gradient and
     the explanations). `options`: the explanation's options (`Derivative.options`:
     integrated_gradients takes baseline and steps; smooth_grad takes samples, noise,
-    noise_absolute and seed); None keeps the server's default."""
+    noise_absolute and seed); None keeps the server's default. `version`: the model's
+    version ("": its default, the highest served)."""
     kind = kind_of(derivative)
     if (v is None) == kind.needs_vector:
         raise ValueError(f"v is needed by {_names(k for k in Derivative if k.needs_vector)} "
@@ -94,8 +96,9 @@ def make_request(
         raise ValueError(f"{derivative!r} takes no option {', '.join(unknown)}")
     rows = as_rows(x)
     request = pb.EvaluateRequest(
-        id=request_id, x=to_tensor(rows), derivative=native.NUMBER[kind], model=model
-    )
+        id=request_id, x=to_tensor(rows), derivative=native.NUMBER[kind], model=model,
+        version=str(version),
+    )  # fmt: skip
     if v is not None:
         request.v.CopyFrom(to_tensor(as_rows(v)))
     if target is not None:
@@ -162,6 +165,21 @@ def to_result(response: pb.EvaluateResponse) -> Result:
 
 def _optional(response: pb.EvaluateResponse, field: str) -> np.ndarray | None:
     return from_tensor(getattr(response, field)) if response.HasField(field) else None
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One model version in the server's repository index: READY (served), LOADING,
+    UNLOADING or UNAVAILABLE (failed to load, or retired), and why it is not ready."""
+
+    model: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+def to_versions(index: pb.RepositoryIndexResponse) -> list[ModelVersion]:
+    return [ModelVersion(v.model, v.version, v.state, v.reason) for v in index.versions]
 
 
 def to_model_info(info: pb.ModelInfo) -> ModelInfo:

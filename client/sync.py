@@ -12,11 +12,13 @@ from gradserve.client.errors import GradserveError
 from gradserve.client.readiness import OVERALL, ReadinessWait
 from gradserve.client.results import (
     ModelInfo,
+    ModelVersion,
     Result,
     make_request,
     stream_request,
     to_model_info,
     to_result,
+    to_versions,
 )
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
@@ -51,11 +53,12 @@ class GradientClient(ClientBase):
         v: object = None,
         model: str = "",
         target: int | None = None,
+        version: str = "",
     ) -> Result:
         """y and the derivative for x: a scalar, a 1-D array of rows, or [n, *X]; `v` is the
         vector of vjp, jvp and hvp ([n, k, ...] for k tangents per row); `target` selects one
         output (index into the flattened output) for gradient instead of the sum."""
-        request = make_request(x, derivative, model=model, v=v, target=target)
+        request = make_request(x, derivative, model=model, v=v, target=target, version=version)
         return to_result(self._call(self._stub.Evaluate, request))
 
     def integrated_gradients(
@@ -65,13 +68,15 @@ class GradientClient(ClientBase):
         steps: int = DEFAULT_STEPS,
         target: int | None = None,
         model: str = "",
+        version: str = "",
     ) -> Result:
         """Integrated gradients of each row from `baseline` (one row for all, or one per row;
         default zeros) with `steps` Simpson-rule intervals: `.attributions` [n, *X], `.delta` [n]
         (sum of attributions - (F(x) - F(baseline))), `.y` = F(x)."""
         request = make_request(
-            x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps
-        )
+            x, "integrated_gradients", model=model, target=target, baseline=baseline, steps=steps,
+            version=version,
+        )  # fmt: skip
         return to_result(self._call(self._stub.Evaluate, request))
 
     def smooth_grad(
@@ -83,12 +88,14 @@ class GradientClient(ClientBase):
         target: int | None = None,
         model: str = "",
         noise_absolute: bool = False,
+        version: str = "",
     ) -> Result:
         """SmoothGrad: the mean gradient over `samples` copies of each row with Gaussian noise
         of sigma = noise * (the row's max - min), or sigma = noise when `noise_absolute`;
         the same `seed` gives the same answer. `.attributions` [n, *X], `.y` = F(x)."""
         request = make_request(x, "smooth_grad", model=model, target=target, samples=samples,
-                               noise=noise, seed=seed, noise_absolute=noise_absolute)  # fmt: skip
+                               noise=noise, seed=seed, noise_absolute=noise_absolute,
+                               version=version)  # fmt: skip
         return to_result(self._call(self._stub.Evaluate, request))
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
@@ -168,9 +175,29 @@ class GradientClient(ClientBase):
             call.cancel()
 
     def list_models(self) -> list[ModelInfo]:
-        """Every model the server serves."""
+        """Every version of every model the server serves."""
         models = self._call(self._stub.ListModels, pb.ListModelsRequest())
         return [to_model_info(m) for m in models.models]
 
-    def model_info(self, model: str = "") -> ModelInfo:
-        return to_model_info(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest(model=model)))
+    def model_info(self, model: str = "", version: str = "") -> ModelInfo:
+        """One model (version "": its default, the highest served)."""
+        return to_model_info(
+            self._call(
+                self._stub.GetModelInfo, pb.ModelInfoRequest(model=model, version=str(version))
+            )
+        )
+
+    def repository_index(self) -> list[ModelVersion]:
+        """Every model version the server's repository knows, with its state."""
+        index = self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest())
+        return to_versions(index)
+
+    def load_model(self, model: str) -> None:
+        """Load (or reload) `model` as its version policy says; returns once its versions
+        serve. Needs --model-control explicit. GradserveError FAILED_PRECONDITION, with the
+        reason, when a version failed to load (the versions served before still are)."""
+        self._call(self._stub.LoadModel, pb.LoadModelRequest(model=model))
+
+    def unload_model(self, model: str) -> None:
+        """Stop serving `model` (--model-control explicit); requests it admitted finish."""
+        self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model))

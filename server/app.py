@@ -8,6 +8,7 @@ UNAVAILABLE) until the engine is loaded and warmed up, then SERVING.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import signal
@@ -27,8 +28,10 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import Engine, ModelSpec
+from gradserve.server.core.errors import Closed
 from gradserve.server.core.registry import Models, Served
-from gradserve.server.engine.startup import load_engines
+from gradserve.server.core.repository import Owner, Repository
+from gradserve.server.engine.startup import open_repository
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.http_listener import HttpListener
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
@@ -70,8 +73,10 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class GradServer:
     """A running server. `async with GradServer(config) as s:` binds, serves, then drains.
 
-    `engine` (an Engine, or a list of them) skips loading; `load` replaces how the models are
-    loaded (config -> list of engines). A frontend of a multi-process server shares its port
+    Its models come from `owner` (a frontend: the engine process's repository), else from
+    `engine` (an Engine, or a list of them: version 1 each, no reloads) or `load` (config ->
+    list of engines, called on a worker thread), else from the configured repository. A
+    frontend of a multi-process server shares its port
     with its siblings (`reuse_port`) and serves its metrics on an ephemeral 127.0.0.1 port
     for the supervisor to gather (`internal_metrics`).
     """
@@ -80,14 +85,19 @@ class GradServer:
         self,
         config: ServerConfig,
         engine: Engine | list[Engine] | None = None,
-        load: Callable[[ServerConfig], list[Engine]] = load_engines,
+        load: Callable[[ServerConfig], list[Engine]] | None = None,
         *,
+        owner: Owner | None = None,
         reuse_port: bool = False,
         internal_metrics: bool = False,
     ) -> None:
         self.config = config
         self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
         self._load = load
+        self.owner = owner
+        self._draining = False
+        self.models = Models()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reuse_port = reuse_port
         self._internal_metrics = internal_metrics
         self.port: int | None = None
@@ -118,13 +128,24 @@ class GradServer:
         """Listen at once (health NOT_SERVING), load the model, then serve (SERVING)."""
         config = self.config
         log.info("starting", extra={"event": "start", **_loggable(config)})
+        self._loop = asyncio.get_running_loop()
         await self._listen()
-        engines = self._engines or await asyncio.to_thread(self._load, config)
-        self._serve(engines)
+        await asyncio.to_thread(self._start_owner)
+        self._serve()
         await self._set_health(True)
         self.ready = True
-        names = [e.name for e in engines]
+        names = [f"{s.spec.name}:{s.spec.version}" for s in self.models.every_version()]
         log.info("serving", extra={"event": "serving", "port": self.port, "models": names})
+
+    def _start_owner(self) -> None:
+        """Worker thread: the owner of the models, and the versions it serves at start."""
+        if self.owner is None:
+            if self._engines is not None or self._load is not None:
+                engines = self._engines or self._load(self.config)
+                self.owner = Repository.fixed(engines, self.metrics)
+            else:
+                self.owner = open_repository(self.config, self.metrics)
+        self.owner.start(_LoopHost(self), self.config.poll_seconds)
 
     async def _listen(self) -> None:
         config = self.config
@@ -197,42 +218,55 @@ class GradServer:
         """HTTP connections open now on the REST port (0 when it is off)."""
         return 0 if self._http is None else self._http.open_connections
 
-    def _serve(self, engines: list[Engine]) -> None:
+    def add_version(self, name: str, version: int, engine: Engine) -> None:
+        """Loop: serve `engine` as this version, with its own batcher (queue)."""
+        if self._draining:
+            raise Closed("the server is draining: it serves no new model version")
         config = self.config
-        served = []
-        for engine in engines:
-            spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows)
-            remote = getattr(engine, "in_flight", 0)  # the engine process's: its batches awaited
-            batcher = Batcher(
-                engine.run,
-                max_batch_size=config.max_batch_size,
-                max_delay_s=config.max_delay_us / 1e6,
-                max_queue_rows=config.max_queue_rows,
-                memory=self.memory,
-                result_row_bytes={kind: spec.answer_row_bytes(kind) for kind in Derivative},
-                fair=config.fairness,
-                max_batch_s=0.0 if remote else config.max_batch_ms / 1e3,  # remote: it decides
-                ladder=getattr(engine, "ladder", ()),
-                observer=self.metrics,
-                executor=self._executor,
-                hints=getattr(engine, "takes_hints", False),  # the engine process's
-                in_flight=remote,
-            )
-            batcher.start()
-            self.batchers.append(batcher)
-            served.append(Served(spec, batcher, config.max_result_bytes))
-        batchers = list(self.batchers)
-        self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in batchers))
+        spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows, version)
+        remote = getattr(engine, "in_flight", 0)  # the engine process's: its batches awaited
+        batcher = Batcher(
+            engine.run,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_us / 1e6,
+            max_queue_rows=config.max_queue_rows,
+            memory=self.memory,
+            result_row_bytes={kind: spec.answer_row_bytes(kind) for kind in Derivative},
+            fair=config.fairness,
+            max_batch_s=0.0 if remote else config.max_batch_ms / 1e3,  # remote: it decides
+            ladder=getattr(engine, "ladder", ()),
+            observer=self.metrics,
+            executor=self._executor,
+            hints=getattr(engine, "takes_hints", False),  # the engine process's
+            in_flight=remote,
+        )
+        batcher.start()
+        self.batchers.append(batcher)
+        self.models.add(Served(spec, batcher, config.max_result_bytes))
+
+    async def retire_version(self, name: str, version: int) -> None:
+        """Loop: route no new request to this version, answer every admitted one, release it."""
+        served = self.models.remove(name, str(version))
+        if served is None:
+            return
+        await served.batcher.close()
+        self.batchers.remove(served.batcher)
+
+    def _serve(self) -> None:
+        config = self.config
+        models = self.models
+        self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in self.batchers))
         self.metrics.queue_bytes.set_function(lambda: self.memory.held)
-        self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in served])
-        models = Models(served)
+        self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in models])
         window = StreamWindow(config.stream_window, config.stream_window_bytes)
         common = {"stream_window": window, "streams": self._streams, "memory": self.memory}
-        native = GradientServicer(models, self.metrics, **common)
+        native = GradientServicer(models, self.metrics, self.owner, **common)
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
-        inference = InferenceServicer(models, self.metrics, lambda: self.ready, **common)
+        inference = InferenceServicer(
+            models, self.metrics, lambda: self.ready, self.owner, **common
+        )
         self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
-        self._rest.serve(models)
+        self._rest.serve(models, self.owner)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse
@@ -261,6 +295,7 @@ class GradServer:
         grace = self.config.drain_seconds if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         self.ready = False
+        self._draining = True
         log.info("draining", extra={"event": "drain", "grace_seconds": grace})
         await self._health.enter_graceful_shutdown()
         for batcher in self.batchers:
@@ -280,12 +315,56 @@ class GradServer:
             await self._server.stop(max(0.0, min(_LAST_WRITE_GRACE_S, remaining)))
         if self._http is not None:
             await self._http.close()
-        for batcher in self.batchers:
+        if self.owner is not None:
+            await asyncio.to_thread(self.owner.close)
+        for batcher in list(self.batchers):
             await batcher.close()
         self._executor.shutdown(wait=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped", extra={"event": "stop"})
+
+
+class _LoopHost:
+    """The server as the repository's host: each change made on the server's event loop,
+    whichever thread asks for it (the loader's, or the loop's own)."""
+
+    def __init__(self, server: GradServer) -> None:
+        self._server = server
+
+    def serve(self, name: str, version: int, engine: Engine) -> None:
+        loop = self._server._loop
+        if _on(loop):
+            self._server.add_version(name, version, engine)
+            return
+        done = concurrent.futures.Future()
+
+        def add() -> None:
+            try:
+                self._server.add_version(name, version, engine)
+                done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(add)
+        done.result()
+
+    def retire(self, name: str, version: int) -> concurrent.futures.Future:
+        coroutine = self._server.retire_version(name, version)
+        loop = self._server._loop
+        if not _on(loop):
+            return asyncio.run_coroutine_threadsafe(coroutine, loop)
+        released = concurrent.futures.Future()
+        task = loop.create_task(coroutine)
+        task.add_done_callback(lambda t: released.set_result(None))
+        return released
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     frontends = config.frontend_count()
     if frontends > 1:
         from gradserve.server import frontend
-        from gradserve.server.engine.startup import load_engines
+        from gradserve.server.engine.startup import open_repository
         from gradserve.server.multiproc import supervisor
 
-        return supervisor.serve(config, frontends, load=load_engines, frontend=frontend.run)
+        return supervisor.serve(config, frontends, load=open_repository, frontend=frontend.run)
     asyncio.run(serve(config))
     return 0
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from gradserve.server.core.repository import CONTROLS, Source, VersionPolicy, scan
 from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
@@ -18,7 +19,10 @@ AUTO_MIN_CORES = 2  # from here on, 2 frontends measured faster than one process
 @dataclass(frozen=True)
 class ServerConfig:
     model: str = "quadratic"
-    model_dir: str = ""
+    model_repository: str = ""
+    model_control: str = "none"
+    poll_seconds: float = 10.0
+    version_policy: str = "latest 1"
     model_name: str = ""
     unsafe_deserialization: bool = False
     input: str = ""
@@ -87,20 +91,32 @@ class ServerConfig:
     def stream_window_bytes(self) -> int:
         return self.stream_window_mb * MIB
 
-    def model_paths(self) -> list[Path]:
-        """Every model to serve: --model entries (comma-separated; a bare bundled name such as
-        `quadratic`, `quadratic_tanh` or `digits` means the bundled file), plus each entry of
-        --model-dir."""
+    def model_sources(self) -> dict[str, Source]:
+        """Every model to serve by name, with its versions: each --model entry (comma-separated;
+        a bare bundled name such as `quadratic`, `quadratic_tanh` or `digits` means the bundled
+        file) as version 1, and the models of --model-repository (rescanned on each call)."""
+        policy = VersionPolicy.parse(self.version_policy)
         paths = [_resolve_model(entry) for entry in self.model.split(",") if entry.strip()]
-        if self.model_dir:
-            paths += sorted(p for p in Path(self.model_dir).iterdir() if not p.name.startswith("."))
-        return paths
+        if self.model_name and len(paths) != 1:
+            raise ValueError("--model-name names one --model entry; several are given")
+        sources = {
+            self.model_name or path.stem: Source({1: path}, policy, static=True) for path in paths
+        }
+        if self.model_repository:
+            sources.update(scan(Path(self.model_repository), policy))
+        return sources
 
 
 _HELP = {
     "model": "models to serve, comma-separated: .keras or .h5 files, SavedModel folders, or "
     "bundled names (quadratic, quadratic_tanh, digits)",
-    "model_dir": "also serve every model file or SavedModel folder in this folder",
+    "model_repository": "a model repository: DIR/<name>/<version>/<model file or SavedModel> "
+    "(a model file or SavedModel directly in DIR is version 1); alias --model-dir",
+    "model_control": "none (load the repository at start), poll (rescan it every "
+    "--poll-seconds) or explicit (load and unload only when asked: RepositoryModelLoad/Unload)",
+    "poll_seconds": "with --model-control poll: seconds between rescans of the repository",
+    "version_policy": "versions to serve of a model without its own model.toml: 'latest N', "
+    "'all' or 'specific V [V ...]'",
     "model_name": "name of the model for clients when one is served; default: its file name",
     "unsafe_deserialization": "allow Keras Lambda layers (runs code from the file: trusted files "
     "only)",
@@ -173,6 +189,7 @@ def _resolve_model(entry: str) -> Path:
     return Path(entry)
 
 
+_ALIASES = {"model_repository": ["--model-dir"]}  # earlier names of a flag, still accepted
 _TYPES = {"Path": Path, "str": str, "int": int, "float": float, "bool": _parse_bool}
 
 
@@ -185,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = kind(os.environ[env]) if env in os.environ else field.default
         parser.add_argument(
             flag,
+            *_ALIASES.get(field.name, []),
             type=kind,
             default=default,
             help=f"{_HELP[field.name]} (env {env}; default: {default})",
@@ -210,6 +228,11 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--frontends must be a number >= 1 or auto, got {config.frontends!r}")
     if config.http_max_connections < 1 or config.http_idle_seconds <= 0:
         raise ValueError("--http-max-connections must be >= 1, --http-idle-seconds > 0")
+    if config.model_control not in CONTROLS:
+        raise ValueError(f"--model-control must be one of {CONTROLS}, got {config.model_control!r}")
+    if config.poll_seconds <= 0:
+        raise ValueError("--poll-seconds must be > 0")
+    VersionPolicy.parse(config.version_policy)  # RepositoryError is a ValueError
     if config.log_format not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, got {config.log_format!r}")
     return config

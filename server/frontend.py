@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from gradserve.server import logs
 from gradserve.server.app import GradServer
 from gradserve.server.config import ServerConfig
-from gradserve.server.multiproc.remote import EngineLink
+from gradserve.server.multiproc.remote import EngineLink, RemoteOwner
 
 
 async def _serve(config: ServerConfig, address: str, parent: Connection) -> None:
@@ -31,16 +31,15 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_now)
     loop.add_reader(parent.fileno(), stop_now)  # EOF: the supervisor is gone
-    links: list[EngineLink] = []
 
     def lost() -> None:
         loop.call_soon_threadsafe(server.engine_lost)
 
-    def load(_config: ServerConfig) -> list:
-        links.append(EngineLink.connect(address, lost, abandon, config.in_flight))
-        return links[0].engines(loop)
+    def connect() -> EngineLink:
+        return EngineLink.connect(address, lost, abandon, config.in_flight)
 
-    server = GradServer(config, load=load, reuse_port=True, internal_metrics=True)
+    owner = RemoteOwner(connect, loop)
+    server = GradServer(config, owner=owner, reuse_port=True, internal_metrics=True)
     try:
         try:
             await server.start()
@@ -53,8 +52,8 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
         await stop.wait()
         await server.stop()
     finally:
-        for link in links:
-            link.close()
+        if owner.link is not None:
+            owner.link.close()
 
 
 def run(config: ServerConfig, address: str, parent: Connection, standby: bool = False) -> None:

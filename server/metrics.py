@@ -87,6 +87,32 @@ class Metrics:
             registry=r,
         )
 
+        self.version_loads = Counter(
+            "gradserve_model_version_loads",
+            "Model versions loaded and warmed up (outcome ok) or that failed to (failed)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "gradserve_model_version_load_seconds",
+            "Time to load and warm up a model version, beside the versions serving",
+            ["model"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.versions = Gauge(
+            "gradserve_model_versions_served", "Versions of a model served now", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.swap_seconds = Histogram(
+            "gradserve_model_swap_seconds",
+            "From the start of a new version's load to the release of the version it replaced "
+            "(its last admitted request answered)",
+            ["model"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
+        )
+
     def watch_costs(self, source: Callable[[], list[tuple[str, list[KindCost]]]]) -> None:
         """Report, at each scrape, what every model's batcher has learned of its engine
         cost per kind: (model name, its KindCosts) from `source`."""
@@ -105,6 +131,19 @@ class Metrics:
 
     def restarted(self) -> None:
         self.worker_restarts.inc()
+
+    # -- the model repository's observer interface -------------------------------------------
+
+    def version_loaded(self, name: str, ok: bool, seconds: float) -> None:
+        self.version_loads.labels(name, "ok" if ok else "failed").inc()
+        if ok:
+            self.load_seconds.labels(name).observe(seconds)
+
+    def versions_served(self, name: str, count: int) -> None:
+        self.versions.labels(name).set(count)
+
+    def swap_finished(self, name: str, seconds: float) -> None:
+        self.swap_seconds.labels(name).observe(seconds)
 
     def hops(self, breakdown: Hops) -> None:
         """One answered request's latency breakdown."""

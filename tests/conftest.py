@@ -148,13 +148,14 @@ class RunningServer:
         engine: object = None,
         *,
         load: Callable[[ServerConfig], list] | None = None,
+        owner: object = None,
         ready: bool = True,
         start: bool = True,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = GradServer(config, engine, **({} if load is None else {"load": load}))
+        self.server = GradServer(config, engine, load=load, owner=owner)
         self._started: concurrent.futures.Future | None = None
         self._ready = ready
         self.target = f"127.0.0.1:{config.port}"

@@ -27,7 +27,14 @@ from gradserve.client import GradientClient, GradserveError, RetryPolicy
 from gradserve.server.core.contract import Priority
 from gradserve.server.core.errors import Closed, EngineFailed, QueueFull, RequestTooLarge
 from gradserve.server.multiproc import messages
-from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
+from gradserve.server.multiproc.messages import (
+    Control,
+    ControlDone,
+    EngineModel,
+    Released,
+    SubBatch,
+    SubBatchAnswer,
+)
 from gradserve.server.multiproc.remote import COPY_OFF_LOOP
 from gradserve.server.multiproc.shm import SHM_DIR, ArrayRef
 from gradserve.v1 import gradserve_pb2 as pb
@@ -354,10 +361,13 @@ def test_every_message_crosses_as_bytes_and_back_unchanged() -> None:
     """The exchange's frames (no pickle) give back exactly what was sent, each field."""
     ref = ArrayRef(4096, (300, 64, 64, 3), "<f4")
     sent = [
-        [EngineModel("quadratic", (1,), (1,), "/CPU:0", "float32"),
-         EngineModel("modèle", (64, 64, 3), (), "/GPU:0", "float64")],
+        [EngineModel("quadratic", 1, (1,), (1,), "/CPU:0", "float32"),
+         EngineModel("modèle", 7, (64, 64, 3), (), "/GPU:0", "float64"),
+         EngineModel("quadratic", 3, (), (), "", "", "UNAVAILABLE", "version 3 failed: no file")],
         SubBatch("quadratic", "vjp", "/dev/shm/gradserve-1-f2.3", ref, ArrayRef(0, (3, 1), "<f8"),
-                 Priority.HIGH, 12345.678),
+                 Priority.HIGH, 12345.678, 5, 2),
+        Control("load", "quadratic", 9), ControlDone(9), Released("modèle", 7),
+        ControlDone(10, "version 3 failed", "LoadFailed"),
         SubBatch("m", "gradient", "p", ArrayRef(0, (1,), "<f4"), None),
         SubBatchAnswer("/dev/shm/e1.0", ArrayRef(0, (7, 1), "<f4"), None),
         SubBatchAnswer(error="queue full: 9 of 8 rows; retry later", error_kind="QueueFull"),
@@ -481,7 +491,7 @@ def test_the_engine_process_refuses_rows_it_cannot_take_and_a_slot_used_twice():
     frontend = Connection(theirs.detach())
     session = _Session(Connection(ours.detach()), 1, 2)
     scheduler = Scheduler(max_batch_size=8)
-    models = {"m": (scheduler, _TwoInputs())}
+    models = {("m", 1): (scheduler, _TwoInputs())}
     segment = Segment(f"gradserve-test-{os.getpid()}")
     try:
         path, (wide, _) = segment.write([np.zeros((3, 5), np.float32), None])

@@ -85,10 +85,12 @@ class ModelSpec:
         return math.prod(self.output_shape)
 
     @classmethod
-    def of(cls, engine: Engine, max_batch_size: int, max_request_rows: int) -> ModelSpec:
+    def of(
+        cls, engine: Engine, max_batch_size: int, max_request_rows: int, version: int = 1
+    ) -> ModelSpec:
         return cls(
             name=engine.name,
-            version="1",
+            version=str(version),
             input_shape=tuple(engine.input_shape),
             output_shape=tuple(engine.output_shape),
             device=engine.device,

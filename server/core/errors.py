@@ -42,6 +42,15 @@ class Closed(RequestError):
     """The server is shutting down and accepts no new requests or stream messages."""
 
 
+class LoadFailed(RequestError):
+    """A model version could not be loaded or warmed up; the versions served before still
+    are."""
+
+
+class ControlRefused(RequestError):
+    """A repository operation this server's --model-control does not allow."""
+
+
 # Errors a computation may end with that are nobody's fault in its batch: the batch is not
 # bisected, each of its requests gets the error as it is (DeadlineExpired: from the engine
 # process, for a batch whose every request's deadline had passed).
@@ -51,7 +60,7 @@ NOT_BLAMED = (EngineUnavailable, Closed, QueueFull, DeadlineExpired)
 BY_NAME: dict[str, type[RequestError]] = {
     cls.__name__: cls
     for cls in (InvalidInput, UnknownModel, QueueFull, RequestTooLarge, DeadlineExpired,
-                EngineFailed, EngineUnavailable, Closed)
+                EngineFailed, EngineUnavailable, Closed, LoadFailed, ControlRefused)
 }  # fmt: skip
 
 

@@ -90,31 +90,69 @@ class Served:
 
 
 class Models:
-    """Name -> Served, with the one-model default."""
+    """Name -> its served versions, the highest being the default of requests that name no
+    version. Changed only on the event loop's thread (the server's host), between requests:
+    a request takes its version once, when it is decoded, and queues every row it has on
+    that version's batcher at once, so a swap never mixes versions within one answer."""
 
-    def __init__(self, served: list[Served]) -> None:
-        self._by_name = {s.spec.name: s for s in served}
+    def __init__(self, served: list[Served] = ()) -> None:
+        self._by_name: dict[str, dict[str, Served]] = {}
+        self._default: dict[str, Served] = {}
+        for one in served:
+            self.add(one)
 
     def __iter__(self) -> Iterator[Served]:
-        return iter(self._by_name.values())
+        """The default (highest) version of each model."""
+        return iter(list(self._default.values()))
+
+    def every_version(self) -> list[Served]:
+        return [s for versions in self._by_name.values() for s in versions.values()]
+
+    def add(self, served: Served) -> None:
+        """Serve this version; from now on the default if it is the model's highest."""
+        self._by_name.setdefault(served.spec.name, {})[served.spec.version] = served
+        self._pick_default(served.spec.name)
+
+    def remove(self, name: str, version: str) -> Served | None:
+        """Route no request to this version any more; the Served, if it was served."""
+        served = self._by_name.get(name, {}).pop(version, None)
+        self._pick_default(name)
+        return served
+
+    def _pick_default(self, name: str) -> None:
+        versions = self._by_name.get(name)
+        if versions:
+            self._default[name] = versions[max(versions, key=int)]
+        else:
+            self._by_name.pop(name, None)
+            self._default.pop(name, None)
 
     def get(self, name: str, version: str = "") -> Served:
-        """The model a request names ("" for the only one); `version` "" means any."""
-        if not name and len(self._by_name) == 1:
-            served = next(iter(self._by_name.values()))
+        """The model a request names ("" for the only one) at `version` ("" for the
+        default)."""
+        if not name and len(self._default) == 1:
+            served = next(iter(self._default.values()))
         else:
-            served = self._by_name.get(name)
+            served = self._default.get(name)
         if served is None:
-            names = sorted(self._by_name)
+            names = sorted(self._default)
             if not name:
                 raise InvalidInput(f"several models are served; name one of {names}")
-            served_names = ", ".join(map(repr, names))
+            served_names = ", ".join(map(repr, names)) or "no model"
             raise UnknownModel(
                 f"model {name!r} is not served here; this server serves {served_names}"
             )
-        if version not in ("", served.spec.version):
+        if version in ("", served.spec.version):
+            return served
+        versions = self._by_name[served.spec.name]
+        if version not in versions:
+            available = sorted(versions, key=int)
             raise UnknownModel(
                 f"version {version!r} of model {served.spec.name!r} is not served; "
-                f"available: {served.spec.version!r}"
+                f"available: {available}"
             )
-        return served
+        return versions[version]
+
+    def versions(self, name: str) -> list[str]:
+        """The served versions of `name`, lowest first."""
+        return sorted(self._by_name.get(name, {}), key=int)

@@ -31,6 +31,11 @@ def batch_ladder(max_batch_size: int) -> list[int]:
     return sizes
 
 
+# A derivative of what does not depend on x is zero, not missing: a model linear in x has a
+# zero Hessian (TensorFlow would give None).
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
 class _Compiled:
     """A concrete function called through its compiled graph function directly.
 
@@ -162,24 +167,24 @@ class Engine:
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = self._f(x)
-        return y, tape.gradient(y, x)
+        return y, tape.gradient(y, x, unconnected_gradients=_ZERO)
 
     def _jacobian(self, x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = self._f(x)
-        return y, tape.batch_jacobian(y, x)
+        return y, tape.batch_jacobian(y, x, unconnected_gradients=_ZERO)
 
     def _vjp(self, x, v):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = self._f(x)
-        return y, tape.gradient(y, x, output_gradients=v)
+        return y, tape.gradient(y, x, output_gradients=v, unconnected_gradients=_ZERO)
 
     def _jvp(self, x, u):
         with tf.autodiff.ForwardAccumulator(x, u) as acc:
             y = self._f(x)
-        return y, acc.jvp(y)
+        return y, acc.jvp(y, unconnected_gradients=_ZERO)
 
     def _hessian(self, x):
         with tf.GradientTape() as outer:
@@ -187,8 +192,8 @@ class Engine:
             with tf.GradientTape() as inner:
                 inner.watch(x)
                 y = self._f(x)
-            g = inner.gradient(y, x)
-        return y, outer.batch_jacobian(g, x)
+            g = inner.gradient(y, x, unconnected_gradients=_ZERO)
+        return y, outer.batch_jacobian(g, x, unconnected_gradients=_ZERO)
 
     def _hvp(self, x, v):
         """Forward-over-reverse: the directional derivative of the gradient along v."""
@@ -196,8 +201,8 @@ class Engine:
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = self._f(x)
-            g = tape.gradient(y, x)
-        return y, acc.jvp(g)
+            g = tape.gradient(y, x, unconnected_gradients=_ZERO)
+        return y, acc.jvp(g, unconnected_gradients=_ZERO)
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         """Compute y (and the derivative `kind`) for rows x [n, *X] (v: the kind's vector).

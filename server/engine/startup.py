@@ -1,58 +1,67 @@
-"""Start-up of a process that owns the models: load and warm up every model configured."""
+"""Start-up of a process that owns the models: the repository of the configured models, whose
+loader loads and warms up one model version."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import ENGINE_KINDS, Engine, ModelSpec
+from gradserve.server.core.repository import Observer, Repository, model_file
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve")
 
 
-def load_engines(config: ServerConfig) -> list[Engine]:
-    """Load and warm up every model the configuration names (TensorFlow is imported here,
-    when a model is loaded, not when this module is: a frontend process imports it and
-    never loads a model)."""
-    from gradserve.server.engine import compiled
-
-    paths = config.model_paths()
-    if config.model_name and len(paths) != 1:
-        raise ValueError("--model-name names one model; several are being served")
-    engines = []
-    for path in paths:
-        engine = compiled.Engine(
-            path,
-            device=config.device,
-            xla=config.xla,
-            deterministic=config.deterministic,
-            max_batch_size=config.max_batch_size,
-            name=config.model_name or None,
-            unsafe=config.unsafe_deserialization,
-            input_name=config.input or None,
-            output_name=config.output or None,
-        )
-        log.info(
-            "model loaded",
-            extra={"event": "model_load", "model": engine.name, "path": str(path),
-                   "device": engine.device, "input_shape": engine.input_shape,
-                   "output_shape": engine.output_shape, "dtype": engine.dtype.name},
-        )  # fmt: skip
-        kinds = _servable_kinds(engine, config)
-        seconds = engine.warm_up(kinds)
-        log.info(
-            "model warmed up",
-            extra={"event": "warm_up", "model": engine.name, "seconds": round(seconds, 2),
-                   "xla": engine.xla, "deterministic": engine.deterministic,
-                   "kinds": [kind.value for kind in kinds]},
-        )  # fmt: skip
-        engines.append(engine)
+def open_repository(config: ServerConfig, observer: Observer | None = None) -> Repository:
+    """The repository of every model the configuration names (--model, --model-repository)
+    under its --model-control; nothing is loaded until it starts."""
+    config.model_sources()  # a bad --model-name fails here, before anything listens
     if config.unsafe_deserialization:
         log.warning(
             "unsafe deserialization is on: model files may run code", extra={"event": "unsafe"}
         )
-    return engines
+    return Repository(
+        config.model_sources,
+        functools.partial(load_version, config),
+        control=config.model_control,
+        observer=observer,
+    )
+
+
+def load_version(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
+    """Load and warm up one version (TensorFlow is imported here, when a model is loaded, not
+    when this module is: a frontend process imports it and never loads a model)."""
+    from gradserve.server.engine import compiled
+
+    engine = compiled.Engine(
+        model_file(path),
+        device=config.device,
+        xla=config.xla,
+        deterministic=config.deterministic,
+        max_batch_size=config.max_batch_size,
+        name=name,
+        unsafe=config.unsafe_deserialization,
+        input_name=config.input or None,
+        output_name=config.output or None,
+    )
+    log.info(
+        "model loaded",
+        extra={"event": "model_load", "model": engine.name, "version": version,
+               "path": str(path), "device": engine.device, "input_shape": engine.input_shape,
+               "output_shape": engine.output_shape, "dtype": engine.dtype.name},
+    )  # fmt: skip
+    kinds = _servable_kinds(engine, config)
+    seconds = engine.warm_up(kinds)
+    log.info(
+        "model warmed up",
+        extra={"event": "warm_up", "model": engine.name, "version": version,
+               "seconds": round(seconds, 2), "xla": engine.xla,
+               "deterministic": engine.deterministic, "kinds": [kind.value for kind in kinds]},
+    )  # fmt: skip
+    return engine
 
 
 def _servable_kinds(engine: Engine, config: ServerConfig) -> list[Derivative]:

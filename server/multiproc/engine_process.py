@@ -23,9 +23,11 @@ with its kind and is not bisected.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -39,18 +41,27 @@ import numpy as np
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Engine, Priority
-from gradserve.server.core.errors import EngineFailed, InvalidInput, QueueFull
+from gradserve.server.core.errors import EngineFailed, InvalidInput, QueueFull, UnknownModel
+from gradserve.server.core.repository import Observer, Repository
 from gradserve.server.core.scheduler import Result, Scheduler
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import messages, shm
-from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
+from gradserve.server.multiproc.messages import (
+    Control,
+    ControlDone,
+    EngineModel,
+    Released,
+    SubBatch,
+    SubBatchAnswer,
+)
 from gradserve.server.multiproc.shm import Mapped, Segment
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve.engine")
 
-# How the engine process loads and warms up its models (the assembly passes its loader).
-Load = Callable[[ServerConfig], list[Engine]]
+# The engine process's model repository (the assembly passes how it is opened; loading and
+# warming up its versions is where TensorFlow is imported).
+Load = Callable[[ServerConfig, Observer], Repository]
 
 
 class _Answer:
@@ -102,7 +113,9 @@ class _Session:
         self._answers: dict[int, Segment] = {}
         self._prefix = f"gradserve-{os.getppid()}-e{number}s"
 
-    def submit(self, message: SubBatch, models: dict[str, tuple[Scheduler, Engine]]) -> None:
+    def submit(
+        self, message: SubBatch, models: dict[tuple[str, int], tuple[Scheduler, Engine]]
+    ) -> None:
         """Queue a sub-batch, or answer its slot with why not; BadFrame (the session ends)
         for a slot that is in flight already or not one of the frontend's."""
         slot = message.slot
@@ -112,7 +125,10 @@ class _Session:
             mapped = self._requests.setdefault(slot, Mapped())
             x = mapped.view(message.path, message.x)
             v = mapped.view(message.path, message.v)
-            scheduler, engine = models[message.model]
+            served = models.get((message.model, message.version))
+            if served is None:
+                raise UnknownModel(f"version {message.version} of {message.model!r} is not served")
+            scheduler, engine = served
             _check_rows(engine, Derivative(message.kind), x, v)
             ticket = _Answer(self, slot, scheduler)
             ticket.pending = scheduler.admit(
@@ -137,9 +153,11 @@ class _Session:
     def fail(self, slot: int, exc: BaseException) -> None:
         self._send(SubBatchAnswer.failed(exc, slot))
 
-    def _send(self, answer: SubBatchAnswer) -> None:
+    def send(self, message: messages.Message) -> None:
         with contextlib.suppress(OSError):  # the frontend is gone; its EOF ends the session
-            self.conn.send_bytes(messages.encode(answer))
+            self.conn.send_bytes(messages.encode(message))
+
+    _send = send
 
     def close(self) -> None:
         """The frontend went away: drop what it had queued; free this session's memory."""
@@ -154,41 +172,170 @@ class _Session:
 
 
 class _Loop:
-    """The engine process's one thread: frontends' frames in, batches run, answers out."""
+    """The engine process's one thread: frontends' frames in, batches run, answers out; and
+    the host of the model repository, whose loader thread hands it each change (`call`)."""
 
-    def __init__(self, config: ServerConfig, engines: list[Engine], metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self._config = config
-        self.schedulers = {
-            engine.name: Scheduler(
-                max_batch_size=config.max_batch_size,
-                max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
-                fair=config.fairness,  # between frontends: each is one caller here
-                max_batch_s=config.max_batch_ms / 1e3,
-                ladder=getattr(engine, "ladder", ()),
-                observer=metrics,
-            )
-            for engine in engines
-        }
-        self._models = {e.name: (self.schedulers[e.name], e) for e in engines}
+        self._metrics = metrics
+        self.schedulers: dict[tuple[str, int], Scheduler] = {}
+        # Every version a sub-batch may name: the served ones and the retiring ones, whose
+        # frontends may still send rows of requests they admitted.
+        self._models: dict[tuple[str, int], tuple[Scheduler, Engine]] = {}
+        self._retiring: dict[tuple[str, int], tuple[concurrent.futures.Future, set[int]]] = {}
         self._delay_s = config.max_delay_us / 1e6
-        self._infos = [
-            EngineModel(e.name, tuple(e.input_shape), tuple(e.output_shape), e.device,
-                        np.dtype(e.numpy_dtype).name)
-            for e in engines
-        ]  # fmt: skip
         self._selector = selectors.DefaultSelector()
+        self._live: dict[int, _Session] = {}
         self._sessions = 0
         self._turn = 0  # the model whose batch goes next when several have rows
         self._stopping = False
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._call_wakeup, self._call_writer = socket.socketpair()
+        self._call_writer.setblocking(False)
+        self._call_wakeup.setblocking(False)
+        self._thread: int | None = None  # the loop's, once it runs
+        self.repository: Repository | None = None
+
+    # -- the repository's host --------------------------------------------------------------
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the loop's thread and return its result (at once before the loop runs
+        and on the loop's own thread)."""
+        if self._thread is None or self._thread == threading.get_ident():
+            return fn()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self._post(run)
+        return done.result()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._calls.put(fn)
+        with contextlib.suppress(BlockingIOError):
+            self._call_writer.send(b"x")
+
+    def serve(self, name: str, version: int, engine: Engine) -> None:
+        self.call(lambda: self._add(name, version, engine))
+
+    def retire(self, name: str, version: int) -> concurrent.futures.Future:
+        released: concurrent.futures.Future = concurrent.futures.Future()
+        self.call(lambda: self._retire(name, version, released))
+        return released
+
+    def broadcast(self) -> None:
+        """The repository changed: every frontend gets the catalog (from any thread, without
+        waiting; before the loop runs, the greeting carries it)."""
+        if self._thread == threading.get_ident():
+            self._broadcast()
+        elif self._thread is not None:
+            self._post(self._broadcast)
+
+    def _add(self, name: str, version: int, engine: Engine) -> None:
+        key = (name, version)
+        if key in self._retiring:
+            raise RuntimeError(f"version {version} of {name!r} is still being released")
+        config = self._config
+        scheduler = Scheduler(
+            max_batch_size=config.max_batch_size,
+            max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
+            fair=config.fairness,  # between frontends: each is one caller here
+            max_batch_s=config.max_batch_ms / 1e3,
+            ladder=getattr(engine, "ladder", ()),
+            observer=self._metrics,
+        )
+        self.schedulers[key] = scheduler
+        self._models[key] = (scheduler, engine)
+        self._broadcast()
+
+    def _retire(self, name: str, version: int, released: concurrent.futures.Future) -> None:
+        key = (name, version)
+        if key not in self._models or key in self._retiring:
+            released.set_result(None)
+            return
+        self._retiring[key] = (released, set(self._live))
+        self._broadcast()
+        self._release_drained()
+
+    def _release(self, session: _Session, message: Released) -> None:
+        retiring = self._retiring.get((message.name, message.version))
+        if retiring is not None:
+            retiring[1].discard(session.number)
+        self._release_drained()
+
+    def _release_drained(self) -> None:
+        """Drop each retiring version whose every frontend has released it and whose rows
+        are all answered: its engine (and memory) goes with it."""
+        for key, (released, holders) in list(self._retiring.items()):
+            if not holders & set(self._live) and self.schedulers[key].pending == 0:
+                del self._retiring[key], self.schedulers[key], self._models[key]
+                released.set_result(None)
+
+    def catalog(self) -> list[EngineModel]:
+        """Every version the repository knows: the served ones with their shapes."""
+        served = {
+            key: EngineModel(key[0], key[1], tuple(e.input_shape), tuple(e.output_shape),
+                             e.device, np.dtype(e.numpy_dtype).name)
+            for key, (_scheduler, e) in self._models.items()
+            if key not in self._retiring
+        }  # fmt: skip
+        others = [
+            EngineModel(s.name, s.version, (), (), "", "", s.state, s.reason)
+            for s in (self.repository.statuses() if self.repository else [])
+            if (s.name, s.version) not in served
+        ]
+        return sorted([*served.values(), *others], key=lambda m: (m.name, m.version))
+
+    def _broadcast(self) -> None:
+        catalog = self.catalog()
+        for session in self._live.values():
+            session.send(catalog)
+
+    def _run_calls(self, wakeup: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError):
+            wakeup.recv(4096)
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            call()
+
+    def _control(self, session: _Session, message: Control) -> None:
+        """A frontend's load or unload, on a thread of its own (a load takes seconds to
+        minutes, and the repository does one at a time); its outcome goes back to it."""
+
+        def run() -> None:
+            try:
+                if message.operation not in ("load", "unload"):
+                    raise InvalidInput(f"no repository operation {message.operation!r}")
+                getattr(self.repository, message.operation)(message.name)
+                done = ControlDone(message.ticket)
+            except Exception as exc:
+                failed = SubBatchAnswer.failed(exc)
+                done = ControlDone(message.ticket, failed.error, failed.error_kind)
+            self.call(lambda: session.send(done))
+
+        threading.Thread(target=run, name="gradserve-control", daemon=True).start()
 
     def run(self, listener: socket.socket, wakeup: socket.socket) -> None:
         """Serve until SIGTERM (`wakeup` becomes readable) and every admitted row is done."""
+        self._thread = threading.get_ident()
         self._selector.register(listener, selectors.EVENT_READ, self._accept)
         self._selector.register(wakeup, selectors.EVENT_READ, self._stop)
+        self._selector.register(self._call_wakeup, selectors.EVENT_READ, self._run_calls)
+        self._run_calls(self._call_wakeup)  # any change made while the loop was starting
         while not (self._stopping and self._idle()):
             for key, _ in self._selector.select(self._timeout()):
                 key.data(key.fileobj)
             self._run_batch()
+            if self._retiring:
+                self._release_drained()
+        self._thread = None
         self._selector.close()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -201,12 +348,13 @@ class _Loop:
         try:
             if self._stopping:
                 raise OSError("stopping")
-            conn.send_bytes(messages.encode(self._infos))
+            conn.send_bytes(messages.encode(self.catalog()))
         except OSError:  # the frontend went away before its greeting
             conn.close()
             return
         self._sessions += 1
         session = _Session(conn, self._sessions, self._config.in_flight)
+        self._live[session.number] = session
         self._selector.register(conn, selectors.EVENT_READ, lambda _c: self._read(session))
 
     def _read(self, session: _Session) -> None:
@@ -214,9 +362,14 @@ class _Loop:
         try:
             for frame in session.frames.frames():
                 message = messages.decode(frame)
-                if not isinstance(message, SubBatch):
+                if isinstance(message, SubBatch):
+                    session.submit(message, self._models)
+                elif isinstance(message, Released):
+                    self._release(session, message)
+                elif isinstance(message, Control):
+                    self._control(session, message)
+                else:
                     raise messages.BadFrame(f"a frontend sent a {type(message).__name__}")
-                session.submit(message, self._models)
         except messages.BadFrame as exc:
             log.error("closing a connection that sent a bad frame: %s", exc,
                       extra={"event": "bad_frame"})  # fmt: skip
@@ -226,6 +379,7 @@ class _Loop:
 
     def _end(self, session: _Session) -> None:
         self._selector.unregister(session.conn)
+        self._live.pop(session.number, None)
         session.close()
 
     def _stop(self, wakeup: socket.socket) -> None:
@@ -249,14 +403,14 @@ class _Loop:
         return max(0.0, scheduler.oldest_due() + self._delay_s - time.perf_counter())
 
     def _run_batch(self) -> None:
-        """One batch of the next model (round robin) whose rows are due."""
-        names = list(self.schedulers)
-        for i in range(len(names)):
-            name = names[(self._turn + i) % len(names)]
-            scheduler = self.schedulers[name]
+        """One batch of the next model version (round robin) whose rows are due."""
+        keys = list(self.schedulers)
+        for i in range(len(keys)):
+            key = keys[(self._turn + i) % len(keys)]
+            scheduler = self.schedulers[key]
             if scheduler.queued_rows and self._wait_s(scheduler) == 0.0:
-                self._turn = (self._turn + i + 1) % len(names)
-                self._run(scheduler, self._models[name][1])
+                self._turn = (self._turn + i + 1) % len(keys)
+                self._run(scheduler, self._models[key][1])
                 return
 
     def _run(self, scheduler: Scheduler, engine: Engine) -> None:
@@ -304,12 +458,15 @@ def _listen(address: str) -> socket.socket:
 
 
 def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
-    engines = load(config)
     metrics = Metrics()
-    loop = _Loop(config, engines, metrics)
+    loop = _Loop(config, metrics)
+    repository = load(config, metrics)
+    loop.repository = repository
+    repository.on_change = loop.broadcast
+    repository.start(loop, config.poll_seconds)  # the versions to serve at start, loaded here
     schedulers = loop.schedulers
     metrics.queue_rows.set_function(lambda: sum(s.queued_rows for s in schedulers.values()))
-    metrics.watch_costs(lambda: [(name, s.costs()) for name, s in schedulers.items()])
+    metrics.watch_costs(lambda: [(name, s.costs()) for (name, _v), s in list(schedulers.items())])
     http = metrics.serve("127.0.0.1", 0)
     wakeup, wakeup_writer = socket.socketpair()
     wakeup_writer.setblocking(False)
@@ -323,14 +480,15 @@ def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -
     try:
         loop.run(listener, wakeup)
     finally:
+        repository.close()
         listener.close()
         http.shutdown()
     log.info("engine process stopped", extra={"event": "engine_stop"})
 
 
 def run(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
-    """Entry point of the engine process (spawned by the supervisor); `load` loads and warms
-    up the models (the assembly's loader: this is where TensorFlow is imported)."""
+    """Entry point of the engine process (spawned by the supervisor); `load` opens its model
+    repository (the assembly's: its loader is where TensorFlow is imported)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders
     logs.configure(config.log_format, config.log_level)
     try:

@@ -1,7 +1,11 @@
 """What a frontend and the engine process say to each other, and its bytes on their socket.
 
-Three messages: the engine's greeting (the models it serves), a sub-batch (frontend ->
-engine) and its answer (engine -> frontend). Each is sent as one length-delimited frame of
+The engine's catalog (every model version it knows: the ones it serves with their shapes, the
+others with their state and why; sent as a greeting and again whenever it changes), a
+sub-batch (frontend -> engine, naming its model's version) and its answer (engine ->
+frontend), a repository operation (frontend -> engine: load or unload a model) and its
+outcome, and a frontend's word that it has released a version the catalog no longer serves
+(its last request on it answered). Each is sent as one length-delimited frame of
 a versioned binary format, never pickled: whatever can connect to the engine's socket can
 at most send a frame that is refused, not code to run. A frame starts with the format's
 version and the message's type; strings are length-prefixed UTF-8, numbers little-endian;
@@ -26,11 +30,11 @@ from gradserve.server.core.contract import Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
 from gradserve.server.multiproc.shm import ArrayRef
 
-VERSION = 2
-_GREETING, _SUB_BATCH, _ANSWER = 1, 2, 3
+VERSION = 3
+_CATALOG, _SUB_BATCH, _ANSWER, _CONTROL, _CONTROL_DONE, _RELEASED = 1, 2, 3, 4, 5, 6
 _HEAD = struct.Struct("<BB")  # version, message type
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
-_SCHEDULE = struct.Struct("<BdH")  # priority, deadline (NaN: none), slot
+_SCHEDULE = struct.Struct("<BdHI")  # priority, deadline (NaN: none), slot, model version
 _REF = struct.Struct("<QB")  # offset, number of dimensions
 
 
@@ -89,13 +93,44 @@ class FrameReader:
 
 @dataclass(frozen=True, slots=True)
 class EngineModel:
-    """What the engine process tells a frontend about each model it serves."""
+    """What the engine process tells a frontend about each model version it knows: the
+    shapes of one it serves (state READY), or the state and reason of one it does not."""
 
     name: str
+    version: int
     input_shape: Shape
     output_shape: Shape
     device: str
     dtype: str
+    state: str = "READY"
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """Frontend -> engine: `operation` (load, unload) model `name`; `ticket` matches the
+    outcome to the call."""
+
+    operation: str
+    name: str
+    ticket: int
+
+
+@dataclass(frozen=True, slots=True)
+class ControlDone:
+    """Engine -> frontend: how an operation ended ("" error: it succeeded)."""
+
+    ticket: int
+    error: str = ""
+    error_kind: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """Frontend -> engine: it sends no more sub-batches of this version."""
+
+    name: str
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +147,7 @@ class SubBatch:
     priority: int = Priority.NORMAL
     deadline: float | None = None
     slot: int = 0
+    version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +178,22 @@ class SubBatchAnswer:
             raise BY_NAME.get(self.error_kind, EngineFailed)(self.error)
 
 
-Message = list[EngineModel] | SubBatch | SubBatchAnswer
+Message = list[EngineModel] | SubBatch | SubBatchAnswer | Control | ControlDone | Released
 
 
 def encode(message: Message) -> bytes:
-    """One frame for `message` (a greeting is the list of EngineModels)."""
-    if isinstance(message, SubBatch):
+    """One frame for `message` (a catalog is the list of EngineModels)."""
+    if isinstance(message, Control):
+        parts = [_HEAD.pack(VERSION, _CONTROL), _U32.pack(message.ticket)]
+        parts += [_text(message.operation), _text(message.name)]
+    elif isinstance(message, ControlDone):
+        parts = [_HEAD.pack(VERSION, _CONTROL_DONE), _U32.pack(message.ticket)]
+        parts += [_text(message.error), _text(message.error_kind)]
+    elif isinstance(message, Released):
+        parts = [_HEAD.pack(VERSION, _RELEASED), _U32.pack(message.version), _text(message.name)]
+    elif isinstance(message, SubBatch):
         deadline = math.nan if message.deadline is None else message.deadline
-        schedule = _SCHEDULE.pack(message.priority, deadline, message.slot)
+        schedule = _SCHEDULE.pack(message.priority, deadline, message.slot, message.version)
         parts = [_HEAD.pack(VERSION, _SUB_BATCH), schedule]
         parts += [_text(message.model), _text(message.kind), _text(message.path)]
         parts += [_ref(message.x), _ref(message.v)]
@@ -158,10 +202,12 @@ def encode(message: Message) -> bytes:
         parts.append(_ref(message.y))
         parts += [_ref(message.dy_dx), _text(message.error), _text(message.error_kind)]
     else:
-        parts = [_HEAD.pack(VERSION, _GREETING), _U32.pack(len(message))]
+        parts = [_HEAD.pack(VERSION, _CATALOG), _U32.pack(len(message))]
         for model in message:
-            parts += [_text(model.name), _shape(model.input_shape), _shape(model.output_shape)]
-            parts += [_text(model.device), _text(model.dtype)]
+            parts += [_text(model.name), _U32.pack(model.version)]
+            parts += [_shape(model.input_shape), _shape(model.output_shape)]
+            parts += [_text(model.device), _text(model.dtype), _text(model.state)]
+            parts.append(_text(model.reason))
     return b"".join(parts)
 
 
@@ -237,14 +283,14 @@ class _Reader:
 
 
 def _sub_batch(reader: _Reader) -> SubBatch:
-    priority, deadline, slot = reader.unpack(_SCHEDULE)
+    priority, deadline, slot, version = reader.unpack(_SCHEDULE)
     model, kind, path = reader.text(), reader.text(), reader.text()
     x = reader.ref()
     if x is None:
         raise ValueError("a sub-batch without rows")
     v = reader.ref()
     deadline = None if math.isnan(deadline) else deadline
-    return SubBatch(model, kind, path, x, v, priority, deadline, slot)
+    return SubBatch(model, kind, path, x, v, priority, deadline, slot, version)
 
 
 def _answer(reader: _Reader) -> SubBatchAnswer:
@@ -253,12 +299,35 @@ def _answer(reader: _Reader) -> SubBatchAnswer:
     return SubBatchAnswer(path, y, dy_dx, reader.text(), reader.text(), slot)
 
 
-def _greeting(reader: _Reader) -> list[EngineModel]:
+def _catalog(reader: _Reader) -> list[EngineModel]:
     (count,) = reader.unpack(_U32)
     return [
-        EngineModel(reader.text(), reader.shape(), reader.shape(), reader.text(), reader.text())
+        EngineModel(reader.text(), reader.unpack(_U32)[0], reader.shape(), reader.shape(),
+                    reader.text(), reader.text(), reader.text(), reader.text())
         for _ in range(count)
-    ]
+    ]  # fmt: skip
 
 
-_DECODERS = {_GREETING: _greeting, _SUB_BATCH: _sub_batch, _ANSWER: _answer}
+def _control(reader: _Reader) -> Control:
+    (ticket,) = reader.unpack(_U32)
+    return Control(reader.text(), reader.text(), ticket)
+
+
+def _control_done(reader: _Reader) -> ControlDone:
+    (ticket,) = reader.unpack(_U32)
+    return ControlDone(ticket, reader.text(), reader.text())
+
+
+def _released(reader: _Reader) -> Released:
+    (version,) = reader.unpack(_U32)
+    return Released(reader.text(), version)
+
+
+_DECODERS = {
+    _CATALOG: _catalog,
+    _SUB_BATCH: _sub_batch,
+    _ANSWER: _answer,
+    _CONTROL: _control,
+    _CONTROL_DONE: _control_done,
+    _RELEASED: _released,
+}

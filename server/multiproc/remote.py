@@ -1,4 +1,5 @@
-"""The engine process as a frontend sees it: one RemoteEngine per served model.
+"""The engine process as a frontend sees it: one RemoteEngine per served model version, and
+the engine's model repository (RemoteOwner) as the frontend's owner of its models.
 
 A frontend process runs the same servicers and batchers as a single-process server; only
 its engines are these stand-ins, whose `run` hands the frontend's micro-batch (a sub-batch)
@@ -14,11 +15,18 @@ frees the slot; outputs of COPY_OFF_LOOP bytes or more are copied on a worker th
 that a large answer does not hold up the loop's other callers. A slot whose call was
 cancelled stays taken until its answer arrives, so neither side ever writes memory the
 other may still read.
+
+The engine process sends its catalog again whenever the served versions change: the frontend
+serves each new version as it is listed, and stops routing to a version the catalog no longer
+lists; once its last request on that version is answered it tells the engine (Released), which
+frees the version when every frontend has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import math
 import os
@@ -29,9 +37,17 @@ from multiprocessing.connection import Client, Connection
 import numpy as np
 
 from gradserve.server.core.contract import BatchHints, Outputs
-from gradserve.server.core.errors import EngineUnavailable, RequestError
+from gradserve.server.core.errors import BY_NAME, EngineFailed, EngineUnavailable, RequestError
+from gradserve.server.core.repository import READY, Host, VersionStatus
 from gradserve.server.multiproc import messages
-from gradserve.server.multiproc.messages import EngineModel, SubBatch, SubBatchAnswer
+from gradserve.server.multiproc.messages import (
+    Control,
+    ControlDone,
+    EngineModel,
+    Released,
+    SubBatch,
+    SubBatchAnswer,
+)
 from gradserve.server.multiproc.shm import Mapped, Segment
 from gradserve.wire.kinds import Derivative
 
@@ -55,10 +71,13 @@ class EngineLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._copies: set[asyncio.Task[None]] = set()
         self._on_lost = on_lost
+        self._on_catalog: Callable[[list[EngineModel]], None] = lambda _c: None
+        self._controls: dict[int, asyncio.Future[None]] = {}
+        self._tickets = itertools.count(1)
         self.window = window
         self.lost = False
-        self.models: list[EngineModel] = messages.decode(self._conn.recv_bytes())
-        self._frames = messages.FrameReader(self._conn)  # from here on, answers only
+        self.catalog: list[EngineModel] = messages.decode(self._conn.recv_bytes())
+        self._frames = messages.FrameReader(self._conn)
 
     @classmethod
     def connect(
@@ -73,21 +92,44 @@ class EngineLink:
                 abandon.wait(_CONNECT_RETRY_S)
         raise RuntimeError("stopped before the engine process was ready")
 
-    def engines(self, loop: asyncio.AbstractEventLoop) -> list[RemoteEngine]:
-        """The engine process's models, exchanged with from `loop` (reading starts now)."""
+    def start(
+        self, loop: asyncio.AbstractEventLoop, on_catalog: Callable[[list[EngineModel]], None]
+    ) -> None:
+        """Loop: the free slots, and reading whenever the socket is readable; each catalog
+        that comes goes to `on_catalog`."""
         self._loop = loop
-        loop.call_soon_threadsafe(self._start)  # called from the loader's thread
-        return [RemoteEngine(self, info) for info in self.models]
-
-    def _start(self) -> None:
-        """Loop: the free slots, and reading answers whenever the socket is readable."""
+        self._on_catalog = on_catalog
         self._free = asyncio.Queue()
         for slot in range(self.window):
             self._free.put_nowait(slot)
         self._loop.add_reader(self._conn.fileno(), self._read)
 
+    async def control(self, operation: str, name: str) -> None:
+        """Ask the engine process to load or unload model `name`; its error, if it failed."""
+        if self.lost:
+            raise EngineUnavailable(_GONE)
+        ticket = next(self._tickets)
+        future = self._controls[ticket] = self._loop.create_future()
+        try:
+            self._conn.send_bytes(messages.encode(Control(operation, name, ticket)))
+        except OSError as exc:
+            self._lose(exc)
+        await future
+
+    def release(self, name: str, version: int) -> None:
+        """Loop: this frontend sends no more of this version (its last request answered)."""
+        if not self.lost:
+            with contextlib.suppress(OSError):
+                self._conn.send_bytes(messages.encode(Released(name, version)))
+
     async def exchange(
-        self, model: str, kind: Derivative, x: np.ndarray, v: np.ndarray | None, hints: BatchHints
+        self,
+        model: str,
+        version: int,
+        kind: Derivative,
+        x: np.ndarray,
+        v: np.ndarray | None,
+        hints: BatchHints,
     ) -> Outputs:
         """Send one sub-batch in a free slot and wait for its outputs."""
         slot = await self._free.get()
@@ -100,7 +142,7 @@ class EngineLink:
             self._free.put_nowait(slot)  # nothing was sent: the slot is free again
             raise
         message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
-                           hints.deadline, slot)  # fmt: skip
+                           hints.deadline, slot, version)  # fmt: skip
         future = self._loop.create_future()
         self._waiting[slot] = future
         try:
@@ -115,6 +157,13 @@ class EngineLink:
         try:
             for frame in self._frames.frames():
                 answer = messages.decode(frame)
+                if isinstance(answer, list):
+                    self.catalog = answer
+                    self._on_catalog(answer)
+                    continue
+                if isinstance(answer, ControlDone):
+                    self._control_done(answer)
+                    continue
                 if not isinstance(answer, SubBatchAnswer) or not 0 <= answer.slot < self.window:
                     raise messages.BadFrame("the engine process sent no answer of a slot")
                 if _output_bytes(answer) >= COPY_OFF_LOOP:
@@ -126,6 +175,15 @@ class EngineLink:
         except (EOFError, OSError, messages.BadFrame) as exc:
             self._loop.remove_reader(self._conn.fileno())
             self._lose(exc)
+
+    def _control_done(self, done: ControlDone) -> None:
+        future = self._controls.pop(done.ticket, None)
+        if future is None or future.done():
+            return
+        if done.error:
+            future.set_exception(BY_NAME.get(done.error_kind, EngineFailed)(done.error))
+        else:
+            future.set_result(None)
 
     async def _copy_then_resolve(self, answer: SubBatchAnswer) -> None:
         self._resolve(answer.slot, await asyncio.to_thread(self._outcome, answer))
@@ -169,6 +227,10 @@ class EngineLink:
             if not future.done():
                 future.set_exception(EngineUnavailable(_GONE))
         self._waiting.clear()
+        for future in self._controls.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(_GONE))
+        self._controls.clear()
         for slot in range(self.window):  # wake every caller waiting for a slot
             self._free.put_nowait(slot)
         self._on_lost()
@@ -200,6 +262,7 @@ class RemoteEngine:
     def __init__(self, link: EngineLink, info: EngineModel) -> None:
         self._link = link
         self.name = info.name
+        self.version = info.version
         self.input_shape = info.input_shape
         self.output_shape = info.output_shape
         self.device = info.device
@@ -213,4 +276,57 @@ class RemoteEngine:
         v: np.ndarray | None = None,
         hints: BatchHints | None = None,
     ) -> Outputs:
-        return await self._link.exchange(self.name, kind, x, v, hints or _NO_HINTS)
+        return await self._link.exchange(self.name, self.version, kind, x, v, hints or _NO_HINTS)
+
+
+class RemoteOwner:
+    """The engine process's model repository as a frontend's owner of its models: it serves
+    what each catalog lists, reports its index, and forwards load and unload."""
+
+    def __init__(self, connect: Callable[[], EngineLink], loop: asyncio.AbstractEventLoop) -> None:
+        self._connect = connect
+        self._loop = loop
+        self.link: EngineLink | None = None
+        self._host: Host | None = None
+        self._serving: set[tuple[str, int]] = set()
+        self._statuses: list[VersionStatus] = []
+
+    def start(self, host: Host, poll_seconds: float = 0.0) -> None:
+        """Worker thread: connect (waiting for the engine process), then serve its catalog."""
+        self.link = self._connect()
+        self._host = host
+        begun = threading.Event()
+
+        def begin() -> None:
+            try:
+                self.link.start(self._loop, self._apply)
+                self._apply(self.link.catalog)
+            finally:
+                begun.set()
+
+        self._loop.call_soon_threadsafe(begin)
+        begun.wait()
+
+    def _apply(self, catalog: list[EngineModel]) -> None:
+        """Loop: serve the versions newly listed READY; retire those no longer listed."""
+        self._statuses = [VersionStatus(m.name, m.version, m.state, m.reason) for m in catalog]
+        ready = {(m.name, m.version): m for m in catalog if m.state == READY}
+        for key in sorted(ready.keys() - self._serving):
+            self._host.serve(*key, RemoteEngine(self.link, ready[key]))
+            self._serving.add(key)
+        for key in sorted(self._serving - ready.keys()):
+            self._serving.discard(key)
+            released = self._host.retire(*key)
+            released.add_done_callback(lambda _f, key=key: self._released(key))
+
+    def _released(self, key: tuple[str, int]) -> None:
+        self._loop.call_soon_threadsafe(self.link.release, *key)
+
+    def statuses(self) -> list[VersionStatus]:
+        return list(self._statuses)
+
+    async def request(self, operation: str, name: str) -> None:
+        await self.link.control(operation, name)
+
+    def close(self) -> None:
+        """Nothing to stop here: the frontend closes the link."""

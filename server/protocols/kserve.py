@@ -29,6 +29,7 @@ from gradserve.server.core.contract import ModelSpec, Priority
 from gradserve.server.core.errors import InvalidInput, RequestError, UnknownModel
 from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
+from gradserve.server.core.repository import READY, Owner, known
 from gradserve.server.core.validation import check_shape
 from gradserve.server.metrics import Metrics
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
@@ -40,6 +41,7 @@ from gradserve.wire.timing import FIELDS, Hops
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = importlib.metadata.version("gradserve")
+EXTENSIONS = ("model_configuration", "model_repository")  # of the protocol, both transports
 PLATFORM = "tensorflow_keras"
 INPUT, VECTOR, OUTPUT, DERIVATIVE = "x", "v", "y", "dy_dx"
 ATTRIBUTIONS, DELTA = "attributions", "delta"
@@ -75,6 +77,7 @@ class InferenceServicer:
         models: Models,
         metrics: Metrics,
         is_ready: Callable[[], bool],
+        owner: Owner,
         *,
         stream_window: StreamWindow,
         streams: Streams,
@@ -82,6 +85,7 @@ class InferenceServicer:
     ) -> None:
         self._models = models
         self._is_ready = is_ready
+        self._owner = owner
         self._answer = Answerer(
             InferenceCodec(models), metrics, streams, stream_rpc="ModelStreamInfer",
             window=stream_window, memory=memory,
@@ -102,20 +106,59 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
-        await self._checked(context, request.name, request.version)
+        """Ready: the version serves; not ready: the repository knows it but it does not
+        serve (loading, failed, unloaded); NOT_FOUND: nothing of that name is known."""
+        try:
+            _model(self._models, request.name, request.version)
+        except RequestError as exc:
+            if not known(self._owner.statuses(), request.name, request.version):
+                await abort(context, exc)
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self._is_ready())
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_configuration"]
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS)
         )
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        return model_metadata((await self._checked(context, request.name, request.version)).spec)
+        spec = (await self._checked(context, request.name, request.version)).spec
+        return model_metadata(spec, self._models.versions(spec.name))
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
         return pb.ModelConfigResponse(config=model_config(spec))
+
+    # -- the model repository --------------------------------------------------------------
+
+    async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        statuses = [s for s in self._owner.statuses() if s.state == READY or not request.ready]
+        return pb.RepositoryIndexResponse(
+            models=[entry(name=s.name, version=str(s.version), state=s.state, reason=s.reason)
+                    for s in statuses]
+        )  # fmt: skip
+
+    async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        await self._control(context, "load", request)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        await self._control(context, "unload", request)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _control(self, context, operation: str, request) -> None:
+        try:
+            # No model depends on another here, so there are no dependents to unload.
+            given = sorted(set(request.parameters) - {"unload_dependents"})
+            if given:
+                raise InvalidInput(
+                    f"{operation} takes the model's files as they are in the repository; "
+                    f"parameters {given} are not supported"
+                )
+            await self._owner.request(operation, request.model_name)
+        except RequestError as exc:
+            await abort(context, exc)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -131,13 +174,14 @@ class InferenceServicer:
             yield response
 
 
-def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
-    """A model's tensors as the standard protocol describes them (gRPC and REST)."""
+def model_metadata(spec: ModelSpec, versions: list[str]) -> pb.ModelMetadataResponse:
+    """A model's tensors as the standard protocol describes them (gRPC and REST), with every
+    version it serves."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     datatype = tensors.float_type(spec.dtype).kserve
     return pb.ModelMetadataResponse(
         name=spec.name,
-        versions=[spec.version],
+        versions=versions,
         platform=PLATFORM,
         inputs=[tensor(name=INPUT, datatype=datatype, shape=[-1, *spec.input_shape])],
         outputs=[

@@ -17,6 +17,7 @@ from gradserve.server.core.contract import ModelSpec, Priority
 from gradserve.server.core.errors import InvalidInput, RequestError
 from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
+from gradserve.server.core.repository import Owner
 from gradserve.server.metrics import Metrics
 from gradserve.server.transport import bulk
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
@@ -76,7 +77,7 @@ class NativeCodec:
 
     def decode(self, received: bulk.Lifted, arrival: Arrival) -> Ticket:
         request, payloads = received.message, received.payloads
-        served = self._models.get(request.model)
+        served = self._models.get(request.model, request.version)
         kind = native.KIND.get(request.derivative)
         if kind is None:
             raise InvalidInput(
@@ -144,12 +145,14 @@ class GradientServicer:
         self,
         models: Models,
         metrics: Metrics,
+        owner: Owner,
         *,
         stream_window: StreamWindow,
         streams: Streams,
         memory: MemoryBudget,
     ) -> None:
         self._models = models
+        self._owner = owner
         self._answer = Answerer(
             NativeCodec(models), metrics, streams, stream_rpc="EvaluateStream",
             window=stream_window, memory=memory,
@@ -170,14 +173,41 @@ class GradientServicer:
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
-            return model_info(self._models.get(request.model).spec)
+            return model_info(self._models.get(request.model, request.version).spec)
         except RequestError as exc:
             await abort(context, exc)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelList:
-        return pb.ModelList(models=[model_info(s.spec) for s in self._models])
+        return pb.ModelList(models=[model_info(s.spec) for s in self._models.every_version()])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(
+            versions=[pb.ModelVersionStatus(model=s.name, version=str(s.version), state=s.state,
+                                            reason=s.reason)
+                      for s in self._owner.statuses()]
+        )  # fmt: skip
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        await self._control(context, "load", request.model)
+        return pb.LoadModelResponse()
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        await self._control(context, "unload", request.model)
+        return pb.UnloadModelResponse()
+
+    async def _control(self, context: grpc.aio.ServicerContext, operation: str, name: str) -> None:
+        try:
+            await self._owner.request(operation, name)
+        except RequestError as exc:
+            await abort(context, exc)
 
 
 def model_info(spec: ModelSpec) -> pb.ModelInfo:

@@ -19,8 +19,12 @@ SERVER = "/v2"
 OPENAPI = "/v2/openapi.json"
 MODEL = "/v2/models/{model}"
 VERSIONED = MODEL + "/versions/{version}"
+REPOSITORY_INDEX = "/v2/repository/index"
+REPOSITORY_MODEL = "/v2/repository/models/{model}"
+CONTROL = ("load", "unload")  # REPOSITORY_MODEL + "/" + each
 ERRORS = {  # the statuses an endpoint may answer with {"error": ...}, and when
-    400: "bad input: the message says what was wrong and what was expected",
+    400: "bad input (or a load that failed, or model control that is not explicit): the "
+    "message says what was wrong and what was expected",
     404: "no such model or version (or path)",
     405: "the path is served, but not with this method",
     408: "the request body did not arrive in time",
@@ -166,6 +170,22 @@ def _schemas() -> dict:
             input={"type": "array", "items": configured},
             output={"type": "array", "items": configured},
         ),
+        "RepositoryIndexRequest": _object([], ready={"type": "boolean"}),
+        "RepositoryControl": {
+            **_object([], parameters={"type": "object", "maxProperties": 0}),
+            "description": "the model's files are taken as they are in the repository: no "
+            "parameter (a config or files override) is taken",
+        },
+        "RepositoryIndex": {
+            "type": "array",
+            "items": _object(
+                ["name", "version", "state"],
+                name={"type": "string"},
+                version={"type": "string"},
+                state={"type": "string", "enum": ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
+                reason={"type": "string"},
+            ),
+        },
         "Parameters": _parameters(),
         "InferenceRequest": {
             **_object(
@@ -247,6 +267,24 @@ def document(specs: list[ModelSpec], version: str, header: str) -> dict:
             "get": {"summary": "This document", "responses": _answers(_json({"type": "object"}))}
         },
     }
+    paths[REPOSITORY_INDEX] = {
+        "post": {
+            "summary": "Every model version the repository knows, and its state",
+            "requestBody": {"required": False, "content": _json(_ref("RepositoryIndexRequest"))},
+            "responses": _answers(_json(_ref("RepositoryIndex")), 400),
+        }
+    }
+    folder = {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}  # a repository folder's
+    named = {"name": "model", "in": "path", "required": True, "schema": folder}
+    for operation in CONTROL:
+        paths[f"{REPOSITORY_MODEL}/{operation}"] = {
+            "parameters": [named],
+            "post": {
+                "summary": f"{operation.capitalize()} a model (--model-control explicit)",
+                "requestBody": {"required": False, "content": _json(_ref("RepositoryControl"))},
+                "responses": _answers(_json({"type": "object"}), 400, 404, 503),
+            },
+        }
     for base in (MODEL, VERSIONED):
         common = {"parameters": _model_parameters(specs, base == VERSIONED)}
         model = _json(_ref("ModelMetadata"))

@@ -26,12 +26,14 @@ from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core import explain
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec
-from gradserve.server.core.errors import Closed, InvalidInput, RequestError
+from gradserve.server.core.errors import Closed, InvalidInput, RequestError, UnknownModel
 from gradserve.server.core.registry import Models
+from gradserve.server.core.repository import READY, Owner, known
 from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols import openapi
 from gradserve.server.protocols.kserve import (
+    EXTENSIONS,
     INPUT,
     PLATFORM,
     SERVER_NAME,
@@ -50,6 +52,7 @@ from gradserve.wire.timing import FIELDS
 RPC = "rest/infer"  # the metrics' label of this protocol's inference requests
 _STATUS = {  # the HTTP status of each gRPC code a request can end with
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
@@ -76,6 +79,7 @@ class RestService:
     ) -> None:
         self._memory = memory  # the server's: a body is reserved against it before it is read
         self._models: Models | None = None
+        self._owner: Owner | None = None
         self._codec: InferenceCodec | None = None
         self._metrics = metrics
         self._is_ready = is_ready
@@ -83,8 +87,8 @@ class RestService:
         self._answered = metrics.requests.labels(RPC, "OK")
         self._body: _BodyReader | None = None  # the application's
 
-    def serve(self, models: Models) -> None:
-        self._models, self._codec = models, InferenceCodec(models)
+    def serve(self, models: Models, owner: Owner) -> None:
+        self._models, self._codec, self._owner = models, InferenceCodec(models), owner
 
     def application(self, max_body_bytes: int, idle_seconds: float) -> web.Application:
         """The aiohttp application of these endpoints: bodies up to `max_body_bytes` (413),
@@ -110,7 +114,10 @@ class RestService:
             *(web.get(path, self.model_metadata) for path in (model, versioned)),
             *(web.get(path + "/config", self.model_config) for path in (model, versioned)),
             *(web.post(path + "/infer", self.infer) for path in (model, versioned)),
-        ]
+            web.post(openapi.REPOSITORY_INDEX, self.repository_index),
+            *(web.post(f"{openapi.REPOSITORY_MODEL}/{operation}", self._controller(operation))
+              for operation in openapi.CONTROL),
+        ]  # fmt: skip
 
     async def live(self, request: web.Request) -> web.Response:
         return _json({"live": True})
@@ -121,7 +128,7 @@ class RestService:
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return _json({"name": SERVER_NAME, "version": SERVER_VERSION,
-                      "extensions": ["model_configuration"]})  # fmt: skip
+                      "extensions": list(EXTENSIONS)})  # fmt: skip
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of these endpoints and the served models."""
@@ -129,12 +136,47 @@ class RestService:
         return _json(openapi.document(specs, SERVER_VERSION, HEADER_LENGTH))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._served(request)
-        ready = self._is_ready()
-        return _json({"name": request.match_info["model"], "ready": ready}, 200 if ready else 503)
+        """200 ready; 503 known to the repository but not serving (or the server not ready);
+        404 unknown."""
+        name, version = request.match_info["model"], request.match_info.get("version", "")
+        try:
+            self._served(request)
+            ready = self._is_ready()
+        except UnknownModel:
+            if self._owner is None or not known(self._owner.statuses(), name, version):
+                raise
+            ready = False
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        if self._owner is None:
+            raise Closed("the server is still loading its models")
+        asked = await _json_object(request)
+        if not isinstance(asked.get("ready", False), bool):
+            raise InvalidInput('the index request is a JSON object, {"ready": true|false}')
+        ready_only = asked.get("ready", False)
+        statuses = [s for s in self._owner.statuses() if s.state == READY or not ready_only]
+        return _json([{"name": s.name, "version": str(s.version), "state": s.state,
+                       "reason": s.reason} for s in statuses])  # fmt: skip
+
+    def _controller(self, operation: str) -> Callable:
+        async def control(request: web.Request) -> web.Response:
+            if self._owner is None:
+                raise Closed("the server is still loading its models")
+            parameters = (await _json_object(request)).get("parameters", {})
+            if parameters != {}:
+                raise InvalidInput(
+                    f"{operation} takes the model's files as they are in the repository; "
+                    f'"parameters" must be absent or {{}}, not {str(parameters)[:200]}'
+                )
+            await self._owner.request(operation, request.match_info["model"])
+            return _json({})
+
+        return control
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        meta = model_metadata(self._served(request).spec)
+        served = self._served(request)
+        meta = model_metadata(served.spec, self._models.versions(served.spec.name))
         return _json({"name": meta.name, "versions": list(meta.versions), "platform": PLATFORM,
                       "inputs": [_described(t) for t in meta.inputs],
                       "outputs": [_described(t) for t in meta.outputs]})  # fmt: skip
@@ -454,6 +496,18 @@ def _respond(answer: tuple[dict, list]) -> web.Response:
 def _json(document: dict, status: int = 200) -> web.Response:
     body = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     return web.Response(body=body, status=status, content_type=_JSON)
+
+
+async def _json_object(request: web.Request) -> dict:
+    """A small JSON-object body (or none: {}), as the repository endpoints take."""
+    body = await request.read()
+    try:
+        document = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return document
 
 
 @web.middleware

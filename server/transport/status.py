@@ -19,6 +19,8 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.EngineFailed: grpc.StatusCode.INTERNAL,
     errors.EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Closed: grpc.StatusCode.UNAVAILABLE,
+    errors.LoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ControlRefused: grpc.StatusCode.FAILED_PRECONDITION,
     asyncio.CancelledError: grpc.StatusCode.CANCELLED,
 }
 

@@ -24,39 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgradserve/v1/gradserve.proto\x12\x0cgradserve.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8e\x02\n\x0f\x45valuateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12,\n\nderivative\x18\x03 \x01(\x0e\x32\x18.gradserve.v1.Derivative\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1f\n\x01v\x18\x05 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12\x13\n\x06target\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12&\n\x07\x65xplain\x18\x07 \x01(\x0b\x32\x15.gradserve.v1.Explain\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.gradserve.v1.PriorityB\t\n\x07_target\"\x95\x01\n\x07\x45xplain\x12\r\n\x05steps\x18\x01 \x01(\x03\x12&\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12\x0f\n\x07samples\x18\x03 \x01(\x03\x12\x12\n\x05noise\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0enoise_absolute\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x42\x08\n\x06_noise\"\x8e\x01\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\x12\x12\n\nbatch_rows\x18\x03 \x01(\x03\x12\x11\n\tdecode_us\x18\x04 \x01(\x03\x12\x12\n\nhandoff_us\x18\x05 \x01(\x03\x12\x11\n\tencode_us\x18\x06 \x01(\x03\x12\x10\n\x08total_us\x18\x07 \x01(\x03\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xff\x01\n\x10\x45valuateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x01y\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12#\n\x05\x64y_dx\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.gradserve.v1.Timing\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.gradserve.v1.Error\x12*\n\x0c\x61ttributions\x18\x06 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12#\n\x05\x64\x65lta\x18\x07 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x95\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_width\x18\x03 \x01(\x03\x12\x14\n\x0coutput_width\x18\x04 \x01(\x03\x12-\n\x0b\x64\x65rivatives\x18\x05 \x03(\x0e\x32\x18.gradserve.v1.Derivative\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x03\x12\x18\n\x10max_request_rows\x18\x08 \x01(\x03\x12\x13\n\x0binput_shape\x18\t \x03(\x03\x12\x14\n\x0coutput_shape\x18\n \x03(\x03\x12\"\n\x05\x64type\x18\x0b \x01(\x0e\x32\x13.gradserve.v1.DType\"\x13\n\x11ListModelsRequest\"4\n\tModelList\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gradserve.v1.ModelInfo*!\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x0b\n\x07\x46LOAT64\x10\x01*\x85\x01\n\nDerivative\x12\x0c\n\x08GRADIENT\x10\x00\x12\x0c\n\x08JACOBIAN\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x07\n\x03VJP\x10\x03\x12\x07\n\x03JVP\x10\x04\x12\x0b\n\x07HESSIAN\x10\x05\x12\x07\n\x03HVP\x10\x06\x12\x18\n\x14INTEGRATED_GRADIENTS\x10\x07\x12\x0f\n\x0bSMOOTH_GRAD\x10\x08* \n\x08Priority\x12\n\n\x06NORMAL\x10\x00\x12\x08\n\x04HIGH\x10\x01\x32\xc2\x02\n\x0fGradientService\x12I\n\x08\x45valuate\x12\x1d.gradserve.v1.EvaluateRequest\x1a\x1e.gradserve.v1.EvaluateResponse\x12S\n\x0e\x45valuateStream\x12\x1d.gradserve.v1.EvaluateRequest\x1a\x1e.gradserve.v1.EvaluateResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.gradserve.v1.ModelInfoRequest\x1a\x17.gradserve.v1.ModelInfo\x12\x46\n\nListModels\x12\x1f.gradserve.v1.ListModelsRequest\x1a\x17.gradserve.v1.ModelListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgradserve/v1/gradserve.proto\x12\x0cgradserve.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9f\x02\n\x0f\x45valuateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12,\n\nderivative\x18\x03 \x01(\x0e\x32\x18.gradserve.v1.Derivative\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1f\n\x01v\x18\x05 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12\x13\n\x06target\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12&\n\x07\x65xplain\x18\x07 \x01(\x0b\x32\x15.gradserve.v1.Explain\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.gradserve.v1.Priority\x12\x0f\n\x07version\x18\t \x01(\tB\t\n\x07_target\"\x95\x01\n\x07\x45xplain\x12\r\n\x05steps\x18\x01 \x01(\x03\x12&\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12\x0f\n\x07samples\x18\x03 \x01(\x03\x12\x12\n\x05noise\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0enoise_absolute\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x42\x08\n\x06_noise\"\x8e\x01\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\x12\x12\n\nbatch_rows\x18\x03 \x01(\x03\x12\x11\n\tdecode_us\x18\x04 \x01(\x03\x12\x12\n\nhandoff_us\x18\x05 \x01(\x03\x12\x11\n\tencode_us\x18\x06 \x01(\x03\x12\x10\n\x08total_us\x18\x07 \x01(\x03\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xff\x01\n\x10\x45valuateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x01y\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12#\n\x05\x64y_dx\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.gradserve.v1.Timing\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.gradserve.v1.Error\x12*\n\x0c\x61ttributions\x18\x06 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12#\n\x05\x64\x65lta\x18\x07 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x95\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_width\x18\x03 \x01(\x03\x12\x14\n\x0coutput_width\x18\x04 \x01(\x03\x12-\n\x0b\x64\x65rivatives\x18\x05 \x03(\x0e\x32\x18.gradserve.v1.Derivative\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x03\x12\x18\n\x10max_request_rows\x18\x08 \x01(\x03\x12\x13\n\x0binput_shape\x18\t \x03(\x03\x12\x14\n\x0coutput_shape\x18\n \x03(\x03\x12\"\n\x05\x64type\x18\x0b \x01(\x0e\x32\x13.gradserve.v1.DType\"\x13\n\x11ListModelsRequest\"4\n\tModelList\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gradserve.v1.ModelInfo\"\x18\n\x16RepositoryIndexRequest\"S\n\x12ModelVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"M\n\x17RepositoryIndexResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .gradserve.v1.ModelVersionStatus\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11LoadModelResponse\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*!\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x0b\n\x07\x46LOAT64\x10\x01*\x85\x01\n\nDerivative\x12\x0c\n\x08GRADIENT\x10\x00\x12\x0c\n\x08JACOBIAN\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x07\n\x03VJP\x10\x03\x12\x07\n\x03JVP\x10\x04\x12\x0b\n\x07HESSIAN\x10\x05\x12\x07\n\x03HVP\x10\x06\x12\x18\n\x14INTEGRATED_GRADIENTS\x10\x07\x12\x0f\n\x0bSMOOTH_GRAD\x10\x08* \n\x08Priority\x12\n\n\x06NORMAL\x10\x00\x12\x08\n\x04HIGH\x10\x01\x32\xc4\x04\n\x0fGradientService\x12I\n\x08\x45valuate\x12\x1d.gradserve.v1.EvaluateRequest\x1a\x1e.gradserve.v1.EvaluateResponse\x12S\n\x0e\x45valuateStream\x12\x1d.gradserve.v1.EvaluateRequest\x1a\x1e.gradserve.v1.EvaluateResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.gradserve.v1.ModelInfoRequest\x1a\x17.gradserve.v1.ModelInfo\x12\x46\n\nListModels\x12\x1f.gradserve.v1.ListModelsRequest\x1a\x17.gradserve.v1.ModelList\x12^\n\x0fRepositoryIndex\x12$.gradserve.v1.RepositoryIndexRequest\x1a%.gradserve.v1.RepositoryIndexResponse\x12L\n\tLoadModel\x12\x1e.gradserve.v1.LoadModelRequest\x1a\x1f.gradserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .gradserve.v1.UnloadModelRequest\x1a!.gradserve.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradserve.v1.gradserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1379
-  _globals['_DTYPE']._serialized_end=1412
-  _globals['_DERIVATIVE']._serialized_start=1415
-  _globals['_DERIVATIVE']._serialized_end=1548
-  _globals['_PRIORITY']._serialized_start=1550
-  _globals['_PRIORITY']._serialized_end=1582
+  _globals['_DTYPE']._serialized_start=1719
+  _globals['_DTYPE']._serialized_end=1752
+  _globals['_DERIVATIVE']._serialized_start=1755
+  _globals['_DERIVATIVE']._serialized_end=1888
+  _globals['_PRIORITY']._serialized_start=1890
+  _globals['_PRIORITY']._serialized_end=1922
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=119
   _globals['_EVALUATEREQUEST']._serialized_start=122
-  _globals['_EVALUATEREQUEST']._serialized_end=392
-  _globals['_EXPLAIN']._serialized_start=395
-  _globals['_EXPLAIN']._serialized_end=544
-  _globals['_TIMING']._serialized_start=547
-  _globals['_TIMING']._serialized_end=689
-  _globals['_ERROR']._serialized_start=691
-  _globals['_ERROR']._serialized_end=729
-  _globals['_EVALUATERESPONSE']._serialized_start=732
-  _globals['_EVALUATERESPONSE']._serialized_end=987
-  _globals['_MODELINFOREQUEST']._serialized_start=989
-  _globals['_MODELINFOREQUEST']._serialized_end=1022
-  _globals['_MODELINFO']._serialized_start=1025
-  _globals['_MODELINFO']._serialized_end=1302
-  _globals['_LISTMODELSREQUEST']._serialized_start=1304
-  _globals['_LISTMODELSREQUEST']._serialized_end=1323
-  _globals['_MODELLIST']._serialized_start=1325
-  _globals['_MODELLIST']._serialized_end=1377
-  _globals['_GRADIENTSERVICE']._serialized_start=1585
-  _globals['_GRADIENTSERVICE']._serialized_end=1907
+  _globals['_EVALUATEREQUEST']._serialized_end=409
+  _globals['_EXPLAIN']._serialized_start=412
+  _globals['_EXPLAIN']._serialized_end=561
+  _globals['_TIMING']._serialized_start=564
+  _globals['_TIMING']._serialized_end=706
+  _globals['_ERROR']._serialized_start=708
+  _globals['_ERROR']._serialized_end=746
+  _globals['_EVALUATERESPONSE']._serialized_start=749
+  _globals['_EVALUATERESPONSE']._serialized_end=1004
+  _globals['_MODELINFOREQUEST']._serialized_start=1006
+  _globals['_MODELINFOREQUEST']._serialized_end=1056
+  _globals['_MODELINFO']._serialized_start=1059
+  _globals['_MODELINFO']._serialized_end=1336
+  _globals['_LISTMODELSREQUEST']._serialized_start=1338
+  _globals['_LISTMODELSREQUEST']._serialized_end=1357
+  _globals['_MODELLIST']._serialized_start=1359
+  _globals['_MODELLIST']._serialized_end=1411
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_start=1413
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_end=1437
+  _globals['_MODELVERSIONSTATUS']._serialized_start=1439
+  _globals['_MODELVERSIONSTATUS']._serialized_end=1522
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_start=1524
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_end=1601
+  _globals['_LOADMODELREQUEST']._serialized_start=1603
+  _globals['_LOADMODELREQUEST']._serialized_end=1636
+  _globals['_LOADMODELRESPONSE']._serialized_start=1638
+  _globals['_LOADMODELRESPONSE']._serialized_end=1657
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1659
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1694
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1696
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1717
+  _globals['_GRADIENTSERVICE']._serialized_start=1925
+  _globals['_GRADIENTSERVICE']._serialized_end=2505
 # @@protoc_insertion_point(module_scope)

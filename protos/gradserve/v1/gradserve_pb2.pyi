@@ -53,7 +53,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("id", "x", "derivative", "model", "v", "target", "explain", "priority")
+    __slots__ = ("id", "x", "derivative", "model", "v", "target", "explain", "priority", "version")
     ID_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     DERIVATIVE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class EvaluateRequest(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     x: Tensor
     derivative: Derivative
@@ -70,7 +71,8 @@ class EvaluateRequest(_message.Message):
     target: int
     explain: Explain
     priority: Priority
-    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., explain: _Optional[_Union[Explain, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    version: str
+    def __init__(self, id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., derivative: _Optional[_Union[Derivative, str]] = ..., model: _Optional[str] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., explain: _Optional[_Union[Explain, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Explain(_message.Message):
     __slots__ = ("steps", "baseline", "samples", "noise", "noise_absolute", "seed")
@@ -133,10 +135,12 @@ class EvaluateResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., dy_dx: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., attributions: _Optional[_Union[Tensor, _Mapping]] = ..., delta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "input_width", "output_width", "derivatives", "device", "max_batch_size", "max_request_rows", "input_shape", "output_shape", "dtype")
@@ -173,3 +177,45 @@ class ModelList(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class RepositoryIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersionStatus(_message.Message):
+    __slots__ = ("model", "version", "state", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    state: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RepositoryIndexResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

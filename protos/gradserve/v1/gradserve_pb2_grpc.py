@@ -54,6 +54,21 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ModelList.FromString,
                 _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/gradserve.v1.GradientService/RepositoryIndex',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/gradserve.v1.GradientService/LoadModel',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/gradserve.v1.GradientService/UnloadModel',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -80,6 +95,29 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
+        """Every served version of every model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryIndex(self, request, context):
+        """The model repository: every version known and its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Explicit model control (--model-control explicit): load (or reload) a model as its
+        version policy says, returning once its versions serve (FAILED_PRECONDITION, with the
+        reason, if one failed: the versions served before still are); unload stops serving it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +145,21 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ListModelsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ModelList.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +270,87 @@ class GradientService:
             '/gradserve.v1.GradientService/ListModels',
             gradserve_dot_v1_dot_gradserve__pb2.ListModelsRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/RepositoryIndex',
+            gradserve_dot_v1_dot_gradserve__pb2.RepositoryIndexRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/LoadModel',
+            gradserve_dot_v1_dot_gradserve__pb2.LoadModelRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/UnloadModel',
+            gradserve_dot_v1_dot_gradserve__pb2.UnloadModelRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
