@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench perf-analyzer loadtest soak nginx \
+.PHONY: serve test lint format proto train clean bench bench-swap perf-analyzer loadtest soak nginx \
 	cluster cluster-load \
 	image image-host image-test explain-demo
 
@@ -107,6 +107,10 @@ perf-analyzer: $(PERF_ANALYZER_DIR)/bin/perf_analyzer
 bench: $(STAMP)
 	-$(MAKE) --no-print-directory perf-analyzer
 	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python bench/swap.py
+
+bench-swap: $(STAMP)
+	$(BIN)/python bench/swap.py $(ARGS)
 
 loadtest: $(STAMP)
 	$(BIN)/gradserve loadtest $(ARGS)

@@ -325,6 +325,18 @@ def main() -> int:
     return 1 if failures else 0
 
 
+def write_section(begin: str, end: str, heading: str, text: str) -> None:
+    """Replace the text between `begin` and `end` in the benchmarks document, or append it
+    under `heading` the first time."""
+    old = DOC.read_text()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old:
+        head, rest = old.split(begin, 1)
+        DOC.write_text(head + block + rest.split(end, 1)[1])
+    else:
+        DOC.write_text(old.rstrip() + f"\n\n## {heading}\n\n{block}\n")
+
+
 def write_doc(generated: str) -> None:
     """Replace the text between the bench markers, keeping the hand-written tuning log."""
     block = f"{BEGIN}\n{generated}\n{END}"

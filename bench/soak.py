@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import DOC, SERVE, SIDE_PORTS_OFF, Server  # noqa: E402
+from bench.run import SERVE, SIDE_PORTS_OFF, Server, write_section  # noqa: E402
 from gradserve.v1 import gradserve_pb2 as pb  # noqa: E402
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc  # noqa: E402
 from gradserve.wire.tensors import to_tensor  # noqa: E402
@@ -129,13 +129,7 @@ def render(args, samples, baseline, peak, growth, codes) -> str:
 
 
 def write(text: str) -> None:
-    old = DOC.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old:
-        head, rest = old.split(BEGIN, 1)
-        DOC.write_text(head + block + rest.split(END, 1)[1])
-    else:
-        DOC.write_text(old.rstrip() + f"\n\n## Soak\n\n{block}\n")
+    write_section(BEGIN, END, "Soak", text)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,14 @@ from tritonclient.utils import InferenceServerException
 from gradserve.client import GradientClient, GradserveError
 from gradserve.server.core.repository import Repository
 from gradserve.server.engine.startup import load_version
-from tests.conftest import TEST_CONFIG, GatedEngine, RunningServer, ServerProcess, wait_until
+from tests.conftest import (
+    TEST_CONFIG,
+    GatedEngine,
+    RunningServer,
+    ServerProcess,
+    free_port,
+    wait_until,
+)
 
 WEIGHTS = {1: 1.0, 2: 3.0, 3: 5.0}  # version -> w; exact in float32, as is w * x for these x
 X = np.array([[0.25], [0.5], [-1.0], [2.0]], np.float32)
@@ -324,3 +331,34 @@ def _all_frontends_serve(target: str, version: int) -> bool:
             if _version_of(client.evaluate(X, model="lin")) != version:
                 return False
     return True
+
+
+def test_the_rest_repository_endpoints(tmp_path, built):
+    """Triton's repository extension over HTTP: index, load, ready per version, unload; a
+    body with parameters is refused, and a server not in explicit mode refuses the load."""
+    import httpx
+
+    repository = tmp_path / "repository"
+    _drop(built, repository, 1)
+    port = free_port()
+    with RunningServer(_config(repository, "explicit", http_port=port)):
+        url = f"http://127.0.0.1:{port}/v2"
+        index = httpx.post(f"{url}/repository/index", timeout=30).json()
+        assert index == [{"name": "lin", "version": "1", "state": "UNAVAILABLE",
+                          "reason": "not loaded"}]  # fmt: skip
+        assert httpx.get(f"{url}/models/lin/ready", timeout=30).status_code == 503
+        refused = httpx.post(f"{url}/repository/models/lin/load",
+                             json={"parameters": {"config": "{}"}}, timeout=30)  # fmt: skip
+        assert refused.status_code == 400 and "parameters" in refused.json()["error"]
+        assert httpx.post(f"{url}/repository/models/lin/load", timeout=60).status_code == 200
+        assert httpx.get(f"{url}/models/lin/versions/1/ready", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/models/lin/versions/7/ready", timeout=30).status_code == 404
+        ready = httpx.post(f"{url}/repository/index", json={"ready": True}, timeout=30).json()
+        assert [(m["version"], m["state"]) for m in ready] == [("1", "READY")]
+        assert httpx.post(f"{url}/repository/models/lin/unload", timeout=30).status_code == 200
+        wait_until(lambda: httpx.get(f"{url}/models/lin/ready", timeout=30).status_code == 503)
+    port = free_port()
+    with RunningServer(_config(repository, "none", http_port=port)):
+        url = f"http://127.0.0.1:{port}/v2"
+        refused = httpx.post(f"{url}/repository/models/lin/load", timeout=30)
+        assert refused.status_code == 400 and "--model-control explicit" in refused.json()["error"]

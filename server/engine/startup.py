@@ -3,8 +3,12 @@ loader loads and warms up one model version."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gradserve.server.config import ServerConfig
@@ -13,6 +17,7 @@ from gradserve.server.core.repository import Observer, Repository, model_file
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve")
+LOADING_NICE = 10  # a version loads beside the ones serving: after them for the CPU
 
 
 def open_repository(config: ServerConfig, observer: Observer | None = None) -> Repository:
@@ -33,7 +38,21 @@ def open_repository(config: ServerConfig, observer: Observer | None = None) -> R
 
 def load_version(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
     """Load and warm up one version (TensorFlow is imported here, when a model is loaded, not
-    when this module is: a frontend process imports it and never loads a model)."""
+    when this module is: a frontend process imports it and never loads a model), on a thread
+    of its own at a lower CPU priority, so that the versions serving meanwhile keep theirs
+    (the thread ends with the load: a raised nice value cannot be lowered without
+    privileges)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="gradserve-load") as pool:
+        return pool.submit(_load_in_background, config, name, version, path).result()
+
+
+def _load_in_background(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
+    with contextlib.suppress(OSError):  # Linux: each thread has its own nice value
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADING_NICE)
+    return _load(config, name, version, path)
+
+
+def _load(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
     from gradserve.server.engine import compiled
 
     engine = compiled.Engine(
