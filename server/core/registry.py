@@ -136,9 +136,15 @@ class Models:
             served = self._default.get(name)
         if served is None:
             names = sorted(self._default)
+            if not names:
+                what = f"model {name!r} is not served" if name else "no model is named"
+                raise UnknownModel(
+                    f"{what}: this server serves no model now (its repository index says "
+                    "which versions exist and why they do not serve)"
+                )
             if not name:
                 raise InvalidInput(f"several models are served; name one of {names}")
-            served_names = ", ".join(map(repr, names)) or "no model"
+            served_names = ", ".join(map(repr, names))
             raise UnknownModel(
                 f"model {name!r} is not served here; this server serves {served_names}"
             )
