@@ -145,7 +145,8 @@ def _assert_clean_swap(callers: _Callers, moments: dict[str, float]) -> None:
     assert callers.failures == []
     versions = [version for _, _, version in callers.answers]
     assert set(versions) == {1, 2}
-    assert {v for started, _, v in callers.answers if started > moments["ready"]} == {2}
+    # From version 1's release on (every frontend has let it go), only version 2 answers.
+    assert {v for started, _, v in callers.answers if started > moments["released"]} == {2}
     assert {v for started, _, v in callers.answers if started < moments["began"]} == {1}
 
 
@@ -160,6 +161,8 @@ def test_a_version_dropped_into_a_polled_repository_swaps_under_load(tmp_path, b
         callers, moments = _swap_under_load(running.target, lambda c: _drop(built, repository, 2))
         metrics = generate_latest(running.server.metrics.registry).decode()
     _assert_clean_swap(callers, moments)
+    # One process: from the moment version 2 is READY every new call gets it.
+    assert {v for started, _, v in callers.answers if started > moments["ready"]} == {2}
     assert 'gradserve_model_versions_served{model="lin"} 1.0' in metrics
     assert 'gradserve_model_version_loads_total{model="lin",outcome="ok"} 2.0' in metrics
     assert 'gradserve_model_swap_seconds_count{model="lin"} 1.0' in metrics
