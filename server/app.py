@@ -333,31 +333,18 @@ class _LoopHost:
         self._server = server
 
     def serve(self, name: str, version: int, engine: Engine) -> None:
-        loop = self._server._loop
-        if _on(loop):
+        if _on(self._server._loop):
             self._server.add_version(name, version, engine)
             return
-        done = concurrent.futures.Future()
 
-        def add() -> None:
-            try:
-                self._server.add_version(name, version, engine)
-                done.set_result(None)
-            except Exception as exc:
-                done.set_exception(exc)
+        async def add() -> None:
+            self._server.add_version(name, version, engine)
 
-        loop.call_soon_threadsafe(add)
-        done.result()
+        asyncio.run_coroutine_threadsafe(add(), self._server._loop).result()
 
     def retire(self, name: str, version: int) -> concurrent.futures.Future:
         coroutine = self._server.retire_version(name, version)
-        loop = self._server._loop
-        if not _on(loop):
-            return asyncio.run_coroutine_threadsafe(coroutine, loop)
-        released = concurrent.futures.Future()
-        task = loop.create_task(coroutine)
-        task.add_done_callback(lambda t: released.set_result(None))
-        return released
+        return asyncio.run_coroutine_threadsafe(coroutine, self._server._loop)  # any thread
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:

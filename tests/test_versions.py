@@ -6,9 +6,11 @@ it; a mixture of versions in one answer would show as rows (or attributions) of 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,59 +183,65 @@ def _gated_owner(config, gated: dict[int, GatedEngine]) -> Repository:
     return Repository(config.model_sources, load, control=config.model_control)
 
 
+@contextlib.contextmanager
+def _gated_server(tmp_path: Path, built: dict[int, Path]) -> Iterator[tuple]:
+    """Version 1 of `lin`, loaded on request (explicit control), its gate closed once it is
+    loaded: (the server, an SDK client, version 1's GatedEngine, the repository folder)."""
+    repository = tmp_path / "repository"
+    _drop(built, repository, 1)
+    config = _config(repository, "explicit")
+    gated: dict[int, GatedEngine] = {}
+    with (
+        RunningServer(config, owner=_gated_owner(config, gated)) as running,
+        GradientClient(running.target, timeout=60) as client,
+    ):
+        client.load_model("lin")
+        gated[1].gate.clear()
+        try:
+            yield running, client, gated[1], repository
+        finally:
+            gated[1].gate.set()
+
+
 def test_an_explanation_straddling_a_swap_is_computed_on_one_version(tmp_path, built):
     """Integrated gradients whose 4 x 513 path rows span several batches, admitted on version
     1; version 2 is loaded while they wait: a call admitted then goes to version 2, the
     explanation is answered wholly by version 1 (attributions w1 * x, completeness holds),
     and only then is version 1 released. (The gate holds the one engine thread, so the new
     call computes once it opens.)"""
-    repository = tmp_path / "repository"
-    _drop(built, repository, 1)
-    config = _config(repository, "explicit")
-    gated: dict[int, GatedEngine] = {}
     with (
-        RunningServer(config, owner=_gated_owner(config, gated)) as running,
-        GradientClient(running.target, timeout=60) as client,
+        _gated_server(tmp_path, built) as (running, client, gated, repository),
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
     ):
+        explained = pool.submit(client.integrated_gradients, X, steps=512, model="lin")
+        wait_until(lambda: gated.entered > 0)
+        _drop(built, repository, 2)
         client.load_model("lin")
-        gated[1].gate.clear()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            explained = pool.submit(client.integrated_gradients, X, steps=512, model="lin")
-            wait_until(lambda: gated[1].entered > 0)
-            _drop(built, repository, 2)
-            client.load_model("lin")
-            assert _states(client) == {"1": "UNLOADING", "2": "READY"}
-            after = pool.submit(client.evaluate, X, model="lin")
-            wait_until(lambda: running.server.batchers[-1].pending == 1)
-            gated[1].gate.set()
-            answer = explained.result(timeout=60)
-            assert _version_of(after.result(timeout=60)) == 2
-        assert gated[1].rows_computed == len(X) * 513
+        assert _states(client) == {"1": "UNLOADING", "2": "READY"}
+        after = pool.submit(client.evaluate, X, model="lin")
+        wait_until(lambda: running.server.batchers[-1].pending == 1)
+        gated.gate.set()
+        answer = explained.result(timeout=60)
+        assert _version_of(after.result(timeout=60)) == 2
+        assert gated.rows_computed == len(X) * 513
         np.testing.assert_allclose(answer.attributions, WEIGHTS[1] * X, rtol=1e-6)
         np.testing.assert_allclose(answer.delta, 0, atol=1e-5)
         wait_until(lambda: _states(client)["1"] == "UNAVAILABLE")
 
 
 def test_unloading_a_model_answers_its_queued_requests_then_refuses_new_ones(tmp_path, built):
-    repository = tmp_path / "repository"
-    _drop(built, repository, 1)
-    config = _config(repository, "explicit")
-    gated: dict[int, GatedEngine] = {}
     with (
-        RunningServer(config, owner=_gated_owner(config, gated)) as running,
-        GradientClient(running.target, timeout=60) as client,
+        _gated_server(tmp_path, built) as (running, client, gated, _repository),
+        concurrent.futures.ThreadPoolExecutor(6) as pool,
     ):
-        client.load_model("lin")
-        gated[1].gate.clear()
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            queued = [pool.submit(client.evaluate, X, model="lin") for _ in range(6)]
-            wait_until(lambda: gated[1].entered > 0)
-            client.unload_model("lin")
-            with pytest.raises(GradserveError) as refused:
-                client.evaluate(X, model="lin")
-            assert refused.value.code == grpc.StatusCode.NOT_FOUND
-            gated[1].gate.set()
-            assert [_version_of(f.result(timeout=60)) for f in queued] == [1] * 6
+        queued = [pool.submit(client.evaluate, X, model="lin") for _ in range(6)]
+        wait_until(lambda: gated.entered > 0 and running.server.batchers[0].pending == 6)
+        client.unload_model("lin")
+        with pytest.raises(GradserveError) as refused:
+            client.evaluate(X, model="lin")
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        gated.gate.set()
+        assert [_version_of(f.result(timeout=60)) for f in queued] == [1] * 6
         wait_until(lambda: _states(client)["1"] == "UNAVAILABLE")
         (status,) = client.repository_index()
         assert status.reason == "unloaded"

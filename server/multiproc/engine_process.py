@@ -148,16 +148,14 @@ class _Session:
         if segment is None:
             segment = self._answers[slot] = Segment(f"{self._prefix}{slot}")
         path, (y, dy_dx) = segment.write([result.y, result.dy_dx])
-        self._send(SubBatchAnswer(path, y, dy_dx, slot=slot))
+        self.send(SubBatchAnswer(path, y, dy_dx, slot=slot))
 
     def fail(self, slot: int, exc: BaseException) -> None:
-        self._send(SubBatchAnswer.failed(exc, slot))
+        self.send(SubBatchAnswer.failed(exc, slot))
 
     def send(self, message: messages.Message) -> None:
         with contextlib.suppress(OSError):  # the frontend is gone; its EOF ends the session
             self.conn.send_bytes(messages.encode(message))
-
-    _send = send
 
     def close(self) -> None:
         """The frontend went away: drop what it had queued; free this session's memory."""

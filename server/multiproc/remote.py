@@ -295,17 +295,12 @@ class RemoteOwner:
         """Worker thread: connect (waiting for the engine process), then serve its catalog."""
         self.link = self._connect()
         self._host = host
-        begun = threading.Event()
 
-        def begin() -> None:
-            try:
-                self.link.start(self._loop, self._apply)
-                self._apply(self.link.catalog)
-            finally:
-                begun.set()
+        async def begin() -> None:
+            self.link.start(self._loop, self._apply)
+            self._apply(self.link.catalog)
 
-        self._loop.call_soon_threadsafe(begin)
-        begun.wait()
+        asyncio.run_coroutine_threadsafe(begin(), self._loop).result()
 
     def _apply(self, catalog: list[EngineModel]) -> None:
         """Loop: serve the versions newly listed READY; retire those no longer listed."""

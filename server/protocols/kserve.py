@@ -106,15 +106,12 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
-        """Ready: the version serves; not ready: the repository knows it but it does not
-        serve (loading, failed, unloaded); NOT_FOUND: nothing of that name is known."""
         try:
-            _model(self._models, request.name, request.version)
+            ready = version_ready(self._models, self._owner, self._is_ready, request.name,
+                                  request.version)  # fmt: skip
         except RequestError as exc:
-            if not known(self._owner.statuses(), request.name, request.version):
-                await abort(context, exc)
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self._is_ready())
+            await abort(context, exc)
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
@@ -205,6 +202,21 @@ def model_config(spec: ModelSpec) -> pb.ModelConfig:
             pb.ModelOutput(name=DERIVATIVE, data_type=data_type, dims=spec.input_shape),
         ],
     )
+
+
+def version_ready(
+    models: Models, owner: Owner, is_ready: Callable[[], bool], name: str, version: str
+) -> bool:
+    """Whether a model version takes requests now (gRPC and REST): not while the repository
+    knows it but it does not serve (loading, failed, unloaded), nor while the server is not
+    ready; UnknownModel when nothing of that name (and version) is known."""
+    try:
+        _model(models, name, version)
+    except UnknownModel:
+        if not known(owner.statuses(), name, version):
+            raise
+        return False
+    return is_ready()
 
 
 def _model(models: Models, name: str, version: str) -> Served:

@@ -26,9 +26,9 @@ from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core import explain
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec
-from gradserve.server.core.errors import Closed, InvalidInput, RequestError, UnknownModel
+from gradserve.server.core.errors import Closed, InvalidInput, RequestError
 from gradserve.server.core.registry import Models
-from gradserve.server.core.repository import READY, Owner, known
+from gradserve.server.core.repository import READY, Owner
 from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols import openapi
@@ -41,6 +41,7 @@ from gradserve.server.protocols.kserve import (
     InferenceCodec,
     model_config,
     model_metadata,
+    version_ready,
 )
 from gradserve.server.transport.intake import Lease
 from gradserve.server.transport.status import Failure
@@ -139,13 +140,9 @@ class RestService:
         """200 ready; 503 known to the repository but not serving (or the server not ready);
         404 unknown."""
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        try:
-            self._served(request)
-            ready = self._is_ready()
-        except UnknownModel:
-            if self._owner is None or not known(self._owner.statuses(), name, version):
-                raise
-            ready = False
+        if self._models is None:
+            raise Closed("the server is still loading its models")
+        ready = version_ready(self._models, self._owner, self._is_ready, name, version)
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def repository_index(self, request: web.Request) -> web.Response:
