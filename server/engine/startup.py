@@ -42,8 +42,19 @@ def load_version(config: ServerConfig, name: str, version: int, path: Path) -> E
     of its own at a lower CPU priority, so that the versions serving meanwhile keep theirs
     (the thread ends with the load: a raised nice value cannot be lowered without
     privileges)."""
+    _start_runtime()
     with ThreadPoolExecutor(1, thread_name_prefix="gradserve-load") as pool:
         return pool.submit(_load_in_background, config, name, version, path).result()
+
+
+@functools.cache
+def _start_runtime() -> None:
+    """Create TensorFlow's and XLA's thread pools here, at this thread's priority: threads
+    inherit their creator's nice value, so pools first made by a loading thread would
+    compute every batch after it at LOADING_NICE."""
+    import tensorflow as tf
+
+    tf.function(lambda x: x + 1, jit_compile=True)(tf.ones((1,)))
 
 
 def _load_in_background(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
