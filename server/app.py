@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import signal
 import ssl
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,12 +32,15 @@ from gradserve.server.core.contract import Engine, ModelSpec
 from gradserve.server.core.errors import Closed
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.core.repository import Owner, Repository
+from gradserve.server.core.scheduler import Watches
+from gradserve.server.core.statistics import Statistics
 from gradserve.server.engine.startup import open_repository
-from gradserve.server.metrics import Metrics
+from gradserve.server.metrics import Metrics, statistics_of
 from gradserve.server.protocols.http_listener import HttpListener
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
 from gradserve.server.protocols.rest import RestService
+from gradserve.server.tracing import Tracing
 from gradserve.server.transport.answering import Streams, StreamWindow
 from gradserve.server.transport.intake import Intake
 from gradserve.server.transport.routing import Routes
@@ -46,6 +50,7 @@ from gradserve.wire.kinds import Derivative
 log = logging.getLogger("gradserve")
 
 _LAST_WRITE_GRACE_S = 1.0
+_GATHER_TIMEOUT_S = 5.0
 NATIVE_SERVICE = gradserve_pb2.DESCRIPTOR.services_by_name["GradientService"]
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAMES = [NATIVE_SERVICE.full_name, INFERENCE_SERVICE.full_name]
@@ -90,6 +95,8 @@ class GradServer:
         owner: Owner | None = None,
         reuse_port: bool = False,
         internal_metrics: bool = False,
+        process: str = "server",
+        statistics_port: int = 0,
     ) -> None:
         self.config = config
         self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
@@ -100,6 +107,9 @@ class GradServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reuse_port = reuse_port
         self._internal_metrics = internal_metrics
+        self._process = process
+        self._statistics_port = statistics_port
+        self.tracing: Tracing | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics = Metrics()
@@ -129,6 +139,7 @@ class GradServer:
         config = self.config
         log.info("starting", extra={"event": "start", **_loggable(config)})
         self._loop = asyncio.get_running_loop()
+        self.tracing = Tracing.start(config.trace, self._process)
         await self._listen()
         await asyncio.to_thread(self._start_owner)
         self._serve()
@@ -225,6 +236,10 @@ class GradServer:
         config = self.config
         spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows, version)
         remote = getattr(engine, "in_flight", 0)  # the engine process's: its batches awaited
+        statistics = Statistics()
+        watch = statistics
+        if self.tracing is not None:
+            watch = Watches(statistics, self.tracing.batches(spec.name, spec.version))
         batcher = Batcher(
             engine.run,
             max_batch_size=config.max_batch_size,
@@ -236,13 +251,14 @@ class GradServer:
             max_batch_s=0.0 if remote else config.max_batch_ms / 1e3,  # remote: it decides
             ladder=getattr(engine, "ladder", ()),
             observer=self.metrics,
+            watch=watch,
             executor=self._executor,
             hints=getattr(engine, "takes_hints", False),  # the engine process's
             in_flight=remote,
         )
         batcher.start()
         self.batchers.append(batcher)
-        self.models.add(Served(spec, batcher, config.max_result_bytes))
+        self.models.add(Served(spec, batcher, config.max_result_bytes, statistics))
 
     async def retire_version(self, name: str, version: int) -> None:
         """Loop: route no new request to this version, answer every admitted one, release it."""
@@ -258,15 +274,30 @@ class GradServer:
         self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in self.batchers))
         self.metrics.queue_bytes.set_function(lambda: self.memory.held)
         self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in models])
+        self.metrics.watch_statistics(
+            lambda: [(s.spec.name, s.spec.version, s.statistics) for s in models.every_version()]
+        )
         window = StreamWindow(config.stream_window, config.stream_window_bytes)
-        common = {"stream_window": window, "streams": self._streams, "memory": self.memory}
+        common = {"stream_window": window, "streams": self._streams, "memory": self.memory,
+                  "tracing": self.tracing}  # fmt: skip
         native = GradientServicer(models, self.metrics, self.owner, **common)
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
         inference = InferenceServicer(
-            models, self.metrics, lambda: self.ready, self.owner, **common
-        )
+            models, self.metrics, lambda: self.ready, self.owner, statistics=self.statistics,
+            **common,
+        )  # fmt: skip
         self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
-        self._rest.serve(models, self.owner)
+        self._rest.serve(models, self.owner, self.statistics, self.tracing)
+
+    async def statistics(self) -> dict[tuple[str, str], Statistics]:
+        """Every served version's statistics: this process's own, or, in a frontend, the sum
+        over every process the supervisor gathers metrics from."""
+        if not self._statistics_port:
+            return {(s.spec.name, s.spec.version): s.statistics
+                    for s in self.models.every_version()}  # fmt: skip
+        text = await asyncio.to_thread(_fetch_metrics, self._statistics_port)
+        served = {(s.spec.name, s.spec.version) for s in self.models.every_version()}
+        return {key: stats for key, stats in statistics_of(text).items() if key in served}
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse
@@ -322,6 +353,8 @@ class GradServer:
         self._executor.shutdown(wait=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)
         log.info("stopped", extra={"event": "stop"})
 
 
@@ -370,6 +403,13 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 async def _all_idle(batchers: list[Batcher], grace: float) -> bool:
     results = await asyncio.gather(*(b.wait_idle(grace) for b in batchers))
     return all(results)
+
+
+def _fetch_metrics(port: int) -> str:
+    """The gathered metrics of every process of this server (a frontend's statistics)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=_GATHER_TIMEOUT_S) as response:
+        return response.read().decode()
 
 
 def _loggable(config: ServerConfig) -> dict[str, object]:

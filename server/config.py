@@ -54,6 +54,7 @@ class ServerConfig:
     http_idle_seconds: float = 60.0
     log_format: str = "text"
     log_level: str = "INFO"
+    trace: bool = False
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -166,6 +167,9 @@ _HELP = {
     "request body that stalls this long is answered 408",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "trace": "export OpenTelemetry traces over OTLP/gRPC (to OTEL_EXPORTER_OTLP_ENDPOINT, "
+    "default localhost:4317); setting that variable also turns tracing on; the other OTEL_* "
+    "variables (sampler, service name, batching) apply",
     "tls_cert": "PEM certificate chain: serve TLS (needs --tls-key)",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mTLS)",

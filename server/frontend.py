@@ -8,6 +8,7 @@ here imports TensorFlow.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import signal
 import threading
 from multiprocessing.connection import Connection
@@ -18,7 +19,9 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.multiproc.remote import EngineLink, RemoteOwner
 
 
-async def _serve(config: ServerConfig, address: str, parent: Connection) -> None:
+async def _serve(
+    config: ServerConfig, address: str, parent: Connection, name: str, statistics_port: int
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     abandon = threading.Event()  # stop waiting for the engine
@@ -39,7 +42,8 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
         return EngineLink.connect(address, lost, abandon, config.in_flight)
 
     owner = RemoteOwner(connect, loop)
-    server = GradServer(config, owner=owner, reuse_port=True, internal_metrics=True)
+    server = GradServer(config, owner=owner, reuse_port=True, internal_metrics=True,
+                        process=name, statistics_port=statistics_port)  # fmt: skip
     try:
         try:
             await server.start()
@@ -56,14 +60,23 @@ async def _serve(config: ServerConfig, address: str, parent: Connection) -> None
             owner.link.close()
 
 
-def run(config: ServerConfig, address: str, parent: Connection, standby: bool = False) -> None:
+def run(
+    config: ServerConfig,
+    address: str,
+    parent: Connection,
+    statistics_port: int,
+    standby: bool = False,
+) -> None:
     """Entry point of a frontend process. A standby has imported everything (this module,
     unpickled by name when it was spawned, is the expensive part of starting), then waits for
-    the supervisor's word to start, so that it replaces a dead frontend at once."""
+    the supervisor's word to start (and the name of the frontend it replaces), so that it
+    replaces a dead frontend at once. `statistics_port`: where every process's metrics are
+    gathered on 127.0.0.1 (the statistics extension's answers)."""
     logs.configure(config.log_format, config.log_level)
+    name = multiprocessing.current_process().name
     if standby:
         try:
-            parent.recv()
+            name = parent.recv()[1]
         except (EOFError, OSError):
             return
-    asyncio.run(_serve(config, address, parent))
+    asyncio.run(_serve(config, address, parent, name, statistics_port))

@@ -16,10 +16,12 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gradserve.server.core.batcher import KindCost
+from gradserve.server.core.statistics import Statistics
 from gradserve.wire.kinds import Derivative
 from gradserve.wire.timing import HOPS, Hops
 
@@ -113,6 +115,12 @@ class Metrics:
             registry=r,
         )
 
+    def watch_statistics(self, source: Callable[[], list[tuple[str, str, Statistics]]]) -> None:
+        """Export, at each scrape, the statistics of every served version: (model name,
+        version, Statistics) from `source` (what the statistics extension reports, and how a
+        frontend learns its siblings' share)."""
+        self.registry.register(_StatisticsCollector(source))
+
     def watch_costs(self, source: Callable[[], list[tuple[str, list[KindCost]]]]) -> None:
         """Report, at each scrape, what every model's batcher has learned of its engine
         cost per kind: (model name, its KindCosts) from `source`."""
@@ -186,3 +194,96 @@ class _CostCollector(Collector):
                 per_row.add_metric(key, cost.estimate.per_row_s)
                 cap.add_metric(key, cost.row_cap)
         yield from (fixed, per_row, cap)
+
+
+_STATISTICS = "gradserve_statistics"
+_VERSION_LABELS = ["model", "version"]
+
+
+class _StatisticsCollector(Collector):
+    """The statistics extension's counters of every served version, read at scrape time."""
+
+    def __init__(self, source: Callable[[], list[tuple[str, str, Statistics]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        per_request = ["model", "version", "statistic"]
+        per_batch = ["model", "version", "batch_size", "statistic"]
+        families = {
+            "requests": CounterMetricFamily(
+                f"{_STATISTICS}_requests", "Requests per statistic (success, fail: every "
+                "request; queue, compute_*: successful ones)", labels=per_request),
+            "request_ns": CounterMetricFamily(
+                f"{_STATISTICS}_request_ns", "Nanoseconds summed per request statistic",
+                labels=per_request),
+            "inferences": CounterMetricFamily(
+                f"{_STATISTICS}_inferences", "Rows answered by successful requests",
+                labels=_VERSION_LABELS),
+            "executions": CounterMetricFamily(
+                f"{_STATISTICS}_executions", "Engine calls (batches)", labels=_VERSION_LABELS),
+            "last": GaugeMetricFamily(
+                f"{_STATISTICS}_last_inference_ms", "Epoch milliseconds of the last answer",
+                labels=_VERSION_LABELS),
+            "batches": CounterMetricFamily(
+                f"{_STATISTICS}_batches", "Engine calls per batch size and statistic",
+                labels=per_batch),
+            "batch_ns": CounterMetricFamily(
+                f"{_STATISTICS}_batch_ns", "Nanoseconds summed per batch size and statistic",
+                labels=per_batch),
+        }  # fmt: skip
+        for model, version, stats in self._source():
+            key = [model, version]
+            for name, duration in stats.requests.items():
+                families["requests"].add_metric([*key, name], duration.count)
+                families["request_ns"].add_metric([*key, name], duration.ns)
+            families["inferences"].add_metric(key, stats.inference_count)
+            families["executions"].add_metric(key, stats.execution_count)
+            families["last"].add_metric(key, stats.last_inference_ms)
+            for size, durations in stats.batches.items():
+                for name, duration in durations.items():
+                    families["batches"].add_metric([*key, str(size), name], duration.count)
+                    families["batch_ns"].add_metric([*key, str(size), name], duration.ns)
+        yield from families.values()
+
+
+def statistics_of(text: str) -> dict[tuple[str, str], Statistics]:
+    """The statistics exported in a Prometheus text exposition, per (model, version), summed
+    over every process that exported a share of them (a gathered /metrics)."""
+    shares: dict[tuple[str, ...], Statistics] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(_STATISTICS):
+            continue
+        what = family.name.removeprefix(_STATISTICS + "_")
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = sample.labels
+            share = (labels["model"], labels["version"], labels.get("process", ""))
+            stats = shares.setdefault(share, Statistics())
+            _read_sample(stats, what, labels, round(sample.value))
+    summed: dict[tuple[str, str], Statistics] = {}
+    for (model, version, _process), stats in shares.items():
+        summed.setdefault((model, version), Statistics()).add(stats)
+    return summed
+
+
+def _read_sample(stats: Statistics, what: str, labels: dict[str, str], value: int) -> None:
+    if what == "inferences":
+        stats.inference_count = value
+    elif what == "executions":
+        stats.execution_count = value
+    elif what == "last_inference_ms":
+        stats.last_inference_ms = value
+    elif what in ("requests", "request_ns"):
+        duration = stats.requests[labels["statistic"]]
+        _set(duration, what.endswith("_ns"), value)
+    elif what in ("batches", "batch_ns"):
+        batch = stats.batches.setdefault(int(labels["batch_size"]), Statistics.batch_durations())
+        _set(batch[labels["statistic"]], what.endswith("_ns"), value)
+
+
+def _set(duration, is_ns: bool, value: int) -> None:
+    if is_ns:
+        duration.ns = value
+    else:
+        duration.count = value

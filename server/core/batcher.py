@@ -29,6 +29,7 @@ import numpy as np
 from gradserve.server.core.contract import Outputs, Priority
 from gradserve.server.core.errors import Closed, EngineFailed
 from gradserve.server.core.scheduler import (
+    BatchWatch,
     Compute,
     KindCost,
     Observer,
@@ -44,7 +45,7 @@ from gradserve.server.core.scheduler import (
 )
 from gradserve.wire.kinds import Derivative
 
-__all__ = ["Batcher", "KindCost", "Observer", "Result"]
+__all__ = ["BatchWatch", "Batcher", "KindCost", "Observer", "Result"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Batcher(Scheduler):
         **scheduling: Any,
     ) -> None:
         """`scheduling`: the Scheduler's settings (max_batch_size, max_queue_rows, memory,
-        result_row_bytes, fair, max_batch_s, ladder, observer). `max_delay_s`: how long an
+        result_row_bytes, fair, max_batch_s, ladder, observer, watch). `max_delay_s`: how long an
         idle engine may be held to gather a larger batch; `executor`: the engine thread
         (shared by several batchers; None: one of its own); `hints`: pass `compute` each
         batch's BatchHints as `hints=` (an engine that schedules further: the engine
@@ -106,6 +107,7 @@ class Batcher(Scheduler):
         *,
         caller: Hashable = None,
         priority: Priority = Priority.NORMAL,
+        trace: object = None,
     ) -> asyncio.Future[Result]:
         """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector); the
         future resolves to their Result.
@@ -115,10 +117,10 @@ class Batcher(Scheduler):
         goes before NORMAL; its bytes are counted against the memory budget. Raises at once,
         queueing nothing, when the batcher is closing or the queue is full (rows or bytes).
         Cancelling the future withdraws whatever rows are not yet dispatched and frees the
-        request's bytes.
+        request's bytes. `trace` is the request's, handed to the watch with its batches.
         """
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        pending = self.admit(x, kind, deadline, v, caller, priority, future)
+        pending = self.admit(x, kind, deadline, v, caller, priority, future, trace)
         future.add_done_callback(lambda _f: self.finished(pending))
         self._idle.clear()
         self._wakeup.set()
@@ -249,6 +251,7 @@ class Batcher(Scheduler):
                     self._executor, timed, compute, kind, xs, vs
                 )
         except Exception as exc:
+            self.batch_failed(parts, dispatched, exc)
             if not self.failed_whole(parts, exc):
                 middle = len(parts) // 2
                 await self._execute(parts[:middle], dispatched)

@@ -110,6 +110,15 @@ class Work:
     what: str  # the expansion in words, for limit messages
     fewer: str  # what else to lower when even one input row does not fit
 
+    @property
+    def rows(self) -> int:
+        """The request's own rows, before any expansion."""
+        return self.x.shape[0] // self.per_row
+
+    @property
+    def expanded(self) -> bool:
+        return self.reduce is not None
+
 
 def expand(
     spec: ModelSpec,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from gradserve.server.core.batcher import Batcher
 from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import InvalidInput, UnknownModel
 from gradserve.server.core.explain import Limits, Options, Work, expand
+from gradserve.server.core.statistics import Statistics
 from gradserve.server.core.validation import decode_rows
 from gradserve.wire.kinds import Derivative
 from gradserve.wire.limits import MIB
@@ -24,11 +25,13 @@ from gradserve.wire.limits import MIB
 
 @dataclass(frozen=True)
 class Served:
-    """One served model: what it is, its queue, and what one request of it may produce."""
+    """One served model: what it is, its queue, what one request of it may produce, and
+    its statistics (the batcher's watch counts its batches)."""
 
     spec: ModelSpec
     batcher: Batcher
     max_result_bytes: int
+    statistics: Statistics = field(default_factory=Statistics)
 
     @functools.cached_property
     def dtype(self) -> np.dtype:

@@ -86,6 +86,31 @@ class Observer:
         again; the requests of the batch it held failed."""
 
 
+class BatchWatch(Protocol):
+    """Who follows every engine call of one scheduler with its requests (the statistics of
+    its model version, the batch spans of tracing)."""
+
+    def batch_done(
+        self, parts: list[Part], dispatched: float, began: float, ended: float, split: float,
+        error: BaseException | None,
+    ) -> None:  # fmt: skip
+        """An engine call of `parts` (each part's `pending.trace` is what its request was
+        admitted with): dispatched, began and ended (time.perf_counter()), its outputs split
+        back to its requests at `split`; `error` if it failed (then began = ended = split:
+        the moment its failure was seen)."""
+
+
+class Watches:
+    """Several watches as one."""
+
+    def __init__(self, *watches: BatchWatch) -> None:
+        self._watches = watches
+
+    def batch_done(self, *args: object) -> None:
+        for watch in self._watches:
+            watch.batch_done(*args)
+
+
 class _Pending:
     """One request in the queue; `next_row` marks how far it has been dispatched."""
 
@@ -106,13 +131,16 @@ class _Pending:
         "priority",
         "rows_done",
         "started",
+        "trace",
         "v",
         "waited_s",
         "x",
         "y",
     )
 
-    def __init__(self, x, v, kind, future, deadline, enqueued, caller, nbytes, priority) -> None:
+    def __init__(
+        self, x, v, kind, future, deadline, enqueued, caller, nbytes, priority, trace
+    ) -> None:
         self.x: np.ndarray | None = x
         self.v: np.ndarray | None = v
         self.n: int = x.shape[0]
@@ -123,6 +151,7 @@ class _Pending:
         self.caller: Hashable = caller
         self.nbytes: int = nbytes
         self.priority: Priority = priority
+        self.trace: object = trace
         self.next_row = 0
         self.rows_done = 0
         self.started: float | None = None
@@ -210,15 +239,17 @@ class Scheduler:
         max_batch_s: float = 0.0,
         ladder: Sequence[int] = (),
         observer: Observer | None = None,
+        watch: BatchWatch | None = None,
     ) -> None:
         """`memory`: the byte budget admission counts against (None: bytes unbounded);
         `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
         `fair`: a queue per caller, batches filled round robin (False: one shared queue);
         `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
-        the engine pads to (empty: it does not pad)."""
+        the engine pads to (empty: it does not pad); `watch`: told of every engine call."""
         if max_batch_size < 1 or max_queue_rows < 1 or max_batch_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_batch_s >= 0")
         self._observer = observer or Observer()
+        self._watch = watch
         self.max_batch_size = max_batch_size
         self.max_queue_rows = max_queue_rows
         self.max_batch_s = max_batch_s
@@ -256,11 +287,13 @@ class Scheduler:
         caller: Hashable,
         priority: Priority,
         ticket: Ticket,
+        trace: object = None,
     ) -> _Pending:
         """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector), answered
         through `ticket`; its bytes (`request_bytes`) are counted against the memory budget.
         Raises at once, queueing nothing, when closing or the queue is full (rows or bytes).
-        The driver calls `finished` with the returned request once its ticket is done."""
+        The driver calls `finished` with the returned request once its ticket is done.
+        `trace` is the request's own, handed back with its batches to the watch."""
         if self._closing:
             raise Closed("the server is shutting down and accepts no new requests")
         n = x.shape[0]
@@ -280,7 +313,9 @@ class Scheduler:
         if self.memory is not None:
             self.memory.reserve(nbytes)
         key = caller if self.fair else None
-        pending = _Pending(x, v, kind, ticket, deadline, time.perf_counter(), key, nbytes, priority)
+        pending = _Pending(
+            x, v, kind, ticket, deadline, time.perf_counter(), key, nbytes, priority, trace
+        )
         self._lanes[priority][kind].add(pending)
         self._queued_rows += n
         self.pending += 1
@@ -432,12 +467,19 @@ class Scheduler:
         try:
             outputs, began, ended = timed(compute, parts[0].pending.kind, xs, vs)
         except Exception as exc:
+            self.batch_failed(parts, dispatched, exc)
             if not self.failed_whole(parts, exc):
                 middle = len(parts) // 2
                 self.execute(parts[:middle], compute, dispatched)
                 self.execute(parts[middle:], compute, dispatched)
             return
         self.succeeded(parts, outputs, dispatched, began, ended)
+
+    def batch_failed(self, parts: list[Part], dispatched: float, exc: Exception) -> None:
+        """Tell the watch of an engine call that failed (before any bisection)."""
+        if self._watch is not None:
+            now = time.perf_counter()
+            self._watch.batch_done(parts, dispatched, now, now, now, exc)
 
     def failed_whole(self, parts: list[Part], exc: Exception) -> bool:
         """Fail the batch's requests with `exc` if it is nobody's fault (NOT_BLAMED) or the
@@ -465,6 +507,8 @@ class Scheduler:
         self._costs[kind].observe(self._padded(rows), ended - began)
         self._observer.batch(kind, rows, ended - began)
         _deliver(parts, outputs, began - dispatched, ended - began, ended)
+        if self._watch is not None:
+            self._watch.batch_done(parts, dispatched, began, ended, time.perf_counter(), None)
 
 
 def timed(

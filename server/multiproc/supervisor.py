@@ -79,6 +79,9 @@ class Supervisor:
         self._standby: _Child | None = None
         self._stopping = False
         self._metrics = MetricsGatherer(self._metrics_ports)
+        # The same, on 127.0.0.1 only and always on: where frontends read every process's
+        # statistics (the statistics extension answers for the whole server).
+        self._gathered = MetricsGatherer(self._metrics_ports)
         self.replaced = 0
 
     def _metrics_ports(self) -> dict[str, int]:
@@ -103,11 +106,13 @@ class Supervisor:
 
     def _spawn_frontend(self, index: int) -> None:
         self._frontends[index] = self._spawn(
-            f"frontend-{index}", self._frontend_entry, self._frontend_config()
+            f"frontend-{index}", self._frontend_entry, self._frontend_config(), self._gathered.port
         )
 
     def _spawn_standby(self) -> None:
-        self._standby = self._spawn("standby", self._frontend_entry, self._frontend_config(), True)
+        self._standby = self._spawn(
+            "standby", self._frontend_entry, self._frontend_config(), self._gathered.port, True
+        )
 
     def _replace_frontend(self, index: int) -> None:
         """Start the standby in the dead frontend's place, and a new standby."""
@@ -116,7 +121,7 @@ class Supervisor:
             self._spawn_frontend(index)
         else:
             standby.name = f"frontend-{index}"
-            standby.pipe.send(("start",))
+            standby.pipe.send(("start", standby.name))
             self._frontends[index] = standby
         self._spawn_standby()
 
@@ -127,6 +132,7 @@ class Supervisor:
         self.config = config
         signals = _SignalFlag()
         try:
+            self._gathered.serve("127.0.0.1", 0)
             self._engine = self._spawn("engine", engine_process.run, config, self._load)
             for i in range(self.frontends):
                 self._spawn_frontend(i)
@@ -189,6 +195,7 @@ class Supervisor:
         if self._engine is not None:
             _stop([self._engine], _STOP_MARGIN_S)
         self._metrics.close()
+        self._gathered.close()
         removed = shm.remove_leftovers(f"gradserve-{os.getpid()}-")
         if removed:
             log.info("removed %d shared-memory segment(s) of stopped processes", removed)

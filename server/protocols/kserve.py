@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core.batcher import Result
@@ -30,8 +31,10 @@ from gradserve.server.core.errors import InvalidInput, RequestError, UnknownMode
 from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.core.repository import READY, Owner, known
+from gradserve.server.core.statistics import BATCH_STATISTICS, REQUEST_STATISTICS, Statistics
 from gradserve.server.core.validation import check_shape
 from gradserve.server.metrics import Metrics
+from gradserve.server.tracing import Tracing
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
 from gradserve.server.transport.status import Failure, abort
 from gradserve.server.transport.tickets import Arrival, Ticket
@@ -39,9 +42,11 @@ from gradserve.wire import tensors
 from gradserve.wire.kinds import BASELINE, OPTIONS, TARGET, Derivative, Option
 from gradserve.wire.timing import FIELDS, Hops
 
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "gradserve"
 SERVER_VERSION = importlib.metadata.version("gradserve")
-EXTENSIONS = ("model_configuration", "model_repository")  # of the protocol, both transports
+# of the protocol, both transports
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 PLATFORM = "tensorflow_keras"
 INPUT, VECTOR, OUTPUT, DERIVATIVE = "x", "v", "y", "dy_dx"
 ATTRIBUTIONS, DELTA = "attributions", "delta"
@@ -82,13 +87,18 @@ class InferenceServicer:
         stream_window: StreamWindow,
         streams: Streams,
         memory: MemoryBudget,
+        statistics: StatisticsSource,
+        tracing: Tracing | None = None,
     ) -> None:
+        """`statistics`: every served version's statistics now (this process's, or gathered
+        from every frontend)."""
         self._models = models
         self._is_ready = is_ready
         self._owner = owner
+        self._statistics = statistics
         self._answer = Answerer(
-            InferenceCodec(models), metrics, streams, stream_rpc="ModelStreamInfer",
-            window=stream_window, memory=memory,
+            InferenceCodec(models), metrics, streams, service=SERVICE, unary_rpc="ModelInfer",
+            stream_rpc="ModelStreamInfer", window=stream_window, memory=memory, tracing=tracing,
         )  # fmt: skip
 
     # -- health and metadata ---------------------------------------------------------------
@@ -125,6 +135,15 @@ class InferenceServicer:
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         spec = (await self._checked(context, request.name, request.version)).spec
         return pb.ModelConfigResponse(config=model_config(spec))
+
+    async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
+        try:
+            chosen = await chosen_statistics(
+                self._models, self._statistics, request.name, request.version
+            )
+        except RequestError as exc:
+            await abort(context, exc)
+        return pb.ModelStatisticsResponse(model_stats=[_statistics_message(*c) for c in chosen])
 
     # -- the model repository --------------------------------------------------------------
 
@@ -202,6 +221,48 @@ def model_config(spec: ModelSpec) -> pb.ModelConfig:
             pb.ModelOutput(name=DERIVATIVE, data_type=data_type, dims=spec.input_shape),
         ],
     )
+
+
+StatisticsSource = Callable[[], Awaitable[dict[tuple[str, str], Statistics]]]
+
+
+async def chosen_statistics(
+    models: Models, source: StatisticsSource, name: str, version: str
+) -> list[tuple[str, str, Statistics]]:
+    """The statistics a request asks for (gRPC and REST): every served version (no name),
+    every served version of the named model, or the one named; UnknownModel for a model or
+    version not served."""
+    if name:
+        models.get(name, version)  # is it served?
+    everything = await source()
+    if not name:
+        return [(*key, everything[key]) for key in sorted(everything)]
+    versions = [version] if version else models.versions(name)
+    return [(name, v, everything.get((name, v), Statistics())) for v in versions]
+
+
+def statistics_document(name: str, version: str, stats: Statistics) -> dict:
+    """One version's statistics under the extension's names (the REST answer's entry)."""
+
+    def duration(d) -> dict:
+        return {"count": d.count, "ns": d.ns}
+
+    return {
+        "name": name,
+        "version": version,
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.execution_count,
+        "inference_stats": {n: duration(stats.requests[n]) for n in REQUEST_STATISTICS},
+        "batch_stats": [
+            {"batch_size": size, **{n: duration(durations[n]) for n in BATCH_STATISTICS}}
+            for size, durations in sorted(stats.batches.items())
+        ],
+    }
+
+
+def _statistics_message(name: str, version: str, stats: Statistics) -> pb.ModelStatistics:
+    return json_format.ParseDict(statistics_document(name, version, stats), pb.ModelStatistics())
 
 
 def version_ready(

@@ -19,6 +19,7 @@ from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.core.repository import Owner
 from gradserve.server.metrics import Metrics
+from gradserve.server.tracing import Tracing
 from gradserve.server.transport import bulk
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
 from gradserve.server.transport.status import Failure, abort
@@ -29,6 +30,7 @@ from gradserve.wire.kinds import BASELINE, EXPLANATIONS, Derivative
 from gradserve.wire.status import status_number
 from gradserve.wire.timing import FIELDS, Hops
 
+SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 _KIND_LIST = ", ".join(f"{pb.Derivative.Name(k)} ({k})" for k in sorted(native.KIND))
 _PRIORITIES = {pb.Priority.Value(priority.name): priority for priority in Priority}
 _EXPLAINING = " and ".join(kind.value for kind in EXPLANATIONS)
@@ -150,12 +152,13 @@ class GradientServicer:
         stream_window: StreamWindow,
         streams: Streams,
         memory: MemoryBudget,
+        tracing: Tracing | None = None,
     ) -> None:
         self._models = models
         self._owner = owner
         self._answer = Answerer(
-            NativeCodec(models), metrics, streams, stream_rpc="EvaluateStream",
-            window=stream_window, memory=memory,
+            NativeCodec(models), metrics, streams, service=SERVICE, unary_rpc="Evaluate",
+            stream_rpc="EvaluateStream", window=stream_window, memory=memory, tracing=tracing,
         )  # fmt: skip
 
     async def Evaluate(

@@ -9,6 +9,7 @@ writes them, so the document cannot drift from what the server accepts.
 from __future__ import annotations
 
 from gradserve.server.core.contract import ModelSpec
+from gradserve.server.core.statistics import BATCH_STATISTICS, REQUEST_STATISTICS
 from gradserve.wire import tensors
 from gradserve.wire.kinds import OPTIONS, TARGET, Derivative
 from gradserve.wire.timing import FIELDS
@@ -19,6 +20,7 @@ SERVER = "/v2"
 OPENAPI = "/v2/openapi.json"
 MODEL = "/v2/models/{model}"
 VERSIONED = MODEL + "/versions/{version}"
+STATISTICS = "/v2/models/stats"  # every model's; MODEL or VERSIONED + "/stats": one's
 REPOSITORY_INDEX = "/v2/repository/index"
 REPOSITORY_MODEL = "/v2/repository/models/{model}"
 CONTROL = ("load", "unload")  # REPOSITORY_MODEL + "/" + each
@@ -140,7 +142,25 @@ def _schemas() -> dict:
         dims={"type": "array", "items": {"type": "integer"}},
     )
     strings = {"type": "array", "items": {"type": "string"}}
+    duration = _object(["count", "ns"], count=_SIZE, ns=_SIZE)
+    version_statistics = _object(
+        ["name", "version", "last_inference", "inference_count", "execution_count",
+         "inference_stats", "batch_stats"],
+        name={"type": "string"},
+        version={"type": "string"},
+        last_inference={**_SIZE, "description": "epoch milliseconds of the last answer"},
+        inference_count={**_SIZE, "description": "rows answered by successful requests"},
+        execution_count={**_SIZE, "description": "engine calls (batches)"},
+        inference_stats=_object(list(REQUEST_STATISTICS),
+                                **dict.fromkeys(REQUEST_STATISTICS, duration)),
+        batch_stats={"type": "array", "items": _object(
+            ["batch_size", *BATCH_STATISTICS], batch_size=_SIZE,
+            **dict.fromkeys(BATCH_STATISTICS, duration))},
+    )  # fmt: skip
     return {
+        "ModelStatistics": _object(
+            ["model_stats"], model_stats={"type": "array", "items": version_statistics}
+        ),
         "Error": _object(["error"], error={"type": "string"}),
         "Live": _object(["live"], live={"type": "boolean"}),
         "Ready": _object(["ready"], ready={"type": "boolean"}),
@@ -285,8 +305,22 @@ def document(specs: list[ModelSpec], version: str, header: str) -> dict:
                 "responses": _answers(_json({"type": "object"}), 400, 404, 503),
             },
         }
+    statistics = _json(_ref("ModelStatistics"))
+    paths[STATISTICS] = {
+        "get": {
+            "summary": "Statistics of every served model version (the statistics extension)",
+            "responses": _answers(statistics, 503),
+        }
+    }
     for base in (MODEL, VERSIONED):
         common = {"parameters": _model_parameters(specs, base == VERSIONED)}
+        paths[base + "/stats"] = {
+            **common,
+            "get": {
+                "summary": "Statistics of this model's served versions, or of one",
+                "responses": _answers(statistics, 404, 503),
+            },
+        }
         model = _json(_ref("ModelMetadata"))
         ready = _json(_ref("ModelReady"))
         config = _json(_ref("ModelConfig"))

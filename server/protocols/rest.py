@@ -39,10 +39,14 @@ from gradserve.server.protocols.kserve import (
     SERVER_NAME,
     SERVER_VERSION,
     InferenceCodec,
+    StatisticsSource,
+    chosen_statistics,
     model_config,
     model_metadata,
+    statistics_document,
     version_ready,
 )
+from gradserve.server.tracing import Tracing, request_attributes
 from gradserve.server.transport.intake import Lease
 from gradserve.server.transport.status import Failure
 from gradserve.server.transport.tickets import Arrival
@@ -51,6 +55,7 @@ from gradserve.wire.http import HEADER_LENGTH
 from gradserve.wire.timing import FIELDS
 
 RPC = "rest/infer"  # the metrics' label of this protocol's inference requests
+_ROUTE = openapi.MODEL + "/infer"  # its span's name
 _STATUS = {  # the HTTP status of each gRPC code a request can end with
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -87,9 +92,20 @@ class RestService:
         self._latency = metrics.latency.labels(RPC)
         self._answered = metrics.requests.labels(RPC, "OK")
         self._body: _BodyReader | None = None  # the application's
+        self._statistics: StatisticsSource | None = None
+        self._tracing: Tracing | None = None
 
-    def serve(self, models: Models, owner: Owner) -> None:
+    def serve(
+        self,
+        models: Models,
+        owner: Owner,
+        statistics: StatisticsSource,
+        tracing: Tracing | None = None,
+    ) -> None:
+        """Serve the model endpoints: `statistics` as the gRPC protocol's, `tracing` (None:
+        off) for a span per inference request."""
         self._models, self._codec, self._owner = models, InferenceCodec(models), owner
+        self._statistics, self._tracing = statistics, tracing
 
     def application(self, max_body_bytes: int, idle_seconds: float) -> web.Application:
         """The aiohttp application of these endpoints: bodies up to `max_body_bytes` (413),
@@ -111,6 +127,8 @@ class RestService:
             web.get(openapi.HEALTH_READY, self.ready),
             web.get(openapi.SERVER, self.server_metadata),
             web.get(openapi.OPENAPI, self.openapi),
+            web.get(openapi.STATISTICS, self.statistics),  # before the model named "stats"
+            *(web.get(path + "/stats", self.statistics) for path in (model, versioned)),
             *(web.get(path + "/ready", self.model_ready) for path in (model, versioned)),
             *(web.get(path, self.model_metadata) for path in (model, versioned)),
             *(web.get(path + "/config", self.model_config) for path in (model, versioned)),
@@ -144,6 +162,14 @@ class RestService:
             raise Closed("the server is still loading its models")
         ready = version_ready(self._models, self._owner, self._is_ready, name, version)
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        """The statistics extension: every served version, a model's, or one version's."""
+        if self._models is None:
+            raise Closed("the server is still loading its models")
+        name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+        chosen = await chosen_statistics(self._models, self._statistics, name, version)
+        return _json({"model_stats": [statistics_document(*c) for c in chosen]})
 
     async def repository_index(self, request: web.Request) -> web.Response:
         if self._owner is None:
@@ -208,7 +234,18 @@ class RestService:
 
     async def _infer(self, request: web.Request, lease: Lease) -> web.Response:
         started = time.perf_counter()
+        ticket = span = None
         try:
+            caller = request.headers.get("x-gradserve-client") or str(request.remote)
+            if self._tracing is not None:
+                route = request.match_info.route.resource.canonical
+                attributes = {"http.request.method": "POST", "http.route": route}
+                span = self._tracing.request(
+                    f"POST {_ROUTE}",
+                    request.headers.items(),
+                    started,
+                    attributes=request_attributes(None, caller, attributes),
+                )
             served = self._served(request)  # the model exists (404) and the server serves (503)
             header = request.headers.get(HEADER_LENGTH)
             body = await self._body.read(request, lease)
@@ -219,24 +256,39 @@ class RestService:
                 message, binary = _message(request.match_info, body, length)
             arrival = Arrival(message.id, message.model_name, started)
             ticket = self._codec.decode(message, arrival)
-            caller = request.headers.get("x-gradserve-client") or str(request.remote)
+            if span is not None:
+                Tracing.described(span, ticket.attributes)
             future = explain.submit(ticket.work, ticket.served.batcher.submit, None,
-                                    caller=caller, priority=ticket.priority)  # fmt: skip
+                                    caller=caller, priority=ticket.priority,
+                                    trace=span)  # fmt: skip
             result = await future
             outputs = self._codec.outputs(ticket, result)
             hops = breakdown(arrival.at, result.timing)
             self._metrics.hops(hops)
             response = _respond(_answer(ticket, outputs, hops, binary))
+            ticket.served.statistics.answered(ticket.work.rows, hops)
+            if span is not None:
+                self._tracing.answered(span, started, hops)
             self._answered.inc()
         except web.HTTPException as exc:  # the body's size or pace: before any model work
             response = _http_failed(exc)
-            self._metrics.requests.labels(RPC, _HTTP_CODES[exc.status].name).inc()
+            code = _HTTP_CODES[exc.status]
+            self._metrics.requests.labels(RPC, code.name).inc()
+            self._failed(ticket, started, span, Failure(code, exc.text or exc.reason))
         except Exception as exc:  # every failure is the caller's answer, never the server's
             failure = Failure.of(exc)
             response = _failed(failure)
             self._metrics.requests.labels(RPC, failure.code.name).inc()
+            self._failed(ticket, started, span, failure)
         self._latency.observe(time.perf_counter() - started)
         return response
+
+    @staticmethod
+    def _failed(ticket, started: float, span, failure: Failure) -> None:
+        if ticket is not None:
+            ticket.served.statistics.failed(time.perf_counter() - started)
+        if span is not None:
+            Tracing.failed(span, failure.code.name, failure.message)
 
 
 class _BodyReader:

@@ -34,6 +34,7 @@ from gradserve.server.core.errors import Closed, Undecodable
 from gradserve.server.core.explain import Reduced
 from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
+from gradserve.server.tracing import Tracing, request_attributes
 from gradserve.server.transport.intake import caller_of
 from gradserve.server.transport.status import Failure, abort, deadline_of
 from gradserve.server.transport.tickets import Arrival, Ticket
@@ -114,6 +115,7 @@ class _InFlight:
     ticket: Ticket | None
     outcome: asyncio.Future[Result | Reduced] | Failure
     nbytes: int
+    span: object = None  # its span, when traced
 
 
 class Streams:
@@ -143,11 +145,19 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         metrics: Metrics,
         streams: Streams,
         *,
+        service: str,
+        unary_rpc: str,
         stream_rpc: str,
         window: StreamWindow,
         memory: MemoryBudget,
+        tracing: Tracing | None = None,
     ) -> None:
+        """`service`, `unary_rpc` and `stream_rpc` name the protocol's service and its two
+        model calls (in spans); `tracing`: this server's, or None when it is off."""
         self._codec = codec
+        self._tracing = tracing
+        self._unary_rpc = (service, unary_rpc)
+        self._stream_rpc_names = (service, stream_rpc)
         self._memory = memory
         self._metrics = metrics
         self._streams = streams
@@ -160,7 +170,12 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         return Arrival() if isinstance(request, Undecodable) else self._codec.arrival(request)
 
     def _start(
-        self, request: Request | Undecodable, arrival: Arrival, deadline: float | None, caller: str
+        self,
+        request: Request | Undecodable,
+        arrival: Arrival,
+        deadline: float | None,
+        caller: str,
+        span: object = None,
     ) -> tuple[Ticket, asyncio.Future[Result | Reduced]]:
         """Decode and queue one request; raises a RequestError if it cannot be queued. (The
         message itself is counted by whoever read it: a unary call's lease, a stream's
@@ -168,18 +183,42 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if isinstance(request, Undecodable):
             raise request.error
         ticket = self._codec.decode(request, arrival)
+        if span is not None:
+            Tracing.described(span, ticket.attributes)
         # The rows as decoded, or expanded (targets, explanations, k tangents) and reduced
         # when they come back; either way queued as the caller's, at its priority.
         future = explain.submit(ticket.work, ticket.served.batcher.submit, deadline,
-                                caller=caller, priority=ticket.priority)  # fmt: skip
+                                caller=caller, priority=ticket.priority, trace=span)  # fmt: skip
         return ticket, future
 
-    def _finish(self, ticket: Ticket, result: Result | Reduced) -> Response:
+    def _finish(self, ticket: Ticket, result: Result | Reduced, span: object = None) -> Response:
         response = self._codec.encode(ticket, result)
         hops = breakdown(ticket.arrival.at, result.timing)
         self._codec.add_timing(response, hops)
         self._metrics.hops(hops)
+        ticket.served.statistics.answered(ticket.work.rows, hops)
+        if span is not None:
+            self._tracing.answered(span, ticket.arrival.at, hops)
         return response
+
+    def _span(self, context: grpc.aio.ServicerContext, rpc: tuple[str, str], arrival: Arrival,
+              caller: str, parent: object = None) -> object:  # fmt: skip
+        """The request's span (None: tracing off, or not sampled)."""
+        if self._tracing is None:
+            return None
+        name = "/".join(rpc) + (" message" if parent is not None else "")
+        metadata = None if parent is not None else context.invocation_metadata()
+        attributes = request_attributes(rpc, caller, {"gradserve.request_id": arrival.id})
+        return self._tracing.request(name, metadata, arrival.at, parent=parent,
+                                     attributes=attributes)  # fmt: skip
+
+    @staticmethod
+    def _failed(ticket: Ticket | None, arrival: Arrival, span: object, failure: Failure) -> None:
+        """Count a failed request in its version's statistics and end its span."""
+        if ticket is not None:
+            ticket.served.statistics.failed(time.perf_counter() - arrival.at)
+        if span is not None:
+            Tracing.failed(span, failure.code.name, failure.message)
 
     def _count_stream_message(self, code: grpc.StatusCode) -> None:
         counter = self._stream_requests.get(code)
@@ -191,13 +230,18 @@ class Answerer(Generic[Request, Response, StreamResponse]):
     async def unary(self, request: Request, context: grpc.aio.ServicerContext) -> Response:
         """One unary call: decode and queue, wait, answer; a failure becomes its status."""
         arrival = self._arrival(request)
+        ticket = span = None
         try:
             deadline, caller = deadline_of(context), caller_of(context)
-            ticket, future = self._start(request, arrival, deadline, caller)
+            span = self._span(context, self._unary_rpc, arrival, caller)
+            ticket, future = self._start(request, arrival, deadline, caller, span)
             result = await future
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            self._failed(ticket, arrival, span, Failure.of(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             await abort(context, exc)
-        return self._finish(ticket, result)
+        return self._finish(ticket, result, span)
 
     async def stream(
         self, requests: AsyncIterator[Request], context: grpc.aio.ServicerContext
@@ -207,6 +251,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if self._streams.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
         deadline, caller = deadline_of(context), caller_of(context)
+        call_span = self._span(context, self._stream_rpc_names, Arrival(), caller)
         inflight: asyncio.Queue[_InFlight | None] = asyncio.Queue(self._window.messages)
         ahead = _ReadAhead(self._window.bytes, self._memory)
 
@@ -220,11 +265,15 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                     except StopAsyncIteration:
                         return
                     arrival = self._arrival(request)
+                    span = None
+                    if call_span is not None:
+                        span = self._span(context, self._stream_rpc_names, arrival, caller,
+                                          call_span)  # fmt: skip
                     try:
-                        ticket, future = self._start(request, arrival, deadline, caller)
-                        item = _InFlight(arrival, ticket, future, ticket.nbytes)
+                        ticket, future = self._start(request, arrival, deadline, caller, span)
+                        item = _InFlight(arrival, ticket, future, ticket.nbytes, span)
                     except Exception as exc:
-                        item = _InFlight(arrival, None, Failure.of(exc), 0)
+                        item = _InFlight(arrival, None, Failure.of(exc), 0, span)
                     ahead.add(item.nbytes)
                     del request  # the decoded rows are all a queued message still needs
                     await inflight.put(item)
@@ -234,14 +283,19 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         reader = asyncio.create_task(read())
         self._streams.add(reader)
         self._metrics.streams.inc()
+        messages = 0
         try:
             while (item := await inflight.get()) is not None:
                 outcome = item.outcome
                 if isinstance(outcome, asyncio.Future):
                     try:
-                        outcome = self._finish(item.ticket, await outcome)
+                        outcome = self._finish(item.ticket, await outcome, item.span)
                     except Exception as exc:
                         outcome = Failure.of(exc)
+                        self._failed(item.ticket, item.arrival, item.span, outcome)
+                elif item.span is not None:
+                    self._failed(None, item.arrival, item.span, outcome)
+                messages += 1
                 code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
                 self._count_stream_message(code)
                 self._stream_latency.observe(time.perf_counter() - item.arrival.at)
@@ -252,6 +306,8 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
             await reader
         finally:
+            if call_span is not None:
+                Tracing.ended(call_span, {"gradserve.stream.messages": messages})
             self._metrics.streams.dec()
             reader.cancel()
             while not inflight.empty():

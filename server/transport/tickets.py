@@ -39,6 +39,22 @@ class Ticket:
     encoding: object = None  # the protocol's own: which outputs, in which form
 
     @property
+    def attributes(self) -> dict[str, object]:
+        """What the request is, as its span records it."""
+        spec, work = self.served.spec, self.work
+        attributes: dict[str, object] = {
+            "gradserve.model": spec.name,
+            "gradserve.model_version": spec.version,
+            "gradserve.derivative": work.kind.value,
+            "gradserve.rows": work.rows,
+            "gradserve.queued_rows": work.x.shape[0],
+            "gradserve.priority": self.priority.name,
+        }
+        if work.expanded:
+            attributes["gradserve.expansion"] = work.what
+        return attributes
+
+    @property
     def nbytes(self) -> int:
         """What the request holds while queued and computed: its rows as queued, their
         vectors and results (its message is counted by whoever read it)."""
