@@ -21,6 +21,7 @@ from gradserve.client.results import (
     to_result,
     to_versions,
 )
+from gradserve.client.tracing import trace_metadata
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
 
@@ -106,7 +107,10 @@ class AsyncGradientClient(ClientBase):
         while True:
             try:
                 return await method(
-                    request, timeout=attempts.remaining(), wait_for_ready=self.wait_for_ready
+                    request,
+                    timeout=attempts.remaining(),
+                    wait_for_ready=self.wait_for_ready,
+                    metadata=trace_metadata(),
                 )
             except grpc.RpcError as error:
                 task = asyncio.current_task()
@@ -143,7 +147,10 @@ class AsyncGradientClient(ClientBase):
             waited = time.monotonic() - started
             timeout = None if timeout is None else max(timeout - waited, 0.001)
         call = self._stub.EvaluateStream(
-            requests(), timeout=timeout, wait_for_ready=self.wait_for_ready
+            requests(),
+            timeout=timeout,
+            wait_for_ready=self.wait_for_ready,
+            metadata=trace_metadata(),
         )
         try:
             async for response in call:

@@ -20,6 +20,7 @@ from gradserve.client.results import (
     to_result,
     to_versions,
 )
+from gradserve.client.tracing import trace_metadata
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
 
@@ -124,7 +125,10 @@ class GradientClient(ClientBase):
         while True:
             try:
                 return method(
-                    request, timeout=attempts.remaining(), wait_for_ready=self.wait_for_ready
+                    request,
+                    timeout=attempts.remaining(),
+                    wait_for_ready=self.wait_for_ready,
+                    metadata=trace_metadata(),
                 )
             except grpc.RpcError as error:
                 delay = attempts.backoff(error.code())
@@ -159,7 +163,7 @@ class GradientClient(ClientBase):
             timeout = None if timeout is None else max(timeout - waited, 0.001)
         requests = (stream_request(x, derivative, str(i), model, options) for i, x in enumerate(xs))
         call = self._stub.EvaluateStream(
-            requests, timeout=timeout, wait_for_ready=self.wait_for_ready
+            requests, timeout=timeout, wait_for_ready=self.wait_for_ready, metadata=trace_metadata()
         )
         try:
             for response in call:

@@ -140,7 +140,7 @@ class Tracing:
             shutdown_on_exit=False,
         )
         provider.add_span_processor(BatchSpanProcessor(_exporter(environ)))
-        log.info("tracing on", extra={"event": "tracing", "process": process})
+        log.info("tracing on", extra={"event": "tracing", "role": process})
         return cls(provider)
 
     def close(self) -> None:
@@ -182,14 +182,15 @@ class Tracing:
         time in the server as the answer's own breakdown does."""
         context = trace.set_span_in_context(span)
         start = wall_ns(arrived)
+        finish = start + hops.total_us * 1000
         for hop in HOPS:
-            end = start + getattr(hops, f"{hop}_us") * 1000
+            end = finish if hop == HOPS[-1] else start + getattr(hops, f"{hop}_us") * 1000
             child = self._tracer.start_span(hop, context, start_time=start)
             child.end(end)
             start = end
         span.set_attributes({"gradserve.batch_rows": hops.batch_rows,
                              "gradserve.batches": len(getattr(span, "links", ()))})  # fmt: skip
-        span.end(wall_ns(arrived) + hops.total_us * 1000)
+        span.end(finish)
 
     @staticmethod
     def failed(span: trace.Span, code: str, message: str) -> None:
