@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -27,7 +28,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from gradserve.server.core.scheduler import Part
 from gradserve.wire.timing import HOPS, Hops
@@ -46,6 +47,32 @@ _SAMPLERS = {
     "parentbased_traceidratio": lambda arg: sampling.ParentBased(sampling.TraceIdRatioBased(arg)),
 }
 _PERF_TO_WALL_NS = time.time_ns() - time.perf_counter_ns()
+_CONTEXT = struct.Struct("<16s8sB")  # trace id, span id, trace flags
+
+
+class Remote(tuple):
+    """The span contexts of requests traced in another process (a sub-batch's)."""
+
+
+def pack_contexts(spans: Sequence[trace.Span]) -> bytes:
+    """The contexts of request spans as bytes, for the engine process (a sub-batch's)."""
+    packed = []
+    for span in spans:
+        context = span.get_span_context()
+        ids = (context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big"))
+        packed.append(_CONTEXT.pack(*ids, context.trace_flags))
+    return b"".join(packed)
+
+
+def unpack_contexts(data: bytes) -> Remote:
+    """What pack_contexts packed; ValueError for bytes that are not whole contexts."""
+    if len(data) % _CONTEXT.size:
+        raise ValueError(f"{len(data)} bytes of trace contexts; each takes {_CONTEXT.size}")
+    return Remote(
+        SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"),
+                    is_remote=True, trace_flags=TraceFlags(flags))
+        for trace_id, span_id, flags in _CONTEXT.iter_unpack(data)
+    )  # fmt: skip
 
 
 def wall_ns(perf: float) -> int:
@@ -216,7 +243,9 @@ class Tracing:
 
 class BatchSpans:
     """Watches one scheduler's engine calls: a span per call that held a sampled request,
-    linked to each such request's span, and each of those linked back to the batch."""
+    linked to each such request's span, and each of those linked back to the batch. In the
+    engine process a request is a frontend's sub-batch, traced by the contexts (Remote) of
+    the requests it holds: the batch links to each, and nothing links back."""
 
     def __init__(self, tracer: trace.Tracer, attributes: dict[str, object]) -> None:
         self._tracer = tracer
@@ -230,9 +259,13 @@ class BatchSpans:
         if not traced:
             return
         rows = sum(part.stop - part.start for part in parts)
-        links = [
-            Link(p.pending.trace.get_span_context(), _part_attributes(p, rows)) for p in traced
-        ]
+        links = []
+        for part in traced:
+            attributes = _part_attributes(part, rows)
+            if isinstance(part.pending.trace, Remote):
+                links += [Link(context, attributes) for context in part.pending.trace]
+            else:
+                links.append(Link(part.pending.trace.get_span_context(), attributes))
         attributes = {
             **self._attributes,
             "gradserve.derivative": parts[0].pending.kind.value,
@@ -251,6 +284,8 @@ class BatchSpans:
         span.end(wall_ns(split))
         back = span.get_span_context()
         for part in traced:
+            if isinstance(part.pending.trace, Remote):
+                continue
             with contextlib.suppress(Exception):  # a request span ended meanwhile
                 part.pending.trace.add_link(back, _part_attributes(part, rows))
 

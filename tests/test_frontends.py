@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import FRONTENDS_ARGS, ServerProcess, assert_close, assert_same_answer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from gradserve.client import GradientClient, GradserveError, RetryPolicy
 from gradserve.server.core.contract import Priority
@@ -37,6 +38,7 @@ from gradserve.server.multiproc.messages import (
 )
 from gradserve.server.multiproc.remote import COPY_OFF_LOOP
 from gradserve.server.multiproc.shm import SHM_DIR, ArrayRef
+from gradserve.server.tracing import pack_contexts, unpack_contexts
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import tensors
@@ -365,7 +367,7 @@ def test_every_message_crosses_as_bytes_and_back_unchanged() -> None:
          EngineModel("modèle", 7, (64, 64, 3), (), "/GPU:0", "float64"),
          EngineModel("quadratic", 3, (), (), "", "", "UNAVAILABLE", "version 3 failed: no file")],
         SubBatch("quadratic", "vjp", "/dev/shm/gradserve-1-f2.3", ref, ArrayRef(0, (3, 1), "<f8"),
-                 Priority.HIGH, 12345.678, 5, 2),
+                 Priority.HIGH, 12345.678, 5, 2, bytes(range(50))),
         Control("load", "quadratic", 9), ControlDone(9), Released("modèle", 7),
         ControlDone(10, "version 3 failed", "LoadFailed"),
         SubBatch("m", "gradient", "p", ArrayRef(0, (1,), "<f4"), None),
@@ -374,6 +376,20 @@ def test_every_message_crosses_as_bytes_and_back_unchanged() -> None:
     ]  # fmt: skip
     for message in sent:
         assert messages.decode(messages.encode(message)) == message
+
+
+def test_trace_contexts_cross_to_the_engine_process_whole() -> None:
+    """A sub-batch's trace contexts come back as the same span contexts; bytes that are not
+    whole contexts are refused."""
+    provider = TracerProvider()
+    spans = [provider.get_tracer("t").start_span(f"request {i}") for i in range(3)]
+    contexts = unpack_contexts(pack_contexts(spans))
+    assert [(c.trace_id, c.span_id, c.trace_flags) for c in contexts] == [
+        (c.trace_id, c.span_id, c.trace_flags) for c in (s.get_span_context() for s in spans)
+    ]
+    assert all(c.is_remote and c.trace_flags.sampled for c in contexts)
+    with pytest.raises(ValueError, match="each takes 25"):
+        unpack_contexts(bytes(26))
 
 
 def test_a_frame_that_is_not_a_message_is_refused_whatever_its_bytes() -> None:

@@ -259,6 +259,8 @@ def test_tracing_off_exports_nothing_and_makes_no_span(bundled_engine, monkeypat
 
 
 def test_every_process_of_a_multi_process_server_names_itself(receiver):
+    """Frontends' spans name their frontend; the engine process's batch spans link to the
+    requests of every sub-batch they merged."""
     running = ServerProcess(*FRONTENDS_ARGS, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
                             OTEL_BSP_SCHEDULE_DELAY="50")  # fmt: skip
     try:
@@ -280,6 +282,9 @@ def test_every_process_of_a_multi_process_server_names_itself(receiver):
     requests = [s for s in spans if s.name == EVALUATE]
     assert {r.resource["gradserve.process"] for r in requests} == {"frontend-0", "frontend-1"}
     assert len({r.resource["process.pid"] for r in requests}) == 2
-    for request in requests:
-        [batch] = _batches_of(spans, request)
-        assert batch.resource["process.pid"] == request.resource["process.pid"]
+    spans = receiver.wait_for(lambda got: all(len(_batches_of(got, r)) == 2 for r in requests))
+    for request in requests:  # the frontend's sub-batch, and the engine process's call
+        mine, engine = sorted(_batches_of(spans, request), key=lambda b: b.start_ns)
+        assert mine.resource["process.pid"] == request.resource["process.pid"]
+        assert engine.resource["gradserve.process"] == "engine"
+        assert [link[1] for link in request.links] == [mine.span_id]

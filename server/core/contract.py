@@ -47,6 +47,7 @@ class BatchHints:
 
     priority: Priority = Priority.NORMAL
     deadline: float | None = None
+    traces: tuple[object, ...] = ()  # the spans of its traced requests (opaque here)
 
 
 class Engine(Protocol):

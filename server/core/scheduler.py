@@ -479,7 +479,7 @@ class Scheduler:
         """Tell the watch of an engine call that failed (before any bisection)."""
         if self._watch is not None:
             now = time.perf_counter()
-            self._watch.batch_done(parts, dispatched, now, now, now, exc)
+            self._tell_watch(parts, dispatched, now, now, now, exc)
 
     def failed_whole(self, parts: list[Part], exc: Exception) -> bool:
         """Fail the batch's requests with `exc` if it is nobody's fault (NOT_BLAMED) or the
@@ -508,7 +508,15 @@ class Scheduler:
         self._observer.batch(kind, rows, ended - began)
         _deliver(parts, outputs, began - dispatched, ended - began, ended)
         if self._watch is not None:
-            self._watch.batch_done(parts, dispatched, began, ended, time.perf_counter(), None)
+            self._tell_watch(parts, dispatched, began, ended, time.perf_counter(), None)
+
+    def _tell_watch(self, *batch: object) -> None:
+        """Tell the watch of a batch; a watch that fails (statistics, tracing) is logged and
+        never fails the batch's requests."""
+        try:
+            self._watch.batch_done(*batch)
+        except Exception:
+            log.exception("the batch watch failed; the batch's requests are answered anyway")
 
 
 def timed(
@@ -530,11 +538,12 @@ def call_args(kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | Non
 
 
 def hints_of(parts: list[Part]) -> BatchHints:
-    """A batch's most urgent priority and latest deadline (deadlines are on the asyncio
-    loop's clock, time.monotonic(), as BatchHints wants them)."""
+    """A batch's most urgent priority, latest deadline (deadlines are on the asyncio
+    loop's clock, time.monotonic(), as BatchHints wants them) and traced requests."""
     deadlines = [p.pending.deadline for p in parts]
     deadline = None if None in deadlines else max(deadlines)
-    return BatchHints(max(p.pending.priority for p in parts), deadline)
+    traces = tuple(p.pending.trace for p in parts if p.pending.trace is not None)
+    return BatchHints(max(p.pending.priority for p in parts), deadline, traces)
 
 
 def _slices(parts: list[Part], field: str) -> list[np.ndarray]:

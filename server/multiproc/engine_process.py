@@ -55,6 +55,7 @@ from gradserve.server.multiproc.messages import (
     SubBatchAnswer,
 )
 from gradserve.server.multiproc.shm import Mapped, Segment
+from gradserve.server.tracing import Tracing, unpack_contexts
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve.engine")
@@ -131,9 +132,10 @@ class _Session:
             scheduler, engine = served
             _check_rows(engine, Derivative(message.kind), x, v)
             ticket = _Answer(self, slot, scheduler)
+            traces = unpack_contexts(message.traces) if message.traces else None
             ticket.pending = scheduler.admit(
                 x, Derivative(message.kind), message.deadline, v, self.number,
-                Priority(message.priority), ticket,
+                Priority(message.priority), ticket, traces,
             )  # fmt: skip
         except QueueFull as exc:
             self.fail(slot, QueueFull(f"the engine process's {exc}"))
@@ -173,9 +175,12 @@ class _Loop:
     """The engine process's one thread: frontends' frames in, batches run, answers out; and
     the host of the model repository, whose loader thread hands it each change (`call`)."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: ServerConfig, metrics: Metrics, tracing: Tracing | None = None
+    ) -> None:
         self._config = config
         self._metrics = metrics
+        self._tracing = tracing
         self.schedulers: dict[tuple[str, int], Scheduler] = {}
         # Every version a sub-batch may name: the served ones and the retiring ones, whose
         # frontends may still send rows of requests they admitted.
@@ -245,6 +250,7 @@ class _Loop:
             max_batch_s=config.max_batch_ms / 1e3,
             ladder=getattr(engine, "ladder", ()),
             observer=self._metrics,
+            watch=None if self._tracing is None else self._tracing.batches(name, str(version)),
         )
         self.schedulers[key] = scheduler
         self._models[key] = (scheduler, engine)
@@ -457,7 +463,8 @@ def _listen(address: str) -> socket.socket:
 
 def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -> None:
     metrics = Metrics()
-    loop = _Loop(config, metrics)
+    tracing = Tracing.start(config.trace, "engine")
+    loop = _Loop(config, metrics, tracing)
     repository = load(config, metrics)
     loop.repository = repository
     repository.on_change = loop.broadcast
@@ -481,6 +488,8 @@ def _serve(config: ServerConfig, address: str, parent: Connection, load: Load) -
         repository.close()
         listener.close()
         http.shutdown()
+        if tracing is not None:
+            tracing.close()
     log.info("engine process stopped", extra={"event": "engine_stop"})
 
 

@@ -12,7 +12,9 @@ version and the message's type; strings are length-prefixed UTF-8, numbers littl
 an array is referred to by where it lies in the sender's shared-memory segment (shm.py).
 A sub-batch names its slot: one of the frontend's in-flight places (a request segment on
 its side, an answer segment on the engine's), free again once its answer has been read; the
-answer names the same slot, since answers come in the order the engine computes them.
+answer names the same slot, since answers come in the order the engine computes them. A
+sub-batch also carries the trace context of each traced request it holds (opaque bytes
+here: tracing.py packs and unpacks them), so that the engine's batch span links to them.
 
 Knows the standard library only (and shm's ArrayRef).
 """
@@ -30,7 +32,7 @@ from gradserve.server.core.contract import Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
 from gradserve.server.multiproc.shm import ArrayRef
 
-VERSION = 3
+VERSION = 4
 _CATALOG, _SUB_BATCH, _ANSWER, _CONTROL, _CONTROL_DONE, _RELEASED = 1, 2, 3, 4, 5, 6
 _HEAD = struct.Struct("<BB")  # version, message type
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
@@ -148,6 +150,7 @@ class SubBatch:
     deadline: float | None = None
     slot: int = 0
     version: int = 1
+    traces: bytes = b""  # the traced requests' contexts (tracing.pack_contexts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +199,7 @@ def encode(message: Message) -> bytes:
         schedule = _SCHEDULE.pack(message.priority, deadline, message.slot, message.version)
         parts = [_HEAD.pack(VERSION, _SUB_BATCH), schedule]
         parts += [_text(message.model), _text(message.kind), _text(message.path)]
-        parts += [_ref(message.x), _ref(message.v)]
+        parts += [_ref(message.x), _ref(message.v), _U32.pack(len(message.traces)), message.traces]
     elif isinstance(message, SubBatchAnswer):
         parts = [_HEAD.pack(VERSION, _ANSWER), _U16.pack(message.slot), _text(message.path)]
         parts.append(_ref(message.y))
@@ -259,13 +262,16 @@ class _Reader:
     def dims(self, n: int) -> tuple[int, ...]:
         return self.unpack(struct.Struct(f"<{n}Q"))
 
-    def text(self) -> str:
+    def raw(self) -> bytes:
         (n,) = self.unpack(_U32)
         if self.pos + n > len(self.data):
             raise struct.error("a string runs past the frame's end")
-        value = bytes(self.data[self.pos : self.pos + n]).decode()
+        value = bytes(self.data[self.pos : self.pos + n])
         self.pos += n
         return value
+
+    def text(self) -> str:
+        return self.raw().decode()
 
     def shape(self) -> Shape:
         (n,) = self.unpack(_U8)
@@ -289,8 +295,9 @@ def _sub_batch(reader: _Reader) -> SubBatch:
     if x is None:
         raise ValueError("a sub-batch without rows")
     v = reader.ref()
+    traces = reader.raw()
     deadline = None if math.isnan(deadline) else deadline
-    return SubBatch(model, kind, path, x, v, priority, deadline, slot, version)
+    return SubBatch(model, kind, path, x, v, priority, deadline, slot, version, traces)
 
 
 def _answer(reader: _Reader) -> SubBatchAnswer:

@@ -49,6 +49,7 @@ from gradserve.server.multiproc.messages import (
     SubBatchAnswer,
 )
 from gradserve.server.multiproc.shm import Mapped, Segment
+from gradserve.server.tracing import pack_contexts
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,9 @@ class EngineLink:
         except BaseException:
             self._free.put_nowait(slot)  # nothing was sent: the slot is free again
             raise
+        traces = pack_contexts(hints.traces) if hints.traces else b""
         message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
-                           hints.deadline, slot, version)  # fmt: skip
+                           hints.deadline, slot, version, traces)  # fmt: skip
         future = self._loop.create_future()
         self._waiting[slot] = future
         try:
