@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: serve test lint format proto train clean bench bench-swap perf-analyzer loadtest soak nginx \
+	promtool \
 	cluster cluster-load \
 	image image-host image-test explain-demo
 
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml setup.py
 serve: $(STAMP)
 	$(BIN)/gradserve serve $(ARGS)
 
-test: lint nginx
+test: lint nginx promtool
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
@@ -124,6 +125,16 @@ nginx:
 	  echo "installing nginx (apt-get)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; }
+
+# promtool, to check and unit-test deploy/prometheus/alerts.yml: Debian's prometheus package,
+# downloaded and unpacked into build/ (no root needed). Where apt-get is missing, the tests
+# check the rules with their own parser only, and say so.
+PROMTOOL := build/promtool/usr/bin/promtool
+promtool: $(PROMTOOL)
+$(PROMTOOL):
+	@mkdir -p build/promtool && cd build/promtool && \
+	  { apt-get download prometheus >/dev/null 2>&1 && dpkg -x prometheus_*.deb . && \
+	    rm -rf prometheus_*.deb usr/bin/prometheus usr/share; } || echo "promtool unavailable: alerts checked by parser only"
 
 # N replicas (default 3) behind nginx until Ctrl-C: make cluster ARGS="--replicas 2 --xla off"
 cluster: $(STAMP) nginx

@@ -274,6 +274,7 @@ class GradServer:
         self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in self.batchers))
         self.metrics.queue_bytes.set_function(lambda: self.memory.held)
         self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in models])
+        self.metrics.watch_serving(lambda: self.ready, config.max_queue_rows, self.memory.limit)
         self.metrics.watch_statistics(
             lambda: [(s.spec.name, s.spec.version, s.statistics) for s in models.every_version()]
         )

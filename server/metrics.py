@@ -121,6 +121,27 @@ class Metrics:
         frontend learns its siblings' share)."""
         self.registry.register(_StatisticsCollector(source))
 
+    def watch_serving(
+        self, serving: Callable[[], bool], queue_rows_limit: int, queue_bytes_limit: int
+    ) -> None:
+        """Export whether this server serves now (the engine loaded and reachable; 0 while
+        loading, draining or once the engine process is lost), and its queue bounds, to
+        compare gradserve_queue_rows and gradserve_queue_bytes with."""
+        up = Gauge(
+            "gradserve_serving",
+            "1 while the server serves requests; 0 while loading, draining, or after losing "
+            "the engine process", registry=self.registry,
+        )  # fmt: skip
+        up.set_function(lambda: 1.0 if serving() else 0.0)
+        rows = Gauge("gradserve_queue_rows_limit", "Most rows the queue admits (--max-queue-rows)",
+                     registry=self.registry)  # fmt: skip
+        rows.set(queue_rows_limit)
+        held = Gauge(
+            "gradserve_queue_bytes_limit", "Most bytes admitted requests may hold (--max-queue-mb)",
+            registry=self.registry,
+        )  # fmt: skip
+        held.set(queue_bytes_limit)
+
     def watch_costs(self, source: Callable[[], list[tuple[str, list[KindCost]]]]) -> None:
         """Report, at each scrape, what every model's batcher has learned of its engine
         cost per kind: (model name, its KindCosts) from `source`."""
