@@ -139,7 +139,7 @@ class GradServer:
         config = self.config
         log.info("starting", extra={"event": "start", **_loggable(config)})
         self._loop = asyncio.get_running_loop()
-        self.tracing = Tracing.start(config.trace, self._process)
+        self.tracing = Tracing.start(config.trace, self._process, config.trace_hops == "spans")
         await self._listen()
         await asyncio.to_thread(self._start_owner)
         self._serve()

@@ -55,6 +55,7 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     trace: bool = False
+    trace_hops: str = "events"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -170,6 +171,8 @@ _HELP = {
     "trace": "export OpenTelemetry traces over OTLP/gRPC (to OTEL_EXPORTER_OTLP_ENDPOINT, "
     "default localhost:4317); setting that variable also turns tracing on; the other OTEL_* "
     "variables (sampler, service name, batching) apply",
+    "trace_hops": "a traced request's hops (decode, queue, handoff, compute, encode) as "
+    "events on its span (cheaper) or as child spans: events or spans",
     "tls_cert": "PEM certificate chain: serve TLS (needs --tls-key)",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mTLS)",
@@ -237,6 +240,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
     if config.poll_seconds <= 0:
         raise ValueError("--poll-seconds must be > 0")
     VersionPolicy.parse(config.version_policy)  # RepositoryError is a ValueError
+    if config.trace_hops not in ("events", "spans"):
+        raise ValueError(f"--trace-hops must be events or spans, got {config.trace_hops!r}")
     if config.log_format not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, got {config.log_format!r}")
     return config

@@ -37,7 +37,7 @@ class Span:
     end_ns: int
     attributes: dict[str, object]
     links: list[tuple[str, str, dict[str, object]]]  # (trace id, span id, attributes)
-    events: list[str]
+    events: list[tuple[str, int]]  # (name, epoch ns)
     error: str | None  # the status message, when the status is ERROR
     resource: dict[str, object]
 
@@ -66,7 +66,7 @@ def _span(proto: SpanProto, resource: dict[str, object]) -> Span:
         end_ns=proto.end_time_unix_nano,
         attributes=_attributes(proto.attributes),
         links=[_link(link) for link in proto.links],
-        events=[event.name for event in proto.events],
+        events=[(event.name, event.time_unix_nano) for event in proto.events],
         error=error,
         resource=resource,
     )

@@ -74,10 +74,19 @@ def _batches_of(spans: list[Span], request: Span) -> list[Span]:
             and any(link[1] == request.span_id for link in s.links)]  # fmt: skip
 
 
-def _check_hops(spans: list[Span], request: Span) -> None:
-    """The request's hops are its children, one after the other, adding up to its span."""
+def _check_hops(request: Span) -> None:
+    """The request's hops are events at each hop's start, in order, from the span's start:
+    each hop lasts until the next, the last until the span's end."""
+    assert [name for name, _ in request.events] == list(HOPS)
+    times = [at for _, at in request.events]
+    assert times[0] == request.start_ns and times == sorted(times) and times[-1] <= request.end_ns
+
+
+def _check_hop_spans(spans: list[Span], request: Span) -> None:
+    """With --trace-hops spans: the hops are its children, one after the other, adding up to
+    its span."""
     hops = _children(spans, request)
-    assert [h.name for h in hops] == list(HOPS)
+    assert [h.name for h in hops] == list(HOPS) and not request.events
     assert hops[0].start_ns == request.start_ns and hops[-1].end_ns == request.end_ns
     for before, after in itertools.pairwise(hops):
         assert before.end_ns == after.start_ns
@@ -89,9 +98,6 @@ def test_a_request_in_the_callers_trace_has_its_hops_and_its_batch(traced):
         client.evaluate(np.linspace(0, 1, 3, dtype=np.float32).reshape(3, 1))
     trace_id, caller_id = _ids(me)
     spans = receiver.wait_for(lambda got: any(s.trace_id == trace_id for s in got))
-    spans = receiver.wait_for(
-        lambda got: len(_children(got, _server_span(got, trace_id, EVALUATE))) == 5
-    )
     request = _server_span(spans, trace_id, EVALUATE)
     assert request.parent_id == caller_id and request.kind == "SERVER" and request.error is None
     attributes = request.attributes
@@ -100,14 +106,27 @@ def test_a_request_in_the_callers_trace_has_its_hops_and_its_batch(traced):
     assert attributes["rpc.service"] == "gradserve.v1.GradientService"
     assert attributes["gradserve.priority"] == "NORMAL" and attributes["gradserve.batches"] == 1
     assert request.resource["gradserve.process"] == "server"
-    _check_hops(spans, request)
+    _check_hops(request)
     [batch] = _batches_of(spans, request)
     assert batch.trace_id != trace_id  # a batch is a trace of its own, linked to its requests
     assert batch.attributes["gradserve.batch.rows"] >= 3
-    assert batch.events == ["engine.start", "engine.end"]
+    assert [name for name, _ in batch.events] == ["engine.start", "engine.end"]
     assert [(t, s) for t, s, _ in request.links] == [(batch.trace_id, batch.span_id)]
     print("\n" + tree(spans, request))
     print(tree(spans, batch))
+
+
+def test_hops_as_child_spans(receiver, bundled_engine):
+    config = replace(TEST_CONFIG, trace_hops="spans")
+    with (
+        RunningServer(config, bundled_engine) as running,
+        GradientClient(running.target) as client,
+        CALLER.start_as_current_span("caller") as me,
+    ):
+        client.evaluate(np.ones((2, 1), np.float32))
+    trace_id = _ids(me)[0]
+    spans = receiver.wait_for(lambda got: sum(s.trace_id == trace_id for s in got) == 6)
+    _check_hop_spans(spans, _server_span(spans, trace_id, EVALUATE))
 
 
 def test_one_batch_links_every_request_it_held(receiver, bundled_engine):
@@ -161,13 +180,13 @@ def test_each_stream_message_has_its_span(traced):
 
     trace_id = asyncio.run(stream())
     name = "gradserve.v1.GradientService/EvaluateStream"
-    spans = receiver.wait_for(lambda got: sum(s.trace_id == trace_id for s in got) >= 1 + 4 * 6)
+    spans = receiver.wait_for(lambda got: sum(s.trace_id == trace_id for s in got) >= 1 + 4)
     call = _server_span(spans, trace_id, name)
     messages = _children(spans, call)
     assert [m.name for m in messages] == [f"{name} message"] * 4
     assert call.attributes["gradserve.stream.messages"] == 4
     for message in messages:
-        _check_hops(spans, message)
+        _check_hops(message)
         assert _batches_of(spans, message)
 
 
