@@ -116,17 +116,21 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 def tree(spans: list[Span], root: Span) -> str:
-    """A trace as text: each span under its parent, with its duration and links."""
+    """A trace as text: each span under its parent with its duration, process, links and
+    events (at their offset from the span's start)."""
     children: dict[str, list[Span]] = {}
     for span in spans:
         children.setdefault(span.parent_id, []).append(span)
     lines: list[str] = []
 
     def show(span: Span, depth: int) -> None:
+        indent = "  " * depth
         process = span.resource.get("gradserve.process", "")
         links = f"  links: {len(span.links)}" if span.links else ""
-        lines.append(f"{'  ' * depth}{span.name}  {span.duration_ns / 1e3:.0f} us  "
+        lines.append(f"{indent}{span.name}  {span.duration_ns / 1e3:.0f} us  "
                      f"[{process}]{links}")  # fmt: skip
+        for name, at in span.events:
+            lines.append(f"{indent}  - {name} at +{(at - span.start_ns) / 1e3:.0f} us")
         for child in sorted(children.get(span.span_id, []), key=lambda s: s.start_ns):
             show(child, depth + 1)
 
