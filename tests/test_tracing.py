@@ -29,6 +29,7 @@ from otlp import Receiver, Span, tree
 from test_statistics import POISON, RefusingEngine
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
+from gradserve.server.tracing import configured_sampler, wanted
 from gradserve.wire.timing import HOPS
 
 MODEL = "quadratic"
@@ -307,3 +308,18 @@ def test_every_process_of_a_multi_process_server_names_itself(receiver):
         assert mine.resource["process.pid"] == request.resource["process.pid"]
         assert engine.resource["gradserve.process"] == "engine"
         assert [link[1] for link in request.links] == [mine.span_id]
+
+
+def test_tracing_is_configured_by_the_standard_variables():
+    assert not wanted(False, {}) and wanted(True, {})
+    assert wanted(False, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    assert wanted(False, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"})
+    assert not wanted(True, {"OTEL_SDK_DISABLED": "true"})
+    assert not wanted(True, {"OTEL_TRACES_EXPORTER": "none"})
+    assert configured_sampler({}).get_description().startswith("ParentBased{root:AlwaysOnSampler")
+    ratio = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    assert "0.25" in configured_sampler(ratio).get_description()
+    with pytest.raises(ValueError, match="expected one of always_on"):
+        configured_sampler({"OTEL_TRACES_SAMPLER": "sometimes"})
+    with pytest.raises(ValueError, match=r"expected a ratio in \[0, 1\]"):
+        configured_sampler({**ratio, "OTEL_TRACES_SAMPLER_ARG": "2"})
