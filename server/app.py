@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import signal
 import ssl
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from gradserve.server.core.scheduler import Watches
 from gradserve.server.core.statistics import Statistics
 from gradserve.server.engine.startup import open_repository
 from gradserve.server.metrics import Metrics, statistics_of
+from gradserve.server.multiproc import metrics_gather
 from gradserve.server.protocols.http_listener import HttpListener
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
@@ -296,7 +296,9 @@ class GradServer:
         if not self._statistics_port:
             return {(s.spec.name, s.spec.version): s.statistics
                     for s in self.models.every_version()}  # fmt: skip
-        text = await asyncio.to_thread(_fetch_metrics, self._statistics_port)
+        text = await asyncio.to_thread(
+            metrics_gather.fetch, self._statistics_port, _GATHER_TIMEOUT_S
+        )
         served = {(s.spec.name, s.spec.version) for s in self.models.every_version()}
         return {key: stats for key, stats in statistics_of(text).items() if key in served}
 
@@ -404,13 +406,6 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 async def _all_idle(batchers: list[Batcher], grace: float) -> bool:
     results = await asyncio.gather(*(b.wait_idle(grace) for b in batchers))
     return all(results)
-
-
-def _fetch_metrics(port: int) -> str:
-    """The gathered metrics of every process of this server (a frontend's statistics)."""
-    url = f"http://127.0.0.1:{port}/metrics"
-    with urllib.request.urlopen(url, timeout=_GATHER_TIMEOUT_S) as response:
-        return response.read().decode()
 
 
 def _loggable(config: ServerConfig) -> dict[str, object]:

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from gradserve.server.core.batcher import KindCost
 from gradserve.server.core.statistics import Statistics
 from gradserve.wire.kinds import Derivative
-from gradserve.wire.timing import HOPS, Hops
+from gradserve.wire.timing import HOP_FIELDS, HOPS, Hops
 
 _LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30,
@@ -74,7 +74,9 @@ class Metrics:
             "answer)",
             ["hop"], buckets=_HOP_BUCKETS, registry=r,
         )  # fmt: skip
-        self._hops = [(f"{name}_us", self.hop.labels(name)) for name in HOPS]
+        self._hops = [
+            (field, self.hop.labels(hop)) for hop, field in zip(HOPS, HOP_FIELDS, strict=True)
+        ]
         self.queue_rows = Gauge("gradserve_queue_rows", "Rows waiting in the queue", registry=r)
         self.queue_bytes = Gauge(
             "gradserve_queue_bytes",

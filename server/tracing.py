@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from gradserve.server.core.scheduler import Part
-from gradserve.wire.timing import HOPS, Hops
+from gradserve.wire.timing import HOP_FIELDS, HOPS, Hops
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,8 @@ class Tracing:
         start = wall_ns(arrived)
         finish = start + hops.total_us * 1000
         context = trace.set_span_in_context(span) if self._hop_spans else None
-        for hop in HOPS:
-            us = getattr(hops, f"{hop}_us")
-            end = finish if hop == HOPS[-1] else start + us * 1000
+        for hop, field in zip(HOPS, HOP_FIELDS, strict=True):
+            end = finish if hop == HOPS[-1] else start + getattr(hops, field) * 1000
             if context is None:
                 span.add_event(hop, timestamp=start)
             else:

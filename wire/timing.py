@@ -27,3 +27,4 @@ class Hops:
 FIELDS = tuple(field.name for field in fields(Hops))
 # The hops themselves, in order: every field in microseconds but the total.
 HOPS = tuple(n.removesuffix("_us") for n in FIELDS if n.endswith("_us") and n != "total_us")
+HOP_FIELDS = tuple(f"{hop}_us" for hop in HOPS)  # each hop's field, in the same order

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 _FETCH_TIMEOUT_S = 2.0
 
 
+def fetch(port: int, timeout: float = _FETCH_TIMEOUT_S) -> str:
+    """The Prometheus text a process (or the gatherer) serves on 127.0.0.1:`port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        return response.read().decode()
+
+
 def merge(texts: dict[str, str]) -> str:
     """Merge Prometheus text expositions, adding a `process` label to every sample."""
     headers: dict[str, list[str]] = {}
@@ -61,10 +67,8 @@ class MetricsGatherer:
     def gather(self) -> str:
         texts = {}
         for process, port in sorted(self._ports().items()):
-            url = f"http://127.0.0.1:{port}/metrics"
             try:
-                with urllib.request.urlopen(url, timeout=_FETCH_TIMEOUT_S) as response:
-                    texts[process] = response.read().decode()
+                texts[process] = fetch(port)
             except OSError as exc:  # a process being replaced: its figures return with it
                 log.debug("metrics of %s unavailable: %s", process, exc)
         return merge(texts)

@@ -47,6 +47,7 @@ from gradserve.server.protocols.kserve import (
     version_ready,
 )
 from gradserve.server.tracing import Tracing, request_attributes
+from gradserve.server.transport.answering import request_failed
 from gradserve.server.transport.intake import Lease
 from gradserve.server.transport.status import Failure
 from gradserve.server.transport.tickets import Arrival
@@ -274,21 +275,14 @@ class RestService:
             response = _http_failed(exc)
             code = _HTTP_CODES[exc.status]
             self._metrics.requests.labels(RPC, code.name).inc()
-            self._failed(ticket, started, span, Failure(code, exc.text or exc.reason))
+            request_failed(ticket, started, span, Failure(code, exc.text or exc.reason))
         except Exception as exc:  # every failure is the caller's answer, never the server's
             failure = Failure.of(exc)
             response = _failed(failure)
             self._metrics.requests.labels(RPC, failure.code.name).inc()
-            self._failed(ticket, started, span, failure)
+            request_failed(ticket, started, span, failure)
         self._latency.observe(time.perf_counter() - started)
         return response
-
-    @staticmethod
-    def _failed(ticket, started: float, span, failure: Failure) -> None:
-        if ticket is not None:
-            ticket.served.statistics.failed(time.perf_counter() - started)
-        if span is not None:
-            Tracing.failed(span, failure.code.name, failure.message)
 
 
 class _BodyReader:

@@ -51,6 +51,15 @@ _DRAINING = Closed(
 )
 
 
+def request_failed(ticket: Ticket | None, arrived: float, span: object, failure: Failure) -> None:
+    """Count a failed request (one that arrived at `arrived`, time.perf_counter()) in its
+    version's statistics, once it was decoded for one, and end its span (every protocol)."""
+    if ticket is not None:
+        ticket.served.statistics.failed(time.perf_counter() - arrived)
+    if span is not None:
+        Tracing.failed(span, failure.code.name, failure.message)
+
+
 class Codec(Protocol[Request, Response, StreamResponse]):
     """One protocol's message conversions (the servicer implements it)."""
 
@@ -212,14 +221,6 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         return self._tracing.request(name, metadata, arrival.at, parent=parent,
                                      attributes=attributes)  # fmt: skip
 
-    @staticmethod
-    def _failed(ticket: Ticket | None, arrival: Arrival, span: object, failure: Failure) -> None:
-        """Count a failed request in its version's statistics and end its span."""
-        if ticket is not None:
-            ticket.served.statistics.failed(time.perf_counter() - arrival.at)
-        if span is not None:
-            Tracing.failed(span, failure.code.name, failure.message)
-
     def _count_stream_message(self, code: grpc.StatusCode) -> None:
         counter = self._stream_requests.get(code)
         if counter is None:
@@ -237,7 +238,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
             ticket, future = self._start(request, arrival, deadline, caller, span)
             result = await future
         except (Exception, asyncio.CancelledError) as exc:
-            self._failed(ticket, arrival, span, Failure.of(exc))
+            request_failed(ticket, arrival.at, span, Failure.of(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             await abort(context, exc)
@@ -292,9 +293,9 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                         outcome = self._finish(item.ticket, await outcome, item.span)
                     except Exception as exc:
                         outcome = Failure.of(exc)
-                        self._failed(item.ticket, item.arrival, item.span, outcome)
+                        request_failed(item.ticket, item.arrival.at, item.span, outcome)
                 elif item.span is not None:
-                    self._failed(None, item.arrival, item.span, outcome)
+                    request_failed(None, item.arrival.at, item.span, outcome)
                 messages += 1
                 code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
                 self._count_stream_message(code)
