@@ -128,7 +128,11 @@ class GradServer:
         self.http_port: int | None = None
 
     async def __aenter__(self) -> GradServer:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # e.g. StartRefused: close what listens already, then say why
+            await self.stop(grace=0)
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         from gradserve.server.multiproc import supervisor
 
         return supervisor.serve(config, frontends, load=open_repository, frontend=frontend.run)
-    asyncio.run(serve(config))
+    from gradserve.server.core.errors import StartRefused
+
+    try:
+        asyncio.run(serve(config))
+    except StartRefused as refusal:
+        print(f"gradserve serve: {refusal}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -108,6 +108,12 @@ class Metrics:
             "gradserve_model_versions_served", "Versions of a model served now", ["model"],
             registry=r,
         )  # fmt: skip
+        self.selfchecks = Gauge(
+            "gradserve_deterministic_selfcheck",
+            "1 if a deterministic version's every kind computed the same row alike at every "
+            "position of a tile at warm-up, 0 if not (that version is not served)",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
         self.swap_seconds = Histogram(
             "gradserve_model_swap_seconds",
             "From the start of a new version's load to the release of the version it replaced "
@@ -175,6 +181,9 @@ class Metrics:
 
     def swap_finished(self, name: str, seconds: float) -> None:
         self.swap_seconds.labels(name).observe(seconds)
+
+    def selfcheck(self, name: str, version: int, passed: bool) -> None:
+        self.selfchecks.labels(name, str(version)).set(1 if passed else 0)
 
     def hops(self, breakdown: Hops) -> None:
         """One answered request's latency breakdown."""

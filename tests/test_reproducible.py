@@ -2,29 +2,46 @@
 every bit whatever else is in its batch.
 
 Hypothesis draws the model (dense or conv, float32 or float64, XLA or not), the kind, the
-batch size, the rows' positions and their neighbours' values, and compares each row with the
-same row computed alone, bit for bit. The server tests mix many callers' rows in both server
-shapes (one process, and two frontends with an engine process) and compare every served row
-with the row asked alone, and the two shapes with each other.
+batch size and the rows' values, and compares every row of the batch with the same row
+computed alone, bit for bit; the same test runs again in child processes with the kernels
+capped at each lower vector level this CPU has (SSE4.1, AVX, AVX2), so that one machine
+proves every level it can reach. The self-check's tests plant an engine that computes one
+position of its tiles another way: it must refuse to answer, and a server to start. The
+server tests mix many callers' rows in both server shapes (one process, and two frontends
+with an engine process) and compare every served row with the row asked alone, and the two
+shapes with each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import keras
 import numpy as np
 import pytest
-from conftest import TEST_CONFIG, GatedEngine, RunningServer, ServerProcess
+from conftest import (
+    TEST_CONFIG,
+    GatedEngine,
+    RunningServer,
+    ServerProcess,
+    free_port,
+    start_gradserve,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planted import position_dependent
 
 from gradserve.client import AsyncGradientClient
 from gradserve.server.core.contract import ENGINE_KINDS
+from gradserve.server.core.selfcheck import VECTOR_LEVELS, SelfCheckFailed, supported_levels
 from gradserve.server.engine.compiled import TILE_ROWS, Engine
 from gradserve.wire.kinds import Derivative
 
@@ -79,19 +96,77 @@ def test_a_rows_bits_do_not_depend_on_its_batch(data):
     )
     kind = data.draw(st.sampled_from(ENGINE_KINDS), label="kind")
     n = data.draw(st.integers(1, MAX_BATCH), label="batch size")
-    rows = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=3, unique=True))
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
-    spread = data.draw(st.sampled_from([1e-3, 1.0, 1e3]), label="neighbours' magnitude")
+    spread = data.draw(st.sampled_from([1e-3, 1.0, 1e3]), label="rows' magnitude")
     rng = np.random.default_rng(seed)
     x = (spread * rng.standard_normal((n, *engine.input_shape))).astype(engine.numpy_dtype)
     v = rng.standard_normal((n, *vector_shape(engine, kind))).astype(engine.numpy_dtype)
     v = v if kind.needs_vector else None
-    for row in rows:  # the rows compared get ordinary values whatever their neighbours have
-        x[row] = rng.standard_normal(engine.input_shape)
     batch = engine.run(kind, x, v)
-    for row in rows:
+    for row in range(n):  # every position of every tile the batch took
         alone = engine.run(kind, x[row : row + 1], None if v is None else v[row : row + 1])
         assert bits(batch, row) == bits(alone, 0), f"row {row} of {n} differs from it alone"
+
+
+def _lower_levels() -> list:
+    """The vector levels below this CPU's own (its own is this process's run)."""
+    return supported_levels()[:-1]
+
+
+@pytest.mark.parametrize("level", VECTOR_LEVELS[:-1], ids=lambda level: level.name)
+def test_a_rows_bits_do_not_depend_on_its_batch_at_every_lower_vector_level(level):
+    """The property test and the self-check again, in a child process whose oneDNN and XLA
+    kernels are capped at `level`: an AVX-512 machine proves the AVX2 case too."""
+    if level not in _lower_levels():
+        pytest.skip(f"{level.name} is not below this CPU's own vector level")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "bits_do_not_depend_on_its_batch and not every_lower"],
+        env={**os.environ, **level.cap()}, capture_output=True, text=True, timeout=400,
+        cwd=os.path.dirname(__file__),
+    )  # fmt: skip
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    assert "1 passed" in child.stdout, child.stdout[-2000:]
+
+
+# --- the self-check -------------------------------------------------------------------------
+
+
+def test_the_self_check_refuses_an_engine_that_computes_a_position_another_way():
+    path = _MODELS / "dense-float32.keras"
+    if not path.exists():
+        build("dense", "float32").save(path)
+    planted = position_dependent(Engine)(path, xla=False, max_batch_size=8, deterministic=True)
+    x = np.zeros((1, *planted.input_shape), planted.numpy_dtype)
+    with pytest.raises(SelfCheckFailed) as refused:
+        planted.run(Derivative.GRADIENT, x)
+    message = str(refused.value)
+    expected = (f"gradient computed the same row with other bits at position {TILE_ROWS - 1} "
+                f"of its {TILE_ROWS}-row tile")  # fmt: skip
+    assert expected in message, message
+    assert "--deterministic off" in message and "ONEDNN_MAX_CPU_ISA=" in message, message
+    with pytest.raises(SelfCheckFailed):  # still refused: nothing was answered meanwhile
+        planted.run(Derivative.GRADIENT, x)
+    assert engine_for("dense", "float32", False).run(Derivative.GRADIENT, x).dy_dx.shape == (1, 6)
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_server_whose_engine_fails_the_self_check_refuses_to_start(mimo_model_path, frontends):
+    script = Path(__file__).with_name("planted.py")
+    process = start_gradserve(
+        free_port(), "--model", str(mimo_model_path), "--frontends", frontends,
+        "--metrics-port", str(free_port()), script=script,
+    )  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "--deterministic on cannot keep its promise for model 'mimo'" in stderr, stderr[-3000:]
+    assert f"position {TILE_ROWS - 1} of its {TILE_ROWS}-row tile" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
 
 
 # --- through the server: many callers' rows mixed, both server shapes -------------------
@@ -210,6 +285,9 @@ def test_frontends_answer_every_row_as_it_would_alone_and_as_one_process(
     try:
         together = asyncio.run(mixed(served.target, groups))
         assert together == asyncio.run(alone(served.target, groups))
+        metrics = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text
+        passed = 'gradserve_deterministic_selfcheck{process="engine",model="mimo",version="1"} 1.0'
+        assert passed in metrics
     finally:
         assert served.stop() == 0
     assert together == one_process_answers[0]

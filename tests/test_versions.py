@@ -174,7 +174,7 @@ def _gated_owner(config, gated: dict[int, GatedEngine]) -> Repository:
     """The configured repository, whose version 1 computes behind a gate the test opens."""
 
     def load(name: str, version: int, path: Path):
-        engine = load_version(config, name, version, path)
+        engine = load_version(config, None, name, version, path)
         if version == 1:
             gated[1] = GatedEngine(engine)
             return gated[1]

@@ -74,3 +74,10 @@ class Undecodable:
         self.error = InvalidInput(
             f"the request ({size} bytes) is not a valid {type_name} message: {error}"
         )
+
+
+class StartRefused(Exception):
+    """A model version failed in a way that says this machine cannot keep a promise the
+    server's flags make (not a fault of the version's files): at start the server stops with
+    this message rather than serve without the promise; a version loaded later fails like any
+    other."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gradserve.server.core.contract import Engine
-from gradserve.server.core.errors import ControlRefused, LoadFailed, UnknownModel
+from gradserve.server.core.errors import ControlRefused, LoadFailed, StartRefused, UnknownModel
 
 log = logging.getLogger("gradserve")
 
@@ -187,6 +187,7 @@ class Observer(Protocol):
     def version_loaded(self, name: str, ok: bool, seconds: float) -> None: ...
     def versions_served(self, name: str, count: int) -> None: ...
     def swap_finished(self, name: str, seconds: float) -> None: ...
+    def selfcheck(self, name: str, version: int, passed: bool) -> None: ...
 
 
 class Owner(Protocol):
@@ -236,6 +237,7 @@ class Repository:
         self._served: dict[str, set[int]] = {}
         self._failed: dict[tuple[str, int], tuple] = {}  # signatures of failed loads
         self._stop = threading.Event()
+        self._starting = False  # loading the versions to serve at start
         self._poller: threading.Thread | None = None
         self.on_change: Callable[[], None] = lambda: None
 
@@ -250,9 +252,13 @@ class Repository:
         """Load what is to be served at start (blocking), then poll if the mode says so."""
         self._host = host
         with self._lock:
-            for name, source in self._sources().items():
-                if source.static or self.control != "explicit":
-                    self._sync(name, source, retry=True)
+            self._starting = True
+            try:
+                for name, source in self._sources().items():
+                    if source.static or self.control != "explicit":
+                        self._sync(name, source, retry=True)
+            finally:
+                self._starting = False
         if self.control == "poll" and poll_seconds > 0:
             self._poller = threading.Thread(
                 target=self._poll, args=(poll_seconds,), name="gradserve-poll", daemon=True
@@ -363,6 +369,8 @@ class Repository:
             self._set(name, version, UNAVAILABLE, reason)
             _log(logging.ERROR, reason, "version_load_failed", name, version)
             self._observe("version_loaded", name, False, time.monotonic() - started)
+            if self._starting and isinstance(exc, StartRefused):
+                raise  # the server stops: this machine cannot keep what its flags promise
             return reason
         self._served[name].add(version)
         self._failed.pop((name, version), None)

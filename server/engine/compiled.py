@@ -3,7 +3,9 @@
 The functions close over the loaded model's own variables (see loading.py); with XLA, every
 batch shape they are called with is one of a ladder compiled at warm-up. Deterministic
 engines compute every batch as fixed tiles of TILE_ROWS rows, one after another inside one
-function, so that a row's bits never depend on the batch it came in (docs/architecture.md).
+function, so that a row's bits never depend on the batch it came in (docs/architecture.md),
+and check on this machine, before a kind answers anyone, that a tile's positions all compute
+alike (core/selfcheck.py).
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Shape
+from gradserve.server.core import selfcheck
+from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
 from gradserve.server.engine.devices import resolve_device
 from gradserve.server.engine.loading import ModelError, load
 from gradserve.wire.kinds import Derivative
 
 XLA_KINDS = (Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN)
-TILE_ROWS = 32  # the one batch shape a deterministic engine's kernels ever see
+# The one batch shape a deterministic engine's kernels ever see. It must be a multiple of every
+# row block the kernels split a tile into, on every vector level, so that no row of a tile
+# falls in a remainder block computed another way: on AVX2, oneDNN's kernels computed rows
+# 30-31 of a 32-row tile with other bits (the 2-row remainder of 6-row blocks). 48 passes at
+# SSE4.1, AVX, AVX2 and AVX-512, and as a multiple of 16 no elementwise op over a tile has a
+# scalar tail at any vector width (tuning log 65); the self-check proves it on each machine.
+TILE_ROWS = 48
 
 
 def batch_ladder(max_batch_size: int) -> list[int]:
@@ -93,6 +102,7 @@ class Engine:
         self.output_shape: Shape = tuple(int(d) for d in forward.output_shape)
         self.dtype = forward.dtype
         self._functions = self._compile()
+        self._checked: set[Derivative] = set()  # kinds whose tile passed the self-check
 
     @property
     def deterministic(self) -> bool:
@@ -208,17 +218,35 @@ class Engine:
         """Compute y (and the derivative `kind`) for rows x [n, *X] (v: the kind's vector).
 
         More rows than max_batch_size run in several calls (the batcher never sends
-        that many; direct callers such as the benchmark may).
+        that many; direct callers such as the benchmark may). A deterministic engine's first
+        call of a kind runs the kind's self-check first (SelfCheckFailed: it cannot keep its
+        promise here), so no answer of a kind ever comes before its check passed.
         """
+        if self.tile and kind not in self._checked:
+            self._self_check(kind)
+        return self._run(kind, x, v)
+
+    def _self_check(self, kind: Derivative) -> None:
+        spec = ModelSpec.of(self, self.tile, self.tile)
+        selfcheck.verify(self._call, kind, self.tile, self.input_shape, spec.vector_shape(kind),
+                         self.numpy_dtype, self.name)  # fmt: skip
+        self._checked.add(kind)
+
+    def _run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         n = x.shape[0]
         if n > self.max_batch_size:
             step = self.max_batch_size
             parts = [
-                self.run(kind, x[i : i + step], None if v is None else v[i : i + step])
+                self._run(kind, x[i : i + step], None if v is None else v[i : i + step])
                 for i in range(0, n, step)
             ]
             dy_dx = None if parts[0].dy_dx is None else np.concatenate([p.dy_dx for p in parts])
             return Outputs(np.concatenate([p.y for p in parts]), dy_dx)
+        return self._call(kind, x, v)
+
+    def _call(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
+        """One call of the kind's compiled function, x (and v) padded to the rows it computes."""
+        n = x.shape[0]
         rows = self.rows_computed(kind, n)
         args = [tf.constant(self._pad(x, rows))]
         if kind.needs_vector:

@@ -14,6 +14,7 @@ from pathlib import Path
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import ENGINE_KINDS, Engine, ModelSpec
 from gradserve.server.core.repository import Observer, Repository, model_file
+from gradserve.server.core.selfcheck import SelfCheckFailed
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger("gradserve")
@@ -30,13 +31,15 @@ def open_repository(config: ServerConfig, observer: Observer | None = None) -> R
         )
     return Repository(
         config.model_sources,
-        functools.partial(load_version, config),
+        functools.partial(load_version, config, observer),
         control=config.model_control,
         observer=observer,
     )
 
 
-def load_version(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
+def load_version(
+    config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
+) -> Engine:
     """Load and warm up one version (TensorFlow is imported here, when a model is loaded, not
     when this module is: a frontend process imports it and never loads a model), on a thread
     of its own at a lower CPU priority, so that the versions serving meanwhile keep theirs
@@ -44,7 +47,7 @@ def load_version(config: ServerConfig, name: str, version: int, path: Path) -> E
     privileges)."""
     _start_runtime()
     with ThreadPoolExecutor(1, thread_name_prefix="gradserve-load") as pool:
-        return pool.submit(_load_in_background, config, name, version, path).result()
+        return pool.submit(_load_in_background, config, observer, name, version, path).result()
 
 
 @functools.cache
@@ -57,13 +60,17 @@ def _start_runtime() -> None:
     tf.function(lambda x: x + 1, jit_compile=True)(tf.ones((1,)))
 
 
-def _load_in_background(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
+def _load_in_background(
+    config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
+) -> Engine:
     with contextlib.suppress(OSError):  # Linux: each thread has its own nice value
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADING_NICE)
-    return _load(config, name, version, path)
+    return _load(config, observer, name, version, path)
 
 
-def _load(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
+def _load(
+    config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
+) -> Engine:
     from gradserve.server.engine import compiled
 
     engine = compiled.Engine(
@@ -84,7 +91,14 @@ def _load(config: ServerConfig, name: str, version: int, path: Path) -> Engine:
                "output_shape": engine.output_shape, "dtype": engine.dtype.name},
     )  # fmt: skip
     kinds = _servable_kinds(engine, config)
-    seconds = engine.warm_up(kinds)
+    try:
+        seconds = engine.warm_up(kinds)  # a deterministic engine self-checks every kind here
+    except SelfCheckFailed:
+        if observer is not None:
+            observer.selfcheck(name, version, False)
+        raise
+    if engine.deterministic and observer is not None:
+        observer.selfcheck(name, version, True)
     log.info(
         "model warmed up",
         extra={"event": "warm_up", "model": engine.name, "version": version,

@@ -41,7 +41,13 @@ import numpy as np
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Engine, Priority
-from gradserve.server.core.errors import EngineFailed, InvalidInput, QueueFull, UnknownModel
+from gradserve.server.core.errors import (
+    EngineFailed,
+    InvalidInput,
+    QueueFull,
+    StartRefused,
+    UnknownModel,
+)
 from gradserve.server.core.repository import Observer, Repository
 from gradserve.server.core.scheduler import Result, Scheduler
 from gradserve.server.metrics import Metrics
@@ -500,6 +506,10 @@ def run(config: ServerConfig, address: str, parent: Connection, load: Load) -> N
     logs.configure(config.log_format, config.log_level)
     try:
         _serve(config, address, parent, load)
+    except StartRefused as exc:  # its message says it all: no traceback
+        log.error("%s", exc, extra={"event": "start_refused"})
+        parent.send(("failed", str(exc)))
+        raise SystemExit(1) from exc
     except Exception as exc:
         log.exception("engine process failed")
         parent.send(("failed", f"{type(exc).__name__}: {exc}"))
