@@ -35,7 +35,10 @@ TEST_CONFIG = ServerConfig(
 
 # Every engine and server in the tests is deterministic (--deterministic on): a row's answer,
 # alone, next to other callers' rows, at any batch size, split or padded, is the same in every
-# bit, so answers of one computation are compared with assert_same_answer, bit for bit. Two
+# bit, so answers of one computation are compared with assert_same_answer, bit for bit. That
+# promise is checked before it is relied on: a deterministic engine answers no kind before
+# that kind's self-check passed on this machine (every position of a tile computes the same
+# row alike; core/selfcheck.py), and raises SelfCheckFailed instead. Two
 # different computations of the same quantity (another kind, another file format, another
 # dtype, a float64 tape) are compared with assert_close, with one tolerance: REFERENCE_RTOL of
 # the largest magnitude compared (float32 rounding of sums of products in another order; seen

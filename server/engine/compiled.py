@@ -278,7 +278,9 @@ class Engine:
         return padded
 
     def warm_up(self, kinds=ENGINE_KINDS) -> float:
-        """Trace (and with XLA compile) every function at every batch shape; returns seconds."""
+        """Trace (and with XLA compile) every function at every batch shape; returns seconds.
+        A deterministic engine self-checks each kind here, on its first call
+        (SelfCheckFailed)."""
         start = time.perf_counter()
         for kind in kinds:
             sizes = self.ladder if self._uses_xla(kind) else [max(1, self.tile)]
