@@ -10,6 +10,7 @@ from pathlib import Path
 from gradserve.server.core.repository import CONTROLS, Source, VersionPolicy, scan
 from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
+BACKENDS = ("tensorflow", "jax")  # one module each under server/engine
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
 MAX_IN_FLIGHT = 64  # sub-batches per frontend: each slot holds a segment on both sides
@@ -30,6 +31,7 @@ class ServerConfig:
     max_result_mb: int = 64
     host: str = "127.0.0.1"
     port: int = 50051
+    backend: str = "tensorflow"
     device: str = "auto"
     xla: bool = True
     deterministic: bool = False
@@ -128,6 +130,8 @@ _HELP = {
     "would exceed this many MiB",
     "host": "address to bind; 0.0.0.0 exposes the server on every interface",
     "port": "port to bind; 0 picks a free one",
+    "backend": "the framework that computes: tensorflow (every model format) or jax (Keras 3 "
+    ".keras and .h5 files, through Keras on JAX; needs the jax extra)",
     "device": "auto (first GPU, else CPU), cpu, or gpu:N",
     "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
     "deterministic": "compute every batch in fixed tiles of rows, so a row's answer is the "
@@ -235,6 +239,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--frontends must be a number >= 1 or auto, got {config.frontends!r}")
     if config.http_max_connections < 1 or config.http_idle_seconds <= 0:
         raise ValueError("--http-max-connections must be >= 1, --http-idle-seconds > 0")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {config.backend!r}")
     if config.model_control not in CONTROLS:
         raise ValueError(f"--model-control must be one of {CONTROLS}, got {config.model_control!r}")
     if config.poll_seconds <= 0:

@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from gradserve.server.config import BUNDLED_MODEL
 from gradserve.server.core.contract import ENGINE_KINDS
-from gradserve.server.engine.compiled import Engine, ModelError, batch_ladder, resolve_device
+from gradserve.server.engine.batching import batch_ladder
+from gradserve.server.engine.compiled import Engine, ModelError, resolve_device
 from gradserve.wire.kinds import Derivative
 
 

@@ -42,7 +42,8 @@ from planted import position_dependent
 from gradserve.client import AsyncGradientClient
 from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.core.selfcheck import VECTOR_LEVELS, SelfCheckFailed, supported_levels
-from gradserve.server.engine.compiled import TILE_ROWS, Engine
+from gradserve.server.engine.batching import TILE_ROWS
+from gradserve.server.engine.compiled import Engine
 from gradserve.wire.kinds import Derivative
 
 MAX_BATCH = 3 * TILE_ROWS - 5  # one, two and three tiles; the XLA ladder up to four

@@ -18,26 +18,13 @@ import tensorflow as tf
 
 from gradserve.server.core import selfcheck
 from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
+from gradserve.server.engine import batching
+from gradserve.server.engine.batching import TILE_ROWS
 from gradserve.server.engine.devices import resolve_device
 from gradserve.server.engine.loading import ModelError, load
 from gradserve.wire.kinds import Derivative
 
 XLA_KINDS = (Derivative.NONE, Derivative.GRADIENT, Derivative.JACOBIAN)
-# The one batch shape a deterministic engine's kernels ever see. It must be a multiple of every
-# row block the kernels split a tile into, on every vector level, so that no row of a tile
-# falls in a remainder block computed another way: on AVX2, oneDNN's kernels computed rows
-# 30-31 of a 32-row tile with other bits (the 2-row remainder of 6-row blocks). 48 passes at
-# SSE4.1, AVX, AVX2 and AVX-512, and as a multiple of 16 no elementwise op over a tile has a
-# scalar tail at any vector width (tuning log 65); the self-check proves it on each machine.
-TILE_ROWS = 48
-
-
-def batch_ladder(max_batch_size: int) -> list[int]:
-    """Powers of two up to max_batch_size (inclusive): the only batch shapes XLA compiles."""
-    sizes = [1]
-    while sizes[-1] < max_batch_size:
-        sizes.append(min(sizes[-1] * 2, max_batch_size))
-    return sizes
 
 
 # A derivative of what does not depend on x is zero, not missing: a model linear in x has a
@@ -92,7 +79,7 @@ class Engine:
         self.tile = TILE_ROWS if deterministic else 0
         if deterministic and "GPU" in self.device.upper():
             tf.config.experimental.enable_op_determinism()  # no kernels that sum by atomics
-        self.ladder = _ladder(max_batch_size, self.tile) if xla else []
+        self.ladder = batching.ladder(max_batch_size, self.tile) if xla else []
         with tf.device(self.device):
             forward, self.model = load(
                 path, unsafe=unsafe, input_name=input_name, output_name=output_name
@@ -233,26 +220,17 @@ class Engine:
         self._checked.add(kind)
 
     def _run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
-        n = x.shape[0]
-        if n > self.max_batch_size:
-            step = self.max_batch_size
-            parts = [
-                self._run(kind, x[i : i + step], None if v is None else v[i : i + step])
-                for i in range(0, n, step)
-            ]
-            dy_dx = None if parts[0].dy_dx is None else np.concatenate([p.dy_dx for p in parts])
-            return Outputs(np.concatenate([p.y for p in parts]), dy_dx)
-        return self._call(kind, x, v)
+        return batching.in_parts(self._call, kind, x, v, self.max_batch_size)
 
     def _call(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         """One call of the kind's compiled function, x (and v) padded to the rows it computes."""
         n = x.shape[0]
         rows = self.rows_computed(kind, n)
-        args = [tf.constant(self._pad(x, rows))]
+        args = [tf.constant(batching.pad(x, rows, self.numpy_dtype))]
         if kind.needs_vector:
             if v is None:
                 raise ValueError(f"{kind.value} needs a vector v")
-            args.append(tf.constant(self._pad(v, rows)))
+            args.append(tf.constant(batching.pad(v, rows, self.numpy_dtype)))
         results = self._functions[kind](*args)
         y = _owned(results[0], n)
         dy_dx = _owned(results[1], n) if len(results) > 1 else None
@@ -261,21 +239,7 @@ class Engine:
     def rows_computed(self, kind: Derivative, n: int) -> int:
         """The rows a call of `kind` with n rows computes: with XLA the next ladder size,
         so no new shape is ever compiled; deterministic, a whole number of tiles."""
-        if self._uses_xla(kind):
-            return next(size for size in self.ladder if size >= n)
-        if self.tile:
-            return -(-n // self.tile) * self.tile
-        return n
-
-    def _pad(self, a: np.ndarray, rows: int) -> np.ndarray:
-        """a as the engine's dtype, with zero rows appended up to `rows`."""
-        a = np.asarray(a, dtype=self.numpy_dtype)
-        n = a.shape[0]
-        if rows == n:
-            return a
-        padded = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
-        padded[:n] = a
-        return padded
+        return batching.rows_computed(n, self.ladder if self._uses_xla(kind) else [], self.tile)
 
     def warm_up(self, kinds=ENGINE_KINDS) -> float:
         """Trace (and with XLA compile) every function at every batch shape; returns seconds.
@@ -303,14 +267,6 @@ def _any_rows(tile: tf.Tensor) -> tf.Tensor:
     what the process traced before.
     """
     return tf.compat.v1.placeholder_with_default(tile, [None, *tile.shape[1:]])
-
-
-def _ladder(max_batch_size: int, tile: int) -> list[int]:
-    """The XLA batch shapes: powers of two up to max_batch_size, or with tiles, a power of
-    two of tiles, up to the tiles max_batch_size needs."""
-    if not tile:
-        return batch_ladder(max_batch_size)
-    return [tile * count for count in batch_ladder(-(-max_batch_size // tile))]
 
 
 def _owned(tensor: tf.Tensor, n: int) -> np.ndarray:

@@ -13,10 +13,7 @@ import keras
 import tensorflow as tf
 
 from gradserve.server.core.contract import Shape
-
-
-class ModelError(ValueError):
-    """The model cannot be served (unreadable, unsupported, ambiguous)."""
+from gradserve.server.engine.errors import ModelError, row_shapes
 
 
 class Forward:
@@ -40,19 +37,9 @@ def load(
     except Exception as exc:
         hint = " (Lambda layers need --unsafe-deserialization)" if "Lambda" in str(exc) else ""
         raise ModelError(f"cannot load {path}: {exc}{hint}") from exc
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ModelError(
-            f"model must have one input and one output, has {len(model.inputs)} "
-            f"and {len(model.outputs)}"
-        )
-    in_shape, out_shape = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
-    if None in in_shape[1:] or None in out_shape[1:] or len(in_shape) < 2:
-        raise ModelError(
-            f"model must map [n, *X] to [n, *Y] with fixed X and Y; its input is {in_shape}, "
-            f"its output {out_shape}"
-        )
+    in_shape, out_shape = row_shapes(model)
     dtype = tf.as_dtype(model.inputs[0].dtype)
-    forward = Forward(lambda x: model(x, training=False), in_shape[1:], out_shape[1:], dtype)
+    forward = Forward(lambda x: model(x, training=False), in_shape, out_shape, dtype)
     return forward, model
 
 

@@ -25,6 +25,7 @@ def open_repository(config: ServerConfig, observer: Observer | None = None) -> R
     """The repository of every model the configuration names (--model, --model-repository)
     under its --model-control; nothing is loaded until it starts."""
     config.model_sources()  # a bad --model-name fails here, before anything listens
+    os.environ["KERAS_BACKEND"] = config.backend  # read once, when Keras is first imported
     if config.unsafe_deserialization:
         log.warning(
             "unsafe deserialization is on: model files may run code", extra={"event": "unsafe"}
@@ -45,16 +46,21 @@ def load_version(
     of its own at a lower CPU priority, so that the versions serving meanwhile keep theirs
     (the thread ends with the load: a raised nice value cannot be lowered without
     privileges)."""
-    _start_runtime()
+    _start_runtime(config.backend)
     with ThreadPoolExecutor(1, thread_name_prefix="gradserve-load") as pool:
         return pool.submit(_load_in_background, config, observer, name, version, path).result()
 
 
 @functools.cache
-def _start_runtime() -> None:
-    """Create TensorFlow's and XLA's thread pools here, at this thread's priority: threads
-    inherit their creator's nice value, so pools first made by a loading thread would
-    compute every batch after it at LOADING_NICE."""
+def _start_runtime(backend: str) -> None:
+    """Create the framework's thread pools here, at this thread's priority: threads inherit
+    their creator's nice value, so pools first made by a loading thread would compute every
+    batch after it at LOADING_NICE."""
+    if backend == "jax":
+        import jax
+
+        jax.jit(lambda x: x + 1)(jax.numpy.ones((1,))).block_until_ready()
+        return
     import tensorflow as tf
 
     tf.function(lambda x: x + 1, jit_compile=True)(tf.ones((1,)))
@@ -71,9 +77,7 @@ def _load_in_background(
 def _load(
     config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
 ) -> Engine:
-    from gradserve.server.engine import compiled
-
-    engine = compiled.Engine(
+    engine = _engine_class(config.backend)(
         model_file(path),
         device=config.device,
         xla=config.xla,
@@ -87,6 +91,7 @@ def _load(
     log.info(
         "model loaded",
         extra={"event": "model_load", "model": engine.name, "version": version,
+               "backend": config.backend,
                "path": str(path), "device": engine.device, "input_shape": engine.input_shape,
                "output_shape": engine.output_shape, "dtype": engine.dtype.name},
     )  # fmt: skip
@@ -106,6 +111,17 @@ def _load(
                "deterministic": engine.deterministic, "kinds": [kind.value for kind in kinds]},
     )  # fmt: skip
     return engine
+
+
+def _engine_class(backend: str) -> type:
+    """The backend's engine class (its module imports the framework)."""
+    if backend == "jax":
+        from gradserve.server.engine import jax_engine
+
+        return jax_engine.Engine
+    from gradserve.server.engine import compiled
+
+    return compiled.Engine
 
 
 def _servable_kinds(engine: Engine, config: ServerConfig) -> list[Derivative]:

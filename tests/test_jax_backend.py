@@ -1,0 +1,166 @@
+"""The jax backend (`--backend jax`): Keras model files computed by Keras on JAX.
+
+Keras takes its backend once per process, and this one runs Keras on TensorFlow, so every JAX
+engine here is a real `gradserve serve --backend jax` in a child process, called with the SDK,
+`tritonclient` and httpx. Each of its answers, every kind, is compared with the TensorFlow
+engine's in this process (REFERENCE_RTOL), for a ReLU MLP (the bundled model), a conv model
+(digits) and a tanh MLP with several inputs and outputs. The servers are deterministic, so
+answers of one server are compared bit for bit only after its self-check passed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from conftest import ServerProcess, assert_close, assert_same_answer, unbatched
+
+from gradserve.client import GradientClient
+from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
+from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec
+from gradserve.server.engine import jax_engine
+from gradserve.server.engine.compiled import Engine
+from gradserve.server.engine.errors import ModelError
+from gradserve.wire.kinds import Derivative
+
+MAX_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, mimo_model_path) -> Path:
+    """quadratic, digits and mimo, version 1 each."""
+    root = tmp_path_factory.mktemp("jax-repository")
+    for name, source in (("quadratic", BUNDLED_MODEL), ("digits", BUNDLED_DIR / "digits.keras"),
+                         ("mimo", mimo_model_path)):  # fmt: skip
+        (root / name / "1").mkdir(parents=True)
+        shutil.copy(source, root / name / "1" / "model.keras")
+    return root
+
+
+def _serve(repository: Path, *args: str) -> ServerProcess:
+    return ServerProcess("--backend", "jax", "--model-repository", str(repository),
+                         "--max-batch-size", str(MAX_BATCH), *args)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def jax_server(repository):
+    served = _serve(repository)
+    try:
+        yield served
+    finally:
+        assert served.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def tensorflow_engines(repository) -> dict[str, Engine]:
+    return {name: Engine(repository / name / "1" / "model.keras", xla=False, name=name)
+            for name in ("quadratic", "digits", "mimo")}  # fmt: skip
+
+
+def rows_and_vectors(engine: Engine, kind: Derivative, n: int, seed: int):
+    """n random rows of the model's input (in [0, 1] for digits' pixels) and kind's vector."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, *engine.input_shape)).astype(np.float32)
+    shape = ModelSpec.of(engine, MAX_BATCH, MAX_BATCH).vector_shape(kind)
+    v = None if shape is None else rng.normal(size=(n, *shape)).astype(np.float32)
+    return x, v
+
+
+@pytest.mark.parametrize("model", ["quadratic", "digits", "mimo"])
+def test_every_kind_on_jax_equals_tensorflow(jax_server, tensorflow_engines, model):
+    engine = tensorflow_engines[model]
+    with GradientClient(jax_server.target, timeout=60) as client:
+        for seed, kind in enumerate(ENGINE_KINDS):
+            x, v = rows_and_vectors(engine, kind, 3, seed)
+            served = client.evaluate(x, kind.value, v=v, model=model)
+            expected = engine.run(kind, x, v)
+            assert_close(served.y.reshape(expected.y.shape), expected.y)
+            if expected.dy_dx is not None:
+                assert_close(served.dy_dx.reshape(expected.dy_dx.shape), expected.dy_dx)
+
+
+def test_the_trained_model_on_jax_gives_the_seeds_derivatives(jax_server, tensorflow_engines):
+    """The trained weights, not a fresh initialisation: d/dx at 0.2 and 0.6 near 8(x - 0.5),
+    and TensorFlow's numbers."""
+    x = np.array([[0.2], [0.6]], np.float32)
+    with GradientClient(jax_server.target, timeout=60) as client:
+        got = client.evaluate(x, model="quadratic")
+    np.testing.assert_allclose(got.dy_dx.ravel(), [8 * (0.2 - 0.5), 8 * (0.6 - 0.5)], atol=0.3)
+    assert_close(got.dy_dx, tensorflow_engines["quadratic"].run(Derivative.GRADIENT, x).dy_dx)
+
+
+def test_explanations_on_jax_equal_tensorflows(jax_server, tensorflow_engines):
+    """Integrated gradients, which the core builds from the engine's gradients, on both
+    backends: the same attributions and completeness gap within REFERENCE_RTOL."""
+    x = np.random.default_rng(5).uniform(0, 1, (2, 3)).astype(np.float32)
+    with GradientClient(jax_server.target, timeout=60) as client:
+        got = client.integrated_gradients(x, steps=16, model="mimo")
+    expected = unbatched(tensorflow_engines["mimo"], Derivative.INTEGRATED_GRADIENTS, x, steps=16)
+    assert_close(got.attributions, expected.attributions)
+    assert_close(got.delta, expected.delta, scale=float(np.abs(expected.attributions).max()))
+
+
+def test_the_standard_protocol_and_rest_answer_as_the_sdk_on_jax(jax_server):
+    x = np.random.default_rng(8).normal(size=(4, 3)).astype(np.float32)
+    with GradientClient(jax_server.target, timeout=60) as client:
+        sdk = client.evaluate(x, "jacobian", model="mimo")
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    with triton.InferenceServerClient(jax_server.target) as standard:
+        answer = standard.infer("mimo", [tensor], parameters={"derivative": "jacobian"})
+    assert_same_answer(answer.as_numpy("dy_dx").reshape(sdk.dy_dx.shape), sdk.dy_dx)
+    tensor_json = {
+        "name": "x",
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "data": x.ravel().tolist(),
+    }
+    body = {"inputs": [tensor_json], "parameters": {"derivative": "jacobian"}}
+    url = f"http://127.0.0.1:{jax_server.http_port}/v2/models/mimo/infer"
+    rest = httpx.post(url, json=body, timeout=30)
+    assert rest.status_code == 200, rest.text
+    outputs = {o["name"]: o for o in rest.json()["outputs"]}
+    data = np.asarray(outputs["dy_dx"]["data"], np.float32).reshape(sdk.dy_dx.shape)
+    assert_same_answer(data, sdk.dy_dx)
+
+
+def test_a_deterministic_jax_server_passed_its_self_check_and_answers_rows_alike(jax_server):
+    metrics = httpx.get(f"http://127.0.0.1:{jax_server.metrics_port}/metrics", timeout=10).text
+    for model in ("quadratic", "digits", "mimo"):
+        assert f'gradserve_deterministic_selfcheck{{model="{model}",version="1"}} 1.0' in metrics
+    x = np.random.default_rng(2).normal(size=(13, 3)).astype(np.float32)
+    with GradientClient(jax_server.target, timeout=60) as client:
+        together = client.evaluate(x, "hessian", model="mimo")
+        for i in (0, 6, 12):
+            alone = client.evaluate(x[i : i + 1], "hessian", model="mimo")
+            assert_same_answer(together.dy_dx[i : i + 1], alone.dy_dx)
+
+
+def test_frontends_with_a_jax_engine_process_answer_as_one_process(repository, jax_server):
+    x = np.random.default_rng(3).uniform(0, 1, (5, 8, 8, 1)).astype(np.float32)
+    with GradientClient(jax_server.target, timeout=60) as client:
+        expected = client.evaluate(x, model="digits")
+    served = _serve(repository, "--frontends", "2")
+    try:
+        with GradientClient(served.target, timeout=60) as client:
+            got = client.evaluate(x, model="digits")
+            assert client.model_info("digits").device == "cpu:0"
+    finally:
+        assert served.stop() == 0
+    assert_same_answer(got.dy_dx, expected.dy_dx)
+    assert_same_answer(got.y, expected.y)
+
+
+def test_the_jax_engine_names_what_it_cannot_serve(tmp_path):
+    with pytest.raises(ModelError, match="KERAS_BACKEND=jax"):  # this process runs Keras on TF
+        jax_engine.Engine(BUNDLED_MODEL)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    with pytest.raises(ModelError, match="serve it with --backend tensorflow"):
+        jax_engine._check_format(saved, None, None)
+    with pytest.raises(ModelError, match="the jax backend serves Keras files"):
+        jax_engine._check_format(BUNDLED_MODEL, "x", None)
