@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench bench-swap perf-analyzer loadtest soak nginx \
+.PHONY: serve test lint format proto train clean bench bench-swap bench-backends perf-analyzer loadtest soak nginx \
 	promtool \
 	cluster cluster-load \
 	image image-host image-test explain-demo
@@ -109,6 +109,12 @@ bench: $(STAMP)
 	-$(MAKE) --no-print-directory perf-analyzer
 	$(BIN)/python bench/run.py $(ARGS)
 	$(BIN)/python bench/swap.py
+	$(BIN)/python bench/backends.py
+
+# TensorFlow and JAX side by side: engine ceilings, servers under perf_analyzer, start-up.
+bench-backends: $(STAMP)
+	-$(MAKE) --no-print-directory perf-analyzer
+	$(BIN)/python bench/backends.py $(ARGS)
 
 bench-swap: $(STAMP)
 	$(BIN)/python bench/swap.py $(ARGS)

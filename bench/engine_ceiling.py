@@ -1,5 +1,7 @@
 """The engine alone, in-process: rows/s per batch size (the compute ceiling), with today's
-functions and with the deterministic ones (fixed tiles). Prints JSON.
+functions and with the deterministic ones (fixed tiles), on one backend (--backend: each
+backend's run is a process of its own, as Keras takes its backend once per process). Prints
+JSON.
 
 Run as a script by bench/run.py so the load generator's process never loads TensorFlow.
 """
@@ -8,34 +10,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import numpy as np
 
-from gradserve.server.config import BUNDLED_MODEL
-from gradserve.server.engine.compiled import Engine
+from gradserve.server.config import BACKENDS, BUNDLED_MODEL
+from gradserve.server.core.contract import ModelSpec
 from gradserve.wire.kinds import Derivative
 
+KINDS = {"common": (Derivative.GRADIENT, Derivative.NONE, Derivative.JACOBIAN),
+         "all": tuple(Derivative)}  # fmt: skip
 
-def seconds_per_call(engine: Engine, kind: Derivative, batch: int, repeats: int) -> float:
+
+def seconds_per_call(engine, kind: Derivative, batch: int, repeats: int) -> float:
     """Median over `repeats` of the mean time of a run of calls lasting about 0.2 s."""
-    x = np.random.default_rng(0).uniform(0, 1, (batch, *engine.input_shape)).astype(np.float32)
-    engine.run(kind, x)
-    calls = max(1, int(0.2 / max(_one_call(engine, kind, x), 1e-6)))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (batch, *engine.input_shape)).astype(np.float32)
+    shape = ModelSpec.of(engine, batch, batch).vector_shape(kind)
+    v = None if shape is None else rng.normal(size=(batch, *shape)).astype(np.float32)
+    engine.run(kind, x, v)
+    calls = max(1, int(0.2 / max(_one_call(engine, kind, x, v), 1e-6)))
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
         for _ in range(calls):
-            engine.run(kind, x)
+            engine.run(kind, x, v)
         samples.append((time.perf_counter() - started) / calls)
     return statistics.median(samples)
 
 
-def _one_call(engine: Engine, kind: Derivative, x: np.ndarray) -> float:
+def _one_call(engine, kind: Derivative, x: np.ndarray, v: np.ndarray | None) -> float:
     started = time.perf_counter()
-    engine.run(kind, x)
+    engine.run(kind, x, v)
     return time.perf_counter() - started
+
+
+def engine_class(backend: str) -> type:
+    """The backend's engine class, Keras set to that backend before it is first imported."""
+    os.environ["KERAS_BACKEND"] = backend
+    if backend == "jax":
+        from gradserve.server.engine.jax_engine import Engine
+    else:
+        from gradserve.server.engine.compiled import Engine
+    return Engine
 
 
 def main() -> None:
@@ -44,20 +63,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--xla", default="on,off")
     parser.add_argument("--deterministic", default="off,on")
+    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow")
+    parser.add_argument("--kinds", choices=sorted(KINDS), default="common",
+                        help="common: gradient, outputs, Jacobian; all: every kind")  # fmt: skip
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    Engine = engine_class(args.backend)
+    kinds = [kind for kind in KINDS[args.kinds] if not kind.explains]
     out = []
     for deterministic in args.deterministic.split(","):
         for xla in args.xla.split(","):
             engine = Engine(BUNDLED_MODEL, xla=xla == "on", max_batch_size=max(batches),
                             deterministic=deterministic == "on")  # fmt: skip
-            engine.warm_up()
-            for kind in (Derivative.GRADIENT, Derivative.NONE, Derivative.JACOBIAN):
+            engine.warm_up(kinds)
+            for kind in kinds:
                 for batch in batches:
                     s = seconds_per_call(engine, kind, batch, args.repeats)
                     out.append(
-                        {"xla": xla, "deterministic": deterministic, "kind": kind.value,
-                         "batch": batch, "us_per_call": s * 1e6, "rows_per_s": batch / s}
+                        {"backend": args.backend, "xla": xla, "deterministic": deterministic,
+                         "kind": kind.value, "batch": batch, "us_per_call": s * 1e6,
+                         "rows_per_s": batch / s}
                     )  # fmt: skip
     print(json.dumps(out))
 

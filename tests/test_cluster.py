@@ -38,7 +38,8 @@ def test_replica_killed_under_load_loses_no_request_and_survivors_share_the_traf
     cluster = deploy.Cluster(
         3,
         xla=False,
-        server_args=["--max-batch-size", "64", "--drain-seconds", "5"],
+        # deterministic, so that every replica answers a row with the same bits in any batch
+        server_args=["--max-batch-size", "64", "--drain-seconds", "5", "--deterministic", "on"],
         start_timeout=90,
         drain_timeout=15,
     )
