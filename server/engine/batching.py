@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gradserve.server.core.contract import Outputs
+from gradserve.server.core import selfcheck
+from gradserve.server.core.contract import ModelSpec, Outputs
 from gradserve.wire.kinds import Derivative
 
 # The one batch shape a deterministic engine's kernels ever see. It must be a multiple of every
@@ -71,3 +72,17 @@ def in_parts(
              for i in range(0, x.shape[0], step)]  # fmt: skip
     dy_dx = None if parts[0].dy_dx is None else np.concatenate([p.dy_dx for p in parts])
     return Outputs(np.concatenate([p.y for p in parts]), dy_dx)
+
+
+def run_checked(engine, call: Call, checked: set[Derivative], kind: Derivative,
+                x: np.ndarray, v: np.ndarray | None) -> Outputs:  # fmt: skip
+    """An engine's `run`: `call` on the rows in parts of at most its max batch. A deterministic
+    engine's first call of a kind runs the kind's self-check first (SelfCheckFailed: it cannot
+    keep its promise here) and adds it to `checked`, so no answer of a kind ever comes before
+    its check passed."""
+    if engine.tile and kind not in checked:
+        spec = ModelSpec.of(engine, engine.tile, engine.tile)
+        selfcheck.verify(call, kind, engine.tile, engine.input_shape, spec.vector_shape(kind),
+                         engine.numpy_dtype, engine.name)  # fmt: skip
+        checked.add(kind)
+    return in_parts(call, kind, x, v, engine.max_batch_size)

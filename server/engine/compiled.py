@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gradserve.server.core import selfcheck
-from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
+from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Shape
 from gradserve.server.engine import batching
 from gradserve.server.engine.batching import TILE_ROWS
 from gradserve.server.engine.devices import resolve_device
@@ -209,18 +208,7 @@ class Engine:
         call of a kind runs the kind's self-check first (SelfCheckFailed: it cannot keep its
         promise here), so no answer of a kind ever comes before its check passed.
         """
-        if self.tile and kind not in self._checked:
-            self._self_check(kind)
-        return self._run(kind, x, v)
-
-    def _self_check(self, kind: Derivative) -> None:
-        spec = ModelSpec.of(self, self.tile, self.tile)
-        selfcheck.verify(self._call, kind, self.tile, self.input_shape, spec.vector_shape(kind),
-                         self.numpy_dtype, self.name)  # fmt: skip
-        self._checked.add(kind)
-
-    def _run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
-        return batching.in_parts(self._call, kind, x, v, self.max_batch_size)
+        return batching.run_checked(self, self._call, self._checked, kind, x, v)
 
     def _call(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         """One call of the kind's compiled function, x (and v) padded to the rows it computes."""

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from gradserve.server.core import selfcheck
 from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
 from gradserve.server.engine import batching
 from gradserve.server.engine.batching import TILE_ROWS
@@ -97,12 +96,7 @@ class Engine:
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         """Compute y (and the derivative `kind`) for rows x [n, *X] (v: the kind's vector);
         a deterministic engine's first call of a kind runs its self-check first."""
-        if self.tile and kind not in self._checked:
-            spec = ModelSpec.of(self, self.tile, self.tile)
-            selfcheck.verify(self._call, kind, self.tile, self.input_shape,
-                             spec.vector_shape(kind), self.dtype, self.name)  # fmt: skip
-            self._checked.add(kind)
-        return batching.in_parts(self._call, kind, x, v, self.max_batch_size)
+        return batching.run_checked(self, self._call, self._checked, kind, x, v)
 
     def _call(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         n = x.shape[0]
