@@ -222,6 +222,54 @@ def unbatched(
     return result if work.reduce is None else work.reduce(result)
 
 
+def float64_answer(model, kind: Derivative, x: np.ndarray, v=None) -> Outputs:
+    """y and `kind`'s dy_dx for rows x of a Keras stack of Dense layers, computed again from
+    its weights in float64 with TensorFlow's tape, one row at a time: the independent reference
+    of every kind, whichever backend served it."""
+    import tensorflow as tf
+
+    stack = [(tf.constant(np.asarray(layer.kernel), tf.float64),
+              tf.constant(np.asarray(layer.bias), tf.float64), layer.activation.__name__)
+             for layer in model.layers if layer.weights]  # fmt: skip
+
+    def forward(h):
+        for kernel, bias, activation in stack:
+            h = tf.matmul(h, kernel) + bias
+            if activation != "linear":
+                h = getattr(tf.nn, activation)(h)
+        return h
+
+    ys, answers = [], []
+    for i in range(x.shape[0]):
+        row = tf.constant(x[i : i + 1], tf.float64)
+        with tf.GradientTape() as outer:
+            outer.watch(row)
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch(row)
+                y = forward(row)
+                total = tf.reduce_sum(y)
+            gradient = inner.gradient(total, row)[0]
+        jacobian = inner.jacobian(y, row)[0, :, 0, :].numpy()  # [m, d]
+        hessian = outer.jacobian(gradient, row)[:, 0, :].numpy()  # [d, d]
+        ys.append(y.numpy()[0])
+        vector = None if v is None else v[i]
+        answers.append(_row_answer(kind, gradient.numpy(), jacobian, hessian, vector))
+    dy_dx = None if kind is Derivative.NONE else np.stack(answers)
+    return Outputs(np.stack(ys), dy_dx)
+
+
+def _row_answer(kind: Derivative, gradient, jacobian, hessian, v) -> np.ndarray | None:
+    """One row's dy_dx for `kind` from its gradient [d], Jacobian [m, d] and Hessian [d, d]."""
+    if kind is Derivative.VJP:
+        return v @ jacobian
+    if kind is Derivative.JVP:
+        return jacobian @ v
+    if kind is Derivative.HVP:
+        return hessian @ v
+    return {Derivative.NONE: None, Derivative.GRADIENT: gradient, Derivative.JACOBIAN: jacobian,
+            Derivative.HESSIAN: hessian}[kind]  # fmt: skip
+
+
 class GatedEngine:
     """Wraps a real engine: blocks each call until the gate opens, records rows computed."""
 

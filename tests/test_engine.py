@@ -5,34 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_close, float64_answer, spec_of
 
 from gradserve.server.config import BUNDLED_MODEL
 from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.engine.batching import batch_ladder
 from gradserve.server.engine.compiled import Engine, ModelError, resolve_device
 from gradserve.wire.kinds import Derivative
-
-
-def float64_reference(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y, gradient of sum(y) and per-row Jacobian from GradientTape, all in float64."""
-    x64 = tf.constant(x, tf.float64)
-    weights64 = [tf.constant(w.numpy(), tf.float64) for w in model.weights]
-    # A float64 forward pass of the Dense stack, written out from the weights.
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x64)
-        h = x64
-        layers = [layer for layer in model.layers if layer.weights]
-        for i, layer in enumerate(layers):
-            kernel, bias = weights64[2 * i], weights64[2 * i + 1]
-            h = tf.matmul(h, kernel) + bias
-            if layer.activation.__name__ != "linear":
-                h = getattr(tf.nn, layer.activation.__name__)(h)
-        y = h
-    gradient = tape.gradient(y, x64)
-    jacobian = tape.jacobian(y, x64)  # [n, m, n, d]
-    n = x.shape[0]
-    per_row = np.stack([jacobian[i, :, i, :] for i in range(n)])
-    return y.numpy(), gradient.numpy(), per_row
 
 
 def test_served_outputs_equal_model_predict_on_the_loaded_file(bundled_engine):
@@ -58,21 +37,21 @@ def test_bundled_gradient_tracks_the_analytic_derivative(bundled_engine):
 
 
 @pytest.mark.parametrize("xla", [False, True])
-def test_mimo_derivatives_match_float64_tape(mimo_model_path, xla):
+def test_every_kind_equals_the_float64_reference(mimo_model_path, xla):
     engine = Engine(mimo_model_path, xla=xla, max_batch_size=16)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(11, 3)).astype(np.float32)
-    y_ref, grad_ref, jac_ref = float64_reference(engine.model, x)
-    out = engine.run(Derivative.JACOBIAN, x)
-    assert out.y.shape == (11, 2) and out.dy_dx.shape == (11, 2, 3)
-    np.testing.assert_allclose(out.y, y_ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(out.dy_dx, jac_ref, rtol=1e-4, atol=1e-6)
-    grad = engine.run(Derivative.GRADIENT, x)
-    assert grad.dy_dx.shape == (11, 3)
-    np.testing.assert_allclose(grad.dy_dx, grad_ref, rtol=1e-4, atol=1e-6)
-    none = engine.run(Derivative.NONE, x)
-    assert none.dy_dx is None
-    np.testing.assert_allclose(none.y, y_ref, rtol=1e-4, atol=1e-6)
+    for kind in ENGINE_KINDS:
+        shape = spec_of(engine).vector_shape(kind)
+        v = None if shape is None else rng.normal(size=(11, *shape)).astype(np.float32)
+        served, expected = engine.run(kind, x, v), float64_answer(engine.model, kind, x, v)
+        assert served.y.shape == (11, 2)
+        assert_close(served.y, expected.y)
+        if kind is Derivative.NONE:
+            assert served.dy_dx is None
+        else:
+            assert served.dy_dx.shape == expected.dy_dx.shape
+            assert_close(served.dy_dx, expected.dy_dx)
 
 
 def test_jacobian_matches_tape_jacobian_in_float32(mimo_engine):

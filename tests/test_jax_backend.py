@@ -11,13 +11,21 @@ answers of one server are compared bit for bit only after its self-check passed.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import ServerProcess, assert_close, assert_same_answer, unbatched
+from conftest import (
+    ServerProcess,
+    assert_close,
+    assert_same_answer,
+    float64_answer,
+    unbatched,
+)
 
 from gradserve.client import GradientClient
 from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
@@ -28,6 +36,7 @@ from gradserve.server.engine.errors import ModelError
 from gradserve.wire.kinds import Derivative
 
 MAX_BATCH = 16
+DENSE_STACKS = ("quadratic", "mimo")  # float64_answer recomputes these from their weights
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +80,23 @@ def rows_and_vectors(engine: Engine, kind: Derivative, n: int, seed: int):
 
 
 @pytest.mark.parametrize("model", ["quadratic", "digits", "mimo"])
-def test_every_kind_on_jax_equals_tensorflow(jax_server, tensorflow_engines, model):
+def test_every_kind_on_jax_equals_tensorflow_and_the_float64_reference(
+    jax_server, tensorflow_engines, model
+):
+    """Against the TensorFlow engine, and for the Dense stacks also against the float64
+    reference computed from the weights."""
     engine = tensorflow_engines[model]
     with GradientClient(jax_server.target, timeout=60) as client:
         for seed, kind in enumerate(ENGINE_KINDS):
             x, v = rows_and_vectors(engine, kind, 3, seed)
             served = client.evaluate(x, kind.value, v=v, model=model)
-            expected = engine.run(kind, x, v)
-            assert_close(served.y.reshape(expected.y.shape), expected.y)
-            if expected.dy_dx is not None:
-                assert_close(served.dy_dx.reshape(expected.dy_dx.shape), expected.dy_dx)
+            references = [engine.run(kind, x, v)]
+            if model in DENSE_STACKS:
+                references.append(float64_answer(engine.model, kind, x, v))
+            for expected in references:
+                assert_close(served.y.reshape(expected.y.shape), expected.y)
+                if expected.dy_dx is not None:
+                    assert_close(served.dy_dx.reshape(expected.dy_dx.shape), expected.dy_dx)
 
 
 def test_the_trained_model_on_jax_gives_the_seeds_derivatives(jax_server, tensorflow_engines):
@@ -164,3 +180,55 @@ def test_the_jax_engine_names_what_it_cannot_serve(tmp_path):
         jax_engine._check_format(saved, None, None)
     with pytest.raises(ModelError, match="the jax backend serves Keras files"):
         jax_engine._check_format(BUNDLED_MODEL, "x", None)
+
+
+JAX_LAYER_MODEL = """
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import jax.numpy as jnp, keras
+
+@keras.saving.register_keras_serializable(package="tests")
+def call_fn(params, inputs):
+    return jnp.tanh(inputs @ params["w"])
+
+@keras.saving.register_keras_serializable(package="tests")
+def init_fn(rng, inputs):
+    return {"w": jnp.ones((inputs.shape[-1], 2))}
+
+x = keras.Input((3,), name="x")
+layer = keras.layers.JaxLayer(call_fn, init_fn=init_fn, name="jax_tanh")
+keras.Model(x, layer(x)).save(sys.argv[1])
+"""
+
+
+def test_a_layer_only_jax_has_is_refused_on_tensorflow_naming_it(tmp_path):
+    path = tmp_path / "jax_only.keras"
+    subprocess.run([sys.executable, "-c", JAX_LAYER_MODEL, str(path)], check=True, timeout=120,
+                   capture_output=True)  # fmt: skip
+    expected = "layer 'jax_tanh' is a JaxLayer, which only the jax backend has; serve this model "
+    with pytest.raises(ModelError, match=expected + "with --backend jax"):
+        Engine(path)
+
+
+def test_a_lambda_written_for_tensorflow_fails_to_load_on_jax_naming_it(tmp_path):
+    """The Lambda calls tf.math, which Keras on JAX cannot trace: the version fails to load, and
+    the repository index says which layer and what to do; the server serves on."""
+    import keras
+    import tensorflow as tf
+
+    x = keras.Input((3,), name="x")
+    hidden = keras.layers.Lambda(lambda t: tf.math.softplus(t), name="tf_softplus")(x)
+    model = keras.Model(x, keras.layers.Dense(1)(hidden))
+    (tmp_path / "lambda" / "1").mkdir(parents=True)
+    model.save(tmp_path / "lambda" / "1" / "model.keras")
+    served = _serve(tmp_path, "--unsafe-deserialization", "on")
+    try:
+        url = f"http://127.0.0.1:{served.http_port}/v2/repository/index"
+        index = httpx.post(url, json={}, timeout=30).json()
+    finally:
+        assert served.stop() == 0
+    (entry,) = [entry for entry in index if entry["name"] == "lambda"]
+    assert entry["state"] == "UNAVAILABLE", entry
+    assert "cannot load" in entry["reason"] and "on the jax backend" in entry["reason"]
+    assert "Lambda layer(s) 'tf_softplus'" in entry["reason"]
+    assert "serve the model with that --backend (tensorflow for tf.* calls)" in entry["reason"]

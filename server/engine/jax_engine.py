@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
-from gradserve.server.engine import batching
+from gradserve.server.engine import batching, portability
 from gradserve.server.engine.batching import TILE_ROWS
 from gradserve.server.engine.errors import ModelError, row_shapes
 from gradserve.wire.kinds import Derivative
@@ -195,15 +195,11 @@ def _check_format(path: Path, input_name: str | None, output_name: str | None) -
 
 
 def _load(path: Path, unsafe: bool):
+    portability.check(path, BACKEND)
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
+        return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as exc:
-        hint = ""
-        if "Lambda" in str(exc):
-            hint = (" (Lambda layers need --unsafe-deserialization, and run only on the backend "
-                    "they were written for)")  # fmt: skip
-        raise ModelError(f"cannot load {path} on the jax backend: {exc}{hint}") from exc
-    return model
+        raise portability.load_failure(path, BACKEND, exc) from exc
 
 
 def resolve_device(spec: str):

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from gradserve.server.core.contract import Shape
+from gradserve.server.engine import portability
 from gradserve.server.engine.errors import ModelError, row_shapes
 
 
@@ -32,11 +33,11 @@ def load(
         return _load_saved_model(path, input_name, output_name)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{path}: expected a .keras or .h5 file, or a SavedModel directory")
+    portability.check(path, "tensorflow")
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as exc:
-        hint = " (Lambda layers need --unsafe-deserialization)" if "Lambda" in str(exc) else ""
-        raise ModelError(f"cannot load {path}: {exc}{hint}") from exc
+        raise portability.load_failure(path, "tensorflow", exc) from exc
     in_shape, out_shape = row_shapes(model)
     dtype = tf.as_dtype(model.inputs[0].dtype)
     forward = Forward(lambda x: model(x, training=False), in_shape, out_shape, dtype)
