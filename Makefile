@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: serve test lint format proto train clean bench bench-swap bench-backends perf-analyzer loadtest soak nginx \
+.PHONY: serve test lint format proto train clean bench bench-swap bench-backends perf-analyzer \
+	device-bundle device-rehearsal loadtest soak nginx \
 	promtool \
 	cluster cluster-load \
 	image image-host image-test explain-demo
@@ -94,15 +95,33 @@ image-test: image
 	$(BIN)/python deploy/image/check_image.py $(IMAGE)
 
 # perf_analyzer (the independent load generator `make bench` uses where it runs): the files
-# of the last tritonclient wheel that carries it, and the CUDA runtime library it links (no
-# GPU needed; the system needs libb64, Debian package libb64-0d). Kept apart from the venv:
-# that wheel pins numpy<2 and protobuf<5.
+# of the last tritonclient wheel that carries it, the CUDA runtime library it links (no GPU
+# needed) and libb64 (Debian package libb64-0d, unpacked beside them, so that no system
+# install is needed). Kept apart from the venv: that wheel pins numpy<2 and protobuf<5.
 PERF_ANALYZER_DIR := build/perf_analyzer
 $(PERF_ANALYZER_DIR)/bin/perf_analyzer: | $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --target $(PERF_ANALYZER_DIR) \
 		tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.*
 
-perf-analyzer: $(PERF_ANALYZER_DIR)/bin/perf_analyzer
+$(PERF_ANALYZER_DIR)/lib/libb64.so.0d:
+	rm -rf build/debs && mkdir -p build/debs $(@D)
+	cd build/debs && apt-get download libb64-0d 2>/dev/null
+	dpkg -x build/debs/libb64-0d_*.deb build/debs/libb64
+	cp build/debs/libb64/usr/lib/x86_64-linux-gnu/libb64.so.0d $@
+
+perf-analyzer: $(PERF_ANALYZER_DIR)/bin/perf_analyzer $(PERF_ANALYZER_DIR)/lib/libb64.so.0d
+
+# What the accelerator machine lacks, to carry there (bench/device.sh, docs/benchmarks.md):
+# Python 3.12 wheels of the packages it does not have, at this venv's versions, and
+# perf_analyzer with its libraries.
+device-bundle: perf-analyzer
+	$(BIN)/python bench/device_bundle.py build/device
+
+# bench/device.sh here, on the CPU, with TensorFlow hidden as on the accelerator machine.
+device-rehearsal: $(STAMP)
+	-$(MAKE) --no-print-directory perf-analyzer
+	PYTHONPATH=bench/no_tensorflow DEVICE_PYTHON=$(BIN)/python OUT=build/device-rehearsal \
+		bash bench/device.sh --frontends 1,2 --budget 240 $(ARGS)
 
 # Best effort: without perf_analyzer the bench says so and uses gradserve loadtest alone.
 bench: $(STAMP)

@@ -24,14 +24,17 @@ KINDS = {"common": (Derivative.GRADIENT, Derivative.NONE, Derivative.JACOBIAN),
          "all": tuple(Derivative)}  # fmt: skip
 
 
-def seconds_per_call(engine, kind: Derivative, batch: int, repeats: int) -> float:
-    """Median over `repeats` of the mean time of a run of calls lasting about 0.2 s."""
+def seconds_per_call(
+    engine, kind: Derivative, batch: int, repeats: int, run_seconds: float = 0.2
+) -> float:
+    """Median over `repeats` of the mean time of a run of calls lasting about `run_seconds`
+    (at least one call each)."""
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (batch, *engine.input_shape)).astype(np.float32)
     shape = ModelSpec.of(engine, batch, batch).vector_shape(kind)
     v = None if shape is None else rng.normal(size=(batch, *shape)).astype(np.float32)
     engine.run(kind, x, v)
-    calls = max(1, int(0.2 / max(_one_call(engine, kind, x, v), 1e-6)))
+    calls = max(1, int(run_seconds / max(_one_call(engine, kind, x, v), 1e-6)))
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -64,26 +67,64 @@ def main() -> None:
     parser.add_argument("--xla", default="on,off")
     parser.add_argument("--deterministic", default="off,on")
     parser.add_argument("--backend", choices=BACKENDS, default="tensorflow")
-    parser.add_argument("--kinds", choices=sorted(KINDS), default="common",
-                        help="common: gradient, outputs, Jacobian; all: every kind")  # fmt: skip
-    args = parser.parse_args()
+    parser.add_argument(
+        "--kinds",
+        choices=sorted(KINDS),
+        default="common",
+        help="common: gradient, outputs, Jacobian; all: every kind",
+    )
+    parser.add_argument("--models", default=str(BUNDLED_MODEL), help="comma list of files")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--lazy",
+        action="store_true",
+        help="compile only the sizes measured, on first use, instead of "
+        "warming the whole ladder up",
+    )
+    parser.add_argument(
+        "--call-limit",
+        type=float,
+        default=float("inf"),
+        help="after a call this slow (s), skip the kind's larger batches",
+    )
+    parser.add_argument(
+        "--run-seconds", type=float, default=0.2, help="length of each timed run of calls"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=float("inf"),
+        help="seconds; what is left unmeasured then is left out",
+    )
+    args = parser.parse_args()  # fmt: skip
+    deadline = time.monotonic() + args.budget
     batches = [int(b) for b in args.batches.split(",")]
     Engine = engine_class(args.backend)
     kinds = [kind for kind in KINDS[args.kinds] if not kind.explains]
     out = []
-    for deterministic in args.deterministic.split(","):
-        for xla in args.xla.split(","):
-            engine = Engine(BUNDLED_MODEL, xla=xla == "on", max_batch_size=max(batches),
-                            deterministic=deterministic == "on")  # fmt: skip
-            engine.warm_up(kinds)
-            for kind in kinds:
-                for batch in batches:
-                    s = seconds_per_call(engine, kind, batch, args.repeats)
-                    out.append(
-                        {"backend": args.backend, "xla": xla, "deterministic": deterministic,
-                         "kind": kind.value, "batch": batch, "us_per_call": s * 1e6,
-                         "rows_per_s": batch / s}
-                    )  # fmt: skip
+    for model in args.models.split(","):
+        for deterministic in args.deterministic.split(","):
+            for xla in args.xla.split(","):
+                engine = Engine(model, xla=xla == "on", max_batch_size=max(batches),
+                                deterministic=deterministic == "on",
+                                device=args.device)  # fmt: skip
+                if not args.lazy:
+                    engine.warm_up(kinds)
+                for kind in kinds:
+                    per_row = 0.0  # seconds per row at the last batch measured
+                    for batch in batches:
+                        if time.monotonic() > deadline or per_row * batch > args.call_limit:
+                            break
+                        started = time.monotonic()
+                        s = seconds_per_call(engine, kind, batch, args.repeats, args.run_seconds)
+                        per_row = s / batch
+                        out.append(
+                            {"backend": args.backend, "model": engine.name,
+                             "device": engine.device, "xla": xla,
+                             "deterministic": deterministic, "kind": kind.value, "batch": batch,
+                             "us_per_call": s * 1e6, "rows_per_s": batch / s,
+                             "measured_s": time.monotonic() - started}
+                        )  # fmt: skip
     print(json.dumps(out))
 
 

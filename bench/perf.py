@@ -2,9 +2,9 @@
 standard protocol, 1 row per request, and measure what each request costs in CPU.
 
 perf_analyzer comes from `make perf-analyzer` (build/perf_analyzer: the files of the last
-tritonclient wheel that carries it, and the CUDA runtime library it links; no GPU needed;
-the system needs libb64, Debian package libb64-0d), or from $PERF_ANALYZER. Where it cannot
-run, `locate` says why and the bench falls back to `gradserve loadtest`.
+tritonclient wheel that carries it, the CUDA runtime library it links, no GPU needed, and
+libb64 in lib/), or from $PERF_ANALYZER. Where it cannot run, `locate` says why and the bench
+falls back to `gradserve loadtest`.
 
 CPU per request: each process's CPU seconds over a load (from the server's /metrics,
 `process_cpu_seconds_total` per process; from /proc for a server without metrics) divided
@@ -58,8 +58,10 @@ def locate() -> tuple[Tool | None, str]:
     path = Path(os.environ.get("PERF_ANALYZER", INSTALLED / "bin" / "perf_analyzer"))
     if not path.is_file():
         return None, f"no perf_analyzer at {path} (`make perf-analyzer` installs it)"
-    runtime = path.parent.parent / "nvidia" / "cuda_runtime" / "lib"
-    library_path = ":".join(p for p in (str(runtime), os.environ.get("LD_LIBRARY_PATH")) if p)
+    libraries = (path.parent.parent / "nvidia" / "cuda_runtime" / "lib", path.parent.parent / "lib")
+    library_path = ":".join(
+        [*map(str, libraries), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]
+    )
     env = {**os.environ, "LD_LIBRARY_PATH": library_path}
     probe = subprocess.run([str(path)], env=env, capture_output=True, text=True, timeout=30)
     if "error while loading shared libraries" in probe.stderr:
