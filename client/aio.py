@@ -21,7 +21,6 @@ from gradserve.client.results import (
     to_result,
     to_versions,
 )
-from gradserve.client.tracing import trace_metadata
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
 
@@ -110,7 +109,7 @@ class AsyncGradientClient(ClientBase):
                     request,
                     timeout=attempts.remaining(),
                     wait_for_ready=self.wait_for_ready,
-                    metadata=trace_metadata(),
+                    metadata=self._metadata(),
                 )
             except grpc.RpcError as error:
                 task = asyncio.current_task()
@@ -150,7 +149,7 @@ class AsyncGradientClient(ClientBase):
             requests(),
             timeout=timeout,
             wait_for_ready=self.wait_for_ready,
-            metadata=trace_metadata(),
+            metadata=self._metadata(),
         )
         try:
             async for response in call:

@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from gradserve.client.retry import Attempts, RetryPolicy
+from gradserve.client.tracing import trace_metadata
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.callers import CALLER_HEADER
 from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -99,7 +101,9 @@ class ClientBase:
 
     `wait_for_ready=True` makes each call wait, within its timeout, for a server that is
     not reachable yet (gRPC's wait_for_ready) or still loading its models (UNAVAILABLE,
-    retried until the deadline); the default fails fast as gRPC does.
+    retried until the deadline); the default fails fast as gRPC does. `client_id` names the
+    client to the server's fair batching: every call under one name is one caller, over any
+    number of connections (default: each connection is a caller of its own).
     """
 
     _aio = False
@@ -111,14 +115,23 @@ class ClientBase:
         retry: RetryPolicy | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = False,
+        client_id: str | None = None,
     ) -> None:
         self.target = target
+        self.client_id = client_id
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.wait_for_ready = wait_for_ready
         self._channel = open_channel(target, tls, aio=self._aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Every call's metadata: the client's name (CALLER_HEADER: the server's fair
+        batching treats every call with one name as one caller, whatever the connection or
+        protocol) and the caller's trace context."""
+        named = ((CALLER_HEADER, self.client_id),) if self.client_id else ()
+        return (*named, *(trace_metadata() or ())) or None
 
     def _attempts(self) -> Attempts:
         """The retry state of one call, bounded by the client's timeout."""

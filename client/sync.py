@@ -20,7 +20,6 @@ from gradserve.client.results import (
     to_result,
     to_versions,
 )
-from gradserve.client.tracing import trace_metadata
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.kinds import DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS
 
@@ -34,7 +33,8 @@ class GradientClient(ClientBase):
     (retries included), or of a whole stream. `evaluate` and `model_info` retry
     UNAVAILABLE and RESOURCE_EXHAUSTED per `retry` (evaluation is idempotent); pass
     RetryPolicy(attempts=1) to disable. `wait_for_ready=True` makes calls wait, within
-    their timeout, for a server that is still starting instead of failing.
+    their timeout, for a server that is still starting instead of failing. `client_id`
+    names the client to the server's fair batching (one caller over every connection).
     """
 
     def __enter__(self) -> GradientClient:
@@ -128,7 +128,7 @@ class GradientClient(ClientBase):
                     request,
                     timeout=attempts.remaining(),
                     wait_for_ready=self.wait_for_ready,
-                    metadata=trace_metadata(),
+                    metadata=self._metadata(),
                 )
             except grpc.RpcError as error:
                 delay = attempts.backoff(error.code())
@@ -163,7 +163,7 @@ class GradientClient(ClientBase):
             timeout = None if timeout is None else max(timeout - waited, 0.001)
         requests = (stream_request(x, derivative, str(i), model, options) for i, x in enumerate(xs))
         call = self._stub.EvaluateStream(
-            requests, timeout=timeout, wait_for_ready=self.wait_for_ready, metadata=trace_metadata()
+            requests, timeout=timeout, wait_for_ready=self.wait_for_ready, metadata=self._metadata()
         )
         try:
             for response in call:

@@ -40,6 +40,7 @@ from gradserve.server.protocols.http_listener import HttpListener
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
 from gradserve.server.protocols.rest import RestService
+from gradserve.server.serving.dataplane import DataPlane
 from gradserve.server.tracing import Tracing
 from gradserve.server.transport.answering import Streams, StreamWindow
 from gradserve.server.transport.intake import Intake
@@ -283,8 +284,9 @@ class GradServer:
             lambda: [(s.spec.name, s.spec.version, s.statistics) for s in models.every_version()]
         )
         window = StreamWindow(config.stream_window, config.stream_window_bytes)
+        plane = DataPlane(self.metrics, self.tracing)
         common = {"stream_window": window, "streams": self._streams, "memory": self.memory,
-                  "tracing": self.tracing}  # fmt: skip
+                  "plane": plane}  # fmt: skip
         native = GradientServicer(models, self.metrics, self.owner, **common)
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
         inference = InferenceServicer(
@@ -292,7 +294,7 @@ class GradServer:
             **common,
         )  # fmt: skip
         self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
-        self._rest.serve(models, self.owner, self.statistics, self.tracing)
+        self._rest.serve(models, self.owner, self.statistics, plane)
 
     async def statistics(self) -> dict[tuple[str, str], Statistics]:
         """Every served version's statistics: this process's own, or, in a frontend, the sum

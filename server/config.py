@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gradserve.server.core.repository import CONTROLS, Source, VersionPolicy, scan
+from gradserve.wire.callers import CALLER_HEADER
 from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
 BACKENDS = ("tensorflow", "jax")  # one module each under server/engine
@@ -144,8 +145,8 @@ _HELP = {
     "vectors, explanations' expanded rows, results), over every model; beyond: RESOURCE_EXHAUSTED",
     "max_batch_ms": "engine-time budget per batch, from each kind's learned cost per row; "
     "larger requests are split (0: rows only)",
-    "fairness": "fill batches round robin across callers (x-gradserve-client metadata, else "
-    "the connection); off: first come, first served",
+    "fairness": f"fill batches round robin across callers (the {CALLER_HEADER} header or "
+    "metadata, else the connection); off: first come, first served",
     "max_message_mb": "largest request or response message, in MiB",
     "stream_window": "messages of one stream read ahead while earlier ones compute",
     "stream_window_mb": "MiB of one stream's messages read ahead and not yet answered",

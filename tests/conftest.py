@@ -182,6 +182,14 @@ class RunningServer:
     def batcher(self):
         return self.server.batchers[0]
 
+    def on_loop(self, fn: Callable[[], object], timeout: float = 10):
+        """fn() run on the server's event loop (where its state changes), and its result."""
+
+        async def call():
+            return fn()
+
+        return self._call(call(), timeout)
+
     def stop(self) -> None:
         """Wait for the start to end (a held model load must have been released), drain and
         stop."""

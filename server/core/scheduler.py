@@ -272,6 +272,11 @@ class Scheduler:
         """Rows admitted but not yet handed to the engine."""
         return self._queued_rows
 
+    def waiting_callers(self) -> set[Hashable]:
+        """The callers with rows queued now, as fair batching keys them."""
+        return {caller for lanes in self._lanes.values() for lane in lanes.values()
+                for caller in lane.callers}  # fmt: skip
+
     def request_bytes(self, x: np.ndarray, kind: Derivative, v: np.ndarray | None = None) -> int:
         """The bytes a request holds until it is answered: its rows, its vectors and the
         answer it will produce (its message is counted by whoever read it)."""

@@ -34,10 +34,10 @@ from gradserve.server.core.repository import READY, Owner, known
 from gradserve.server.core.statistics import BATCH_STATISTICS, REQUEST_STATISTICS, Statistics
 from gradserve.server.core.validation import check_shape
 from gradserve.server.metrics import Metrics
-from gradserve.server.tracing import Tracing
+from gradserve.server.serving.dataplane import DataPlane
+from gradserve.server.serving.tickets import Arrival, Ticket
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
 from gradserve.server.transport.status import Failure, abort
-from gradserve.server.transport.tickets import Arrival, Ticket
 from gradserve.wire import tensors
 from gradserve.wire.kinds import BASELINE, OPTIONS, TARGET, Derivative, Option
 from gradserve.wire.timing import FIELDS, Hops
@@ -88,7 +88,7 @@ class InferenceServicer:
         streams: Streams,
         memory: MemoryBudget,
         statistics: StatisticsSource,
-        tracing: Tracing | None = None,
+        plane: DataPlane,
     ) -> None:
         """`statistics`: every served version's statistics now (this process's, or gathered
         from every frontend)."""
@@ -98,7 +98,7 @@ class InferenceServicer:
         self._statistics = statistics
         self._answer = Answerer(
             InferenceCodec(models), metrics, streams, service=SERVICE, unary_rpc="ModelInfer",
-            stream_rpc="ModelStreamInfer", window=stream_window, memory=memory, tracing=tracing,
+            stream_rpc="ModelStreamInfer", window=stream_window, memory=memory, plane=plane,
         )  # fmt: skip
 
     # -- health and metadata ---------------------------------------------------------------
@@ -316,7 +316,7 @@ class InferenceCodec:
             baseline = served.decode_baseline(raw)
         work = served.expand(kind, x, v, _options(request, kind, baseline))
         encoding = _Encoding(outputs, raw=bool(request.raw_input_contents))
-        return Ticket(arrival, served, work, _priority(request), encoding)
+        return Ticket(arrival, served, work, _priority(request), encoding, _timeout(request))
 
     def outputs(self, ticket: Ticket, result: Result | Reduced) -> list[tuple[str, np.ndarray]]:
         """The answer's outputs, in the order asked: (name, contiguous array of the model's
@@ -403,6 +403,21 @@ def _priority(request: pb.ModelInferRequest) -> Priority:
     if level < 0:
         raise InvalidInput(f'parameter "priority" is {level}; expected 0 or more')
     return Priority.HIGH if level == 1 else Priority.NORMAL
+
+
+def _timeout(request: pb.ModelInferRequest) -> float | None:
+    """The request's `timeout` parameter, Triton's way: microseconds from its arrival after
+    which it is not computed (DEADLINE_EXCEEDED); 0 or absent: no timeout of its own."""
+    if "timeout" not in request.parameters:
+        return None
+    param = request.parameters["timeout"]
+    choice = param.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise InvalidInput('parameter "timeout" must be an integer: microseconds (0: none)')
+    microseconds = getattr(param, choice)
+    if microseconds < 0:
+        raise InvalidInput(f'parameter "timeout" is {microseconds}; expected 0 or more us')
+    return microseconds / 1e6 or None
 
 
 def _options(

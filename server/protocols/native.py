@@ -19,11 +19,11 @@ from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.core.repository import Owner
 from gradserve.server.metrics import Metrics
-from gradserve.server.tracing import Tracing
+from gradserve.server.serving.dataplane import DataPlane
+from gradserve.server.serving.tickets import Arrival, Ticket
 from gradserve.server.transport import bulk
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
 from gradserve.server.transport.status import Failure, abort
-from gradserve.server.transport.tickets import Arrival, Ticket
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import native, tensors
 from gradserve.wire.kinds import BASELINE, EXPLANATIONS, Derivative
@@ -152,13 +152,13 @@ class GradientServicer:
         stream_window: StreamWindow,
         streams: Streams,
         memory: MemoryBudget,
-        tracing: Tracing | None = None,
+        plane: DataPlane,
     ) -> None:
         self._models = models
         self._owner = owner
         self._answer = Answerer(
             NativeCodec(models), metrics, streams, service=SERVICE, unary_rpc="Evaluate",
-            stream_rpc="EvaluateStream", window=stream_window, memory=memory, tracing=tracing,
+            stream_rpc="EvaluateStream", window=stream_window, memory=memory, plane=plane,
         )  # fmt: skip
 
     async def Evaluate(

@@ -23,13 +23,11 @@ import orjson
 from aiohttp import web
 
 from gradserve.inference import grpc_service_pb2 as pb
-from gradserve.server.core import explain
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import Closed, InvalidInput, RequestError
 from gradserve.server.core.registry import Models
 from gradserve.server.core.repository import READY, Owner
-from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols import openapi
 from gradserve.server.protocols.kserve import (
@@ -46,12 +44,12 @@ from gradserve.server.protocols.kserve import (
     statistics_document,
     version_ready,
 )
-from gradserve.server.tracing import Tracing, request_attributes
-from gradserve.server.transport.answering import request_failed
+from gradserve.server.serving.dataplane import Call, DataPlane
+from gradserve.server.serving.tickets import Arrival
 from gradserve.server.transport.intake import Lease
 from gradserve.server.transport.status import Failure
-from gradserve.server.transport.tickets import Arrival
 from gradserve.wire import tensors
+from gradserve.wire.callers import CALLER_HEADER, caller_key
 from gradserve.wire.http import HEADER_LENGTH
 from gradserve.wire.timing import FIELDS
 
@@ -94,19 +92,19 @@ class RestService:
         self._answered = metrics.requests.labels(RPC, "OK")
         self._body: _BodyReader | None = None  # the application's
         self._statistics: StatisticsSource | None = None
-        self._tracing: Tracing | None = None
+        self._plane: DataPlane | None = None
 
     def serve(
         self,
         models: Models,
         owner: Owner,
         statistics: StatisticsSource,
-        tracing: Tracing | None = None,
+        plane: DataPlane,
     ) -> None:
-        """Serve the model endpoints: `statistics` as the gRPC protocol's, `tracing` (None:
-        off) for a span per inference request."""
+        """Serve the model endpoints: `statistics` as the gRPC protocol's, requests through
+        the server's data plane."""
         self._models, self._codec, self._owner = models, InferenceCodec(models), owner
-        self._statistics, self._tracing = statistics, tracing
+        self._statistics, self._plane = statistics, plane
 
     def application(self, max_body_bytes: int, idle_seconds: float) -> web.Application:
         """The aiohttp application of these endpoints: bodies up to `max_body_bytes` (413),
@@ -235,18 +233,16 @@ class RestService:
 
     async def _infer(self, request: web.Request, lease: Lease) -> web.Response:
         started = time.perf_counter()
-        ticket = span = None
+        ticket = call = None
+        plane = self._plane
         try:
-            caller = request.headers.get("x-gradserve-client") or str(request.remote)
-            if self._tracing is not None:
+            call = Call(caller_key(request.headers.get(CALLER_HEADER), _connection(request)))
+            if plane is not None and plane.traces:
                 route = request.match_info.route.resource.canonical
                 attributes = {"http.request.method": "POST", "http.route": route}
-                span = self._tracing.request(
-                    f"POST {_ROUTE}",
-                    request.headers.items(),
-                    started,
-                    attributes=request_attributes(None, caller, attributes),
-                )
+                span = plane.span(f"POST {_ROUTE}", request.headers.items(), started, None,
+                                  call.caller, attributes)  # fmt: skip
+                call = Call(call.caller, None, span)
             served = self._served(request)  # the model exists (404) and the server serves (503)
             header = request.headers.get(HEADER_LENGTH)
             body = await self._body.read(request, lease)
@@ -255,34 +251,31 @@ class RestService:
             else:
                 length = _header_length(header, body)
                 message, binary = _message(request.match_info, body, length)
-            arrival = Arrival(message.id, message.model_name, started)
-            ticket = self._codec.decode(message, arrival)
-            if span is not None:
-                Tracing.described(span, ticket.attributes)
-            future = explain.submit(ticket.work, ticket.served.batcher.submit, None,
-                                    caller=caller, priority=ticket.priority,
-                                    trace=span)  # fmt: skip
-            result = await future
-            outputs = self._codec.outputs(ticket, result)
-            hops = breakdown(arrival.at, result.timing)
-            self._metrics.hops(hops)
-            response = _respond(_answer(ticket, outputs, hops, binary))
-            ticket.served.statistics.answered(ticket.work.rows, hops)
-            if span is not None:
-                self._tracing.answered(span, started, hops)
+            ticket = self._codec.decode(message, Arrival(message.id, message.model_name, started))
+            result = await plane.start(ticket, call)
+            hops = plane.answered(ticket, result, call)
+            response = _respond(_answer(ticket, self._codec.outputs(ticket, result), hops, binary))
             self._answered.inc()
         except web.HTTPException as exc:  # the body's size or pace: before any model work
             response = _http_failed(exc)
             code = _HTTP_CODES[exc.status]
             self._metrics.requests.labels(RPC, code.name).inc()
-            request_failed(ticket, started, span, Failure(code, exc.text or exc.reason))
+            span = None if call is None else call.span
+            DataPlane.failed(ticket, started, span, code.name, exc.text or exc.reason)
         except Exception as exc:  # every failure is the caller's answer, never the server's
             failure = Failure.of(exc)
             response = _failed(failure)
             self._metrics.requests.labels(RPC, failure.code.name).inc()
-            request_failed(ticket, started, span, failure)
+            span = None if call is None else call.span
+            DataPlane.failed(ticket, started, span, failure.code.name, failure.message)
         self._latency.observe(time.perf_counter() - started)
         return response
+
+
+def _connection(request: web.Request) -> str:
+    """The request's connection (address and port), as gRPC names its peers."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"http:{peer[0]}:{peer[1]}" if peer else f"http:{request.remote}"
 
 
 class _BodyReader:

@@ -27,17 +27,16 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
-from gradserve.server.core import explain
 from gradserve.server.core.batcher import Result
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.errors import Closed, Undecodable
 from gradserve.server.core.explain import Reduced
-from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
-from gradserve.server.tracing import Tracing, request_attributes
+from gradserve.server.serving.dataplane import Call, DataPlane
+from gradserve.server.serving.tickets import Arrival, Ticket
+from gradserve.server.tracing import Tracing
 from gradserve.server.transport.intake import caller_of
 from gradserve.server.transport.status import Failure, abort, deadline_of
-from gradserve.server.transport.tickets import Arrival, Ticket
 from gradserve.wire.limits import MIB
 from gradserve.wire.timing import Hops
 
@@ -49,15 +48,6 @@ _DRAINING = Closed(
     "the server is shutting down: every message answered before this status was read and "
     "computed; send the rest again (to another replica)"
 )
-
-
-def request_failed(ticket: Ticket | None, arrived: float, span: object, failure: Failure) -> None:
-    """Count a failed request (one that arrived at `arrived`, time.perf_counter()) in its
-    version's statistics, once it was decoded for one, and end its span (every protocol)."""
-    if ticket is not None:
-        ticket.served.statistics.failed(time.perf_counter() - arrived)
-    if span is not None:
-        Tracing.failed(span, failure.code.name, failure.message)
 
 
 class Codec(Protocol[Request, Response, StreamResponse]):
@@ -124,7 +114,7 @@ class _InFlight:
     ticket: Ticket | None
     outcome: asyncio.Future[Result | Reduced] | Failure
     nbytes: int
-    span: object = None  # its span, when traced
+    call: Call  # its caller, deadline and span
 
 
 class Streams:
@@ -159,12 +149,12 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         stream_rpc: str,
         window: StreamWindow,
         memory: MemoryBudget,
-        tracing: Tracing | None = None,
+        plane: DataPlane,
     ) -> None:
         """`service`, `unary_rpc` and `stream_rpc` name the protocol's service and its two
-        model calls (in spans); `tracing`: this server's, or None when it is off."""
+        model calls (in spans); `plane`: the server's data plane."""
         self._codec = codec
-        self._tracing = tracing
+        self._plane = plane
         self._unary_rpc = (service, unary_rpc)
         self._stream_rpc_names = (service, stream_rpc)
         self._memory = memory
@@ -179,12 +169,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         return Arrival() if isinstance(request, Undecodable) else self._codec.arrival(request)
 
     def _start(
-        self,
-        request: Request | Undecodable,
-        arrival: Arrival,
-        deadline: float | None,
-        caller: str,
-        span: object = None,
+        self, request: Request | Undecodable, arrival: Arrival, call: Call
     ) -> tuple[Ticket, asyncio.Future[Result | Reduced]]:
         """Decode and queue one request; raises a RequestError if it cannot be queued. (The
         message itself is counted by whoever read it: a unary call's lease, a stream's
@@ -192,34 +177,34 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         if isinstance(request, Undecodable):
             raise request.error
         ticket = self._codec.decode(request, arrival)
-        if span is not None:
-            Tracing.described(span, ticket.attributes)
-        # The rows as decoded, or expanded (targets, explanations, k tangents) and reduced
-        # when they come back; either way queued as the caller's, at its priority.
-        future = explain.submit(ticket.work, ticket.served.batcher.submit, deadline,
-                                caller=caller, priority=ticket.priority, trace=span)  # fmt: skip
-        return ticket, future
+        return ticket, self._plane.start(ticket, call)
 
-    def _finish(self, ticket: Ticket, result: Result | Reduced, span: object = None) -> Response:
+    def _finish(self, ticket: Ticket, result: Result | Reduced, call: Call) -> Response:
         response = self._codec.encode(ticket, result)
-        hops = breakdown(ticket.arrival.at, result.timing)
-        self._codec.add_timing(response, hops)
-        self._metrics.hops(hops)
-        ticket.served.statistics.answered(ticket.work.rows, hops)
-        if span is not None:
-            self._tracing.answered(span, ticket.arrival.at, hops)
+        self._codec.add_timing(response, self._plane.answered(ticket, result, call))
         return response
 
-    def _span(self, context: grpc.aio.ServicerContext, rpc: tuple[str, str], arrival: Arrival,
-              caller: str, parent: object = None) -> object:  # fmt: skip
-        """The request's span (None: tracing off, or not sampled)."""
-        if self._tracing is None:
-            return None
-        name = "/".join(rpc) + (" message" if parent is not None else "")
-        metadata = None if parent is not None else context.invocation_metadata()
-        attributes = request_attributes(rpc, caller, {"gradserve.request_id": arrival.id})
-        return self._tracing.request(name, metadata, arrival.at, parent=parent,
-                                     attributes=attributes)  # fmt: skip
+    def _call(
+        self, context: grpc.aio.ServicerContext, rpc: tuple[str, str], arrival: Arrival
+    ) -> Call:
+        """What the transport knows of a call: its caller, deadline and span."""
+        caller = caller_of(context)
+        if not self._plane.traces:
+            return Call(caller, deadline_of(context))
+        span = self._plane.span("/".join(rpc), context.invocation_metadata(), arrival.at, rpc,
+                                caller, {"gradserve.request_id": arrival.id})  # fmt: skip
+        return Call(caller, deadline_of(context), span)
+
+    def _message_call(self, stream: Call, arrival: Arrival) -> Call:
+        """One message of a stream: the stream's caller and deadline, and a span of its own
+        under the stream's when the stream is traced."""
+        if stream.span is None:
+            return stream
+        rpc = self._stream_rpc_names
+        span = self._plane.span(f"{'/'.join(rpc)} message", None, arrival.at, rpc,
+                                stream.caller, {"gradserve.request_id": arrival.id},
+                                stream.span)  # fmt: skip
+        return Call(stream.caller, stream.deadline, span)
 
     def _count_stream_message(self, code: grpc.StatusCode) -> None:
         counter = self._stream_requests.get(code)
@@ -231,18 +216,19 @@ class Answerer(Generic[Request, Response, StreamResponse]):
     async def unary(self, request: Request, context: grpc.aio.ServicerContext) -> Response:
         """One unary call: decode and queue, wait, answer; a failure becomes its status."""
         arrival = self._arrival(request)
-        ticket = span = None
+        ticket = call = None
         try:
-            deadline, caller = deadline_of(context), caller_of(context)
-            span = self._span(context, self._unary_rpc, arrival, caller)
-            ticket, future = self._start(request, arrival, deadline, caller, span)
+            call = self._call(context, self._unary_rpc, arrival)
+            ticket, future = self._start(request, arrival, call)
             result = await future
         except (Exception, asyncio.CancelledError) as exc:
-            request_failed(ticket, arrival.at, span, Failure.of(exc))
+            failure = Failure.of(exc)
+            span = None if call is None else call.span
+            self._plane.failed(ticket, arrival.at, span, failure.code.name, failure.message)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             await abort(context, exc)
-        return self._finish(ticket, result, span)
+        return self._finish(ticket, result, call)
 
     async def stream(
         self, requests: AsyncIterator[Request], context: grpc.aio.ServicerContext
@@ -251,8 +237,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         after the answers to every message already read."""
         if self._streams.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
-        deadline, caller = deadline_of(context), caller_of(context)
-        call_span = self._span(context, self._stream_rpc_names, Arrival(), caller)
+        whole = self._call(context, self._stream_rpc_names, Arrival())
         inflight: asyncio.Queue[_InFlight | None] = asyncio.Queue(self._window.messages)
         ahead = _ReadAhead(self._window.bytes, self._memory)
 
@@ -266,15 +251,12 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                     except StopAsyncIteration:
                         return
                     arrival = self._arrival(request)
-                    span = None
-                    if call_span is not None:
-                        span = self._span(context, self._stream_rpc_names, arrival, caller,
-                                          call_span)  # fmt: skip
+                    call = self._message_call(whole, arrival)
                     try:
-                        ticket, future = self._start(request, arrival, deadline, caller, span)
-                        item = _InFlight(arrival, ticket, future, ticket.nbytes, span)
+                        ticket, future = self._start(request, arrival, call)
+                        item = _InFlight(arrival, ticket, future, ticket.nbytes, call)
                     except Exception as exc:
-                        item = _InFlight(arrival, None, Failure.of(exc), 0, span)
+                        item = _InFlight(arrival, None, Failure.of(exc), 0, call)
                     ahead.add(item.nbytes)
                     del request  # the decoded rows are all a queued message still needs
                     await inflight.put(item)
@@ -290,12 +272,14 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                 outcome = item.outcome
                 if isinstance(outcome, asyncio.Future):
                     try:
-                        outcome = self._finish(item.ticket, await outcome, item.span)
+                        outcome = self._finish(item.ticket, await outcome, item.call)
                     except Exception as exc:
                         outcome = Failure.of(exc)
-                        request_failed(item.ticket, item.arrival.at, item.span, outcome)
-                elif item.span is not None:
-                    request_failed(None, item.arrival.at, item.span, outcome)
+                        self._plane.failed(item.ticket, item.arrival.at, item.call.span,
+                                           outcome.code.name, outcome.message)  # fmt: skip
+                elif item.call.span is not None:
+                    self._plane.failed(None, item.arrival.at, item.call.span, outcome.code.name,
+                                       outcome.message)  # fmt: skip
                 messages += 1
                 code = outcome.code if isinstance(outcome, Failure) else grpc.StatusCode.OK
                 self._count_stream_message(code)
@@ -307,8 +291,8 @@ class Answerer(Generic[Request, Response, StreamResponse]):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(_DRAINING))
             await reader
         finally:
-            if call_span is not None:
-                Tracing.ended(call_span, {"gradserve.stream.messages": messages})
+            if whole.span is not None:
+                Tracing.ended(whole.span, {"gradserve.stream.messages": messages})
             self._metrics.streams.dec()
             reader.cancel()
             while not inflight.empty():

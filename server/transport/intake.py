@@ -34,8 +34,8 @@ import grpc
 
 from gradserve.server.core.budget import MemoryBudget, size_text
 from gradserve.server.core.errors import QueueFull
+from gradserve.wire.callers import CALLER_HEADER, caller_key
 
-CLIENT_ID_KEY = "x-gradserve-client"
 WAIT_S = 10.0  # the longest a new caller waits for the newcomers' turn before it is refused
 HOLD_S = 0.5  # how long a new caller's reservation waits for its message to arrive
 
@@ -44,9 +44,9 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     """Who is calling, for fair batching and admission: the client id the call's metadata
     names, else the connection (gRPC's peer address)."""
     for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_ID_KEY:
-            return f"client:{value}"
-    return f"peer:{context.peer()}"
+        if key == CALLER_HEADER:
+            return caller_key(value, context.peer())
+    return caller_key(None, context.peer())
 
 
 class Lease:

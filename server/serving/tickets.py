@@ -37,6 +37,7 @@ class Ticket:
     work: Work  # the rows to queue, their kind, and how their result becomes the answer
     priority: Priority = Priority.NORMAL
     encoding: object = None  # the protocol's own: which outputs, in which form
+    timeout: float | None = None  # seconds from arrival the request itself allows (None: any)
 
     @property
     def attributes(self) -> dict[str, object]:
