@@ -54,10 +54,12 @@ def engine_class(backend: str) -> type:
     """The backend's engine class, Keras set to that backend before it is first imported."""
     os.environ["KERAS_BACKEND"] = backend
     if backend == "jax":
-        from gradserve.server.engine.jax_engine import Engine
-    else:
-        from gradserve.server.engine.compiled import Engine
-    return Engine
+        from gradserve.server.engine.jax_engine import JaxEngine
+
+        return JaxEngine
+    from gradserve.server.engine.compiled import TensorFlowEngine
+
+    return TensorFlowEngine
 
 
 def main() -> None:
@@ -99,13 +101,13 @@ def main() -> None:
     args = parser.parse_args()  # fmt: skip
     deadline = time.monotonic() + args.budget
     batches = [int(b) for b in args.batches.split(",")]
-    Engine = engine_class(args.backend)
+    backend_engine = engine_class(args.backend)
     kinds = [kind for kind in KINDS[args.kinds] if not kind.explains]
     out = []
     for model in args.models.split(","):
         for deterministic in args.deterministic.split(","):
             for xla in args.xla.split(","):
-                engine = Engine(model, xla=xla == "on", max_batch_size=max(batches),
+                engine = backend_engine(model, xla=xla == "on", max_batch_size=max(batches),
                                 deterministic=deterministic == "on",
                                 device=args.device)  # fmt: skip
                 if not args.lazy:

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.core.selfcheck import describe_cpu
-from gradserve.server.engine.compiled import Engine
+from gradserve.server.engine.compiled import TensorFlowEngine
 from gradserve.wire.kinds import Derivative
 
 KINDS = [kind for kind in ENGINE_KINDS if kind is not Derivative.NONE]
@@ -42,7 +42,9 @@ def mlp(folder: Path) -> Path:
     return path
 
 
-def differing(engine: Engine, kind: Derivative, x: np.ndarray, v: np.ndarray | None) -> int:
+def differing(
+    engine: TensorFlowEngine, kind: Derivative, x: np.ndarray, v: np.ndarray | None
+) -> int:
     """Rows (of the first ROWS) whose answer differs in any bit from the row alone."""
 
     def answer(rows: slice | np.ndarray) -> np.ndarray:
@@ -77,7 +79,9 @@ def main(argv: list[str]) -> int:
         counts = {}
         for deterministic, xla in MODES:
             rng = np.random.default_rng(0)
-            engine = Engine(path, xla=xla, max_batch_size=max(BATCHES), deterministic=deterministic)
+            engine = TensorFlowEngine(
+                path, xla=xla, max_batch_size=max(BATCHES), deterministic=deterministic
+            )
             x = rng.standard_normal((max(BATCHES), *engine.input_shape)).astype(np.float32)
             for kind in KINDS:
                 shape = engine.output_shape if kind is Derivative.VJP else engine.input_shape

@@ -23,7 +23,7 @@ from gradserve.server import config as cfg
 from gradserve.server import frontend
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Outputs
-from gradserve.server.core.repository import Observer, Repository
+from gradserve.server.core.repository import LoadObserver, Repository
 from gradserve.server.multiproc import supervisor
 from gradserve.wire.kinds import Derivative
 
@@ -36,6 +36,9 @@ class StandIn:
     output_shape = (1,)
     device = "none (stand-in)"
     numpy_dtype = np.dtype(np.float32)
+    ladder = ()
+    in_flight = 0
+    takes_hints = False
 
     def __init__(self) -> None:
         self._seconds = float(os.environ.get("GRADSERVE_STAND_IN_SECONDS", "0"))
@@ -51,7 +54,7 @@ class StandIn:
         return Outputs(y, None if kind is Derivative.NONE else np.zeros_like(y))
 
 
-def load(config: ServerConfig, observer: Observer) -> Repository:
+def load(config: ServerConfig, observer: LoadObserver) -> Repository:
     return Repository.fixed([StandIn()], observer)
 
 

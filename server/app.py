@@ -240,7 +240,7 @@ class GradServer:
             raise Closed("the server is draining: it serves no new model version")
         config = self.config
         spec = ModelSpec.of(engine, config.max_batch_size, config.max_queue_rows, version)
-        remote = getattr(engine, "in_flight", 0)  # the engine process's: its batches awaited
+        remote = engine.in_flight  # the engine process's: its batches awaited
         statistics = Statistics()
         watch = statistics
         if self.tracing is not None:
@@ -254,11 +254,11 @@ class GradServer:
             result_row_bytes={kind: spec.answer_row_bytes(kind) for kind in Derivative},
             fair=config.fairness,
             max_batch_s=0.0 if remote else config.max_batch_ms / 1e3,  # remote: it decides
-            ladder=getattr(engine, "ladder", ()),
+            ladder=engine.ladder,
             observer=self.metrics,
             watch=watch,
             executor=self._executor,
-            hints=getattr(engine, "takes_hints", False),  # the engine process's
+            hints=engine.takes_hints,
             in_flight=remote,
         )
         batcher.start()

@@ -23,10 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradserve.server.app import GradServer
 from gradserve.server.config import BUNDLED_MODEL, ServerConfig
 from gradserve.server.core import explain
-from gradserve.server.core.batcher import Result
+from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.contract import ModelSpec, Outputs
 from gradserve.server.core.explain import Limits
-from gradserve.server.core.timing import Timing
+from gradserve.server.core.timing import SchedulerTiming
 from gradserve.wire.kinds import Derivative
 
 TEST_CONFIG = ServerConfig(
@@ -226,7 +226,7 @@ def unbatched(
     work = explain.expand(spec_of(engine), limits, kind, x, v, explain.Options(**options))
     y, dy_dx = engine.run(work.kind, work.x, work.v)
     now = time.perf_counter()
-    result = Result(y, dy_dx, Timing(0, 0, 0, len(work.x), now, now))
+    result = RequestResult(y, dy_dx, SchedulerTiming(0, 0, 0, len(work.x), now, now))
     return result if work.reduce is None else work.reduce(result)
 
 
@@ -287,7 +287,16 @@ class GatedEngine:
         self.gate.set()
         self.calls: list[tuple[Derivative, np.ndarray]] = []
         self.entered = 0  # engine calls started (possibly still waiting at the gate)
-        for attr in ("name", "input_shape", "output_shape", "device", "numpy_dtype"):
+        for attr in (
+            "name",
+            "input_shape",
+            "output_shape",
+            "device",
+            "numpy_dtype",
+            "ladder",
+            "in_flight",
+            "takes_hints",
+        ):
             setattr(self, attr, getattr(engine, attr))
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
@@ -304,9 +313,9 @@ class GatedEngine:
 
 @pytest.fixture(scope="session")
 def bundled_engine():
-    from gradserve.server.engine.compiled import Engine
+    from gradserve.server.engine.compiled import TensorFlowEngine
 
-    engine = Engine(
+    engine = TensorFlowEngine(
         BUNDLED_MODEL, xla=True, max_batch_size=TEST_CONFIG.max_batch_size, deterministic=True
     )
     engine.warm_up()
@@ -350,9 +359,9 @@ def mimo_model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mimo_engine(mimo_model_path):
-    from gradserve.server.engine.compiled import Engine
+    from gradserve.server.engine.compiled import TensorFlowEngine
 
-    engine = Engine(mimo_model_path, xla=False, max_batch_size=64, deterministic=True)
+    engine = TensorFlowEngine(mimo_model_path, xla=False, max_batch_size=64, deterministic=True)
     engine.warm_up()
     return engine
 

@@ -50,7 +50,9 @@ _load = startup._load
 def _planted_load(config, observer, name, version, path):
     from gradserve.server.engine import compiled
 
-    compiled.Engine = position_dependent(_CLEAN.setdefault("Engine", compiled.Engine))
+    compiled.TensorFlowEngine = position_dependent(
+        _CLEAN.setdefault("TensorFlowEngine", compiled.TensorFlowEngine)
+    )
     return _load(config, observer, name, version, path)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradserve.server.core.batcher import Batcher, Result
+from gradserve.server.core.batcher import Batcher, RequestResult
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import BatchHints, Outputs, Priority
 from gradserve.server.core.errors import (
@@ -176,7 +176,7 @@ def cid_of(x: np.ndarray) -> int:
     return int(x[0, 1])
 
 
-def assert_result(result: Result, kind: Derivative, x: np.ndarray) -> None:
+def assert_result(result: RequestResult, kind: Derivative, x: np.ndarray) -> None:
     """The result equals the fake's per-row function on this caller's own rows, in order."""
     ref = reference(kind, x)
     n = x.shape[0]
@@ -218,7 +218,7 @@ async def engine_busy(engine: FakeEngine, calls: int = 1) -> None:
 @contextlib.asynccontextmanager
 async def holding_first(
     engine: FakeEngine, batcher: Batcher, kind: Derivative, rows: int
-) -> AsyncIterator[tuple[np.ndarray, asyncio.Future[Result]]]:
+) -> AsyncIterator[tuple[np.ndarray, asyncio.Future[RequestResult]]]:
     """Submit a first request and hold the engine inside its call: whatever the block submits
     queues behind it. Yields that first request's rows and future; the engine is released
     when the block exits."""
@@ -681,14 +681,14 @@ class _Ticket:
     """A request's ticket without an event loop (as the engine process's loop has)."""
 
     def __init__(self, on_done: Callable[[], None]) -> None:
-        self.result: Result | None = None
+        self.result: RequestResult | None = None
         self.error: BaseException | None = None
         self._on_done = on_done
 
     def done(self) -> bool:
         return self.result is not None or self.error is not None
 
-    def set_result(self, result: Result) -> None:
+    def set_result(self, result: RequestResult) -> None:
         self.result = result
         self._on_done()
 

@@ -15,7 +15,7 @@ from conftest import TEST_CONFIG, RunningServer, assert_same_answer
 
 from gradserve.client import GradientClient, GradserveError
 from gradserve.server.core.contract import ENGINE_KINDS
-from gradserve.server.engine.compiled import Engine, ModelError
+from gradserve.server.engine.compiled import ModelError, TensorFlowEngine
 from gradserve.wire.kinds import Derivative
 
 KINDS = [k for k in ENGINE_KINDS if k is not Derivative.NONE]
@@ -98,7 +98,7 @@ def reference(model: keras.Model, kind: Derivative, x: np.ndarray, v: np.ndarray
                      v.numpy().reshape(n, flat)).reshape(y.shape)  # fmt: skip
 
 
-def vector_for(engine: Engine, kind: Derivative, n: int, rng) -> np.ndarray | None:
+def vector_for(engine: TensorFlowEngine, kind: Derivative, n: int, rng) -> np.ndarray | None:
     if not kind.needs_vector:
         return None
     shape = engine.output_shape if kind is Derivative.VJP else engine.input_shape
@@ -109,7 +109,7 @@ def vector_for(engine: Engine, kind: Derivative, n: int, rng) -> np.ndarray | No
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_every_kind_matches_the_float64_tape(models, name, kind):
     path, twin = models[name]
-    engine = Engine(path, xla=False, max_batch_size=32)
+    engine = TensorFlowEngine(path, xla=False, max_batch_size=32)
     rng = np.random.default_rng(5)
     x = rng.normal(size=(5, *engine.input_shape)).astype(engine.numpy_dtype)
     v = vector_for(engine, kind, 5, rng)
@@ -127,7 +127,7 @@ def test_every_kind_matches_the_float64_tape(models, name, kind):
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_jvp_and_hvp_match_central_finite_differences(models, name):
     path, twin = models[name]
-    engine = Engine(path, xla=False, max_batch_size=32)
+    engine = TensorFlowEngine(path, xla=False, max_batch_size=32)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(4, *engine.input_shape))
     u = rng.normal(size=x.shape)
@@ -152,7 +152,7 @@ def test_jvp_and_hvp_match_central_finite_differences(models, name):
 
 
 def test_all_kinds_batched_equal_unbatched_through_the_server(models):
-    engine = Engine(models["cnn"][0], xla=False, max_batch_size=64, deterministic=True)
+    engine = TensorFlowEngine(models["cnn"][0], xla=False, max_batch_size=64, deterministic=True)
     engine.warm_up()
     rng = np.random.default_rng(7)
     jobs = []
@@ -179,9 +179,10 @@ def test_saved_model_and_h5_serve_the_same_function(models, tmp_path):
     model.export(tmp_path / "saved", verbose=False)
     model.save(tmp_path / "legacy.h5")
     x = np.random.default_rng(8).normal(size=(6, 12)).astype(np.float32)
-    native = Engine(keras_path, xla=False, max_batch_size=16)
-    for other in (Engine(tmp_path / "saved", xla=False, max_batch_size=16),
-                  Engine(tmp_path / "legacy.h5", xla=False, max_batch_size=16)):  # fmt: skip
+    native = TensorFlowEngine(keras_path, xla=False, max_batch_size=16)
+    others = [TensorFlowEngine(tmp_path / name, xla=False, max_batch_size=16)
+              for name in ("saved", "legacy.h5")]  # fmt: skip
+    for other in others:
         assert other.input_shape == (12,) and other.output_shape == (3,)
         for kind in (Derivative.NONE, Derivative.JACOBIAN, Derivative.HVP):
             v = x if kind.needs_vector else None
@@ -203,13 +204,13 @@ def test_saved_model_with_several_inputs_needs_a_choice(tmp_path):
     module = Two()
     tf.saved_model.save(module, str(tmp_path / "two"), signatures={"serving_default": module.serve})
     with pytest.raises(ModelError, match=r"inputs \['a', 'b'\]: choose one with --input"):
-        Engine(tmp_path / "two", xla=False)
+        TensorFlowEngine(tmp_path / "two", xla=False)
     with pytest.raises(ModelError, match="cannot be called with only that input"):
-        Engine(tmp_path / "two", xla=False, input_name="a")
+        TensorFlowEngine(tmp_path / "two", xla=False, input_name="a")
 
 
 def test_several_models_in_one_server(models, bundled_engine):
-    mlp_engine = Engine(models["mlp"][0], xla=False, max_batch_size=32, name="surrogate")
+    mlp_engine = TensorFlowEngine(models["mlp"][0], xla=False, max_batch_size=32, name="surrogate")
     with (
         RunningServer(TEST_CONFIG, [bundled_engine, mlp_engine]) as running,
         GradientClient(running.target, timeout=10) as client,
@@ -228,7 +229,7 @@ def test_several_models_in_one_server(models, bundled_engine):
 
 
 def test_oversized_hessian_is_refused_with_advice(models):
-    engine = Engine(models["cnn"][0], xla=False, max_batch_size=64)
+    engine = TensorFlowEngine(models["cnn"][0], xla=False, max_batch_size=64)
     config = replace(TEST_CONFIG, max_result_mb=1)
     with (
         RunningServer(config, engine) as running,
@@ -248,7 +249,7 @@ def test_bundled_tanh_model_has_a_meaningful_second_derivative(bundled_engine):
     """d2y/dx2 = 8 for the true function; the relu model's second derivative is 0."""
     from gradserve.server.config import BUNDLED_DIR
 
-    tanh = Engine(BUNDLED_DIR / "quadratic_tanh.keras", xla=False, max_batch_size=16)
+    tanh = TensorFlowEngine(BUNDLED_DIR / "quadratic_tanh.keras", xla=False, max_batch_size=16)
     x = np.array([[0.3], [0.5], [0.7]], np.float32)
     hessian = tanh.run(Derivative.HESSIAN, x).dy_dx.ravel()
     np.testing.assert_allclose(hessian, 8.0, atol=1.5)

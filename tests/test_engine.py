@@ -10,7 +10,7 @@ from conftest import assert_close, float64_answer, spec_of
 from gradserve.server.config import BUNDLED_MODEL
 from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.engine.batching import batch_ladder
-from gradserve.server.engine.compiled import Engine, ModelError, resolve_device
+from gradserve.server.engine.compiled import ModelError, TensorFlowEngine, resolve_device
 from gradserve.wire.kinds import Derivative
 
 
@@ -38,7 +38,7 @@ def test_bundled_gradient_tracks_the_analytic_derivative(bundled_engine):
 
 @pytest.mark.parametrize("xla", [False, True])
 def test_every_kind_equals_the_float64_reference(mimo_model_path, xla):
-    engine = Engine(mimo_model_path, xla=xla, max_batch_size=16)
+    engine = TensorFlowEngine(mimo_model_path, xla=xla, max_batch_size=16)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(11, 3)).astype(np.float32)
     for kind in ENGINE_KINDS:
@@ -66,7 +66,7 @@ def test_jacobian_matches_tape_jacobian_in_float32(mimo_engine):
 
 
 def test_xla_padding_does_not_change_results(mimo_model_path, mimo_engine):
-    xla = Engine(mimo_model_path, xla=True, max_batch_size=16)
+    xla = TensorFlowEngine(mimo_model_path, xla=True, max_batch_size=16)
     x = np.random.default_rng(3).normal(size=(13, 3)).astype(np.float32)  # padded to 16
     for kind in (Derivative.GRADIENT, Derivative.JACOBIAN):
         a, b = xla.run(kind, x), mimo_engine.run(kind, x)
@@ -75,7 +75,7 @@ def test_xla_padding_does_not_change_results(mimo_model_path, mimo_engine):
 
 
 def test_more_rows_than_the_max_batch_run_in_pieces(mimo_model_path):
-    engine = Engine(mimo_model_path, xla=True, max_batch_size=16)
+    engine = TensorFlowEngine(mimo_model_path, xla=True, max_batch_size=16)
     x = np.random.default_rng(9).normal(size=(40, 3)).astype(np.float32)
     whole = engine.run(Derivative.JACOBIAN, x)
     pieces = [engine.run(Derivative.JACOBIAN, x[i : i + 16]) for i in (0, 16, 32)]
@@ -102,15 +102,15 @@ def test_unservable_models_are_refused(tmp_path):
     import keras
 
     with pytest.raises(ModelError, match="does not exist"):
-        Engine(tmp_path / "missing.keras")
+        TensorFlowEngine(tmp_path / "missing.keras")
     bad = tmp_path / "garbage.keras"
     bad.write_bytes(b"not a zip file")
     with pytest.raises(ModelError, match="cannot load"):
-        Engine(bad)
+        TensorFlowEngine(bad)
     a, b = keras.Input(shape=(2,)), keras.Input(shape=(2,))
     two = keras.Model([a, b], keras.layers.Add()([a, b]))
     two.save(tmp_path / "two.keras")
     with pytest.raises(ModelError, match="one input and one output"):
-        Engine(tmp_path / "two.keras")
+        TensorFlowEngine(tmp_path / "two.keras")
     with pytest.raises(ModelError, match=r"expected a \.keras or \.h5 file"):
-        Engine(bad.rename(tmp_path / "model.onnx"))
+        TensorFlowEngine(bad.rename(tmp_path / "model.onnx"))

@@ -31,7 +31,7 @@ from gradserve.server.core.explain import (
     Options,
     Reduced,
 )
-from gradserve.server.engine.compiled import Engine
+from gradserve.server.engine.compiled import TensorFlowEngine
 from gradserve.wire.kinds import Derivative
 
 IG, SG = Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD
@@ -85,7 +85,9 @@ def models(tmp_path_factory):
         twin = build("float64")
         twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
         out[name] = (
-            Engine(folder / f"{name}.keras", xla=False, max_batch_size=64, deterministic=True),
+            TensorFlowEngine(
+                folder / f"{name}.keras", xla=False, max_batch_size=64, deterministic=True
+            ),
             twin,
         )
     return out
@@ -272,7 +274,7 @@ def test_integrated_gradients_equal_the_float64_reference(models, name, target):
 
 
 def test_bundled_tanh_model_completes_within_a_thousandth_at_64_steps():
-    engine = Engine(
+    engine = TensorFlowEngine(
         BUNDLED_DIR / "quadratic_tanh.keras", xla=False, max_batch_size=1024, deterministic=True
     )
     x = np.array([[0.95], [0.9], [0.1], [0.75], [0.3]], np.float32)

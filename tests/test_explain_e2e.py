@@ -14,7 +14,7 @@ from conftest import TEST_CONFIG, RunningServer, assert_same_answer, unbatched, 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
 from gradserve.client.results import make_request
 from gradserve.server.config import BUNDLED_DIR
-from gradserve.server.engine.compiled import Engine
+from gradserve.server.engine.compiled import TensorFlowEngine
 from gradserve.wire.kinds import Derivative
 
 IG, SG = Derivative.INTEGRATED_GRADIENTS, Derivative.SMOOTH_GRAD
@@ -25,7 +25,7 @@ MODELS = {"mimo": None, "digits": BUNDLED_DIR / "digits.keras"}
 def engines(mimo_model_path):
     paths = {**MODELS, "mimo": mimo_model_path}
     return {
-        name: Engine(path, xla=False, max_batch_size=64, name=name, deterministic=True)
+        name: TensorFlowEngine(path, xla=False, max_batch_size=64, name=name, deterministic=True)
         for name, path in paths.items()
     }
 

@@ -459,7 +459,7 @@ def test_a_large_answer_crosses_whole_while_small_calls_go_on():
     remote.COPY_OFF_LOOP: copied out of the engine's segment on a worker thread): each
     equals the engine's own, and a 1-row caller on the same server is answered meanwhile."""
     from gradserve.server.config import BUNDLED_DIR
-    from gradserve.server.engine.compiled import Engine
+    from gradserve.server.engine.compiled import TensorFlowEngine
 
     server = ServerProcess("--frontends", "2", "--model", "digits", "--max-batch-size", "512",
                            "--drain-seconds", "10")  # fmt: skip
@@ -481,7 +481,9 @@ def test_a_large_answer_crosses_whole_while_small_calls_go_on():
         assert len(small) == 5
     finally:
         server.stop()
-    engine = Engine(BUNDLED_DIR / "digits.keras", xla=False, max_batch_size=512, deterministic=True)
+    engine = TensorFlowEngine(
+        BUNDLED_DIR / "digits.keras", xla=False, max_batch_size=512, deterministic=True
+    )
     for x, answer in zip(xs, answers, strict=True):
         assert answer.dy_dx.nbytes >= COPY_OFF_LOOP
         assert_same_answer(answer.dy_dx, engine.run(Derivative.JACOBIAN, x).dy_dx)

@@ -31,7 +31,7 @@ from gradserve.client import GradientClient
 from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
 from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec
 from gradserve.server.engine import jax_engine
-from gradserve.server.engine.compiled import Engine
+from gradserve.server.engine.compiled import TensorFlowEngine
 from gradserve.server.engine.errors import ModelError
 from gradserve.wire.kinds import Derivative
 
@@ -65,12 +65,12 @@ def jax_server(repository):
 
 
 @pytest.fixture(scope="module")
-def tensorflow_engines(repository) -> dict[str, Engine]:
-    return {name: Engine(repository / name / "1" / "model.keras", xla=False, name=name)
+def tensorflow_engines(repository) -> dict[str, TensorFlowEngine]:
+    return {name: TensorFlowEngine(repository / name / "1" / "model.keras", xla=False, name=name)
             for name in ("quadratic", "digits", "mimo")}  # fmt: skip
 
 
-def rows_and_vectors(engine: Engine, kind: Derivative, n: int, seed: int):
+def rows_and_vectors(engine: TensorFlowEngine, kind: Derivative, n: int, seed: int):
     """n random rows of the model's input (in [0, 1] for digits' pixels) and kind's vector."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0, 1, (n, *engine.input_shape)).astype(np.float32)
@@ -173,7 +173,7 @@ def test_frontends_with_a_jax_engine_process_answer_as_one_process(repository, j
 
 def test_the_jax_engine_names_what_it_cannot_serve(tmp_path):
     with pytest.raises(ModelError, match="KERAS_BACKEND=jax"):  # this process runs Keras on TF
-        jax_engine.Engine(BUNDLED_MODEL)
+        jax_engine.JaxEngine(BUNDLED_MODEL)
     saved = tmp_path / "saved"
     saved.mkdir()
     with pytest.raises(ModelError, match="serve it with --backend tensorflow"):
@@ -207,7 +207,7 @@ def test_a_layer_only_jax_has_is_refused_on_tensorflow_naming_it(tmp_path):
                    capture_output=True)  # fmt: skip
     expected = "layer 'jax_tanh' is a JaxLayer, which only the jax backend has; serve this model "
     with pytest.raises(ModelError, match=expected + "with --backend jax"):
-        Engine(path)
+        TensorFlowEngine(path)
 
 
 def test_a_lambda_written_for_tensorflow_fails_to_load_on_jax_naming_it(tmp_path):

@@ -119,11 +119,11 @@ def image_server(tmp_path_factory, bundled_engine):
 
     from conftest import TEST_CONFIG, GatedEngine, RunningServer
 
-    from gradserve.server.engine.compiled import Engine
+    from gradserve.server.engine.compiled import TensorFlowEngine
 
     path = tmp_path_factory.mktemp("loadtest-models") / "images.keras"
     cnn_model(path)
-    engine = Engine(path, xla=False, max_batch_size=64, deterministic=True)
+    engine = TensorFlowEngine(path, xla=False, max_batch_size=64, deterministic=True)
     engine.warm_up()
     recorded = GatedEngine(engine)
     with RunningServer(replace(TEST_CONFIG, max_batch_size=64), [recorded, bundled_engine]) as s:

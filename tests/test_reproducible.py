@@ -43,7 +43,7 @@ from gradserve.client import AsyncGradientClient
 from gradserve.server.core.contract import ENGINE_KINDS
 from gradserve.server.core.selfcheck import VECTOR_LEVELS, SelfCheckFailed, supported_levels
 from gradserve.server.engine.batching import TILE_ROWS
-from gradserve.server.engine.compiled import Engine
+from gradserve.server.engine.compiled import TensorFlowEngine
 from gradserve.wire.kinds import Derivative
 
 MAX_BATCH = 3 * TILE_ROWS - 5  # one, two and three tiles; the XLA ladder up to four
@@ -69,15 +69,15 @@ def build(family: str, dtype: str) -> keras.Model:
 
 
 @functools.cache
-def engine_for(family: str, dtype: str, xla: bool) -> Engine:
+def engine_for(family: str, dtype: str, xla: bool) -> TensorFlowEngine:
     """One deterministic engine per drawn model, kept for the session (tracing costs)."""
     path = _MODELS / f"{family}-{dtype}.keras"
     if not path.exists():
         build(family, dtype).save(path)
-    return Engine(path, xla=xla, max_batch_size=MAX_BATCH, deterministic=True)
+    return TensorFlowEngine(path, xla=xla, max_batch_size=MAX_BATCH, deterministic=True)
 
 
-def vector_shape(engine: Engine, kind: Derivative) -> tuple[int, ...]:
+def vector_shape(engine: TensorFlowEngine, kind: Derivative) -> tuple[int, ...]:
     return engine.output_shape if kind is Derivative.VJP else engine.input_shape
 
 
@@ -137,7 +137,9 @@ def test_the_self_check_refuses_an_engine_that_computes_a_position_another_way()
     path = _MODELS / "dense-float32.keras"
     if not path.exists():
         build("dense", "float32").save(path)
-    planted = position_dependent(Engine)(path, xla=False, max_batch_size=8, deterministic=True)
+    planted = position_dependent(TensorFlowEngine)(
+        path, xla=False, max_batch_size=8, deterministic=True
+    )
     x = np.zeros((1, *planted.input_shape), planted.numpy_dtype)
     with pytest.raises(SelfCheckFailed) as refused:
         planted.run(Derivative.GRADIENT, x)
@@ -252,7 +254,7 @@ def _row_bytes(arrays: list[np.ndarray]) -> list[list[bytes]]:
 
 @pytest.fixture(scope="module")
 def mimo_deterministic(mimo_model_path):
-    engine = Engine(mimo_model_path, xla=True, max_batch_size=64, deterministic=True)
+    engine = TensorFlowEngine(mimo_model_path, xla=True, max_batch_size=64, deterministic=True)
     engine.warm_up()
     return engine
 

@@ -28,7 +28,16 @@ class RefusingEngine:
 
     def __init__(self, engine: object) -> None:
         self._engine = engine
-        for attr in ("name", "input_shape", "output_shape", "device", "numpy_dtype"):
+        for attr in (
+            "name",
+            "input_shape",
+            "output_shape",
+            "device",
+            "numpy_dtype",
+            "ladder",
+            "in_flight",
+            "takes_hints",
+        ):
             setattr(self, attr, getattr(engine, attr))
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:

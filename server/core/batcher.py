@@ -1,4 +1,4 @@
-"""Micro-batching on an event loop: the Scheduler (core/scheduler.py) driven by one worker.
+"""Micro-batching on an event loop: a Scheduler (core/scheduler.py) driven by one worker.
 
 The worker forms a batch as soon as the engine is free, from whatever is queued (no fixed
 wait at low load, unless `max_delay_s`); while the engine computes, new rows accumulate for
@@ -26,32 +26,33 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.server.core.contract import Outputs, Priority
+from gradserve.server.core.contract import Priority
 from gradserve.server.core.errors import Closed, EngineFailed
 from gradserve.server.core.scheduler import (
     BatchWatch,
+    Called,
     Compute,
     KindCost,
     Observer,
     Part,
-    Result,
+    RequestResult,
     Scheduler,
     batch_rows,
     call_args,
     fail,
     hints_of,
-    live_parts,
     timed,
 )
 from gradserve.wire.kinds import Derivative
 
-__all__ = ["BatchWatch", "Batcher", "KindCost", "Observer", "Result"]
+__all__ = ["BatchWatch", "Batcher", "KindCost", "Observer", "RequestResult"]
 
 log = logging.getLogger(__name__)
 
 
-class Batcher(Scheduler):
-    """Queue + single worker in front of a compute function. Use as `async with`."""
+class Batcher:
+    """Queue + single worker in front of a compute function: the event loop's driver of a
+    Scheduler, which it holds. Use as `async with`."""
 
     def __init__(
         self,
@@ -72,13 +73,13 @@ class Batcher(Scheduler):
         may be awaited at once (0: a plain function, one batch at a time, on the executor)."""
         if max_delay_s < 0:
             raise ValueError("max_delay_s must be >= 0")
-        super().__init__(**scheduling)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.scheduler = Scheduler(**scheduling, on_idle=self._idle.set)
         self._compute = compute
         self._hints = hints
         self.max_delay_s = max_delay_s
         self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._worker: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(in_flight) if in_flight else None
         self._outstanding: set[asyncio.Task[None]] = set()
@@ -86,6 +87,38 @@ class Batcher(Scheduler):
         if self._owns_executor:
             executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._executor = executor
+
+    # -- the scheduler's state, as callers read it --------------------------------------------
+
+    @property
+    def queued_rows(self) -> int:
+        return self.scheduler.queued_rows
+
+    @property
+    def max_queue_rows(self) -> int:
+        return self.scheduler.max_queue_rows
+
+    @property
+    def pending(self) -> int:
+        return self.scheduler.pending
+
+    @property
+    def batches_run(self) -> int:
+        return self.scheduler.batches_run
+
+    def request_bytes(self, x: np.ndarray, kind: Derivative, v: np.ndarray | None = None) -> int:
+        return self.scheduler.request_bytes(x, kind, v)
+
+    def row_cap(self, kind: Derivative) -> int:
+        return self.scheduler.row_cap(kind)
+
+    def costs(self) -> list[KindCost]:
+        return self.scheduler.costs()
+
+    def waiting_callers(self) -> set[Hashable]:
+        return self.scheduler.waiting_callers()
+
+    # -- driving it ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Batcher:
         self.start()
@@ -108,9 +141,9 @@ class Batcher(Scheduler):
         caller: Hashable = None,
         priority: Priority = Priority.NORMAL,
         trace: object = None,
-    ) -> asyncio.Future[Result]:
+    ) -> asyncio.Future[RequestResult]:
         """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector); the
-        future resolves to their Result.
+        future resolves to their RequestResult.
 
         `deadline` is on the event loop's clock (loop.time()). `caller` is any key that names
         who sends the request (batches are shared fairly between callers); `priority` HIGH
@@ -119,20 +152,18 @@ class Batcher(Scheduler):
         Cancelling the future withdraws whatever rows are not yet dispatched and frees the
         request's bytes. `trace` is the request's, handed to the watch with its batches.
         """
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        pending = self.admit(x, kind, deadline, v, caller, priority, future, trace)
-        future.add_done_callback(lambda _f: self.finished(pending))
+        scheduler = self.scheduler
+        future: asyncio.Future[RequestResult] = asyncio.get_running_loop().create_future()
+        pending = scheduler.admit(x, kind, deadline, v, caller, priority, future, trace)
+        future.add_done_callback(lambda _f: scheduler.finished(pending))
         self._idle.clear()
         self._wakeup.set()
         return future
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Closed); admitted ones still complete."""
-        super().stop_accepting()
+        self.scheduler.stop_accepting()
         self._wakeup.set()
-
-    def _on_idle(self) -> None:
-        self._idle.set()
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every admitted request has finished; False if `timeout` passed first."""
@@ -160,17 +191,18 @@ class Batcher(Scheduler):
                 await self._run()
                 return
             except asyncio.CancelledError:
-                self.fail_held(Closed("the server stopped before this request finished"))
+                self.scheduler.fail_held(Closed("the server stopped before this request finished"))
                 raise
             except Exception as exc:
                 log.exception("batch worker failed; restarting it")
-                self._observer.restarted()
-                self.fail_held(EngineFailed(f"internal error in the batch worker: {exc}"))
+                self.scheduler.observer.restarted()
+                self.scheduler.fail_held(EngineFailed(f"internal error in the batch worker: {exc}"))
 
     async def _run(self) -> None:
+        scheduler = self.scheduler
         while True:
-            if self._queued_rows == 0:
-                if self._closing:
+            if scheduler.queued_rows == 0:
+                if scheduler.closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -193,18 +225,18 @@ class Batcher(Scheduler):
                 await asyncio.sleep(0)  # let pending done-callbacks run before looking again
                 continue
             await self._execute(parts, dispatched)
-            self._in_flight = []
+            scheduler.handed_over()
 
     async def _next_batch(self) -> tuple[list[Part], float]:
         """The next batch (after max_delay_s of gathering, if set) and when it was taken."""
         if self.max_delay_s > 0:
             await self._wait_for_fill()
         dispatched = time.perf_counter()
-        return self.take_batch(dispatched), dispatched
+        return self.scheduler.take_batch(dispatched), dispatched
 
     def _launch(self, parts: list[Part], dispatched: float) -> None:
         """Await one batch in its own task (in_flight mode); its slot is freed when done."""
-        self._in_flight = []
+        self.scheduler.handed_over()
         task = asyncio.get_running_loop().create_task(self._outstanding_batch(parts, dispatched))
         self._outstanding.add(task)
         task.add_done_callback(self._outstanding.discard)
@@ -223,9 +255,10 @@ class Batcher(Scheduler):
 
     async def _wait_for_fill(self) -> None:
         """Hold the batch until it is full or the oldest request has waited max_delay_s."""
-        oldest = self.oldest_due()
+        scheduler = self.scheduler
+        oldest = scheduler.oldest_due()
         until = (time.perf_counter() if oldest is None else oldest) + self.max_delay_s
-        while self._queued_rows < self.max_batch_size and not self._closing:
+        while scheduler.queued_rows < scheduler.max_batch_size and not scheduler.closing:
             remaining = until - time.perf_counter()
             if remaining <= 0:
                 return
@@ -234,35 +267,34 @@ class Batcher(Scheduler):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     async def _execute(self, parts: list[Part], dispatched: float) -> None:
-        """Run one batch; on an engine error, bisect so only the failing request fails."""
-        parts = live_parts(parts)
-        if not parts:
-            return
-        xs, vs = batch_rows(parts)
+        """Run one batch, bisected on an engine error (Scheduler.calls), on the executor or,
+        in in_flight mode, awaited."""
+        calls = self.scheduler.calls(parts, dispatched)
+        with contextlib.suppress(StopIteration):
+            batch = next(calls)
+            while True:
+                try:
+                    outcome = await self._call(batch)
+                except Exception as exc:
+                    outcome = exc
+                batch = calls.send(outcome)
+
+    async def _call(self, parts: list[Part]) -> Called:
         kind = parts[0].pending.kind
         compute = self._compute
         if self._hints:
             compute = functools.partial(compute, hints=hints_of(parts))
-        try:
-            if self._slots is not None:
-                outputs, began, ended = await _awaited(compute, kind, xs, vs)
-            else:
-                outputs, began, ended = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, timed, compute, kind, xs, vs
-                )
-        except Exception as exc:
-            self.batch_failed(parts, dispatched, exc)
-            if not self.failed_whole(parts, exc):
-                middle = len(parts) // 2
-                await self._execute(parts[:middle], dispatched)
-                await self._execute(parts[middle:], dispatched)
-            return
-        self.succeeded(parts, outputs, dispatched, began, ended)
+        xs, vs = batch_rows(parts)
+        if self._slots is not None:
+            return await _awaited(compute, kind, xs, vs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, timed, compute, kind, xs, vs
+        )
 
 
 async def _awaited(
     compute: Compute, kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | None
-) -> tuple[Outputs, float, float]:
+) -> Called:
     """As scheduler.timed, for a `compute` that returns an awaitable (in_flight mode)."""
     args = call_args(kind, xs, vs)
     began = time.perf_counter()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from gradserve.server.core.errors import InvalidInput
 from gradserve.wire.kinds import Derivative
 
 Shape = tuple[int, ...]
@@ -57,11 +59,46 @@ class Engine(Protocol):
     input_shape: Shape
     output_shape: Shape
     device: str
+    # What it can do, declared (never probed): the batch sizes it pads a call to, smallest
+    # first (empty: it computes any size as it comes); 0, or how many calls may be awaited at
+    # once when `run` returns an awaitable (the engine process's link); and whether `run`
+    # takes each batch's hints (BatchHints: the engine process's queue).
+    ladder: Sequence[int]
+    in_flight: int
+    takes_hints: bool
 
     @property
     def numpy_dtype(self) -> np.dtype: ...
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs: ...
+
+
+def vector_shape(kind: Derivative, input_shape: Shape, output_shape: Shape) -> Shape | None:
+    """Per-row shape of the vector `v` a derivative takes: VJP a cotangent shaped like a row
+    of y, JVP and HVP a tangent shaped like a row of x; None for the other kinds."""
+    if kind is Derivative.VJP:
+        return output_shape
+    if kind in (Derivative.JVP, Derivative.HVP):
+        return input_shape
+    return None
+
+
+def vectors_per_row(kind: Derivative, shape: Shape, given: Sequence[int]) -> Shape:
+    """The per-row shape of vectors given as an array of shape `given`: [*shape], one per
+    row, or [k, *shape], k tangents per row (k from `given`). The one rule of every protocol;
+    InvalidInput, saying both forms, for trailing dimensions that are neither."""
+    if len(given) != len(shape) + 2:
+        return shape
+    if tuple(given[2:]) != tuple(shape) or given[1] < 1:
+        raise InvalidInput(vector_forms(kind, shape, given))
+    return (int(given[1]), *shape)
+
+
+def vector_forms(kind: Derivative, shape: Shape, given: Sequence[int]) -> str:
+    """Why vectors of shape `given` do not fit, and the two forms that would."""
+    dims = ", ".join(map(str, shape))
+    return (f"v has shape {list(given)}; {kind.value} takes [n, {dims}] (one tangent per row) "
+            f"or [n, k, {dims}] (k >= 1 tangents per row)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,11 +139,7 @@ class ModelSpec:
 
     def vector_shape(self, kind: Derivative) -> Shape | None:
         """Per-row shape of the vector `v` the derivative takes, or None."""
-        if kind is Derivative.VJP:
-            return self.output_shape
-        if kind in (Derivative.JVP, Derivative.HVP):
-            return self.input_shape
-        return None
+        return vector_shape(kind, self.input_shape, self.output_shape)
 
     def result_row_bytes(self, kind: Derivative) -> int:
         """Bytes of one row's dy_dx for `kind` (0: no derivative): what --max-result-mb

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.server.core.batcher import Result
-from gradserve.server.core.contract import ModelSpec
+from gradserve.server.core.batcher import RequestResult
+from gradserve.server.core.contract import ModelSpec, vector_forms, vectors_per_row
 from gradserve.server.core.errors import InvalidInput, QueueFull, RequestTooLarge
-from gradserve.server.core.timing import Timing
+from gradserve.server.core.timing import SchedulerTiming
 from gradserve.wire.kinds import (
     DEFAULT_NOISE,
     DEFAULT_SAMPLES,
@@ -51,9 +51,9 @@ from gradserve.wire.kinds import (
 )
 from gradserve.wire.limits import MIB
 
-# batcher.submit(x, kind, deadline, v, **admission) -> future of the rows' Result; raises when
-# not admitted.
-Submit = Callable[..., "asyncio.Future[Result]"]
+# batcher.submit(x, kind, deadline, v, **admission) -> future of the rows' RequestResult;
+# raises when not admitted.
+Submit = Callable[..., "asyncio.Future[RequestResult]"]
 
 
 class InvalidRequest(InvalidInput):
@@ -93,20 +93,20 @@ class Reduced:
 
     y: np.ndarray
     dy_dx: np.ndarray | None
-    timing: Timing
+    timing: SchedulerTiming
     attributions: np.ndarray | None = None
     delta: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class Work:
-    """The rows to queue for one request, and how their Result becomes its answer."""
+    """The rows to queue for one request, and how their RequestResult becomes its answer."""
 
     kind: Derivative  # what the engine computes for the rows
     x: np.ndarray
     v: np.ndarray | None
     per_row: int  # queued rows per input row
-    reduce: Callable[[Result], Reduced] | None  # None: the batcher's Result is the answer
+    reduce: Callable[[RequestResult], Reduced] | None  # None: the RequestResult is the answer
     what: str  # the expansion in words, for limit messages
     fewer: str  # what else to lower when even one input row does not fit
 
@@ -140,9 +140,9 @@ def expand(
 
 def submit(
     work: Work, submit_rows: Submit, deadline: float | None = None, **admission: Any
-) -> asyncio.Future[Result] | asyncio.Future[Reduced]:
+) -> asyncio.Future[RequestResult] | asyncio.Future[Reduced]:
     """Queue the work's rows; the future resolves to the Reduced answer (or to the batcher's
-    Result when nothing was expanded).
+    RequestResult when nothing was expanded).
 
     `admission` (the batcher's `caller` and `priority`) is passed on with the rows as
     queued, expanded or not: the expanded rows are queued as their caller's, at its
@@ -159,7 +159,9 @@ def submit(
     return asyncio.ensure_future(_reduced(rows, work.reduce))
 
 
-async def _reduced(rows: asyncio.Future[Result], reduce: Callable[[Result], Reduced]) -> Reduced:
+async def _reduced(
+    rows: asyncio.Future[RequestResult], reduce: Callable[[RequestResult], Reduced]
+) -> Reduced:
     # Cancelling this task cancels `rows`, which withdraws its undispatched rows.
     return reduce(await rows)
 
@@ -220,15 +222,15 @@ def _checked_target(spec: ModelSpec, kind: Derivative, target: int | None) -> in
 def tangent_count(spec: ModelSpec, kind: Derivative, v: np.ndarray | None) -> int | None:
     """k when v carries k tangents per row ([n, k, *V]); None for one per row ([n, *V])."""
     shape = spec.vector_shape(kind)
-    if v is None or shape is None or v.ndim == 1 + len(shape):
+    if v is None or shape is None:
         return None
-    if v.ndim != 2 + len(shape) or tuple(v.shape[2:]) != shape or v.shape[1] < 1:
-        dims = ", ".join(map(str, shape))
-        raise InvalidRequest(
-            f"v has shape {list(v.shape)}; {kind.value} takes [n, {dims}] (one tangent per row) "
-            f"or [n, k, {dims}] (k >= 1 tangents per row)"
-        )
-    return int(v.shape[1])
+    try:
+        per_row = vectors_per_row(kind, shape, v.shape)
+    except InvalidInput as exc:  # a request's own error here, as every check of this module
+        raise InvalidRequest(str(exc)) from None
+    if v.ndim != 1 + len(per_row):
+        raise InvalidRequest(vector_forms(kind, shape, v.shape))
+    return int(per_row[0]) if len(per_row) > len(shape) else None
 
 
 def one_hot(rows: int, output_shape: tuple[int, ...], target: int, dtype) -> np.ndarray:
@@ -314,7 +316,7 @@ def _integrated_gradients(
     n, points = x.shape[0], steps + 1
     weights = quadrature_weights(steps)
 
-    def reduce(result: Result) -> Reduced:
+    def reduce(result: RequestResult) -> Reduced:
         gradients = result.dy_dx.reshape(n, points, -1)
         mean = np.matmul(weights, gradients)  # float64 [n, prod(X)]: the rule's weighted sum
         attributions = difference * mean.reshape(x.shape)
@@ -363,7 +365,7 @@ def _smooth_grad(spec: ModelSpec, x: np.ndarray, options: Options, target: int |
     rows = rows.reshape(n * per_row, *x.shape[1:])
     kind, v = _derivative_rows(spec, rows, target)
 
-    def reduce(result: Result) -> Reduced:
+    def reduce(result: RequestResult) -> Reduced:
         gradients = result.dy_dx.reshape(n, per_row, *x.shape[1:])[:, 1:]
         mean = gradients.astype(np.float64).mean(axis=1)
         y = result.y.reshape(n, per_row, *result.y.shape[1:])[:, 0]
@@ -381,7 +383,7 @@ def _tangents(spec: ModelSpec, kind: Derivative, x: np.ndarray, v: np.ndarray, k
     rows = np.repeat(x, k, axis=0)
     vectors = v.reshape(n * k, *v.shape[2:])
 
-    def reduce(result: Result) -> Reduced:
+    def reduce(result: RequestResult) -> Reduced:
         y = result.y.reshape(n, k, *result.y.shape[1:])[:, 0]
         return Reduced(y, result.dy_dx.reshape(n, k, *result.dy_dx.shape[1:]), result.timing)
 

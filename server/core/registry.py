@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradserve.server.core.batcher import Batcher
-from gradserve.server.core.contract import ModelSpec
+from gradserve.server.core.contract import ModelSpec, vectors_per_row
 from gradserve.server.core.errors import InvalidInput, UnknownModel
 from gradserve.server.core.explain import Limits, Options, Work, expand
 from gradserve.server.core.statistics import Statistics
@@ -60,14 +60,7 @@ class Served:
             if v is None:
                 rows_shape = f"[n, {', '.join(map(str, vector_shape))}]"
                 raise InvalidInput(f"{kind.value} needs the vector v, shape {rows_shape}")
-            if len(v[1]) == len(vector_shape) + 2:  # k tangents per row: [n, k, *V]
-                if tuple(v[1][2:]) != vector_shape:
-                    dims = ", ".join(map(str, vector_shape))
-                    raise InvalidInput(
-                        f"v has shape {list(v[1])}; {kind.value} takes [n, {dims}] (one per "
-                        f"row) or [n, k, {dims}] (k per row)"
-                    )
-                vector_shape = (v[1][1], *vector_shape)
+            vector_shape = vectors_per_row(kind, vector_shape, v[1])
             vector = decode_rows(*v, vector_shape, "v", self.dtype)
             if vector.shape[0] != rows.shape[0]:
                 raise InvalidInput(

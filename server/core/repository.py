@@ -183,7 +183,7 @@ class Host(Protocol):
         one is answered and the version is released."""
 
 
-class Observer(Protocol):
+class LoadObserver(Protocol):
     def version_loaded(self, name: str, ok: bool, seconds: float) -> None: ...
     def versions_served(self, name: str, count: int) -> None: ...
     def swap_finished(self, name: str, seconds: float) -> None: ...
@@ -222,7 +222,7 @@ class Repository:
         load: Loader,
         *,
         control: str = "none",
-        observer: Observer | None = None,
+        observer: LoadObserver | None = None,
     ) -> None:
         if control not in CONTROLS:
             raise RepositoryError(f"--model-control must be one of {CONTROLS}, got {control!r}")
@@ -242,7 +242,7 @@ class Repository:
         self.on_change: Callable[[], None] = lambda: None
 
     @classmethod
-    def fixed(cls, engines: list[Engine], observer: Observer | None = None) -> Repository:
+    def fixed(cls, engines: list[Engine], observer: LoadObserver | None = None) -> Repository:
         """Version 1 of each of these engines, already loaded (tests, stand-in engines)."""
         by_name = {engine.name: engine for engine in engines}
         static = {name: Source({1: Path(name)}, VersionPolicy(), True) for name in by_name}

@@ -18,19 +18,20 @@ Bounds and fairness:
   go before NORMAL ones. With `fair=False` every caller shares one queue (first come, first
   served).
 
-A request is answered through its ticket: anything with done(), set_result() and
+A request is answered through its reply: anything with done(), set_result() and
 set_exception() (an asyncio.Future in the Batcher, which drives this class on an event loop;
 a plain callback object in the engine process's loop, which drives it without one). Whoever
-drives it calls `finished` once a ticket is done. Deadlines are on time.monotonic() (the
+drives it calls `finished` once a reply is done. Deadlines are on time.monotonic() (the
 asyncio loop's clock). Knows nothing of gRPC, protobuf or asyncio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,29 +48,30 @@ from gradserve.server.core.errors import (
     RequestError,
     RequestTooLarge,
 )
-from gradserve.server.core.timing import Timing
+from gradserve.server.core.timing import SchedulerTiming
 from gradserve.wire.kinds import Derivative
 
 log = logging.getLogger(__name__)
 
 Compute = Callable[..., Outputs]
+Called = tuple[Outputs, float, float]  # an engine call's outputs, and when it began and ended
 
 
-class Ticket(Protocol):
+class Reply(Protocol):
     """How a request's outcome reaches whoever waits for it (asyncio.Future fits)."""
 
     def done(self) -> bool: ...
 
-    def set_result(self, result: Result) -> None: ...
+    def set_result(self, result: RequestResult) -> None: ...
 
     def set_exception(self, exception: BaseException) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
-class Result:
+class RequestResult:
     y: np.ndarray
     dy_dx: np.ndarray | None
-    timing: Timing
+    timing: SchedulerTiming
 
 
 class Observer:
@@ -145,7 +147,7 @@ class _Pending:
         self.v: np.ndarray | None = v
         self.n: int = x.shape[0]
         self.kind: Derivative = kind
-        self.future: Ticket = future
+        self.future: Reply = future
         self.deadline: float | None = deadline
         self.enqueued: float = enqueued
         self.caller: Hashable = caller
@@ -240,15 +242,18 @@ class Scheduler:
         ladder: Sequence[int] = (),
         observer: Observer | None = None,
         watch: BatchWatch | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         """`memory`: the byte budget admission counts against (None: bytes unbounded);
         `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
         `fair`: a queue per caller, batches filled round robin (False: one shared queue);
         `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
-        the engine pads to (empty: it does not pad); `watch`: told of every engine call."""
+        the engine pads to (empty: it does not pad); `watch`: told of every engine call;
+        `on_idle`: called whenever every admitted request has finished."""
         if max_batch_size < 1 or max_queue_rows < 1 or max_batch_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_batch_s >= 0")
-        self._observer = observer or Observer()
+        self.observer = observer or Observer()
+        self._on_idle = on_idle
         self._watch = watch
         self.max_batch_size = max_batch_size
         self.max_queue_rows = max_queue_rows
@@ -262,7 +267,7 @@ class Scheduler:
             priority: {kind: _Lane() for kind in ENGINE_KINDS} for priority in Priority
         }
         self._queued_rows = 0
-        self._closing = False
+        self.closing = False
         self._in_flight: list[Part] = []
         self.batches_run = 0
         self.pending = 0  # requests admitted and not yet finished (answered, failed, cancelled)
@@ -291,15 +296,15 @@ class Scheduler:
         v: np.ndarray | None,
         caller: Hashable,
         priority: Priority,
-        ticket: Ticket,
+        reply: Reply,
         trace: object = None,
     ) -> _Pending:
         """Queue rows x [n, ...] (and v, row-aligned, for kinds that take a vector), answered
-        through `ticket`; its bytes (`request_bytes`) are counted against the memory budget.
+        through `reply`; its bytes (`request_bytes`) are counted against the memory budget.
         Raises at once, queueing nothing, when closing or the queue is full (rows or bytes).
-        The driver calls `finished` with the returned request once its ticket is done.
+        The driver calls `finished` with the returned request once its reply is done.
         `trace` is the request's own, handed back with its batches to the watch."""
-        if self._closing:
+        if self.closing:
             raise Closed("the server is shutting down and accepts no new requests")
         n = x.shape[0]
         if n < 1:
@@ -319,7 +324,7 @@ class Scheduler:
             self.memory.reserve(nbytes)
         key = caller if self.fair else None
         pending = _Pending(
-            x, v, kind, ticket, deadline, time.perf_counter(), key, nbytes, priority, trace
+            x, v, kind, reply, deadline, time.perf_counter(), key, nbytes, priority, trace
         )
         self._lanes[priority][kind].add(pending)
         self._queued_rows += n
@@ -344,12 +349,17 @@ class Scheduler:
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Closed); admitted ones still complete."""
-        self._closing = True
+        self.closing = True
 
     def fail_held(self, error: RequestError) -> None:
         """Fail the requests of the batch last taken, where a fault outside the engine (in
         forming or splitting it) left it unanswered; the scheduler goes on."""
         fail(self._in_flight, error)
+        self._in_flight = []
+
+    def handed_over(self) -> None:
+        """The batch last taken is in the driver's hands now (computed, or awaited by a task
+        of its own that answers it whatever happens): fail_held no longer concerns it."""
         self._in_flight = []
 
     def oldest_due(self) -> float | None:
@@ -365,11 +375,8 @@ class Scheduler:
         if self.memory is not None:
             self.memory.release(pending.nbytes)
         pending.x = pending.v = pending.y = pending.dy_dx = None
-        if self.pending == 0:
+        if self.pending == 0 and self._on_idle is not None:
             self._on_idle()
-
-    def _on_idle(self) -> None:
-        """Every admitted request has finished (a driver that waits for that overrides it)."""
 
     def _withdraw(self, pending: _Pending) -> None:
         """Free the not-yet-dispatched rows of a finished (answered, failed, cancelled) request."""
@@ -446,7 +453,7 @@ class Scheduler:
         if pending.started is None:
             pending.started = taken
             pending.waited_s = taken - pending.enqueued
-            self._observer.queued(pending.waited_s)
+            self.observer.queued(pending.waited_s)
         else:  # the next part of a split request
             since = max(pending.last_end, pending.started)  # an earlier part may be in flight
             pending.waited_s += max(0.0, taken - since)
@@ -463,22 +470,38 @@ class Scheduler:
         return next((size for size in self._ladder if size >= rows), rows)
 
     def execute(self, parts: list[Part], compute: Compute, dispatched: float) -> None:
-        """Run one batch on this thread; on an engine error, bisect so only the failing
-        request fails."""
-        parts = live_parts(parts)
-        if not parts:
-            return
-        xs, vs = batch_rows(parts)
-        try:
-            outputs, began, ended = timed(compute, parts[0].pending.kind, xs, vs)
-        except Exception as exc:
-            self.batch_failed(parts, dispatched, exc)
-            if not self.failed_whole(parts, exc):
+        """Run one batch on this thread, bisected on an engine error (`calls`)."""
+        calls = self.calls(parts, dispatched)
+        with contextlib.suppress(StopIteration):
+            batch = next(calls)
+            while True:
+                try:
+                    outcome = timed(compute, batch[0].pending.kind, *batch_rows(batch))
+                except Exception as exc:
+                    outcome = exc
+                batch = calls.send(outcome)
+
+    def calls(
+        self, parts: list[Part], dispatched: float
+    ) -> Generator[list[Part], Called | Exception, None]:
+        """The engine calls one batch takes, one after the other: yields the parts to compute
+        next; the driver computes them and sends back (outputs, began, ended) or the
+        exception the engine raised. On an error the batch is bisected, so only the failing
+        request fails. Every driver (a thread here, an event loop in Batcher) runs this one
+        plan."""
+        todo = [parts]
+        while todo:
+            parts = live_parts(todo.pop())
+            if not parts:
+                continue
+            outcome = yield parts
+            if not isinstance(outcome, Exception):
+                self.succeeded(parts, *outcome, dispatched)
+                continue
+            self.batch_failed(parts, dispatched, outcome)
+            if not self.failed_whole(parts, outcome):
                 middle = len(parts) // 2
-                self.execute(parts[:middle], compute, dispatched)
-                self.execute(parts[middle:], compute, dispatched)
-            return
-        self.succeeded(parts, outputs, dispatched, began, ended)
+                todo += [parts[middle:], parts[:middle]]  # the first half first
 
     def batch_failed(self, parts: list[Part], dispatched: float, exc: Exception) -> None:
         """Tell the watch of an engine call that failed (before any bisection)."""
@@ -503,14 +526,14 @@ class Scheduler:
         return True
 
     def succeeded(
-        self, parts: list[Part], outputs: Outputs, dispatched: float, began: float, ended: float
+        self, parts: list[Part], outputs: Outputs, began: float, ended: float, dispatched: float
     ) -> None:
         """Learn the batch's cost and split its outputs back to its requests."""
         self.batches_run += 1
         kind = parts[0].pending.kind
         rows = sum(p.stop - p.start for p in parts)
         self._costs[kind].observe(self._padded(rows), ended - began)
-        self._observer.batch(kind, rows, ended - began)
+        self.observer.batch(kind, rows, ended - began)
         _deliver(parts, outputs, began - dispatched, ended - began, ended)
         if self._watch is not None:
             self._tell_watch(parts, dispatched, began, ended, time.perf_counter(), None)
@@ -613,7 +636,7 @@ def _deliver(
             _store(pending, outputs, chunk, part)
         pending.rows_done += rows
         if pending.rows_done == pending.n:  # its last part (parts may finish in any order)
-            timing = Timing(
+            timing = SchedulerTiming(
                 queue_us=round(pending.waited_s * 1e6),
                 handoff_us=round(pending.handoff_s * 1e6),
                 compute_us=round(pending.compute_s * 1e6),
@@ -621,7 +644,7 @@ def _deliver(
                 queued=pending.enqueued,
                 done=ended,
             )
-            pending.future.set_result(Result(pending.y, pending.dy_dx, timing))
+            pending.future.set_result(RequestResult(pending.y, pending.dy_dx, timing))
 
 
 def _store(pending: _Pending, outputs: Outputs, chunk: slice, part: Part) -> None:

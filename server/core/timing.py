@@ -1,4 +1,5 @@
-"""A request's clock readings: the batcher's (`Timing`) and the breakdown an answer reports.
+"""A request's clock readings: the batcher's (`SchedulerTiming`) and the breakdown an answer
+reports.
 
 The batcher measures a request's hops inside it; whoever answered the request adds its
 arrival and the moment its answer was built. Together they make the `Hops` every answer
@@ -15,7 +16,7 @@ from gradserve.wire.timing import Hops
 
 
 @dataclass(frozen=True, slots=True)
-class Timing:
+class SchedulerTiming:
     """A request's hops inside the batcher, which add up to its time there. A request split
     over several engine calls also waits between them; each hop is summed over its calls."""
 
@@ -27,7 +28,7 @@ class Timing:
     done: float  # time.perf_counter() when its last engine call ended
 
 
-def breakdown(arrived: float, timing: Timing) -> Hops:
+def breakdown(arrived: float, timing: SchedulerTiming) -> Hops:
     """The hops of a request that arrived at `arrived` (time.perf_counter()) and whose answer,
     computed with `timing`, is built now."""
     now = time.perf_counter()

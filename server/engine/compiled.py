@@ -52,8 +52,11 @@ class _Compiled:
         return self._call_flat(*args, *self.concrete.captured_inputs)
 
 
-class Engine:
+class TensorFlowEngine:
     """A loaded model with compiled output/derivative functions on one device."""
+
+    in_flight = 0  # run is a blocking call (the batcher runs it on a thread)
+    takes_hints = False
 
     def __init__(
         self,

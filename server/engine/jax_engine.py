@@ -29,8 +29,11 @@ BACKEND = "jax"
 jax.config.update("jax_enable_x64", True)
 
 
-class Engine:
+class JaxEngine:
     """A loaded model with one compiled function per derivative kind, on one JAX device."""
+
+    in_flight = 0  # run is a blocking call (the batcher runs it on a thread)
+    takes_hints = False
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import ENGINE_KINDS, Engine, ModelSpec
-from gradserve.server.core.repository import Observer, Repository, model_file
+from gradserve.server.core.repository import LoadObserver, Repository, model_file
 from gradserve.server.core.selfcheck import SelfCheckFailed
 from gradserve.wire.kinds import Derivative
 
@@ -21,7 +21,7 @@ log = logging.getLogger("gradserve")
 LOADING_NICE = 10  # a version loads beside the ones serving: after them for the CPU
 
 
-def open_repository(config: ServerConfig, observer: Observer | None = None) -> Repository:
+def open_repository(config: ServerConfig, observer: LoadObserver | None = None) -> Repository:
     """The repository of every model the configuration names (--model, --model-repository)
     under its --model-control; nothing is loaded until it starts."""
     config.model_sources()  # a bad --model-name fails here, before anything listens
@@ -39,7 +39,7 @@ def open_repository(config: ServerConfig, observer: Observer | None = None) -> R
 
 
 def load_version(
-    config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
+    config: ServerConfig, observer: LoadObserver | None, name: str, version: int, path: Path
 ) -> Engine:
     """Load and warm up one version (TensorFlow is imported here, when a model is loaded, not
     when this module is: a frontend process imports it and never loads a model), on a thread
@@ -67,7 +67,7 @@ def _start_runtime(backend: str) -> None:
 
 
 def _load_in_background(
-    config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
+    config: ServerConfig, observer: LoadObserver | None, name: str, version: int, path: Path
 ) -> Engine:
     with contextlib.suppress(OSError):  # Linux: each thread has its own nice value
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADING_NICE)
@@ -75,7 +75,7 @@ def _load_in_background(
 
 
 def _load(
-    config: ServerConfig, observer: Observer | None, name: str, version: int, path: Path
+    config: ServerConfig, observer: LoadObserver | None, name: str, version: int, path: Path
 ) -> Engine:
     engine = _engine_class(config.backend)(
         model_file(path),
@@ -118,10 +118,10 @@ def _engine_class(backend: str) -> type:
     if backend == "jax":
         from gradserve.server.engine import jax_engine
 
-        return jax_engine.Engine
+        return jax_engine.JaxEngine
     from gradserve.server.engine import compiled
 
-    return compiled.Engine
+    return compiled.TensorFlowEngine
 
 
 def _servable_kinds(engine: Engine, config: ServerConfig) -> list[Derivative]:

@@ -40,7 +40,7 @@ import numpy as np
 
 from gradserve.server import logs
 from gradserve.server.config import ServerConfig
-from gradserve.server.core.contract import Engine, Priority
+from gradserve.server.core.contract import Engine, Priority, vector_shape
 from gradserve.server.core.errors import (
     EngineFailed,
     InvalidInput,
@@ -48,8 +48,8 @@ from gradserve.server.core.errors import (
     StartRefused,
     UnknownModel,
 )
-from gradserve.server.core.repository import Observer, Repository
-from gradserve.server.core.scheduler import Result, Scheduler
+from gradserve.server.core.repository import LoadObserver, Repository
+from gradserve.server.core.scheduler import RequestResult, Scheduler
 from gradserve.server.metrics import Metrics
 from gradserve.server.multiproc import messages, shm
 from gradserve.server.multiproc.messages import (
@@ -68,12 +68,12 @@ log = logging.getLogger("gradserve.engine")
 
 # The engine process's model repository (the assembly passes how it is opened; loading and
 # warming up its versions is where TensorFlow is imported).
-Load = Callable[[ServerConfig, Observer], Repository]
+Load = Callable[[ServerConfig, LoadObserver], Repository]
 
 
 class _Answer:
-    """The ticket of one sub-batch: its outcome is sent to its frontend the moment it is
-    known (scheduler.Ticket)."""
+    """The reply of one sub-batch: its outcome is sent to its frontend the moment it is
+    known (scheduler.Reply)."""
 
     __slots__ = ("_done", "pending", "scheduler", "session", "slot")
 
@@ -85,7 +85,7 @@ class _Answer:
     def done(self) -> bool:
         return self._done
 
-    def set_result(self, result: Result) -> None:
+    def set_result(self, result: RequestResult) -> None:
         self._finish()
         self.session.answer(self.slot, result)
 
@@ -100,7 +100,7 @@ class _Answer:
 
     def _finish(self) -> None:
         self._done = True
-        self.session.tickets.pop(self.slot, None)
+        self.session.replies.pop(self.slot, None)
         if self.pending is not None:
             self.scheduler.finished(self.pending)
 
@@ -114,7 +114,7 @@ class _Session:
         self.conn = conn
         self.frames = messages.FrameReader(conn)
         self.number = number  # the frontend's turn in fair batches
-        self.tickets: dict[int, _Answer] = {}
+        self.replies: dict[int, _Answer] = {}
         self._slots = slots
         self._requests: dict[int, Mapped] = {}
         self._answers: dict[int, Segment] = {}
@@ -126,7 +126,7 @@ class _Session:
         """Queue a sub-batch, or answer its slot with why not; BadFrame (the session ends)
         for a slot that is in flight already or not one of the frontend's."""
         slot = message.slot
-        if slot in self.tickets or not 0 <= slot < self._slots:
+        if slot in self.replies or not 0 <= slot < self._slots:
             raise messages.BadFrame(f"slot {slot} is in flight or not one of 0..{self._slots - 1}")
         try:
             mapped = self._requests.setdefault(slot, Mapped())
@@ -137,11 +137,11 @@ class _Session:
                 raise UnknownModel(f"version {message.version} of {message.model!r} is not served")
             scheduler, engine = served
             _check_rows(engine, Derivative(message.kind), x, v)
-            ticket = _Answer(self, slot, scheduler)
+            reply = _Answer(self, slot, scheduler)
             traces = unpack_contexts(message.traces) if message.traces else None
-            ticket.pending = scheduler.admit(
+            reply.pending = scheduler.admit(
                 x, Derivative(message.kind), message.deadline, v, self.number,
-                Priority(message.priority), ticket, traces,
+                Priority(message.priority), reply, traces,
             )  # fmt: skip
         except QueueFull as exc:
             self.fail(slot, QueueFull(f"the engine process's {exc}"))
@@ -149,9 +149,9 @@ class _Session:
         except Exception as exc:
             self.fail(slot, exc)
             return
-        self.tickets[slot] = ticket
+        self.replies[slot] = reply
 
-    def answer(self, slot: int, result: Result) -> None:
+    def answer(self, slot: int, result: RequestResult) -> None:
         segment = self._answers.get(slot)
         if segment is None:
             segment = self._answers[slot] = Segment(f"{self._prefix}{slot}")
@@ -167,8 +167,8 @@ class _Session:
 
     def close(self) -> None:
         """The frontend went away: drop what it had queued; free this session's memory."""
-        for ticket in list(self.tickets.values()):
-            ticket.cancel()
+        for reply in list(self.replies.values()):
+            reply.cancel()
         self.conn.close()
         self.frames.close()
         for segment in self._answers.values():
@@ -254,7 +254,7 @@ class _Loop:
             max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
             fair=config.fairness,  # between frontends: each is one caller here
             max_batch_s=config.max_batch_ms / 1e3,
-            ladder=getattr(engine, "ladder", ()),
+            ladder=engine.ladder,
             observer=self._metrics,
             watch=None if self._tracing is None else self._tracing.batches(name, str(version)),
         )
@@ -324,10 +324,10 @@ class _Loop:
                 if message.operation not in ("load", "unload"):
                     raise InvalidInput(f"no repository operation {message.operation!r}")
                 getattr(self.repository, message.operation)(message.name)
-                done = ControlDone(message.ticket)
+                done = ControlDone(message.reply)
             except Exception as exc:
                 failed = SubBatchAnswer.failed(exc)
-                done = ControlDone(message.ticket, failed.error, failed.error_kind)
+                done = ControlDone(message.reply, failed.error, failed.error_kind)
             self.call(lambda: session.send(done))
 
         threading.Thread(target=run, name="gradserve-control", daemon=True).start()
@@ -439,7 +439,7 @@ class _Loop:
 def _check_rows(engine: Engine, kind: Derivative, x: np.ndarray, v: np.ndarray | None) -> None:
     """Rows that the model takes, with the vector the kind takes (the frontend validated its
     requests; this guards the engine against a frontend that did not)."""
-    width = engine.output_shape if kind is Derivative.VJP else engine.input_shape
+    width = vector_shape(kind, engine.input_shape, engine.output_shape)
     dtype = np.dtype(engine.numpy_dtype)
     if x.ndim < 1 or tuple(x.shape[1:]) != tuple(engine.input_shape) or x.dtype != dtype:
         raise InvalidInput(f"rows of shape {x.shape} {x.dtype}; the model takes [n, "

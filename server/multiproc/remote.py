@@ -260,6 +260,7 @@ class RemoteEngine:
     the engine process's queue."""
 
     takes_hints = True
+    ladder = ()  # the engine process pads; its frontends need not know to what
 
     def __init__(self, link: EngineLink, info: EngineModel) -> None:
         self._link = link

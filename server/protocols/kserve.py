@@ -24,9 +24,9 @@ import numpy as np
 from google.protobuf import json_format
 
 from gradserve.inference import grpc_service_pb2 as pb
-from gradserve.server.core.batcher import Result
+from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.budget import MemoryBudget
-from gradserve.server.core.contract import ModelSpec, Priority
+from gradserve.server.core.contract import ModelSpec, Priority, vectors_per_row
 from gradserve.server.core.errors import InvalidInput, RequestError, UnknownModel
 from gradserve.server.core.explain import Options, Reduced, check_applicable
 from gradserve.server.core.registry import Models, Served
@@ -308,7 +308,7 @@ class InferenceCodec:
         x = _tensor(request, names.index(INPUT), served.spec.input_shape)
         v = None
         if kind.needs_vector:
-            v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind), tangents=True)
+            v = _tensor(request, names.index(VECTOR), served.spec.vector_shape(kind), kind)
         x, v = served.decode(kind, x, v)
         baseline = None
         if BASELINE.name in wanted:
@@ -318,7 +318,9 @@ class InferenceCodec:
         encoding = _Encoding(outputs, raw=bool(request.raw_input_contents))
         return Ticket(arrival, served, work, _priority(request), encoding, _timeout(request))
 
-    def outputs(self, ticket: Ticket, result: Result | Reduced) -> list[tuple[str, np.ndarray]]:
+    def outputs(
+        self, ticket: Ticket, result: RequestResult | Reduced
+    ) -> list[tuple[str, np.ndarray]]:
         """The answer's outputs, in the order asked: (name, contiguous array of the model's
         float type). Every encoding of the standard protocol (gRPC, REST) starts here."""
         arrays = {OUTPUT: result.y, DERIVATIVE: result.dy_dx}
@@ -328,7 +330,7 @@ class InferenceCodec:
         return [(name, np.ascontiguousarray(arrays[name], dtype=numpy))
                 for name in ticket.encoding.outputs]  # fmt: skip
 
-    def encode(self, ticket: Ticket, result: Result | Reduced) -> pb.ModelInferResponse:
+    def encode(self, ticket: Ticket, result: RequestResult | Reduced) -> pb.ModelInferResponse:
         spec, plan = ticket.served.spec, ticket.encoding
         response = pb.ModelInferResponse(
             model_name=spec.name, model_version=spec.version, id=ticket.arrival.id
@@ -451,13 +453,13 @@ def _parameter(request: pb.ModelInferRequest, option: Option) -> int | float | b
 
 
 def _tensor(
-    request: pb.ModelInferRequest, index: int, shape, tangents: bool = False
+    request: pb.ModelInferRequest, index: int, shape, vectors_of: Derivative | None = None
 ) -> tuple[bytes, list, np.dtype]:
-    """(bytes, shape, dtype) of input `index`, from raw or typed contents; `tangents`: the
-    input may carry k vectors per row ([n, k, *shape])."""
+    """(bytes, shape, dtype) of input `index`, from raw or typed contents; `vectors_of`: the
+    input is that kind's vector v, which may carry k per row ([n, k, *shape])."""
     tensor = request.inputs[index]
-    if tangents and len(tensor.shape) == len(shape) + 2:
-        shape = (tensor.shape[1], *shape)
+    if vectors_of is not None:
+        shape = vectors_per_row(vectors_of, shape, tensor.shape)
     kind = tensors.by_kserve(tensor.datatype)
     if kind is None:
         raise InvalidInput(

@@ -11,7 +11,7 @@ from typing import ClassVar
 import grpc
 import numpy as np
 
-from gradserve.server.core.batcher import Result
+from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec, Priority
 from gradserve.server.core.errors import InvalidInput, RequestError
@@ -98,7 +98,7 @@ class NativeCodec:
         work = served.expand(kind, x, v, _options(request, kind, served))
         return Ticket(arrival, served, work, priority)
 
-    def encode(self, ticket: Ticket, result: Result | Reduced) -> bulk.Spliced:
+    def encode(self, ticket: Ticket, result: RequestResult | Reduced) -> bulk.Spliced:
         message = pb.EvaluateResponse(id=ticket.arrival.id)
         response = bulk.Spliced(message)
         for name, number in _SPLICED:

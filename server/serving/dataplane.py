@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gradserve.server.core import explain
-from gradserve.server.core.batcher import Result
+from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.explain import Reduced
 from gradserve.server.core.timing import breakdown
 from gradserve.server.metrics import Metrics
@@ -71,7 +71,7 @@ class DataPlane:
         attributes = request_attributes(rpc, caller, attributes)
         return self._tracing.request(name, carrier, arrived, parent=parent, attributes=attributes)
 
-    def start(self, ticket: Ticket, call: Call) -> asyncio.Future[Result | Reduced]:
+    def start(self, ticket: Ticket, call: Call) -> asyncio.Future[RequestResult | Reduced]:
         """Queue the ticket's rows (as decoded, or expanded for targets, explanations and k
         tangents, and reduced when they come back) as the call's caller's, at the ticket's
         priority; rows past their deadline are never computed."""
@@ -86,7 +86,7 @@ class DataPlane:
                               caller=call.caller, priority=ticket.priority,
                               trace=call.span)  # fmt: skip
 
-    def answered(self, ticket: Ticket, result: Result | Reduced, call: Call) -> Hops:
+    def answered(self, ticket: Ticket, result: RequestResult | Reduced, call: Call) -> Hops:
         """Account one answer; its latency breakdown, for the protocol to write into it."""
         hops = breakdown(ticket.arrival.at, result.timing)
         self._metrics.hops(hops)

@@ -27,7 +27,7 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
-from gradserve.server.core.batcher import Result
+from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.errors import Closed, Undecodable
 from gradserve.server.core.explain import Reduced
@@ -60,7 +60,7 @@ class Codec(Protocol[Request, Response, StreamResponse]):
         """The request's complete ticket (model, validated rows to queue, priority,
         encoding), or raise a RequestError saying what is wrong."""
 
-    def encode(self, ticket: Ticket, result: Result | Reduced) -> Response:
+    def encode(self, ticket: Ticket, result: RequestResult | Reduced) -> Response:
         """The answer to a unary call, without its timing."""
 
     def add_timing(self, response: Response, hops: Hops) -> None:
@@ -112,7 +112,7 @@ class _InFlight:
 
     arrival: Arrival
     ticket: Ticket | None
-    outcome: asyncio.Future[Result | Reduced] | Failure
+    outcome: asyncio.Future[RequestResult | Reduced] | Failure
     nbytes: int
     call: Call  # its caller, deadline and span
 
@@ -170,7 +170,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
 
     def _start(
         self, request: Request | Undecodable, arrival: Arrival, call: Call
-    ) -> tuple[Ticket, asyncio.Future[Result | Reduced]]:
+    ) -> tuple[Ticket, asyncio.Future[RequestResult | Reduced]]:
         """Decode and queue one request; raises a RequestError if it cannot be queued. (The
         message itself is counted by whoever read it: a unary call's lease, a stream's
         read-ahead.)"""
@@ -179,7 +179,7 @@ class Answerer(Generic[Request, Response, StreamResponse]):
         ticket = self._codec.decode(request, arrival)
         return ticket, self._plane.start(ticket, call)
 
-    def _finish(self, ticket: Ticket, result: Result | Reduced, call: Call) -> Response:
+    def _finish(self, ticket: Ticket, result: RequestResult | Reduced, call: Call) -> Response:
         response = self._codec.encode(ticket, result)
         self._codec.add_timing(response, self._plane.answered(ticket, result, call))
         return response
