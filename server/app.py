@@ -40,6 +40,7 @@ from gradserve.server.protocols.http_listener import HttpListener
 from gradserve.server.protocols.kserve import SERVER_NAME, SERVER_VERSION, InferenceServicer
 from gradserve.server.protocols.native import GradientServicer
 from gradserve.server.protocols.rest import RestService
+from gradserve.server.serving.control import ControlPlane
 from gradserve.server.serving.dataplane import DataPlane
 from gradserve.server.tracing import Tracing
 from gradserve.server.transport.answering import Streams, StreamWindow
@@ -124,7 +125,8 @@ class GradServer:
         self._streams = Streams()
         self._routes = Routes(self.metrics, Intake(self.memory, 2 * config.max_message_bytes))
         self._health_update: asyncio.Future | None = None
-        self._rest = RestService(self.metrics, lambda: self.ready, self.memory)
+        self.control = ControlPlane(lambda: self.ready)
+        self._rest = RestService(self.metrics, self.control, self.memory)
         self._http: HttpListener | None = None
         self.http_port: int | None = None
 
@@ -287,14 +289,12 @@ class GradServer:
         plane = DataPlane(self.metrics, self.tracing)
         common = {"stream_window": window, "streams": self._streams, "memory": self.memory,
                   "plane": plane}  # fmt: skip
-        native = GradientServicer(models, self.metrics, self.owner, **common)
+        self.control.serve(models, self.owner, self.statistics)
+        native = GradientServicer(self.control, self.metrics, **common)
         self._routes.add(native, NATIVE_SERVICE, gradserve_pb2)
-        inference = InferenceServicer(
-            models, self.metrics, lambda: self.ready, self.owner, statistics=self.statistics,
-            **common,
-        )  # fmt: skip
+        inference = InferenceServicer(self.control, self.metrics, **common)
         self._routes.add(inference, INFERENCE_SERVICE, inference_pb2)
-        self._rest.serve(models, self.owner, self.statistics, plane)
+        self._rest.serve(plane)
 
     async def statistics(self) -> dict[tuple[str, str], Statistics]:
         """Every served version's statistics: this process's own, or, in a frontend, the sum

@@ -23,6 +23,7 @@ from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.openapi import HEALTH_LIVE, HEALTH_READY
 from gradserve.server.protocols.rest import RestService
+from gradserve.server.serving.control import ControlPlane
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 DEFAULTS = ServerConfig()
@@ -36,7 +37,7 @@ PROBE_PATHS = {"startupProbe": HEALTH_READY, "readinessProbe": HEALTH_READY,
 
 def rest_paths() -> set[str]:
     """The paths the REST protocol's application routes, from the application itself."""
-    return RestService(Metrics(), lambda: True, MemoryBudget(1)).paths
+    return RestService(Metrics(), ControlPlane(lambda: True), MemoryBudget(1)).paths
 
 
 K8S_DEFAULT_GRACE_SECONDS = 30

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols.rest import RestService
+from gradserve.server.serving.control import ControlPlane
 from gradserve.wire.kinds import Derivative
 
 
@@ -264,7 +265,8 @@ SCHEMATHESIS_EXAMPLES = 30  # per operation and generation mode: about 10 s in a
 def test_the_openapi_document_describes_every_route_and_served_model(rest):
     _, url = rest
     document = httpx.get(f"{url}/v2/openapi.json").json()
-    assert set(document["paths"]) == RestService(Metrics(), lambda: True, MemoryBudget(1)).paths
+    service = RestService(Metrics(), ControlPlane(lambda: True), MemoryBudget(1))
+    assert set(document["paths"]) == service.paths
     model = document["paths"]["/v2/models/{model}/infer"]["parameters"][0]
     assert model["schema"]["enum"] == ["mimo", "quadratic"]
     parameters = document["components"]["schemas"]["Parameters"]["properties"]

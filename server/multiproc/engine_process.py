@@ -324,10 +324,10 @@ class _Loop:
                 if message.operation not in ("load", "unload"):
                     raise InvalidInput(f"no repository operation {message.operation!r}")
                 getattr(self.repository, message.operation)(message.name)
-                done = ControlDone(message.reply)
+                done = ControlDone(message.control_id)
             except Exception as exc:
                 failed = SubBatchAnswer.failed(exc)
-                done = ControlDone(message.reply, failed.error, failed.error_kind)
+                done = ControlDone(message.control_id, failed.error, failed.error_kind)
             self.call(lambda: session.send(done))
 
         threading.Thread(target=run, name="gradserve-control", daemon=True).start()

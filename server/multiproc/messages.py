@@ -110,19 +110,19 @@ class EngineModel:
 
 @dataclass(frozen=True, slots=True)
 class Control:
-    """Frontend -> engine: `operation` (load, unload) model `name`; `ticket` matches the
+    """Frontend -> engine: `operation` (load, unload) model `name`; `control_id` matches the
     outcome to the call."""
 
     operation: str
     name: str
-    ticket: int
+    control_id: int
 
 
 @dataclass(frozen=True, slots=True)
 class ControlDone:
     """Engine -> frontend: how an operation ended ("" error: it succeeded)."""
 
-    ticket: int
+    control_id: int
     error: str = ""
     error_kind: str = ""
 
@@ -187,10 +187,10 @@ Message = list[EngineModel] | SubBatch | SubBatchAnswer | Control | ControlDone 
 def encode(message: Message) -> bytes:
     """One frame for `message` (a catalog is the list of EngineModels)."""
     if isinstance(message, Control):
-        parts = [_HEAD.pack(VERSION, _CONTROL), _U32.pack(message.ticket)]
+        parts = [_HEAD.pack(VERSION, _CONTROL), _U32.pack(message.control_id)]
         parts += [_text(message.operation), _text(message.name)]
     elif isinstance(message, ControlDone):
-        parts = [_HEAD.pack(VERSION, _CONTROL_DONE), _U32.pack(message.ticket)]
+        parts = [_HEAD.pack(VERSION, _CONTROL_DONE), _U32.pack(message.control_id)]
         parts += [_text(message.error), _text(message.error_kind)]
     elif isinstance(message, Released):
         parts = [_HEAD.pack(VERSION, _RELEASED), _U32.pack(message.version), _text(message.name)]
@@ -316,13 +316,13 @@ def _catalog(reader: _Reader) -> list[EngineModel]:
 
 
 def _control(reader: _Reader) -> Control:
-    (ticket,) = reader.unpack(_U32)
-    return Control(reader.text(), reader.text(), ticket)
+    (control_id,) = reader.unpack(_U32)
+    return Control(reader.text(), reader.text(), control_id)
 
 
 def _control_done(reader: _Reader) -> ControlDone:
-    (ticket,) = reader.unpack(_U32)
-    return ControlDone(ticket, reader.text(), reader.text())
+    (control_id,) = reader.unpack(_U32)
+    return ControlDone(control_id, reader.text(), reader.text())
 
 
 def _released(reader: _Reader) -> Released:

@@ -74,7 +74,7 @@ class EngineLink:
         self._on_lost = on_lost
         self._on_catalog: Callable[[list[EngineModel]], None] = lambda _c: None
         self._controls: dict[int, asyncio.Future[None]] = {}
-        self._tickets = itertools.count(1)
+        self._control_ids = itertools.count(1)
         self.window = window
         self.lost = False
         self.catalog: list[EngineModel] = messages.decode(self._conn.recv_bytes())
@@ -109,10 +109,10 @@ class EngineLink:
         """Ask the engine process to load or unload model `name`; its error, if it failed."""
         if self.lost:
             raise EngineUnavailable(_GONE)
-        ticket = next(self._tickets)
-        future = self._controls[ticket] = self._loop.create_future()
+        control_id = next(self._control_ids)
+        future = self._controls[control_id] = self._loop.create_future()
         try:
-            self._conn.send_bytes(messages.encode(Control(operation, name, ticket)))
+            self._conn.send_bytes(messages.encode(Control(operation, name, control_id)))
         except OSError as exc:
             self._lose(exc)
         await future
@@ -179,7 +179,7 @@ class EngineLink:
             self._lose(exc)
 
     def _control_done(self, done: ControlDone) -> None:
-        future = self._controls.pop(done.ticket, None)
+        future = self._controls.pop(done.control_id, None)
         if future is None or future.done():
             return
         if done.error:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -27,17 +27,16 @@ from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec, Priority, vectors_per_row
-from gradserve.server.core.errors import InvalidInput, RequestError, UnknownModel
+from gradserve.server.core.errors import InvalidInput
 from gradserve.server.core.explain import Options, Reduced, check_applicable
-from gradserve.server.core.registry import Models, Served
-from gradserve.server.core.repository import READY, Owner, known
 from gradserve.server.core.statistics import BATCH_STATISTICS, REQUEST_STATISTICS, Statistics
 from gradserve.server.core.validation import check_shape
 from gradserve.server.metrics import Metrics
+from gradserve.server.serving.control import ControlPlane
 from gradserve.server.serving.dataplane import DataPlane
 from gradserve.server.serving.tickets import Arrival, Ticket
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
-from gradserve.server.transport.status import Failure, abort
+from gradserve.server.transport.status import Failure, refusing
 from gradserve.wire import tensors
 from gradserve.wire.kinds import BASELINE, OPTIONS, TARGET, Derivative, Option
 from gradserve.wire.timing import FIELDS, Hops
@@ -75,106 +74,77 @@ class _Encoding:
 
 
 class InferenceServicer:
-    """The standard protocol over every registered model; `is_ready` reports readiness."""
+    """The standard protocol over every registered model: its calls, answered by the server's
+    control plane and data plane."""
 
     def __init__(
         self,
-        models: Models,
+        control: ControlPlane,
         metrics: Metrics,
-        is_ready: Callable[[], bool],
-        owner: Owner,
         *,
         stream_window: StreamWindow,
         streams: Streams,
         memory: MemoryBudget,
-        statistics: StatisticsSource,
         plane: DataPlane,
     ) -> None:
-        """`statistics`: every served version's statistics now (this process's, or gathered
-        from every frontend)."""
-        self._models = models
-        self._is_ready = is_ready
-        self._owner = owner
-        self._statistics = statistics
+        self._control = control
         self._answer = Answerer(
-            InferenceCodec(models), metrics, streams, service=SERVICE, unary_rpc="ModelInfer",
+            InferenceCodec(control), metrics, streams, service=SERVICE, unary_rpc="ModelInfer",
             stream_rpc="ModelStreamInfer", window=stream_window, memory=memory, plane=plane,
         )  # fmt: skip
 
     # -- health and metadata ---------------------------------------------------------------
 
-    async def _checked(self, context: grpc.aio.ServicerContext, name: str, version: str) -> Served:
-        try:
-            return _model(self._models, name, version)
-        except RequestError as exc:
-            await abort(context, exc)
-
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._control.is_ready())
 
+    @refusing
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
-        try:
-            ready = version_ready(self._models, self._owner, self._is_ready, request.name,
-                                  request.version)  # fmt: skip
-        except RequestError as exc:
-            await abort(context, exc)
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=self._control.model_ready(request.name,
+                                                                     request.version))  # fmt: skip
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS)
         )
 
+    @refusing
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        spec = (await self._checked(context, request.name, request.version)).spec
-        return model_metadata(spec, self._models.versions(spec.name))
+        spec = self._control.served(request.name, request.version).spec
+        return model_metadata(spec, self._control.models.versions(spec.name))
 
+    @refusing
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
-        spec = (await self._checked(context, request.name, request.version)).spec
+        spec = self._control.served(request.name, request.version).spec
         return pb.ModelConfigResponse(config=model_config(spec))
 
+    @refusing
     async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
-        try:
-            chosen = await chosen_statistics(
-                self._models, self._statistics, request.name, request.version
-            )
-        except RequestError as exc:
-            await abort(context, exc)
+        chosen = await self._control.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[_statistics_message(*c) for c in chosen])
 
     # -- the model repository --------------------------------------------------------------
 
+    @refusing
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         entry = pb.RepositoryIndexResponse.ModelIndex
-        statuses = [s for s in self._owner.statuses() if s.state == READY or not request.ready]
         return pb.RepositoryIndexResponse(
             models=[entry(name=s.name, version=str(s.version), state=s.state, reason=s.reason)
-                    for s in statuses]
+                    for s in self._control.index(request.ready)]
         )  # fmt: skip
 
+    @refusing
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
-        await self._control(context, "load", request)
+        await self._control.control("load", request.model_name, request.parameters)
         return pb.RepositoryModelLoadResponse()
 
+    @refusing
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        await self._control(context, "unload", request)
+        await self._control.control("unload", request.model_name, request.parameters)
         return pb.RepositoryModelUnloadResponse()
-
-    async def _control(self, context, operation: str, request) -> None:
-        try:
-            # No model depends on another here, so there are no dependents to unload.
-            given = sorted(set(request.parameters) - {"unload_dependents"})
-            if given:
-                raise InvalidInput(
-                    f"{operation} takes the model's files as they are in the repository; "
-                    f"parameters {given} are not supported"
-                )
-            await self._owner.request(operation, request.model_name)
-        except RequestError as exc:
-            await abort(context, exc)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -223,24 +193,6 @@ def model_config(spec: ModelSpec) -> pb.ModelConfig:
     )
 
 
-StatisticsSource = Callable[[], Awaitable[dict[tuple[str, str], Statistics]]]
-
-
-async def chosen_statistics(
-    models: Models, source: StatisticsSource, name: str, version: str
-) -> list[tuple[str, str, Statistics]]:
-    """The statistics a request asks for (gRPC and REST): every served version (no name),
-    every served version of the named model, or the one named; UnknownModel for a model or
-    version not served."""
-    if name:
-        models.get(name, version)  # is it served?
-    everything = await source()
-    if not name:
-        return [(*key, everything[key]) for key in sorted(everything)]
-    versions = [version] if version else models.versions(name)
-    return [(name, v, everything.get((name, v), Statistics())) for v in versions]
-
-
 def statistics_document(name: str, version: str, stats: Statistics) -> dict:
     """One version's statistics under the extension's names (the REST answer's entry)."""
 
@@ -265,39 +217,17 @@ def _statistics_message(name: str, version: str, stats: Statistics) -> pb.ModelS
     return json_format.ParseDict(statistics_document(name, version, stats), pb.ModelStatistics())
 
 
-def version_ready(
-    models: Models, owner: Owner, is_ready: Callable[[], bool], name: str, version: str
-) -> bool:
-    """Whether a model version takes requests now (gRPC and REST): not while the repository
-    knows it but it does not serve (loading, failed, unloaded), nor while the server is not
-    ready; UnknownModel when nothing of that name (and version) is known."""
-    try:
-        _model(models, name, version)
-    except UnknownModel:
-        if not known(owner.statuses(), name, version):
-            raise
-        return False
-    return is_ready()
-
-
-def _model(models: Models, name: str, version: str) -> Served:
-    """The standard protocol always names the model."""
-    if not name:
-        raise UnknownModel(f"no model named; this server serves {[s.spec.name for s in models]}")
-    return models.get(name, version)
-
-
 class InferenceCodec:
     """Standard-protocol messages <-> tickets and results."""
 
-    def __init__(self, models: Models) -> None:
-        self._models = models
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
 
     def arrival(self, request: pb.ModelInferRequest) -> Arrival:
         return Arrival(request.id, request.model_name)
 
     def decode(self, request: pb.ModelInferRequest, arrival: Arrival) -> Ticket:
-        served = _model(self._models, request.model_name, request.model_version)
+        served = self._control.served(request.model_name, request.model_version)
         kind, outputs = _asked(request)
         names = [i.name for i in request.inputs]
         wanted = [INPUT, VECTOR] if kind.needs_vector else [INPUT]

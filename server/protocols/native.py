@@ -14,16 +14,16 @@ import numpy as np
 from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec, Priority
-from gradserve.server.core.errors import InvalidInput, RequestError
+from gradserve.server.core.errors import InvalidInput
 from gradserve.server.core.explain import Options, Reduced, check_applicable
-from gradserve.server.core.registry import Models, Served
-from gradserve.server.core.repository import Owner
+from gradserve.server.core.registry import Served
 from gradserve.server.metrics import Metrics
+from gradserve.server.serving.control import ControlPlane
 from gradserve.server.serving.dataplane import DataPlane
 from gradserve.server.serving.tickets import Arrival, Ticket
 from gradserve.server.transport import bulk
 from gradserve.server.transport.answering import Answerer, Streams, StreamWindow
-from gradserve.server.transport.status import Failure, abort
+from gradserve.server.transport.status import Failure, refusing
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire import native, tensors
 from gradserve.wire.kinds import BASELINE, EXPLANATIONS, Derivative
@@ -71,15 +71,15 @@ def _answer_tensor(response: bulk.Spliced, name: str, number: int, array: np.nda
 class NativeCodec:
     """gradserve.v1 messages <-> tickets and results."""
 
-    def __init__(self, models: Models) -> None:
-        self._models = models
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
 
     def arrival(self, received: bulk.Lifted) -> Arrival:
         return Arrival(received.message.id, received.message.model)
 
     def decode(self, received: bulk.Lifted, arrival: Arrival) -> Ticket:
         request, payloads = received.message, received.payloads
-        served = self._models.get(request.model, request.version)
+        served = self._control.served(request.model, request.version, named=False)
         kind = native.KIND.get(request.derivative)
         if kind is None:
             raise InvalidInput(
@@ -139,25 +139,24 @@ def _options(request: pb.EvaluateRequest, kind: Derivative, served: Served) -> O
 
 
 class GradientServicer:
-    """gradserve.v1.GradientService over every registered model."""
+    """gradserve.v1.GradientService over every registered model: its calls, answered by the
+    server's control plane and data plane."""
 
     lifted: ClassVar = {"Evaluate": LIFTED, "EvaluateStream": LIFTED}  # see routing.Routes.add
 
     def __init__(
         self,
-        models: Models,
+        control: ControlPlane,
         metrics: Metrics,
-        owner: Owner,
         *,
         stream_window: StreamWindow,
         streams: Streams,
         memory: MemoryBudget,
         plane: DataPlane,
     ) -> None:
-        self._models = models
-        self._owner = owner
+        self._control = control
         self._answer = Answerer(
-            NativeCodec(models), metrics, streams, service=SERVICE, unary_rpc="Evaluate",
+            NativeCodec(control), metrics, streams, service=SERVICE, unary_rpc="Evaluate",
             stream_rpc="EvaluateStream", window=stream_window, memory=memory, plane=plane,
         )  # fmt: skip
 
@@ -172,45 +171,42 @@ class GradientServicer:
         async for response in self._answer.stream(requests, context):
             yield response
 
+    @refusing
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        try:
-            return model_info(self._models.get(request.model, request.version).spec)
-        except RequestError as exc:
-            await abort(context, exc)
+        return model_info(self._control.served(request.model, request.version, named=False).spec)
 
+    @refusing
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelList:
-        return pb.ModelList(models=[model_info(s.spec) for s in self._models.every_version()])
+        served = self._control.models.every_version()
+        return pb.ModelList(models=[model_info(s.spec) for s in served])
 
+    @refusing
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(
             versions=[pb.ModelVersionStatus(model=s.name, version=str(s.version), state=s.state,
                                             reason=s.reason)
-                      for s in self._owner.statuses()]
+                      for s in self._control.index()]
         )  # fmt: skip
 
+    @refusing
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadModelResponse:
-        await self._control(context, "load", request.model)
+        await self._control.control("load", request.model)
         return pb.LoadModelResponse()
 
+    @refusing
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        await self._control(context, "unload", request.model)
+        await self._control.control("unload", request.model)
         return pb.UnloadModelResponse()
-
-    async def _control(self, context: grpc.aio.ServicerContext, operation: str, name: str) -> None:
-        try:
-            await self._owner.request(operation, name)
-        except RequestError as exc:
-            await abort(context, exc)
 
 
 def model_info(spec: ModelSpec) -> pb.ModelInfo:

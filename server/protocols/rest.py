@@ -26,8 +26,6 @@ from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import Closed, InvalidInput, RequestError
-from gradserve.server.core.registry import Models
-from gradserve.server.core.repository import READY, Owner
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols import openapi
 from gradserve.server.protocols.kserve import (
@@ -37,13 +35,11 @@ from gradserve.server.protocols.kserve import (
     SERVER_NAME,
     SERVER_VERSION,
     InferenceCodec,
-    StatisticsSource,
-    chosen_statistics,
     model_config,
     model_metadata,
     statistics_document,
-    version_ready,
 )
+from gradserve.server.serving.control import ControlPlane
 from gradserve.server.serving.dataplane import Call, DataPlane
 from gradserve.server.serving.tickets import Arrival
 from gradserve.server.transport.intake import Lease
@@ -76,35 +72,23 @@ _ALL = frozenset({"*"})  # every output in binary (the request's binary_data_out
 
 
 class RestService:
-    """The v2 REST endpoints; `is_ready` reports readiness. Health answers from the start;
-    the model endpoints once `serve` has given the models (before: 503)."""
+    """The v2 REST endpoints, answered by the server's control plane and data plane. Health
+    answers from the start; the model endpoints once the control plane has the models
+    (before: 503)."""
 
-    def __init__(
-        self, metrics: Metrics, is_ready: Callable[[], bool], memory: MemoryBudget
-    ) -> None:
+    def __init__(self, metrics: Metrics, control: ControlPlane, memory: MemoryBudget) -> None:
         self._memory = memory  # the server's: a body is reserved against it before it is read
-        self._models: Models | None = None
-        self._owner: Owner | None = None
-        self._codec: InferenceCodec | None = None
+        self._control = control
+        self._codec = InferenceCodec(control)
         self._metrics = metrics
-        self._is_ready = is_ready
         self._latency = metrics.latency.labels(RPC)
         self._answered = metrics.requests.labels(RPC, "OK")
         self._body: _BodyReader | None = None  # the application's
-        self._statistics: StatisticsSource | None = None
         self._plane: DataPlane | None = None
 
-    def serve(
-        self,
-        models: Models,
-        owner: Owner,
-        statistics: StatisticsSource,
-        plane: DataPlane,
-    ) -> None:
-        """Serve the model endpoints: `statistics` as the gRPC protocol's, requests through
-        the server's data plane."""
-        self._models, self._codec, self._owner = models, InferenceCodec(models), owner
-        self._statistics, self._plane = statistics, plane
+    def serve(self, plane: DataPlane) -> None:
+        """Answer inference requests through the server's data plane."""
+        self._plane = plane
 
     def application(self, max_body_bytes: int, idle_seconds: float) -> web.Application:
         """The aiohttp application of these endpoints: bodies up to `max_body_bytes` (413),
@@ -141,7 +125,7 @@ class RestService:
         return _json({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = self._is_ready()
+        ready = self._control.is_ready()
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -150,55 +134,46 @@ class RestService:
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of these endpoints and the served models."""
-        specs = [] if self._models is None else [served.spec for served in self._models]
+        try:
+            specs = [served.spec for served in self._control.models]
+        except Closed:  # still loading: the endpoints, without models
+            specs = []
         return _json(openapi.document(specs, SERVER_VERSION, HEADER_LENGTH))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         """200 ready; 503 known to the repository but not serving (or the server not ready);
         404 unknown."""
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        if self._models is None:
-            raise Closed("the server is still loading its models")
-        ready = version_ready(self._models, self._owner, self._is_ready, name, version)
+        ready = self._control.model_ready(name, version)
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def statistics(self, request: web.Request) -> web.Response:
         """The statistics extension: every served version, a model's, or one version's."""
-        if self._models is None:
-            raise Closed("the server is still loading its models")
         name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
-        chosen = await chosen_statistics(self._models, self._statistics, name, version)
+        chosen = await self._control.statistics(name, version)
         return _json({"model_stats": [statistics_document(*c) for c in chosen]})
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        if self._owner is None:
-            raise Closed("the server is still loading its models")
         asked = await _json_object(request)
         if not isinstance(asked.get("ready", False), bool):
             raise InvalidInput('the index request is a JSON object, {"ready": true|false}')
-        ready_only = asked.get("ready", False)
-        statuses = [s for s in self._owner.statuses() if s.state == READY or not ready_only]
         return _json([{"name": s.name, "version": str(s.version), "state": s.state,
-                       "reason": s.reason} for s in statuses])  # fmt: skip
+                       "reason": s.reason}
+                      for s in self._control.index(asked.get("ready", False))])  # fmt: skip
 
     def _controller(self, operation: str) -> Callable:
         async def control(request: web.Request) -> web.Response:
-            if self._owner is None:
-                raise Closed("the server is still loading its models")
             parameters = (await _json_object(request)).get("parameters", {})
-            if parameters != {}:
-                raise InvalidInput(
-                    f"{operation} takes the model's files as they are in the repository; "
-                    f'"parameters" must be absent or {{}}, not {str(parameters)[:200]}'
-                )
-            await self._owner.request(operation, request.match_info["model"])
+            if not isinstance(parameters, dict):
+                raise InvalidInput(f'"parameters" of a {operation} is a JSON object (or absent)')
+            await self._control.control(operation, request.match_info["model"], parameters)
             return _json({})
 
         return control
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         served = self._served(request)
-        meta = model_metadata(served.spec, self._models.versions(served.spec.name))
+        meta = model_metadata(served.spec, self._control.models.versions(served.spec.name))
         return _json({"name": meta.name, "versions": list(meta.versions), "platform": PLATFORM,
                       "inputs": [_described(t) for t in meta.inputs],
                       "outputs": [_described(t) for t in meta.outputs]})  # fmt: skip
@@ -212,9 +187,8 @@ class RestService:
                       "output": [_configured(t) for t in config.output]})  # fmt: skip
 
     def _served(self, request: web.Request):
-        if self._models is None:
-            raise Closed("the server is still loading its models")
-        return self._models.get(request.match_info["model"], request.match_info.get("version", ""))
+        return self._control.served(request.match_info["model"],
+                                    request.match_info.get("version", ""))  # fmt: skip
 
     async def infer(self, request: web.Request) -> web.Response:
         """One inference request: JSON in, the batcher, JSON out. Its body and an answer as

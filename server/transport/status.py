@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -47,6 +49,21 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     if remaining is None:
         return None
     return asyncio.get_running_loop().time() + remaining
+
+
+def refusing(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]):
+    """A servicer's handler whose RequestError (an unknown model, a refused load, a server
+    still loading) ends the call with its status from the table; the one way every gRPC
+    control call fails."""
+
+    @functools.wraps(handler)
+    async def handle(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(servicer, request, context)
+        except errors.RequestError as exc:
+            await abort(context, exc)
+
+    return handle
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
