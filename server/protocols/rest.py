@@ -42,10 +42,10 @@ from gradserve.server.protocols.kserve import (
 from gradserve.server.serving.control import ControlPlane
 from gradserve.server.serving.dataplane import Call, DataPlane
 from gradserve.server.serving.tickets import Arrival
-from gradserve.server.transport.intake import Lease
+from gradserve.server.transport.intake import Lease, caller_key
 from gradserve.server.transport.status import Failure
 from gradserve.wire import tensors
-from gradserve.wire.callers import CALLER_HEADER, caller_key
+from gradserve.wire.callers import CALLER_HEADER
 from gradserve.wire.http import HEADER_LENGTH
 from gradserve.wire.timing import FIELDS
 

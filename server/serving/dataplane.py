@@ -22,11 +22,26 @@ from dataclasses import dataclass
 from gradserve.server.core import explain
 from gradserve.server.core.batcher import RequestResult
 from gradserve.server.core.explain import Reduced
-from gradserve.server.core.timing import breakdown
+from gradserve.server.core.timing import SchedulerTiming
 from gradserve.server.metrics import Metrics
 from gradserve.server.serving.tickets import Ticket
 from gradserve.server.tracing import Tracing, request_attributes
 from gradserve.wire.timing import Hops
+
+
+def breakdown(arrived: float, timing: SchedulerTiming) -> Hops:
+    """The hops of a request that arrived at `arrived` (time.perf_counter()) and whose answer,
+    computed with `timing`, is built now: they add up to its time in the server."""
+    now = time.perf_counter()
+    return Hops(
+        decode_us=round((timing.queued - arrived) * 1e6),
+        queue_us=timing.queue_us,
+        handoff_us=timing.handoff_us,
+        compute_us=timing.compute_us,
+        encode_us=round((now - timing.done) * 1e6),
+        total_us=round((now - arrived) * 1e6),
+        batch_rows=timing.batch_rows,
+    )
 
 
 @dataclass(frozen=True, slots=True)

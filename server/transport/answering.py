@@ -35,8 +35,8 @@ from gradserve.server.metrics import Metrics
 from gradserve.server.serving.dataplane import Call, DataPlane
 from gradserve.server.serving.tickets import Arrival, Ticket
 from gradserve.server.tracing import Tracing
-from gradserve.server.transport.intake import caller_of
-from gradserve.server.transport.status import Failure, abort, deadline_of
+from gradserve.server.transport.intake import caller_of, deadline_of
+from gradserve.server.transport.status import Failure, abort
 from gradserve.wire.limits import MIB
 from gradserve.wire.timing import Hops
 

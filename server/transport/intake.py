@@ -29,24 +29,51 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Hashable
+from contextvars import ContextVar
 
 import grpc
 
 from gradserve.server.core.budget import MemoryBudget, size_text
 from gradserve.server.core.errors import QueueFull
-from gradserve.wire.callers import CALLER_HEADER, caller_key
+from gradserve.wire.callers import CALLER_HEADER
 
 WAIT_S = 10.0  # the longest a new caller waits for the newcomers' turn before it is refused
 HOLD_S = 0.5  # how long a new caller's reservation waits for its message to arrive
 
 
+def caller_key(named: str | None, connection: str) -> str:
+    """The server's key for a caller, whatever the protocol: the name it gave in
+    CALLER_HEADER, else its connection (one caller per connection)."""
+    return f"client:{named}" if named else f"peer:{connection}"
+
+
+# The caller of the call this task serves, once the routes have read it (a unary call's
+# handler runs in a task of its own, so the value is the call's alone).
+_CALLER: ContextVar[str | None] = ContextVar("gradserve_caller", default=None)
+
+
 def caller_of(context: grpc.aio.ServicerContext) -> str:
     """Who is calling, for fair batching and admission: the client id the call's metadata
-    names, else the connection (gRPC's peer address)."""
+    names, else the connection (gRPC's peer address). Read once per call."""
+    known = _CALLER.get()
+    if known is not None:
+        return known
+    named = None
     for key, value in context.invocation_metadata() or ():
         if key == CALLER_HEADER:
-            return caller_key(value, context.peer())
-    return caller_key(None, context.peer())
+            named = value
+            break
+    caller = caller_key(named, context.peer())
+    _CALLER.set(caller)
+    return caller
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
 
 
 class Lease:

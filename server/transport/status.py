@@ -43,14 +43,6 @@ class Failure:
         return cls(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the event loop's clock, or None when the caller set none."""
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining
-
-
 def refusing(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]):
     """A servicer's handler whose RequestError (an unknown model, a refused load, a server
     still loading) ends the call with its status from the table; the one way every gRPC
