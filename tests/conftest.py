@@ -278,6 +278,24 @@ def _row_answer(kind: Derivative, gradient, jacobian, hessian, v) -> np.ndarray 
             Derivative.HESSIAN: hessian}[kind]  # fmt: skip
 
 
+ENGINE_FACE = (
+    "name",
+    "input_shape",
+    "output_shape",
+    "device",
+    "numpy_dtype",
+    "ladder",
+    "in_flight",
+    "takes_hints",
+)  # what the Engine protocol reads besides run
+
+
+def wears_the_face_of(wrapper: object, engine: object) -> None:
+    """Give a test's wrapper of an engine that engine's shapes, device and abilities."""
+    for attr in ENGINE_FACE:
+        setattr(wrapper, attr, getattr(engine, attr))
+
+
 class GatedEngine:
     """Wraps a real engine: blocks each call until the gate opens, records rows computed."""
 
@@ -287,17 +305,7 @@ class GatedEngine:
         self.gate.set()
         self.calls: list[tuple[Derivative, np.ndarray]] = []
         self.entered = 0  # engine calls started (possibly still waiting at the gate)
-        for attr in (
-            "name",
-            "input_shape",
-            "output_shape",
-            "device",
-            "numpy_dtype",
-            "ladder",
-            "in_flight",
-            "takes_hints",
-        ):
-            setattr(self, attr, getattr(engine, attr))
+        wears_the_face_of(self, engine)
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         self.entered += 1

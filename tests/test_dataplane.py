@@ -103,16 +103,9 @@ class _Native:
     def index(self):
         return [(v.model, v.version, v.state, v.reason) for v in self.client.repository_index()]
 
-    def load(self, model: str):
-        return self._outcome(self.client.load_model, model)
-
-    def unload(self, model: str):
-        return self._outcome(self.client.unload_model, model)
-
-    @staticmethod
-    def _outcome(call, model):
+    def control(self, operation: str, model: str):
         try:
-            call(model)
+            getattr(self.client, f"{operation}_model")(model)
         except GradserveError as error:
             return error.code.name, error.message
         return "OK", ""
@@ -126,39 +119,26 @@ class _Standard:
         index = self.client.get_model_repository_index(as_json=True)["models"]
         return [(m["name"], m["version"], m["state"], m.get("reason", "")) for m in index]
 
-    def load(self, model: str):
-        return self._outcome(self.client.load_model, model)
-
-    def unload(self, model: str):
-        return self._outcome(self.client.unload_model, model)
-
-    @staticmethod
-    def _outcome(call, model):
+    def control(self, operation: str, model: str):
         try:
-            call(model)
+            getattr(self.client, f"{operation}_model")(model)
         except InferenceServerException as error:
             return error.status().removeprefix("StatusCode."), error.message()
         return "OK", ""
 
 
 class _Rest:
-    """REST's answers, its HTTP status mapped back to the gRPC code it stands for."""
+    """REST's answers, its HTTP status mapped back to the gRPC codes it stands for."""
 
     def __init__(self, running: RunningServer) -> None:
         self.url = f"http://127.0.0.1:{running.server.http_port}/v2/repository"
 
     def index(self):
         index = httpx.post(f"{self.url}/index", timeout=60).json()
-        return [(m["name"], m["version"], m["state"], m.get("reason", "")) for m in index]
+        return [(m["name"], m["version"], m["state"], m["reason"]) for m in index]
 
-    def load(self, model: str):
-        return self._outcome(httpx.post(f"{self.url}/models/{model}/load", timeout=60))
-
-    def unload(self, model: str):
-        return self._outcome(httpx.post(f"{self.url}/models/{model}/unload", timeout=60))
-
-    @staticmethod
-    def _outcome(answer: httpx.Response):
+    def control(self, operation: str, model: str):
+        answer = httpx.post(f"{self.url}/models/{model}/{operation}", timeout=60)
         if answer.status_code == 200:
             return "OK", ""
         codes = [c for c, status in HTTP_STATUS.items() if status == answer.status_code]
@@ -167,11 +147,11 @@ class _Rest:
 
 def _transcript(protocol, running: RunningServer) -> list:
     """The same repository calls, in order, and what each answered."""
-    steps = [("index", protocol.index()), ("load", protocol.load("quad")),
-             ("index", protocol.index()), ("load unknown", protocol.load("nope")),
-             ("unload", protocol.unload("quad"))]  # fmt: skip
+    steps = [("index", protocol.index()), ("load", protocol.control("load", "quad")),
+             ("index", protocol.index()), ("load unknown", protocol.control("load", "nope")),
+             ("unload", protocol.control("unload", "quad"))]  # fmt: skip
     wait_until(lambda: not running.server.models.versions("quad"))
-    steps += [("unload again", protocol.unload("quad")), ("index", protocol.index())]
+    steps += [("unload again", protocol.control("unload", "quad")), ("index", protocol.index())]
     return steps
 
 
@@ -196,3 +176,13 @@ def test_repository_calls_answer_alike_over_every_protocol(tmp_path):
                 assert ours[1] == theirs[1], (step, ours, theirs)
             else:
                 assert ours == theirs, (name, step, ours, theirs)
+
+
+def test_a_timeout_that_is_not_a_count_of_microseconds_is_refused_saying_so(gated):
+    running, _ = gated
+    for value in (-5, 0.5, "soon"):
+        answer = _rest_infer(running, 0.3, parameters={"timeout": value})
+        assert answer.status_code == 400, (value, answer.text)
+        assert 'parameter "timeout"' in answer.json()["error"]
+        assert "microseconds" in answer.json()["error"]
+    assert _rest_infer(running, 0.3, parameters={"timeout": 0}).status_code == 200

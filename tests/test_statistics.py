@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import FRONTENDS_ARGS, TEST_CONFIG, RunningServer, ServerProcess, free_port
+from conftest import (
+    FRONTENDS_ARGS,
+    TEST_CONFIG,
+    RunningServer,
+    ServerProcess,
+    free_port,
+    wears_the_face_of,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -28,17 +35,7 @@ class RefusingEngine:
 
     def __init__(self, engine: object) -> None:
         self._engine = engine
-        for attr in (
-            "name",
-            "input_shape",
-            "output_shape",
-            "device",
-            "numpy_dtype",
-            "ladder",
-            "in_flight",
-            "takes_hints",
-        ):
-            setattr(self, attr, getattr(engine, attr))
+        wears_the_face_of(self, engine)
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         if (x == POISON).any():

@@ -325,31 +325,28 @@ def _asked(request: pb.ModelInferRequest) -> tuple[Derivative, tuple[str, ...]]:
 def _priority(request: pb.ModelInferRequest) -> Priority:
     """The request's `priority` parameter, Triton's way: 1 is the highest level (HIGH here);
     0 or absent is the default (NORMAL), as is any lower level (2 and up)."""
-    if "priority" not in request.parameters:
-        return Priority.NORMAL
-    param = request.parameters["priority"]
-    choice = param.WhichOneof("parameter_choice")
-    if choice not in ("int64_param", "uint64_param"):
-        raise InvalidInput('parameter "priority" must be an integer (1: high, 0 or 2+: normal)')
-    level = getattr(param, choice)
-    if level < 0:
-        raise InvalidInput(f'parameter "priority" is {level}; expected 0 or more')
+    level = _count(request, "priority", "1: high, 0 or 2+: normal")
     return Priority.HIGH if level == 1 else Priority.NORMAL
 
 
 def _timeout(request: pb.ModelInferRequest) -> float | None:
     """The request's `timeout` parameter, Triton's way: microseconds from its arrival after
     which it is not computed (DEADLINE_EXCEEDED); 0 or absent: no timeout of its own."""
-    if "timeout" not in request.parameters:
-        return None
-    param = request.parameters["timeout"]
+    return _count(request, "timeout", "microseconds, 0: none") / 1e6 or None
+
+
+def _count(request: pb.ModelInferRequest, key: str, meaning: str) -> int:
+    """Integer parameter `key`, 0 or more (0 when absent); InvalidInput saying `meaning`."""
+    if key not in request.parameters:
+        return 0
+    param = request.parameters[key]
     choice = param.WhichOneof("parameter_choice")
     if choice not in ("int64_param", "uint64_param"):
-        raise InvalidInput('parameter "timeout" must be an integer: microseconds (0: none)')
-    microseconds = getattr(param, choice)
-    if microseconds < 0:
-        raise InvalidInput(f'parameter "timeout" is {microseconds}; expected 0 or more us')
-    return microseconds / 1e6 or None
+        raise InvalidInput(f'parameter "{key}" must be an integer ({meaning})')
+    value = getattr(param, choice)
+    if value < 0:
+        raise InvalidInput(f'parameter "{key}" is {value}; expected 0 or more ({meaning})')
+    return value
 
 
 def _options(
