@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher
 from gradserve.server.core.budget import MemoryBudget
 from gradserve.server.core.contract import Engine, ModelSpec
-from gradserve.server.core.errors import Closed
+from gradserve.server.core.errors import Closed, PortTaken
 from gradserve.server.core.registry import Models, Served
 from gradserve.server.core.repository import Owner, Repository
 from gradserve.server.core.scheduler import Watches
@@ -197,17 +198,19 @@ class GradServer:
         await self._set_health(False)
         address = f"{config.host}:{config.port}"
         credentials = _credentials(config)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, credentials)
-        if not self.port:
-            raise OSError(f"cannot bind {address}")
+        with bound(config.host, config.port, "--port"):
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+            if not self.port:
+                raise OSError("the address is in use")
         await self._server.start()
         if self._internal_metrics:
             self._metrics_http = self.metrics.serve("127.0.0.1", 0)
         elif config.metrics_port:
-            self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
+            with bound(config.host, config.metrics_port, "--metrics-port"):
+                self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
         if self._metrics_http is not None:
             self.metrics_port = self._metrics_http.server_port
         if config.http_port:
@@ -226,9 +229,10 @@ class GradServer:
             max_connections=config.http_max_connections,
             idle_seconds=config.http_idle_seconds,
         )
-        await self._http.start(
-            config.host, config.http_port, _ssl_context(config), reuse_port=self._reuse_port
-        )
+        with bound(config.host, config.http_port, "--http-port"):
+            await self._http.start(
+                config.host, config.http_port, _ssl_context(config), reuse_port=self._reuse_port
+            )
         self.http_port = self._http.port
 
     @property
@@ -387,6 +391,17 @@ class _LoopHost:
     def retire(self, name: str, version: int) -> concurrent.futures.Future:
         coroutine = self._server.retire_version(name, version)
         return asyncio.run_coroutine_threadsafe(coroutine, self._server._loop)  # any thread
+
+
+@contextlib.contextmanager
+def bound(host: str, port: int, flag: str) -> Iterator[None]:
+    """Binding `port` (given by `flag`): a failure to bind is PortTaken, one line, not a
+    traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # grpc.aio says RuntimeError, asyncio OSError
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PortTaken(host, port, flag, why) from None
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:

@@ -59,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         from gradserve.server.engine.startup import open_repository
         from gradserve.server.multiproc import supervisor
 
-        return supervisor.serve(config, frontends, load=open_repository, frontend=frontend.run)
     from gradserve.server.core.errors import StartRefused
 
     try:
+        if frontends > 1:
+            return supervisor.serve(config, frontends, load=open_repository,
+                                    frontend=frontend.run)  # fmt: skip
         asyncio.run(serve(config))
     except StartRefused as refusal:
         print(f"gradserve serve: {refusal}", file=sys.stderr)
-        return 1
+        return refusal.exit_status
     return 0
 
 

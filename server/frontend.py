@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 
 from gradserve.server import logs
 from gradserve.server.app import GradServer
 from gradserve.server.config import ServerConfig
+from gradserve.server.core.errors import StartRefused
 from gradserve.server.multiproc.remote import EngineLink, RemoteOwner
 
 
@@ -79,4 +81,8 @@ def run(
             name = parent.recv()[1]
         except (EOFError, OSError):
             return
-    asyncio.run(_serve(config, address, parent, name, statistics_port))
+    try:
+        asyncio.run(_serve(config, address, parent, name, statistics_port))
+    except StartRefused as refusal:  # told once, by the supervisor, without a traceback
+        parent.send(("refused", str(refusal), refusal.exit_status))
+        sys.exit(refusal.exit_status)

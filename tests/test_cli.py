@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -180,3 +181,30 @@ def test_serve_keras_h5_and_savedmodel_from_the_command_line(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+@pytest.mark.parametrize("flag", ["--port", "--http-port", "--metrics-port"])
+def test_a_taken_port_stops_the_server_in_one_line_with_status_two(flag, frontends):
+    """Another program listens on the port: the server says which port and flag, in one
+    line, exits 2 without a traceback, and (several processes) restarts nothing."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"--port": free_port(), "--http-port": free_port(), "--metrics-port": free_port()}
+        ports[flag] = taken
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gradserve.server.cli", "serve", "--frontends", frontends,
+             *(arg for pair in ports.items() for arg in (pair[0], str(pair[1])))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _, errors = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 2, errors[-2000:]
+    assert "Traceback" not in errors and "replacing" not in errors, errors[-2000:]
+    (line,) = [line for line in errors.splitlines() if line.startswith("gradserve serve:")]
+    assert f"127.0.0.1:{taken} ({flag})" in line and f"choose another port with {flag}" in line

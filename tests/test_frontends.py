@@ -38,6 +38,7 @@ from gradserve.server.multiproc.messages import (
 )
 from gradserve.server.multiproc.remote import COPY_OFF_LOOP
 from gradserve.server.multiproc.shm import SHM_DIR, ArrayRef
+from gradserve.server.multiproc.supervisor import RESTART_LIMIT, restart_delay
 from gradserve.server.tracing import pack_contexts, unpack_contexts
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -531,3 +532,23 @@ def test_the_engine_process_refuses_rows_it_cannot_take_and_a_slot_used_twice():
         frontend.close()
         segment.close()
     assert scheduler.pending == 0  # closing the session withdrew what it had queued
+
+
+def test_frontends_that_keep_dying_are_replaced_ever_later_then_stop_the_server(fresh_server):
+    """A frontend that dies after it served is replaced (at once, then after 0.5, 1, 2 s);
+    the RESTART_LIMIT-th death within the window stops the server with exit 1, once."""
+    deaths = 0
+    while fresh_server.process.poll() is None and deaths < RESTART_LIMIT:
+        wait_for(lambda: fresh_server.process.poll() is not None
+                 or len(roles(fresh_server)[1]) == 2, timeout=60)  # fmt: skip
+        if fresh_server.process.poll() is not None:
+            break
+        os.kill(roles(fresh_server)[1][0], signal.SIGKILL)
+        deaths += 1
+    assert fresh_server.process.wait(timeout=60) == 1
+    errors = fresh_server.process.stderr.read()
+    assert deaths == RESTART_LIMIT
+    assert errors.count("replacing it in") == RESTART_LIMIT - 1
+    for delay in (0.0, *(restart_delay(n) for n in range(1, RESTART_LIMIT - 1))):
+        assert f"replacing it in {delay:.1f} s" in errors
+    assert errors.count("stopping the server; exit 1") == 1

@@ -77,7 +77,23 @@ class Undecodable:
 
 
 class StartRefused(Exception):
-    """A model version failed in a way that says this machine cannot keep a promise the
-    server's flags make (not a fault of the version's files): at start the server stops with
-    this message rather than serve without the promise; a version loaded later fails like any
-    other."""
+    """The server cannot start as its flags ask: a model version failed in a way that says
+    this machine cannot keep a promise the flags make (not a fault of the version's files;
+    a version loaded later fails like any other), or a port cannot be bound. The server stops
+    with this message, one line, rather than serve without the promise."""
+
+    exit_status = 1  # of `gradserve serve`, refused this way
+
+
+class PortTaken(StartRefused):
+    """A port the server was told to listen on cannot be bound: a usage error, exit 2, one
+    line naming the port and its flag."""
+
+    exit_status = 2
+
+    def __init__(self, host: str, port: int, flag: str, why: object) -> None:
+        off = "" if flag == "--port" else ", or 0 to turn it off"
+        super().__init__(
+            f"cannot listen on {host}:{port} ({flag}): {why}; stop what holds it, or choose "
+            f"another port with {flag}{off}"
+        )

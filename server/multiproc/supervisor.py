@@ -8,9 +8,13 @@ The supervisor (this module, in the process the user started) spawns:
   RemoteEngines. They listen on the same port with SO_REUSEPORT, so the kernel spreads
   connections over them. They never import TensorFlow.
 
-It keeps them running: a frontend that dies is replaced at once by a standby frontend
-that has already started and imported everything (only the calls the dead one held
-fail); if the engine process dies, every frontend is told to stop (they answer
+It keeps them running: a frontend that dies after it served is replaced at once by a
+standby frontend that has already started and imported everything (only the calls the dead
+one held fail), then with a growing delay, and the server stops after RESTART_LIMIT deaths
+within RESTART_WINDOW_S (a crash loop is not a service). A frontend that fails before it
+ever served is never replaced: its error (a port taken, say) would only repeat, so the
+server stops with it at once. Ports are checked before anything is spawned. If the engine
+process dies, every frontend is told to stop (they answer
 UNAVAILABLE and report NOT_SERVING while they do) and the supervisor exits with status 1,
 so that an orchestrator restarts the whole server. On SIGTERM/SIGINT it drains the frontends (each
 finishes what it accepted), then stops the engine, and exits 0. One /metrics endpoint
@@ -32,6 +36,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from gradserve.server.config import ServerConfig
+from gradserve.server.core.errors import PortTaken, StartRefused
 from gradserve.server.multiproc import engine_process, shm
 from gradserve.server.multiproc.engine_process import Load
 from gradserve.server.multiproc.metrics_gather import MetricsGatherer
@@ -39,16 +44,27 @@ from gradserve.server.multiproc.metrics_gather import MetricsGatherer
 log = logging.getLogger("gradserve")
 
 _STOP_MARGIN_S = 10.0
+RESTART_LIMIT = 5  # frontend deaths within RESTART_WINDOW_S that stop the server
+RESTART_WINDOW_S = 60.0
+
+
+def restart_delay(recent: int) -> float:
+    """How long to wait before replacing a frontend, `recent` deaths into the window: at once
+    the first time, then 0.5, 1, 2, 4 s."""
+    return 0.0 if recent == 0 else min(0.5 * 2 ** (recent - 1), 4.0)
 
 
 @dataclasses.dataclass
 class _Child:
-    """A child process, the supervisor's end of its pipe, and its metrics port."""
+    """A child process, the supervisor's end of its pipe, its metrics port, whether it has
+    served, and why it refused to start (what it said before it exited)."""
 
     name: str
     process: multiprocessing.process.BaseProcess
     pipe: Connection
     metrics_port: int = 0
+    served: bool = False
+    refusal: StartRefused | None = None
 
 
 # A process's entry point, spawned with (config, engine address, pipe to the supervisor, ...).
@@ -83,6 +99,8 @@ class Supervisor:
         # statistics (the statistics extension answers for the whole server).
         self._gathered = MetricsGatherer(self._metrics_ports)
         self.replaced = 0
+        self._deaths: list[float] = []  # when frontends that had served died, recent ones
+        self._due: dict[int, float] = {}  # frontend index -> when to replace it
 
     def _metrics_ports(self) -> dict[str, int]:
         children = [self._engine, *self._frontends]
@@ -126,19 +144,27 @@ class Supervisor:
         self._spawn_standby()
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (exit 0 after a drain) or the engine dies (exit 1)."""
-        reserved = _reserve_port(self.config.host, self.config.port)
+        """Serve until SIGTERM/SIGINT (exit 0 after a drain) or the engine dies (exit 1);
+        StartRefused for a port taken or a frontend that failed before it served."""
+        host = self.config.host
+        check_free(host, self.config.http_port, "--http-port")
+        check_free(host, self.config.metrics_port, "--metrics-port")
+        reserved = _reserve_port(host, self.config.port)
         config = dataclasses.replace(self.config, port=reserved.getsockname()[1])
         self.config = config
         signals = _SignalFlag()
         try:
+            if config.metrics_port:
+                try:
+                    self._metrics.serve(host, config.metrics_port)
+                except OSError as exc:
+                    raise PortTaken(host, config.metrics_port, "--metrics-port",
+                                    exc.strerror or exc) from None  # fmt: skip
             self._gathered.serve("127.0.0.1", 0)
             self._engine = self._spawn("engine", engine_process.run, config, self._load)
             for i in range(self.frontends):
                 self._spawn_frontend(i)
             self._spawn_standby()
-            if config.metrics_port:
-                self._metrics.serve(config.host, config.metrics_port)
             log.info(
                 "supervising", extra={"event": "supervise", "frontends": self.frontends,
                                       "port": config.port},
@@ -163,13 +189,13 @@ class Supervisor:
                 )  # fmt: skip
                 return 1
             for i, child in enumerate(self._frontends):
-                if child is not None and child.process.sentinel in ready:
-                    log.warning(
-                        "frontend %d exited (code %s): replacing it", i, child.process.exitcode,
-                        extra={"event": "frontend_replaced"},
-                    )  # fmt: skip
-                    child.pipe.close()
-                    self.replaced += 1
+                dead = child is not None and child.process.sentinel in ready
+                if dead and not self._frontend_died(i, child):
+                    return 1
+            now = time.monotonic()
+            for i, due in list(self._due.items()):
+                if now >= due:
+                    del self._due[i]
                     self._replace_frontend(i)
             if self._standby is not None and self._standby.process.sentinel in ready:
                 self._standby.pipe.close()
@@ -177,15 +203,52 @@ class Supervisor:
         log.info("signal received: draining every frontend", extra={"event": "signal"})
         return 0
 
-    def _message(self, child: _Child) -> None:
+    def _frontend_died(self, i: int, child: _Child) -> bool:
+        """A frontend exited: StartRefused if it never served; False (stop the server) at
+        the RESTART_LIMIT-th death within the window; else True, its replacement due."""
+        while child.pipe.poll() and self._message(child):  # what it said before it exited
+            pass
+        child.pipe.close()
+        code = child.process.exitcode
+        if not child.served:
+            raise child.refusal or StartRefused(
+                f"{child.name} failed before it served (exit code {code}); its error is above"
+            )
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S]
+        if len(self._deaths) + 1 >= RESTART_LIMIT:
+            log.error(
+                "frontend %d exited (code %s), the %d-th frontend death within %.0f s: "
+                "stopping the server; exit 1", i, code, len(self._deaths) + 1,
+                RESTART_WINDOW_S, extra={"event": "frontend_crash_loop"},
+            )  # fmt: skip
+            return False
+        delay = restart_delay(len(self._deaths))
+        self._deaths.append(now)
+        log.warning(
+            "frontend %d exited (code %s): replacing it in %.1f s", i, code, delay,
+            extra={"event": "frontend_replaced"},
+        )  # fmt: skip
+        self.replaced += 1
+        self._frontends[i] = None
+        self._due[i] = now + delay
+        return True
+
+    def _message(self, child: _Child) -> bool:
+        """Read one message of a child; False at the end of its pipe."""
         try:
             message = child.pipe.recv()
         except (EOFError, OSError):
-            return
+            return False
         if message[0] == "ready":
             child.metrics_port = message[1]
+            child.served = True
+        elif message[0] == "refused":
+            child.refusal = StartRefused(message[1])
+            child.refusal.exit_status = message[2]
         elif message[0] == "failed":
             log.error("%s failed: %s", child.name, message[1], extra={"event": "child_failed"})
+        return True
 
     def _shutdown(self) -> None:
         """Drain the frontends, then stop the engine; kill what does not stop in time."""
@@ -220,15 +283,36 @@ def _stop(children: list[_Child], grace: float) -> None:
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """Hold the port for the frontends (SO_REUSEPORT, not listening), after checking that no
-    other server listens there: a second server must fail, not silently share the port."""
-    with socket.socket() as probe:
-        if port and probe.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) == 0:
-            raise OSError(f"cannot bind {host}:{port}: another server is listening there")
+    """Hold the gRPC port for the frontends (SO_REUSEPORT, not listening), after checking that
+    no other server listens there: a second server must fail, not silently share the port."""
+    _not_listening(host, port, "--port")
     reserved = socket.socket()
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserved.bind((host, port))
+    try:
+        reserved.bind((host, port))
+    except OSError as exc:
+        reserved.close()
+        raise PortTaken(host, port, "--port", exc.strerror or exc) from None
     return reserved
+
+
+def check_free(host: str, port: int, flag: str) -> None:
+    """PortTaken unless the frontends will be able to listen on `port` (0: off): nothing
+    listens there, and a bind as theirs (SO_REUSEPORT) succeeds, tried and let go."""
+    if port:
+        _not_listening(host, port, flag)
+        with socket.socket() as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                trial.bind((host, port))
+            except OSError as exc:
+                raise PortTaken(host, port, flag, exc.strerror or exc) from None
+
+
+def _not_listening(host: str, port: int, flag: str) -> None:
+    with socket.socket() as probe:
+        if port and probe.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) == 0:
+            raise PortTaken(host, port, flag, "another server is listening there")
 
 
 class _SignalFlag:
