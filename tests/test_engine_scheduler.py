@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire import tensors
+from gradserve.wire.callers import CALLER_HEADER
 
 STAND_IN = Path(__file__).resolve().parents[1] / "bench" / "stand_in.py"
 CALL_S = 0.1  # each engine call of the stand-in
@@ -97,6 +98,24 @@ def test_a_high_request_overtakes_normal_rows_queued_in_the_engine_process(sched
     # at least the half of the backlog that was queued in the engine process when the HIGH
     # request was sent, minus the call then running and the one its frontend may have sent
     assert len(after_high) >= BACKLOG // 2 - 2, order
+
+
+def test_a_light_caller_is_not_queued_behind_the_backlog_of_its_own_frontend(scheduler):
+    """The engine process shares its batches between callers, not frontends: a 1-row call
+    named `light` on the backlog's own connection (so its own frontend) is computed before
+    the backlog queued ahead of it there, as if the two had reached different frontends."""
+    server, log = scheduler
+    with concurrent.futures.ThreadPoolExecutor(BACKLOG + 1) as pool:
+        channel, backlog = start_backlog(server, pool)
+        answer = evaluate(channel, 300.0, metadata=[(CALLER_HEADER, "light")], timeout=WAIT_S)
+        assert tensors.from_tensor(answer.y).ravel().tolist() == [300.0]
+        for call in backlog:
+            call.result(timeout=WAIT_S)
+        channel.close()
+    order = computed(log)
+    assert sorted(order) == [*range(1, BACKLOG + 1), 300.0]
+    after_light = order[order.index(300.0) + 1 :]
+    assert len(after_light) >= BACKLOG // 2 - 2, order
 
 
 def test_a_request_past_its_deadline_is_never_computed_in_the_engine_process(scheduler):

@@ -50,6 +50,10 @@ class BatchHints:
     priority: Priority = Priority.NORMAL
     deadline: float | None = None
     traces: tuple[object, ...] = ()  # the spans of its traced requests (opaque here)
+    # Whose rows it holds, in order: (caller key, rows) per run of one caller's rows, so that
+    # the scheduler behind the engine shares its batches between callers, not between the
+    # frontends they happen to reach.
+    callers: tuple[tuple[str, int], ...] = ()
 
 
 class Engine(Protocol):

@@ -567,11 +567,19 @@ def call_args(kind: Derivative, xs: list[np.ndarray], vs: list[np.ndarray] | Non
 
 def hints_of(parts: list[Part]) -> BatchHints:
     """A batch's most urgent priority, latest deadline (deadlines are on the asyncio
-    loop's clock, time.monotonic(), as BatchHints wants them) and traced requests."""
+    loop's clock, time.monotonic(), as BatchHints wants them), traced requests, and its
+    callers' runs of rows."""
     deadlines = [p.pending.deadline for p in parts]
     deadline = None if None in deadlines else max(deadlines)
     traces = tuple(p.pending.trace for p in parts if p.pending.trace is not None)
-    return BatchHints(max(p.pending.priority for p in parts), deadline, traces)
+    callers: list[tuple[str, int]] = []
+    for part in parts:
+        caller, rows = str(part.pending.caller or ""), part.stop - part.start
+        if callers and callers[-1][0] == caller:
+            callers[-1] = (caller, callers[-1][1] + rows)
+        else:
+            callers.append((caller, rows))
+    return BatchHints(max(p.pending.priority for p in parts), deadline, traces, tuple(callers))
 
 
 def _slices(parts: list[Part], field: str) -> list[np.ndarray]:

@@ -6,8 +6,9 @@ frontend sends sub-batches (its own micro-batches, up to --in-flight at once); t
 this process's schedulers (core/scheduler.py), one per model, which merge the sub-batches of
 every frontend into one device call per batch (never mixing models or derivative kinds, at
 most --max-batch-size rows and, as in one process, at most the rows whose learned cost fits
---max-batch-ms, on the XLA ladder), sharing batches round robin between frontends
-(--fairness). Each sub-batch is queued with its requests' most urgent priority and latest
+--max-batch-ms, on the XLA ladder), sharing batches round robin between callers, whichever
+frontend they reached (--fairness: each sub-batch names its callers' runs of rows, queued
+one request each). Each sub-batch is queued with its requests' most urgent priority and latest
 deadline: a HIGH sub-batch overtakes NORMAL rows queued here, and a sub-batch whose every
 request is past its deadline is never computed. The server's whole --max-queue-rows is the
 bound here: past it a sub-batch is refused (RESOURCE_EXHAUSTED).
@@ -73,25 +74,39 @@ Load = Callable[[ServerConfig, LoadObserver], Repository]
 
 class _Answer:
     """The reply of one sub-batch: its outcome is sent to its frontend the moment it is
-    known (scheduler.Reply)."""
+    known. A sub-batch of several callers is queued as one request per caller's run of rows
+    (each a scheduler.Reply of its own, a `_Part`), so that the engine process's fair
+    batching sees callers, not frontends; the answer is sent once every run has its rows,
+    or at the first failure (the frontend bisects what failed, as for an engine error)."""
 
-    __slots__ = ("_done", "pending", "scheduler", "session", "slot")
+    __slots__ = ("_done", "outputs", "parts", "scheduler", "session", "slot")
 
-    def __init__(self, session: _Session, slot: int, scheduler: Scheduler) -> None:
+    def __init__(self, session: _Session, slot: int, scheduler: Scheduler, runs: int) -> None:
         self.session, self.slot, self.scheduler = session, slot, scheduler
-        self.pending = None
+        self.parts: list[_Part] = []
+        self.outputs: list[RequestResult | None] = [None] * runs
         self._done = False
 
     def done(self) -> bool:
         return self._done
 
-    def set_result(self, result: RequestResult) -> None:
+    def part_done(self, index: int, result: RequestResult) -> None:
+        self.outputs[index] = result
+        if self._done or any(output is None for output in self.outputs):
+            return
         self._finish()
-        self.session.answer(self.slot, result)
+        if len(self.outputs) == 1:
+            self.session.answer(self.slot, self.outputs[0].y, self.outputs[0].dy_dx)
+            return
+        y = np.concatenate([output.y for output in self.outputs])
+        derivatives = [output.dy_dx for output in self.outputs]
+        dy_dx = None if derivatives[0] is None else np.concatenate(derivatives)
+        self.session.answer(self.slot, y, dy_dx)
 
-    def set_exception(self, exception: BaseException) -> None:
-        self._finish()
-        self.session.fail(self.slot, exception)
+    def part_failed(self, exception: BaseException) -> None:
+        if not self._done:
+            self._finish()
+            self.session.fail(self.slot, exception)
 
     def cancel(self) -> None:
         """Its frontend went away: withdraw its rows, answer nobody."""
@@ -101,8 +116,40 @@ class _Answer:
     def _finish(self) -> None:
         self._done = True
         self.session.replies.pop(self.slot, None)
-        if self.pending is not None:
-            self.scheduler.finished(self.pending)
+        for part in self.parts:
+            part.finish()
+
+
+class _Part:
+    """One caller's run of rows of a sub-batch, queued as a request of its own."""
+
+    __slots__ = ("_done", "answer", "index", "pending")
+
+    def __init__(self, answer: _Answer, index: int) -> None:
+        self.answer, self.index = answer, index
+        self.pending = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done or self.answer.done()
+
+    def set_result(self, result: RequestResult) -> None:
+        self._release()
+        self.answer.part_done(self.index, result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._release()
+        self.answer.part_failed(exception)
+
+    def finish(self) -> None:
+        """The sub-batch is answered or withdrawn: this run's rows and bytes are freed."""
+        self._release()
+
+    def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            if self.pending is not None:
+                self.answer.scheduler.finished(self.pending)
 
 
 class _Session:
@@ -128,6 +175,7 @@ class _Session:
         slot = message.slot
         if slot in self.replies or not 0 <= slot < self._slots:
             raise messages.BadFrame(f"slot {slot} is in flight or not one of 0..{self._slots - 1}")
+        reply = None
         try:
             mapped = self._requests.setdefault(slot, Mapped())
             x = mapped.view(message.path, message.x)
@@ -136,26 +184,35 @@ class _Session:
             if served is None:
                 raise UnknownModel(f"version {message.version} of {message.model!r} is not served")
             scheduler, engine = served
-            _check_rows(engine, Derivative(message.kind), x, v)
-            reply = _Answer(self, slot, scheduler)
+            kind = Derivative(message.kind)
+            _check_rows(engine, kind, x, v)
+            runs = message.callers or ((f"frontend:{self.number}", x.shape[0]),)
+            reply = _Answer(self, slot, scheduler, len(runs))
             traces = unpack_contexts(message.traces) if message.traces else None
-            reply.pending = scheduler.admit(
-                x, Derivative(message.kind), message.deadline, v, self.number,
-                Priority(message.priority), reply, traces,
-            )  # fmt: skip
-        except QueueFull as exc:
-            self.fail(slot, QueueFull(f"the engine process's {exc}"))
-            return
+            start = 0
+            for index, (caller, rows) in enumerate(runs):
+                part = _Part(reply, index)
+                reply.parts.append(part)
+                stop = start + rows
+                part.pending = scheduler.admit(
+                    x[start:stop], kind, message.deadline, None if v is None else v[start:stop],
+                    caller, Priority(message.priority), part, traces,
+                )  # fmt: skip
+                start = stop
         except Exception as exc:
+            if reply is not None:  # the runs admitted before one was refused
+                reply.cancel()
+            if isinstance(exc, QueueFull):
+                exc = QueueFull(f"the engine process's {exc}")
             self.fail(slot, exc)
             return
         self.replies[slot] = reply
 
-    def answer(self, slot: int, result: RequestResult) -> None:
+    def answer(self, slot: int, y: np.ndarray, dy_dx: np.ndarray | None) -> None:
         segment = self._answers.get(slot)
         if segment is None:
             segment = self._answers[slot] = Segment(f"{self._prefix}{slot}")
-        path, (y, dy_dx) = segment.write([result.y, result.dy_dx])
+        path, (y, dy_dx) = segment.write([y, dy_dx])
         self.send(SubBatchAnswer(path, y, dy_dx, slot=slot))
 
     def fail(self, slot: int, exc: BaseException) -> None:
@@ -252,7 +309,7 @@ class _Loop:
         scheduler = Scheduler(
             max_batch_size=config.max_batch_size,
             max_queue_rows=max(config.max_queue_rows, config.max_batch_size),
-            fair=config.fairness,  # between frontends: each is one caller here
+            fair=config.fairness,  # between callers, as the sub-batches name them
             max_batch_s=config.max_batch_ms / 1e3,
             ladder=engine.ladder,
             observer=self._metrics,

@@ -14,7 +14,9 @@ A sub-batch names its slot: one of the frontend's in-flight places (a request se
 its side, an answer segment on the engine's), free again once its answer has been read; the
 answer names the same slot, since answers come in the order the engine computes them. A
 sub-batch also carries the trace context of each traced request it holds (opaque bytes
-here: tracing.py packs and unpacks them), so that the engine's batch span links to them.
+here: tracing.py packs and unpacks them), so that the engine's batch span links to them,
+and its callers' runs of rows (caller key, rows), so that the engine process shares its
+batches between callers, not between frontends.
 
 Knows the standard library only (and shm's ArrayRef).
 """
@@ -32,7 +34,7 @@ from gradserve.server.core.contract import Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
 from gradserve.server.multiproc.shm import ArrayRef
 
-VERSION = 4
+VERSION = 5
 _CATALOG, _SUB_BATCH, _ANSWER, _CONTROL, _CONTROL_DONE, _RELEASED = 1, 2, 3, 4, 5, 6
 _HEAD = struct.Struct("<BB")  # version, message type
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
@@ -151,6 +153,7 @@ class SubBatch:
     slot: int = 0
     version: int = 1
     traces: bytes = b""  # the traced requests' contexts (tracing.pack_contexts)
+    callers: tuple[tuple[str, int], ...] = ()  # (caller key, rows) per run, in row order
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,9 @@ def encode(message: Message) -> bytes:
         parts = [_HEAD.pack(VERSION, _SUB_BATCH), schedule]
         parts += [_text(message.model), _text(message.kind), _text(message.path)]
         parts += [_ref(message.x), _ref(message.v), _U32.pack(len(message.traces)), message.traces]
+        parts.append(_U32.pack(len(message.callers)))
+        parts += [part for caller, rows in message.callers for part in (_text(caller),
+                                                                         _U32.pack(rows))]
     elif isinstance(message, SubBatchAnswer):
         parts = [_HEAD.pack(VERSION, _ANSWER), _U16.pack(message.slot), _text(message.path)]
         parts.append(_ref(message.y))
@@ -296,8 +302,14 @@ def _sub_batch(reader: _Reader) -> SubBatch:
         raise ValueError("a sub-batch without rows")
     v = reader.ref()
     traces = reader.raw()
+    (runs,) = reader.unpack(_U32)
+    if runs > x.shape[0]:
+        raise ValueError(f"{runs} callers' runs for {x.shape[0]} rows")
+    callers = tuple((reader.text(), reader.unpack(_U32)[0]) for _ in range(runs))
+    if callers and sum(rows for _, rows in callers) != x.shape[0]:
+        raise ValueError(f"callers' runs of {sum(r for _, r in callers)} rows for {x.shape[0]}")
     deadline = None if math.isnan(deadline) else deadline
-    return SubBatch(model, kind, path, x, v, priority, deadline, slot, version, traces)
+    return SubBatch(model, kind, path, x, v, priority, deadline, slot, version, traces, callers)
 
 
 def _answer(reader: _Reader) -> SubBatchAnswer:

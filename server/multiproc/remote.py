@@ -144,7 +144,7 @@ class EngineLink:
             raise
         traces = pack_contexts(hints.traces) if hints.traces else b""
         message = SubBatch(model, kind.value, path, x_ref, v_ref, int(hints.priority),
-                           hints.deadline, slot, version, traces)  # fmt: skip
+                           hints.deadline, slot, version, traces, hints.callers)  # fmt: skip
         future = self._loop.create_future()
         self._waiting[slot] = future
         try:
