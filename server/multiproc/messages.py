@@ -204,8 +204,9 @@ def encode(message: Message) -> bytes:
         parts += [_text(message.model), _text(message.kind), _text(message.path)]
         parts += [_ref(message.x), _ref(message.v), _U32.pack(len(message.traces)), message.traces]
         parts.append(_U32.pack(len(message.callers)))
-        parts += [part for caller, rows in message.callers for part in (_text(caller),
-                                                                         _U32.pack(rows))]
+        parts += [
+            part for caller, rows in message.callers for part in (_text(caller), _U32.pack(rows))
+        ]
     elif isinstance(message, SubBatchAnswer):
         parts = [_HEAD.pack(VERSION, _ANSWER), _U16.pack(message.slot), _text(message.path)]
         parts.append(_ref(message.y))
