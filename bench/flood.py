@@ -80,7 +80,7 @@ class ServerProcess:
         argv = [sys.executable, "-m", "gradserve.server.cli", "serve", "--model", str(model)]
         argv += ["--port", str(self.port), "--metrics-port", "0", "--http-port", "0"]
         argv += ["--drain-seconds", "10"]
-        argv += ["--frontends", "1", *args]  # one process: its memory is the server's
+        argv += ["--frontends", "1", *args]  # one process unless `args` say otherwise
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.process = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
@@ -106,18 +106,38 @@ class ServerProcess:
                 time.sleep(0.1)
         raise RuntimeError("server did not become ready in time")
 
+    def _pids(self) -> list[int]:
+        """The server's processes: the one started and its children (with --frontends N: the
+        engine process, the frontends and the standby)."""
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [pid, *map(int, children)]
+
     def _status_mb(self, key: str) -> float:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        line = next(x for x in status.splitlines() if x.startswith(key + ":"))
-        return int(line.split()[1]) / 1024
+        """`key` (VmRSS, VmHWM) summed over the server's processes: for VmHWM the sum of each
+        process's own peak, at least the peak of the sum."""
+        total = 0.0
+        for pid in self._pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:  # it ended meanwhile
+                continue
+            line = next(x for x in status.splitlines() if x.startswith(key + ":"))
+            total += int(line.split()[1]) / 1024
+        return total
 
     def rss_mb(self) -> float:
         return self._status_mb("VmRSS")
 
     def reset_peak(self) -> bool:
-        """Reset the kernel's peak-RSS mark to the current RSS (False where unsupported)."""
+        """Reset the kernel's peak-RSS mark of every server process to its current RSS (False
+        where unsupported)."""
         try:
-            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+            for pid in self._pids():
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
         except OSError:
             return False
         return True

@@ -245,7 +245,9 @@ def render_flood(floods: dict) -> list[str]:
         f"loop, plus one 1-row caller; {fair.seconds:.0f} s)",
         "",
         f"fair: `--fairness on --max-batch-ms 20`; fifo: `--fairness off --max-batch-ms 0`; "
-        f"both `--max-queue-mb {QUEUE_MB}`. Refused flood calls wait 50 ms and try again; "
+        f"one process each; `fair, frontends=N`: the fair settings in the multi-process shape "
+        f"(RSS summed over its processes, peaks as each process's own peak); all "
+        f"`--max-queue-mb {QUEUE_MB}`. Refused flood calls wait 50 ms and try again; "
         "every caller runs in a process other than the server's and the measuring one.",
         "",
         "| server | light p50 idle ms | light p99 idle ms | light p50 flood ms "
@@ -263,7 +265,8 @@ def render_flood(floods: dict) -> list[str]:
         )
     ratio = fair.flood_rows_per_s / fifo.flood_rows_per_s if fifo.flood_rows_per_s else 0.0
     rss_bound = fair.baseline_rss_mb + QUEUE_MB * 1.2 + MARGIN_MB
-    lost = sum(fair.lost.values()) + sum(fifo.lost.values())
+    lost = sum(sum(f.lost.values()) for f in floods.values())
+    shapes = [(label, f) for label, f in floods.items() if label.startswith("fair, frontends")]
 
     def row(name: str, value: str, target: str, ok: bool) -> str:
         return f"| {name} | {value} | {target} | {'met' if ok else 'NOT met'} |"
@@ -281,7 +284,21 @@ def render_flood(floods: dict) -> list[str]:
             fair.peak_rss_mb <= rss_bound),
         row("flood calls lost (neither answered nor RESOURCE_EXHAUSTED)", str(lost), "0",
             lost == 0),
+        *(line for label, shape in shapes for line in _shape_targets(label, shape, fair)),
     ]  # fmt: skip
+
+
+def _shape_targets(label: str, shape, one_process) -> list[str]:
+    """The multi-process shape's flood targets: the one process's, and within 1.2x of it."""
+    p99, alone = shape.light_flood_ms["p99"], one_process.light_flood_ms["p99"]
+    bound = shape.baseline_rss_mb + QUEUE_MB * 1.2 + MARGIN_MB
+    ok = "met", "NOT met"
+    return [
+        f"| light p99 under flood (ms), {label} | {p99:.1f} | <= {LIGHT_P99_MS} and <= 1.2 x "
+        f"{alone:.1f} | {ok[not (p99 <= LIGHT_P99_MS and p99 <= 1.2 * alone)]} |",
+        f"| peak RSS (MB), {label} | {shape.peak_rss_mb:.0f} | <= baseline + {QUEUE_MB} x 1.2 + "
+        f"{MARGIN_MB} = {bound:.0f} | {ok[not shape.peak_rss_mb <= bound]} |",
+    ]
 
 
 def explain_target(engine: list[dict], explain: dict) -> str:

@@ -188,7 +188,9 @@ FLOOD_CALLERS, FLOOD_ROWS, FLOOD_SECONDS = 40, 300, 10.0
 FLOOD_CONFIGS = {
     "fair": ["--fairness", "on", "--max-batch-ms", "20"],
     "fifo": ["--fairness", "off", "--max-batch-ms", "0"],
-}
+    f"fair, frontends={FRONTENDS}": ["--frontends", str(FRONTENDS), "--fairness", "on",
+                                     "--max-batch-ms", "20"],
+}  # fmt: skip
 
 
 def flood_step() -> dict:

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.inference import grpc_service_pb2 as inference_pb2
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.batcher import Batcher
-from gradserve.server.core.budget import MemoryBudget
+from gradserve.server.core.budget import Count, MemoryBudget
 from gradserve.server.core.contract import Engine, ModelSpec
 from gradserve.server.core.errors import Closed, PortTaken
 from gradserve.server.core.registry import Models, Served
@@ -100,7 +100,10 @@ class GradServer:
         internal_metrics: bool = False,
         process: str = "server",
         statistics_port: int = 0,
+        memory_count: Count | None = None,
     ) -> None:
+        """`memory_count`: where the memory budget counts (a frontend's: the count every
+        frontend of the server shares; None: this process's own)."""
         self.config = config
         self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
         self._load = load
@@ -120,7 +123,7 @@ class GradServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self.batchers: list[Batcher] = []  # one per served model, in serving order
-        self.memory = MemoryBudget.for_server(config.max_queue_bytes)  # every model's
+        self.memory = MemoryBudget.for_server(config.max_queue_bytes, memory_count)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradserve-engine")
         self._health = health_aio.HealthServicer()
         self._streams = Streams()

@@ -17,12 +17,18 @@ from multiprocessing.connection import Connection
 from gradserve.server import logs
 from gradserve.server.app import GradServer
 from gradserve.server.config import ServerConfig
+from gradserve.server.core.budget import Count
 from gradserve.server.core.errors import StartRefused
 from gradserve.server.multiproc.remote import EngineLink, RemoteOwner
 
 
 async def _serve(
-    config: ServerConfig, address: str, parent: Connection, name: str, statistics_port: int
+    config: ServerConfig,
+    address: str,
+    parent: Connection,
+    name: str,
+    statistics_port: int,
+    memory_count: Count,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -45,7 +51,8 @@ async def _serve(
 
     owner = RemoteOwner(connect, loop)
     server = GradServer(config, owner=owner, reuse_port=True, internal_metrics=True,
-                        process=name, statistics_port=statistics_port)  # fmt: skip
+                        process=name, statistics_port=statistics_port,
+                        memory_count=memory_count)  # fmt: skip
     try:
         try:
             await server.start()
@@ -67,13 +74,15 @@ def run(
     address: str,
     parent: Connection,
     statistics_port: int,
+    memory_count: Count,
     standby: bool = False,
 ) -> None:
     """Entry point of a frontend process. A standby has imported everything (this module,
     unpickled by name when it was spawned, is the expensive part of starting), then waits for
     the supervisor's word to start (and the name of the frontend it replaces), so that it
     replaces a dead frontend at once. `statistics_port`: where every process's metrics are
-    gathered on 127.0.0.1 (the statistics extension's answers)."""
+    gathered on 127.0.0.1 (the statistics extension's answers); `memory_count`: the memory
+    budget's count every frontend shares, so that --max-queue-mb bounds the server."""
     logs.configure(config.log_format, config.log_level)
     name = multiprocessing.current_process().name
     if standby:
@@ -82,7 +91,7 @@ def run(
         except (EOFError, OSError):
             return
     try:
-        asyncio.run(_serve(config, address, parent, name, statistics_port))
+        asyncio.run(_serve(config, address, parent, name, statistics_port, memory_count))
     except StartRefused as refusal:  # told once, by the supervisor, without a traceback
         parent.send(("refused", str(refusal), refusal.exit_status))
         sys.exit(refusal.exit_status)

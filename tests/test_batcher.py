@@ -648,7 +648,8 @@ async def test_an_error_nobody_in_the_batch_caused_fails_it_whole_without_bisect
 
 async def test_an_engine_that_schedules_gets_each_batch_s_priority_and_latest_deadline() -> None:
     """With hints on (the engine process behind a frontend), compute gets the batch's most
-    urgent priority and its latest deadline, or none when a request of it has none."""
+    urgent priority and its latest deadline, or none when a request of it has none, and
+    its callers' runs of rows."""
     seen: list[BatchHints] = []
     gate = threading.Event()
 
@@ -663,17 +664,18 @@ async def test_an_engine_that_schedules_gets_each_batch_s_priority_and_latest_de
         first = batcher.submit(make_x(NONE, 1), NONE)
         await until(lambda: len(seen) == 1)  # the engine is held: the rest queue together
         soon, later = loop.time() + 30, loop.time() + 60
-        normal = batcher.submit(make_x(NONE, 2), NONE, deadline=soon)
-        high = batcher.submit(make_x(NONE, 3), NONE, deadline=later, priority=Priority.HIGH)
+        normal = batcher.submit(make_x(NONE, 2), NONE, deadline=soon, caller="a")
+        high = batcher.submit(make_x(NONE, 3), NONE, deadline=later, priority=Priority.HIGH,
+                              caller="b")  # fmt: skip
         gate.set()
         await wait(asyncio.gather(first, normal, high))
         await wait(batcher.submit(make_x(GRADIENT, 1), GRADIENT, deadline=soon))
         await wait(batcher.submit(make_x(GRADIENT, 1), GRADIENT))
-    assert seen == [
-        BatchHints(Priority.NORMAL, None),
-        BatchHints(Priority.HIGH, later),
-        BatchHints(Priority.NORMAL, soon),
-        BatchHints(Priority.NORMAL, None),
+    assert seen == [  # callers: each caller's run of rows in order, HIGH rows first
+        BatchHints(Priority.NORMAL, None, callers=(("", 1),)),
+        BatchHints(Priority.HIGH, later, callers=(("b", 3), ("a", 2))),
+        BatchHints(Priority.NORMAL, soon, callers=(("", 1),)),
+        BatchHints(Priority.NORMAL, None, callers=(("", 1),)),
     ]
 
 

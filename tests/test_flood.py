@@ -34,8 +34,11 @@ def head_model(tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(180)
-def test_flood_is_fair_bounded_and_loses_nothing(head_model: Path) -> None:
-    args = ["--xla", "off", "--max-batch-size", "256", "--max-queue-mb", str(MAX_QUEUE_MB)]
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_flood_is_fair_bounded_and_loses_nothing(head_model: Path, frontends: str) -> None:
+    """In one process and in the multi-process shape (its RSS summed over its processes)."""
+    args = ["--frontends", frontends, "--xla", "off", "--max-batch-size", "256"]
+    args += ["--max-queue-mb", str(MAX_QUEUE_MB)]
     args += ["--max-batch-ms", str(MAX_BATCH_MS)]
     result = flood.run_flood(head_model, args, callers=4, rows=32, seconds=3, idle_seconds=1)
 

@@ -6,15 +6,18 @@ shares one, so the bound is the server's, whatever the model. `CostModel` learns
 an engine call of n rows of one kind takes from the calls it has seen, so that a batch can
 be capped to fit a latency budget.
 
-No gRPC, no TensorFlow: plain numbers, so a process that forwards batches elsewhere can
-swap in a counter shared with other processes behind the same two methods.
+No gRPC, no TensorFlow: plain numbers. The frontends of a multi-process server share one
+budget: its count lives in shared memory (multiproc/shared_count.py), checked and changed
+under its lock, so that --max-queue-mb bounds the server, not each frontend's share of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from gradserve.server.core.errors import QueueFull, RequestTooLarge
 from gradserve.wire.limits import MIB
@@ -28,28 +31,73 @@ def size_text(nbytes: float) -> str:
     return f"{nbytes:.0f} B"
 
 
+class Count(Protocol):
+    """Where a budget's held bytes are counted: `add` and `total`, a check and its change
+    made together under `get_lock()`."""
+
+    def get_lock(self) -> contextlib.AbstractContextManager: ...
+
+    def add(self, nbytes: int) -> None: ...
+
+    def total(self) -> int: ...
+
+
+class _Local:
+    """A count of one process: no lock needed on its one event loop."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def get_lock(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def add(self, nbytes: int) -> None:
+        self.value += nbytes
+
+    def total(self) -> int:
+        return self.value
+
+
+_SHARED_POLL_S = 0.05  # how often `room` looks again when other processes free bytes
+
+
 class MemoryBudget:
-    """Bytes held by admitted requests, against a limit shared by every batcher of a server.
+    """Bytes held by admitted requests, against a limit shared by every batcher of a server
+    (and, given a shared `count`, by every frontend process of it).
 
     The last `kept_bytes` of the limit are kept for reservations of at most `small_bytes`,
     so that large requests filling the budget cannot shut out small ones (a 1-row call
     behind a flood of 15 MB requests is still admitted)."""
 
-    def __init__(self, limit_bytes: int, kept_bytes: int = 0, small_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        limit_bytes: int,
+        kept_bytes: int = 0,
+        small_bytes: int = 0,
+        count: Count | None = None,
+    ) -> None:
         if limit_bytes < 1 or not 0 <= kept_bytes < limit_bytes or small_bytes < 0:
             raise ValueError("a memory budget needs at least one byte, and more than it keeps")
         self.limit = limit_bytes
         self.kept = kept_bytes
         self.small = small_bytes
-        self.held = 0
+        self._count: Count = _Local() if count is None else count
+        self._shared = count is not None
         self._freed = asyncio.Event()
 
     @classmethod
-    def for_server(cls, limit_bytes: int) -> MemoryBudget:
+    def for_server(cls, limit_bytes: int, count: Count | None = None) -> MemoryBudget:
         """The server's budget: its last sixteenth kept for reservations of at most a 64th of
         it (at 256 MiB: 16 MiB kept for reservations of up to 4 MiB; at 8 MiB, 128 KiB: a
         1-row 64x64x3 call and its answer, 96 KiB, still fit)."""
-        return cls(limit_bytes, limit_bytes // 16, limit_bytes // 64)
+        return cls(limit_bytes, limit_bytes // 16, limit_bytes // 64, count)
+
+    @property
+    def held(self) -> int:
+        """Bytes held now, by every process sharing the count."""
+        return self._count.total()
 
     @property
     def large_limit(self) -> int:
@@ -64,13 +112,14 @@ class MemoryBudget:
                 f"request needs {size_text(nbytes)} (its message, rows and result); at most "
                 f"{size_text(self.limit)} may be queued at once; send fewer rows per request"
             )
-        if not self.fits(nbytes):
-            raise QueueFull(
-                f"queue full: {size_text(self.held)} of {size_text(self.limit)} are held by "
-                f"queued and running requests and this request needs {size_text(nbytes)}; "
-                "retry later"
-            )
-        self.held += nbytes
+        with self._count.get_lock():
+            if not self.fits(nbytes):
+                raise QueueFull(
+                    f"queue full: {size_text(self.held)} of {size_text(self.limit)} are held by "
+                    f"queued and running requests and this request needs {size_text(nbytes)}; "
+                    "retry later"
+                )
+            self._count.add(nbytes)
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` more fit now (large reservations leave the small ones' share)."""
@@ -80,20 +129,27 @@ class MemoryBudget:
     def hold(self, nbytes: int) -> None:
         """Count `nbytes` more as held whatever the limit: bytes that exist already (an
         answer computed for an admitted request) and must be counted, not refused."""
-        self.held += nbytes
+        with self._count.get_lock():
+            self._count.add(nbytes)
 
     def release(self, nbytes: int) -> None:
         """A request finished (answered, failed or cancelled): its bytes are free again."""
-        self.held -= nbytes
+        with self._count.get_lock():
+            self._count.add(-nbytes)
         if nbytes:
             self._freed.set()
 
     async def room(self, nbytes: int) -> None:
         """Wait until `nbytes` more would fit (at once when they never could: admission then
-        refuses them with the reason)."""
+        refuses them with the reason). Bytes another process frees are seen within
+        _SHARED_POLL_S."""
         while nbytes <= self.limit and not self.fits(nbytes):
             self._freed.clear()
-            await self._freed.wait()
+            if not self._shared:
+                await self._freed.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), _SHARED_POLL_S)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from gradserve.server.core.errors import PortTaken, StartRefused
 from gradserve.server.multiproc import engine_process, shm
 from gradserve.server.multiproc.engine_process import Load
 from gradserve.server.multiproc.metrics_gather import MetricsGatherer
+from gradserve.server.multiproc.shared_count import SharedCount
 
 log = logging.getLogger("gradserve")
 
@@ -65,6 +66,7 @@ class _Child:
     metrics_port: int = 0
     served: bool = False
     refusal: StartRefused | None = None
+    count: SharedCount | None = None  # its slot of the memory budget's count
 
 
 # A process's entry point, spawned with (config, engine address, pipe to the supervisor, ...).
@@ -88,6 +90,10 @@ class Supervisor:
         self._load = load
         self._frontend_entry = frontend
         self._context = multiprocessing.get_context("spawn")
+        # The memory budget's count, in shared memory, a slot per frontend process (and the
+        # standby): every frontend admits against the server's whole --max-queue-mb.
+        self._memory_slots = self._context.Array("q", frontends + 2)
+        self._free_slots = list(range(frontends + 2))
         self._run_dir = Path(tempfile.mkdtemp(prefix="gradserve-"))
         self._address = str(self._run_dir / "engine.sock")
         self._engine: _Child | None = None
@@ -116,21 +122,33 @@ class Supervisor:
         return _Child(name, process, ours)
 
     def _frontend_config(self) -> ServerConfig:
-        """Each frontend admits an equal share of the queue bounds, so that together they
-        stay within the server's bounds (rows and bytes)."""
+        """Each frontend admits an equal share of the queue's rows, so that together they stay
+        within the server's bound; bytes are counted once for all of them (the shared
+        count)."""
         rows = max(1, self.config.max_queue_rows // self.frontends)
-        mib = max(1, self.config.max_queue_mb // self.frontends)
-        return dataclasses.replace(self.config, max_queue_rows=rows, max_queue_mb=mib)
+        return dataclasses.replace(self.config, max_queue_rows=rows)
+
+    def _spawn_protocol_process(self, name: str, *extra: object) -> _Child:
+        """A frontend or the standby, with a slot of the memory budget's count."""
+        count = SharedCount(self._memory_slots, self._free_slots.pop())
+        child = self._spawn(name, self._frontend_entry, self._frontend_config(),
+                            self._gathered.port, count, *extra)  # fmt: skip
+        child.count = count
+        return child
 
     def _spawn_frontend(self, index: int) -> None:
-        self._frontends[index] = self._spawn(
-            f"frontend-{index}", self._frontend_entry, self._frontend_config(), self._gathered.port
-        )
+        self._frontends[index] = self._spawn_protocol_process(f"frontend-{index}")
 
     def _spawn_standby(self) -> None:
-        self._standby = self._spawn(
-            "standby", self._frontend_entry, self._frontend_config(), self._gathered.port, True
-        )
+        self._standby = self._spawn_protocol_process("standby", True)
+
+    def _gone(self, child: _Child) -> None:
+        """A frontend (or the standby) exited: the bytes it held are free, its slot too."""
+        child.pipe.close()
+        if child.count is not None:
+            child.count.clear()
+            self._free_slots.append(child.count.slot)
+            child.count = None
 
     def _replace_frontend(self, index: int) -> None:
         """Start the standby in the dead frontend's place, and a new standby."""
@@ -198,7 +216,7 @@ class Supervisor:
                     del self._due[i]
                     self._replace_frontend(i)
             if self._standby is not None and self._standby.process.sentinel in ready:
-                self._standby.pipe.close()
+                self._gone(self._standby)
                 self._spawn_standby()
         log.info("signal received: draining every frontend", extra={"event": "signal"})
         return 0
@@ -208,7 +226,7 @@ class Supervisor:
         the RESTART_LIMIT-th death within the window; else True, its replacement due."""
         while child.pipe.poll() and self._message(child):  # what it said before it exited
             pass
-        child.pipe.close()
+        self._gone(child)
         code = child.process.exitcode
         if not child.served:
             raise child.refusal or StartRefused(
