@@ -286,7 +286,7 @@ class GradServer:
         config = self.config
         models = self.models
         self.metrics.queue_rows.set_function(lambda: sum(b.queued_rows for b in self.batchers))
-        self.metrics.queue_bytes.set_function(lambda: self.memory.held)
+        self.metrics.queue_bytes.set_function(lambda: self.memory.held_here)
         self.metrics.watch_costs(lambda: [(s.spec.name, s.batcher.costs()) for s in models])
         self.metrics.watch_serving(lambda: self.ready, config.max_queue_rows, self.memory.limit)
         self.metrics.watch_statistics(

@@ -41,6 +41,9 @@ class Count(Protocol):
 
     def total(self) -> int: ...
 
+    def own(self) -> int:
+        """This process's part of the total (what its metrics report, summed over processes)."""
+
 
 class _Local:
     """A count of one process: no lock needed on its one event loop."""
@@ -57,6 +60,9 @@ class _Local:
         self.value += nbytes
 
     def total(self) -> int:
+        return self.value
+
+    def own(self) -> int:
         return self.value
 
 
@@ -98,6 +104,11 @@ class MemoryBudget:
     def held(self) -> int:
         """Bytes held now, by every process sharing the count."""
         return self._count.total()
+
+    @property
+    def held_here(self) -> int:
+        """Bytes held now by this process's requests."""
+        return self._count.own()
 
     @property
     def large_limit(self) -> int:

@@ -25,6 +25,9 @@ class SharedCount:
     def total(self) -> int:
         return sum(self._slots.get_obj())
 
+    def own(self) -> int:
+        return self._slots.get_obj()[self.slot]
+
     def clear(self) -> None:
         """Its process is gone: whatever it held is free."""
         with self._slots.get_lock():
