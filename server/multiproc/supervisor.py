@@ -77,7 +77,8 @@ class Supervisor:
     """Starts, watches and stops the engine process and the frontends.
 
     `load` is how the engine process loads its models (config -> engines) and `frontend` the
-    entry point of a frontend process (config, engine address, pipe, standby): the
+    entry point of a frontend process (config, engine address, pipe, statistics port, its
+    slot of the memory count, standby): the
     assembly's, passed in, so that this module knows neither the engine nor the servers.
     Both are module-level functions, pickled by name when a process is spawned.
     """
@@ -154,6 +155,8 @@ class Supervisor:
         """Start the standby in the dead frontend's place, and a new standby."""
         standby = self._standby
         if standby is None or not standby.process.is_alive():
+            if standby is not None:
+                self._gone(standby)  # its slot and pipe, before its successor takes them
             self._spawn_frontend(index)
         else:
             standby.name = f"frontend-{index}"
