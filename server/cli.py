@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from gradserve.server import config as cfg
 from gradserve.server import logs
+from gradserve.server import loop as event_loop
 
 
 def loadtest_module():
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if frontends > 1:
             return supervisor.serve(config, frontends, load=open_repository,
                                     frontend=frontend.run)  # fmt: skip
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except StartRefused as refusal:
         print(f"gradserve serve: {refusal}", file=sys.stderr)
         return refusal.exit_status

@@ -15,6 +15,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from gradserve.server import logs
+from gradserve.server import loop as event_loop
 from gradserve.server.app import GradServer
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.budget import Count
@@ -91,7 +92,7 @@ def run(
         except (EOFError, OSError):
             return
     try:
-        asyncio.run(_serve(config, address, parent, name, statistics_port, memory_count))
+        event_loop.run(_serve(config, address, parent, name, statistics_port, memory_count))
     except StartRefused as refusal:  # told once, by the supervisor, without a traceback
         parent.send(("refused", str(refusal), refusal.exit_status))
         sys.exit(refusal.exit_status)
