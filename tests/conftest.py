@@ -95,6 +95,16 @@ def start_gradserve(
     )  # fmt: skip
 
 
+def exited(process: subprocess.Popen, timeout: float) -> str:
+    """Wait for a server expected to stop by itself; its stderr (killed if it does not)."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+
+
 def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
     """Wait until the server reports SERVING on several fresh connections in a row: with
     --frontends, each connection may reach another frontend, and each gets ready on its own."""

@@ -13,7 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port, start_gradserve, wait_serving
+from conftest import exited, free_port, start_gradserve, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.server import config as cfg
@@ -199,11 +199,7 @@ def test_a_taken_port_stops_the_server_in_one_line_with_status_two(flag, fronten
              *(arg for pair in ports.items() for arg in (pair[0], str(pair[1])))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        try:
-            _, errors = process.communicate(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        errors = exited(process, timeout=120)
     assert process.returncode == 2, errors[-2000:]
     assert "Traceback" not in errors and "replacing" not in errors, errors[-2000:]
     (line,) = [line for line in errors.splitlines() if line.startswith("gradserve serve:")]

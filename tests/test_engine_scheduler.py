@@ -82,40 +82,43 @@ def start_backlog(server: ServerProcess, pool: concurrent.futures.Executor):
     raise AssertionError("the backlog never queued in the engine process")
 
 
-def test_a_high_request_overtakes_normal_rows_queued_in_the_engine_process(scheduler):
+def computed_after(scheduler, value: float, send) -> list[float]:
+    """Send one 1-row call of x = `value` (`send(channel, value)`, the backlog's channel)
+    while the backlog waits in the engine process; the rows computed after it."""
     server, log = scheduler
     with concurrent.futures.ThreadPoolExecutor(BACKLOG + 1) as pool:
         channel, backlog = start_backlog(server, pool)
-        with grpc.insecure_channel(server.target) as other:  # either frontend
-            answer = evaluate(other, 100.0, fields={"priority": pb.HIGH}, timeout=WAIT_S)
-        assert tensors.from_tensor(answer.y).ravel().tolist() == [100.0]
+        answer = send(channel, value)
+        assert tensors.from_tensor(answer.y).ravel().tolist() == [value]
         for call in backlog:
             call.result(timeout=WAIT_S)
         channel.close()
     order = computed(log)
-    assert sorted(order) == [*range(1, BACKLOG + 1), 100.0]
-    after_high = order[order.index(100.0) + 1 :]
+    assert sorted(order) == [*range(1, BACKLOG + 1), value]
+    return order[order.index(value) + 1 :]
+
+
+def test_a_high_request_overtakes_normal_rows_queued_in_the_engine_process(scheduler):
+    def high(channel: grpc.Channel, value: float) -> pb.EvaluateResponse:
+        with grpc.insecure_channel(scheduler[0].target) as other:  # either frontend
+            return evaluate(other, value, fields={"priority": pb.HIGH}, timeout=WAIT_S)
+
+    after_high = computed_after(scheduler, 100.0, high)
     # at least the half of the backlog that was queued in the engine process when the HIGH
     # request was sent, minus the call then running and the one its frontend may have sent
-    assert len(after_high) >= BACKLOG // 2 - 2, order
+    assert len(after_high) >= BACKLOG // 2 - 2, after_high
 
 
 def test_a_light_caller_is_not_queued_behind_the_backlog_of_its_own_frontend(scheduler):
     """The engine process shares its batches between callers, not frontends: a 1-row call
     named `light` on the backlog's own connection (so its own frontend) is computed before
     the backlog queued ahead of it there, as if the two had reached different frontends."""
-    server, log = scheduler
-    with concurrent.futures.ThreadPoolExecutor(BACKLOG + 1) as pool:
-        channel, backlog = start_backlog(server, pool)
-        answer = evaluate(channel, 300.0, metadata=[(CALLER_HEADER, "light")], timeout=WAIT_S)
-        assert tensors.from_tensor(answer.y).ravel().tolist() == [300.0]
-        for call in backlog:
-            call.result(timeout=WAIT_S)
-        channel.close()
-    order = computed(log)
-    assert sorted(order) == [*range(1, BACKLOG + 1), 300.0]
-    after_light = order[order.index(300.0) + 1 :]
-    assert len(after_light) >= BACKLOG // 2 - 2, order
+
+    def light(channel: grpc.Channel, value: float) -> pb.EvaluateResponse:
+        return evaluate(channel, value, metadata=[(CALLER_HEADER, "light")], timeout=WAIT_S)
+
+    after_light = computed_after(scheduler, 300.0, light)
+    assert len(after_light) >= BACKLOG // 2 - 2, after_light
 
 
 def test_a_request_past_its_deadline_is_never_computed_in_the_engine_process(scheduler):

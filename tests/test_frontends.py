@@ -309,8 +309,10 @@ def test_killed_engine_fails_calls_fast_reports_not_serving_and_exits_one(fresh_
         with_errors = time.monotonic() - started
         try:
             statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
-        except grpc.RpcError as error:  # the frontend may already be gone
-            statuses.append(-1 if error.code() == grpc.StatusCode.UNAVAILABLE else -2)
+        except grpc.RpcError as error:  # the frontend may already be gone: its connection
+            # refused (UNAVAILABLE) or closed under the check (CANCELLED)
+            gone = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            statuses.append(-1 if error.code() in gone else -2)
     codes = [r.code for _, r in outcomes if isinstance(r, GradserveError)]
     # UNAVAILABLE from the frontends; a call that arrives in the instant a frontend's gRPC
     # server closes is cancelled by the transport instead (the SDK retries both).

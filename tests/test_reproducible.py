@@ -32,6 +32,7 @@ from conftest import (
     GatedEngine,
     RunningServer,
     ServerProcess,
+    exited,
     free_port,
     start_gradserve,
 )
@@ -160,12 +161,7 @@ def test_a_server_whose_engine_fails_the_self_check_refuses_to_start(mimo_model_
         free_port(), "--model", str(mimo_model_path), "--frontends", frontends,
         "--metrics-port", str(free_port()), script=script,
     )  # fmt: skip
-    try:
-        _, stderr = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=10)
+    stderr = exited(process, timeout=240)
     assert process.returncode == 1, stderr[-3000:]
     assert "--deterministic on cannot keep its promise for model 'mimo'" in stderr, stderr[-3000:]
     assert f"position {TILE_ROWS - 1} of its {TILE_ROWS}-row tile" in stderr, stderr[-3000:]
