@@ -183,7 +183,7 @@ def engine_ceiling(repeats: int, *extra: str) -> list[dict]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-FLOOD_CALLERS, FLOOD_ROWS, FLOOD_SECONDS = 40, 300, 10.0
+FLOOD_CALLERS, FLOOD_ROWS, FLOOD_SECONDS, FLOOD_REPEATS = 40, 300, 10.0, 3
 # Fairness and the time cap on (as by default), then both off: the flooders' rows/s compared.
 FLOOD_CONFIGS = {
     "fair": ["--fairness", "on", "--max-batch-ms", "20"],
@@ -195,21 +195,23 @@ FLOOD_CONFIGS = {
 
 def flood_step() -> dict:
     """The flood (40 callers x 300-row requests of a 64x64x3 model, plus one 1-row caller)
-    against the default server and against one with fairness and the time cap off."""
+    against each of FLOOD_CONFIGS, FLOOD_REPEATS rounds alternating them: each one's medians."""
     import tempfile
 
-    from bench.flood import QUEUE_MB, build_model, run_flood
+    from bench.flood import QUEUE_MB, build_model, median_of, run_flood
 
-    results = {}
+    runs: dict[str, list] = {label: [] for label in FLOOD_CONFIGS}
     with tempfile.TemporaryDirectory() as folder:
         model = build_model(Path(folder) / "head64x64x3.keras")
-        for label, server_args in FLOOD_CONFIGS.items():
-            print(f"flood ({label})...", flush=True)
-            results[label] = run_flood(
-                model, [*server_args, "--max-queue-mb", str(QUEUE_MB)], callers=FLOOD_CALLERS,
-                rows=FLOOD_ROWS, seconds=FLOOD_SECONDS, idle_seconds=3.0,
-            )  # fmt: skip
-    return results
+        for repeat in range(FLOOD_REPEATS):
+            for label, server_args in FLOOD_CONFIGS.items():
+                print(f"flood ({label}, round {repeat + 1} of {FLOOD_REPEATS})...", flush=True)
+                runs[label].append(run_flood(
+                    model, [*server_args, "--max-queue-mb", str(QUEUE_MB)],
+                    callers=FLOOD_CALLERS, rows=FLOOD_ROWS, seconds=FLOOD_SECONDS,
+                    idle_seconds=3.0,
+                ))  # fmt: skip
+    return {label: median_of(results) for label, results in runs.items()}
 
 
 def rest_step(tool, repeats: int):

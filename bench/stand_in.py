@@ -4,9 +4,10 @@ Same supervisor, frontends, exchange, scheduler and batchers as `gradserve serve
 engine process's model is a stand-in: the bundled quadratic's shapes, answering y = x and a
 zero derivative without TensorFlow or any device work, so that the exchange's own CPU per
 sub-batch can be measured. Takes `gradserve serve`'s flags (the model ones are ignored).
-For the scheduler's tests, two variables make each call observable:
-GRADSERVE_STAND_IN_SECONDS (each call takes this long) and GRADSERVE_STAND_IN_LOG (each
-call appends its rows' x values to this file, one line per call, in the order computed).
+For the scheduler's tests, three variables make each call observable:
+GRADSERVE_STAND_IN_SECONDS (each call takes this long), GRADSERVE_STAND_IN_ROW_SECONDS (and
+this long more per row) and GRADSERVE_STAND_IN_LOG (each call appends its rows' x values to
+this file, one line per call, in the order computed).
 Bench and tests only, never a server.
 """
 
@@ -42,11 +43,16 @@ class StandIn:
 
     def __init__(self) -> None:
         self._seconds = float(os.environ.get("GRADSERVE_STAND_IN_SECONDS", "0"))
+        self._row_seconds = float(os.environ.get("GRADSERVE_STAND_IN_ROW_SECONDS", "0"))
         self._log = os.environ.get("GRADSERVE_STAND_IN_LOG", "")
 
+    def batch_cap(self, kind: Derivative) -> int | None:
+        """None: it computes a batch of any size it is given, in one call."""
+        return None
+
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
-        if self._seconds:
-            time.sleep(self._seconds)
+        if self._seconds or self._row_seconds:
+            time.sleep(self._seconds + self._row_seconds * len(x))
         if self._log:
             with open(self._log, "a") as log:
                 log.write(" ".join(f"{value:g}" for value in x.ravel()) + "\n")

@@ -101,9 +101,12 @@ class GradServer:
         process: str = "server",
         statistics_port: int = 0,
         memory_count: Count | None = None,
+        announce: bool = True,
     ) -> None:
         """`memory_count`: where the memory budget counts (a frontend's: the count every
-        frontend of the server shares; None: this process's own)."""
+        frontend of the server shares; None: this process's own); `announce`: report SERVING
+        once started (False: a frontend, which reports it through `announce_serving` once
+        every frontend of the server serves)."""
         self.config = config
         self._engines = None if engine is None else engine if isinstance(engine, list) else [engine]
         self._load = load
@@ -115,6 +118,7 @@ class GradServer:
         self._internal_metrics = internal_metrics
         self._process = process
         self._statistics_port = statistics_port
+        self._announce = announce
         self.tracing: Tracing | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -154,7 +158,8 @@ class GradServer:
         await self._listen()
         await asyncio.to_thread(self._start_owner)
         self._serve()
-        await self._set_health(True)
+        if self._announce:
+            await self._set_health(True)
         self.ready = True
         names = [f"{s.spec.name}:{s.spec.version}" for s in self.models.every_version()]
         log.info("serving", extra={"event": "serving", "port": self.port, "models": names})
@@ -269,6 +274,7 @@ class GradServer:
             executor=self._executor,
             hints=engine.takes_hints,
             in_flight=remote,
+            engine_cap=engine.batch_cap,
         )
         batcher.start()
         self.batchers.append(batcher)
@@ -314,6 +320,12 @@ class GradServer:
         )
         served = {(s.spec.name, s.spec.version) for s in self.models.every_version()}
         return {key: stats for key, stats in statistics_of(text).items() if key in served}
+
+    async def announce_serving(self) -> None:
+        """Report SERVING now (a frontend, told that every frontend serves), unless it no
+        longer serves."""
+        if self.ready and not self._draining:
+            await self._set_health(True)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse

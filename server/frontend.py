@@ -14,13 +14,14 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
-from gradserve.server import logs
+from gradserve.server import allocator, logs
 from gradserve.server import loop as event_loop
 from gradserve.server.app import GradServer
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.budget import Count
 from gradserve.server.core.errors import StartRefused
 from gradserve.server.multiproc.remote import EngineLink, RemoteOwner
+from gradserve.server.multiproc.supervisor import ALL_SERVING
 
 
 async def _serve(
@@ -40,9 +41,24 @@ async def _serve(
         stop.set()
         loop.remove_reader(parent.fileno())  # at EOF the pipe stays readable
 
+    announcing: set[asyncio.Future] = set()
+
+    def from_supervisor() -> None:
+        """The supervisor's word: every frontend serves (report SERVING), or EOF (it is
+        gone: stop)."""
+        try:
+            message = parent.recv()
+        except (EOFError, OSError):
+            stop_now()
+            return
+        if message[0] == ALL_SERVING:
+            announced = asyncio.ensure_future(server.announce_serving())
+            announcing.add(announced)
+            announced.add_done_callback(announcing.discard)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_now)
-    loop.add_reader(parent.fileno(), stop_now)  # EOF: the supervisor is gone
+    loop.add_reader(parent.fileno(), from_supervisor)
 
     def lost() -> None:
         loop.call_soon_threadsafe(server.engine_lost)
@@ -53,7 +69,7 @@ async def _serve(
     owner = RemoteOwner(connect, loop)
     server = GradServer(config, owner=owner, reuse_port=True, internal_metrics=True,
                         process=name, statistics_port=statistics_port,
-                        memory_count=memory_count)  # fmt: skip
+                        memory_count=memory_count, announce=False)  # fmt: skip
     try:
         try:
             await server.start()
@@ -85,6 +101,7 @@ def run(
     gathered on 127.0.0.1 (the statistics extension's answers); `memory_count`: the memory
     budget's count every frontend shares, so that --max-queue-mb bounds the server."""
     logs.configure(config.log_format, config.log_level)
+    allocator.return_large_blocks()
     name = multiprocessing.current_process().name
     if standby:
         try:

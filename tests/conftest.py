@@ -297,6 +297,7 @@ ENGINE_FACE = (
     "ladder",
     "in_flight",
     "takes_hints",
+    "batch_cap",
 )  # what the Engine protocol reads besides run
 
 

@@ -29,6 +29,7 @@ STAND_IN = Path(__file__).resolve().parents[1] / "bench" / "stand_in.py"
 CALL_S = 0.1  # each engine call of the stand-in
 BACKLOG = 24  # NORMAL rows queued before the request under test
 WAIT_S = 60  # bound on every wait
+ROW_S, CAP_ROWS, LARGE_ROWS = 0.005, 4, 120  # a stand-in's time per row; a batch; a request
 
 
 @pytest.fixture
@@ -119,6 +120,43 @@ def test_a_light_caller_is_not_queued_behind_the_backlog_of_its_own_frontend(sch
 
     after_light = computed_after(scheduler, 300.0, light)
     assert len(after_light) >= BACKLOG // 2 - 2, after_light
+
+
+def test_a_frontend_sends_no_more_rows_at_once_than_the_engine_computes_in_a_batch(tmp_path):
+    """The engine process caps its batches by their learned cost (--max-batch-ms) and reports
+    the cap with each answer; a frontend cuts its sub-batches to it. So a 1-row call sent on
+    the connection (so the frontend) of a large request already being computed, by another
+    caller, its frontend
+    keeping one sub-batch in flight (the default), is computed before most of the large
+    request's rows, not after all of them as when the request crossed as one sub-batch."""
+    log = tmp_path / "computed.log"
+    server = ServerProcess(
+        "--frontends", "2", "--max-batch-ms", str(1e3 * CAP_ROWS * ROW_S), "--drain-seconds",
+        "10", script=STAND_IN, GRADSERVE_STAND_IN_ROW_SECONDS=str(ROW_S),
+        GRADSERVE_STAND_IN_LOG=str(log),
+    )  # fmt: skip
+    large = np.arange(1, LARGE_ROWS + 1, dtype=np.float32)[:, None]
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GradientServiceStub(channel)
+            teach = pb.EvaluateRequest(x=tensors.to_tensor(np.zeros((2 * CAP_ROWS, 1), np.float32)))
+            stub.Evaluate(teach, timeout=WAIT_S)  # its answer carries the engine's cap
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                request = pb.EvaluateRequest(x=tensors.to_tensor(large))
+                call = pool.submit(stub.Evaluate, request, timeout=WAIT_S)
+                for _ in range(int(WAIT_S / 0.01)):  # until its first rows are computed
+                    if 1.0 in computed(log) or call.done():
+                        break
+                    concurrent.futures.wait([call], timeout=0.01)
+                evaluate(channel, -1.0, metadata=[(CALLER_HEADER, "light")], timeout=WAIT_S)
+                assert tensors.from_tensor(call.result(timeout=WAIT_S).y).ravel().tolist() == (
+                    large.ravel().tolist()
+                )
+    finally:
+        server.stop()
+    order = [value for value in computed(log) if value != 0.0]
+    assert sorted(order) == [-1.0, *large.ravel().tolist()]
+    assert len(order[order.index(-1.0) + 1 :]) >= LARGE_ROWS // 2, order
 
 
 def test_a_request_past_its_deadline_is_never_computed_in_the_engine_process(scheduler):

@@ -326,6 +326,24 @@ def test_killed_engine_fails_calls_fast_reports_not_serving_and_exits_one(fresh_
           f"{ {n: names.count(n) for n in set(names)} }")  # fmt: skip
 
 
+def test_serving_on_one_connection_means_every_frontend_serves():
+    """A frontend reports SERVING only once the supervisor says that every frontend serves:
+    a caller that saw SERVING on one connection is answered on each new connection,
+    whichever frontend it reaches, from the first call (stand-in engine: frontends that
+    start within milliseconds of each other)."""
+    stand_in = Path(__file__).resolve().parents[1] / "bench" / "stand_in.py"
+    for _ in range(2):
+        server = ServerProcess("--frontends", "2", "--drain-seconds", "10", script=stand_in)
+        try:
+            channels = [grpc.insecure_channel(server.target) for _ in range(8)]
+            request = pb.EvaluateRequest(x=tensors.to_tensor(np.ones((1, 1), np.float32)))
+            for channel in channels:
+                pb_grpc.GradientServiceStub(channel).Evaluate(request, timeout=30)
+                channel.close()
+        finally:
+            server.stop()
+
+
 def test_children_end_when_the_supervisor_is_killed(fresh_server):
     kids = children(fresh_server.process.pid)
     assert len(kids) >= 3
@@ -375,6 +393,7 @@ def test_every_message_crosses_as_bytes_and_back_unchanged() -> None:
         ControlDone(10, "version 3 failed", "LoadFailed"),
         SubBatch("m", "gradient", "p", ArrayRef(0, (1,), "<f4"), None),
         SubBatchAnswer("/dev/shm/e1.0", ArrayRef(0, (7, 1), "<f4"), None),
+        SubBatchAnswer("/dev/shm/e1.1", ArrayRef(0, (2, 1), "<f4"), None, slot=3, row_cap=96),
         SubBatchAnswer(error="queue full: 9 of 8 rows; retry later", error_kind="QueueFull"),
     ]  # fmt: skip
     for message in sent:

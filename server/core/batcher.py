@@ -65,12 +65,13 @@ class Batcher:
         **scheduling: Any,
     ) -> None:
         """`scheduling`: the Scheduler's settings (max_batch_size, max_queue_rows, memory,
-        result_row_bytes, fair, max_batch_s, ladder, observer, watch). `max_delay_s`: how long an
-        idle engine may be held to gather a larger batch; `executor`: the engine thread
-        (shared by several batchers; None: one of its own); `hints`: pass `compute` each
-        batch's BatchHints as `hints=` (an engine that schedules further: the engine
-        process); `in_flight`: `compute` returns an awaitable and up to this many batches
-        may be awaited at once (0: a plain function, one batch at a time, on the executor)."""
+        result_row_bytes, fair, max_batch_s, ladder, observer, watch, engine_cap).
+        `max_delay_s`: how long an idle engine may be held to gather a larger batch;
+        `executor`: the engine thread (shared by several batchers; None: one of its own);
+        `hints`: pass `compute` each batch's BatchHints as `hints=` (an engine that schedules
+        further: the engine process); `in_flight`: `compute` returns an awaitable and up to
+        this many batches may be awaited at once (0: a plain function, one batch at a time,
+        on the executor)."""
         if max_delay_s < 0:
             raise ValueError("max_delay_s must be >= 0")
         self._idle = asyncio.Event()

@@ -76,6 +76,12 @@ class Engine(Protocol):
 
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs: ...
 
+    def batch_cap(self, kind: Derivative) -> int | None:
+        """The most rows one call of `kind` should carry now, as the engine schedules them
+        itself (the engine process: its own batch cap, as last reported); None: no cap of
+        its own beyond the batcher's."""
+        ...
+
 
 def vector_shape(kind: Derivative, input_shape: Shape, output_shape: Shape) -> Shape | None:
     """Per-row shape of the vector `v` a derivative takes: VJP a cotangent shaped like a row

@@ -243,17 +243,20 @@ class Scheduler:
         observer: Observer | None = None,
         watch: BatchWatch | None = None,
         on_idle: Callable[[], None] | None = None,
+        engine_cap: Callable[[Derivative], int | None] | None = None,
     ) -> None:
         """`memory`: the byte budget admission counts against (None: bytes unbounded);
         `result_row_bytes`: bytes one row's answer takes, per kind (counted at admission);
         `fair`: a queue per caller, batches filled round robin (False: one shared queue);
         `max_batch_s`: engine-time budget per batch (0: rows only); `ladder`: the batch sizes
         the engine pads to (empty: it does not pad); `watch`: told of every engine call;
-        `on_idle`: called whenever every admitted request has finished."""
+        `on_idle`: called whenever every admitted request has finished; `engine_cap`: the
+        engine's own cap on a batch's rows per kind, now (Engine.batch_cap), kept to as well."""
         if max_batch_size < 1 or max_queue_rows < 1 or max_batch_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_batch_s >= 0")
         self.observer = observer or Observer()
         self._on_idle = on_idle
+        self._engine_cap = engine_cap
         self._watch = watch
         self.max_batch_size = max_batch_size
         self.max_queue_rows = max_queue_rows
@@ -333,10 +336,12 @@ class Scheduler:
 
     def row_cap(self, kind: Derivative) -> int:
         """The most rows the next batch of `kind` may take: max_batch_size, or fewer when
-        the learned cost of more would exceed max_batch_s."""
-        if not self.max_batch_s:
-            return self.max_batch_size
-        return self._costs[kind].rows_within(self.max_batch_s, self.max_batch_size, self._ladder)
+        the learned cost of more would exceed max_batch_s or the engine caps it lower."""
+        cap = self.max_batch_size
+        if self.max_batch_s:
+            cap = self._costs[kind].rows_within(self.max_batch_s, cap, self._ladder)
+        engine = self._engine_cap(kind) if self._engine_cap is not None else None
+        return cap if engine is None else max(1, min(cap, engine))
 
     def costs(self) -> list[KindCost]:
         """The learned engine cost and current batch cap of every kind measured so far."""

@@ -203,6 +203,10 @@ class TensorFlowEngine:
             g = tape.gradient(y, x, unconnected_gradients=_ZERO)
         return y, acc.jvp(g, unconnected_gradients=_ZERO)
 
+    def batch_cap(self, kind: Derivative) -> int | None:
+        """None: it computes a batch of any size it is given, in one call."""
+        return None
+
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         """Compute y (and the derivative `kind`) for rows x [n, *X] (v: the kind's vector).
 

@@ -96,6 +96,10 @@ class JaxEngine:
 
         return tiled
 
+    def batch_cap(self, kind: Derivative) -> int | None:
+        """None: it computes a batch of any size it is given, in one call."""
+        return None
+
     def run(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         """Compute y (and the derivative `kind`) for rows x [n, *X] (v: the kind's vector);
         a deterministic engine's first call of a kind runs its self-check first."""

@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from gradserve.server import logs
+from gradserve.server import allocator, logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Engine, Priority, vector_shape
 from gradserve.server.core.errors import (
@@ -79,10 +79,12 @@ class _Answer:
     batching sees callers, not frontends; the answer is sent once every run has its rows,
     or at the first failure (the frontend bisects what failed, as for an engine error)."""
 
-    __slots__ = ("_done", "outputs", "parts", "scheduler", "session", "slot")
+    __slots__ = ("_done", "kind", "outputs", "parts", "scheduler", "session", "slot")
 
-    def __init__(self, session: _Session, slot: int, scheduler: Scheduler, runs: int) -> None:
-        self.session, self.slot, self.scheduler = session, slot, scheduler
+    def __init__(
+        self, session: _Session, slot: int, scheduler: Scheduler, kind: Derivative, runs: int
+    ) -> None:
+        self.session, self.slot, self.scheduler, self.kind = session, slot, scheduler, kind
         self.parts: list[_Part] = []
         self.outputs: list[RequestResult | None] = [None] * runs
         self._done = False
@@ -95,13 +97,14 @@ class _Answer:
         if self._done or any(output is None for output in self.outputs):
             return
         self._finish()
+        cap = self.scheduler.row_cap(self.kind)
         if len(self.outputs) == 1:
-            self.session.answer(self.slot, self.outputs[0].y, self.outputs[0].dy_dx)
+            self.session.answer(self.slot, self.outputs[0].y, self.outputs[0].dy_dx, cap)
             return
         y = np.concatenate([output.y for output in self.outputs])
         derivatives = [output.dy_dx for output in self.outputs]
         dy_dx = None if derivatives[0] is None else np.concatenate(derivatives)
-        self.session.answer(self.slot, y, dy_dx)
+        self.session.answer(self.slot, y, dy_dx, cap)
 
     def part_failed(self, exception: BaseException) -> None:
         if not self._done:
@@ -187,7 +190,7 @@ class _Session:
             kind = Derivative(message.kind)
             _check_rows(engine, kind, x, v)
             runs = message.callers or ((f"frontend:{self.number}", x.shape[0]),)
-            reply = _Answer(self, slot, scheduler, len(runs))
+            reply = _Answer(self, slot, scheduler, kind, len(runs))
             traces = unpack_contexts(message.traces) if message.traces else None
             start = 0
             for index, (caller, rows) in enumerate(runs):
@@ -208,12 +211,12 @@ class _Session:
             return
         self.replies[slot] = reply
 
-    def answer(self, slot: int, y: np.ndarray, dy_dx: np.ndarray | None) -> None:
+    def answer(self, slot: int, y: np.ndarray, dy_dx: np.ndarray | None, row_cap: int) -> None:
         segment = self._answers.get(slot)
         if segment is None:
             segment = self._answers[slot] = Segment(f"{self._prefix}{slot}")
         path, (y, dy_dx) = segment.write([y, dy_dx])
-        self.send(SubBatchAnswer(path, y, dy_dx, slot=slot))
+        self.send(SubBatchAnswer(path, y, dy_dx, slot=slot, row_cap=row_cap))
 
     def fail(self, slot: int, exc: BaseException) -> None:
         self.send(SubBatchAnswer.failed(exc, slot))
@@ -561,6 +564,7 @@ def run(config: ServerConfig, address: str, parent: Connection, load: Load) -> N
     repository (the assembly's: its loader is where TensorFlow is imported)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders
     logs.configure(config.log_format, config.log_level)
+    allocator.return_large_blocks()
     try:
         _serve(config, address, parent, load)
     except StartRefused as exc:  # its message says it all: no traceback

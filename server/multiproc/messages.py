@@ -34,7 +34,7 @@ from gradserve.server.core.contract import Priority, Shape
 from gradserve.server.core.errors import BY_NAME, EngineFailed, RequestError
 from gradserve.server.multiproc.shm import ArrayRef
 
-VERSION = 5
+VERSION = 6
 _CATALOG, _SUB_BATCH, _ANSWER, _CONTROL, _CONTROL_DONE, _RELEASED = 1, 2, 3, 4, 5, 6
 _HEAD = struct.Struct("<BB")  # version, message type
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
@@ -169,6 +169,9 @@ class SubBatchAnswer:
     error: str = ""
     error_kind: str = EngineFailed.__name__
     slot: int = 0
+    # The engine process's batch cap for the sub-batch's kind after computing it (0: none
+    # given), which the frontend's next sub-batches keep to (core/contract.Engine.batch_cap).
+    row_cap: int = 0
 
     @classmethod
     def failed(cls, exc: BaseException, slot: int = 0) -> SubBatchAnswer:
@@ -208,7 +211,8 @@ def encode(message: Message) -> bytes:
             part for caller, rows in message.callers for part in (_text(caller), _U32.pack(rows))
         ]
     elif isinstance(message, SubBatchAnswer):
-        parts = [_HEAD.pack(VERSION, _ANSWER), _U16.pack(message.slot), _text(message.path)]
+        parts = [_HEAD.pack(VERSION, _ANSWER), _U16.pack(message.slot), _U32.pack(message.row_cap)]
+        parts.append(_text(message.path))
         parts.append(_ref(message.y))
         parts += [_ref(message.dy_dx), _text(message.error), _text(message.error_kind)]
     else:
@@ -314,9 +318,9 @@ def _sub_batch(reader: _Reader) -> SubBatch:
 
 
 def _answer(reader: _Reader) -> SubBatchAnswer:
-    (slot,) = reader.unpack(_U16)
+    (slot,), (row_cap,) = reader.unpack(_U16), reader.unpack(_U32)
     path, y, dy_dx = reader.text(), reader.ref(), reader.ref()
-    return SubBatchAnswer(path, y, dy_dx, reader.text(), reader.text(), slot)
+    return SubBatchAnswer(path, y, dy_dx, reader.text(), reader.text(), slot, row_cap)
 
 
 def _catalog(reader: _Reader) -> list[EngineModel]:

@@ -67,7 +67,7 @@ class EngineLink:
         prefix = f"gradserve-{os.getppid()}-f{os.getpid()}"
         self._segments = [Segment(f"{prefix}s{slot}") for slot in range(window)]
         self._answers = [Mapped() for _ in range(window)]
-        self._waiting: dict[int, asyncio.Future[Outputs]] = {}
+        self._waiting: dict[int, asyncio.Future[tuple[Outputs, int]]] = {}
         self._free: asyncio.Queue[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._copies: set[asyncio.Task[None]] = set()
@@ -131,8 +131,9 @@ class EngineLink:
         x: np.ndarray,
         v: np.ndarray | None,
         hints: BatchHints,
-    ) -> Outputs:
-        """Send one sub-batch in a free slot and wait for its outputs."""
+    ) -> tuple[Outputs, int]:
+        """Send one sub-batch in a free slot and wait for its outputs, and the engine
+        process's batch cap for `kind` it reported with them (0: none)."""
         slot = await self._free.get()
         if self.lost:
             self._free.put_nowait(slot)
@@ -173,7 +174,7 @@ class EngineLink:
                     self._copies.add(copy)
                     copy.add_done_callback(self._copies.discard)
                 else:
-                    self._resolve(answer.slot, self._outcome(answer))
+                    self._resolve(answer, self._outcome(answer))
         except (EOFError, OSError, messages.BadFrame) as exc:
             self._loop.remove_reader(self._conn.fileno())
             self._lose(exc)
@@ -188,7 +189,7 @@ class EngineLink:
             future.set_result(None)
 
     async def _copy_then_resolve(self, answer: SubBatchAnswer) -> None:
-        self._resolve(answer.slot, await asyncio.to_thread(self._outcome, answer))
+        self._resolve(answer, await asyncio.to_thread(self._outcome, answer))
 
     def _outcome(self, answer: SubBatchAnswer) -> Outputs | Exception:
         """The answer's outputs, copied out, or the error its call ends with (whatever went
@@ -206,18 +207,18 @@ class EngineLink:
                       extra={"event": "answer_unreadable"})  # fmt: skip
             return EngineUnavailable(f"the engine process's answer could not be read ({exc})")
 
-    def _resolve(self, slot: int, outcome: Outputs | Exception) -> None:
+    def _resolve(self, answer: SubBatchAnswer, outcome: Outputs | Exception) -> None:
         """Loop: the slot's answer is in; free the slot (cancelled calls included)."""
-        future = self._waiting.pop(slot, None)
+        future = self._waiting.pop(answer.slot, None)
         if future is None:  # none waits on it (the engine was lost): the slot is free already
             return
-        self._free.put_nowait(slot)
+        self._free.put_nowait(answer.slot)
         if future.done():
             return
         if isinstance(outcome, Exception):
             future.set_exception(outcome)
         else:
-            future.set_result(outcome)
+            future.set_result((outcome, answer.row_cap))
 
     def _lose(self, exc: BaseException) -> None:
         """Loop: the engine process is gone; every call in flight fails UNAVAILABLE."""
@@ -271,6 +272,13 @@ class RemoteEngine:
         self.device = info.device
         self.numpy_dtype = np.dtype(info.dtype)
         self.in_flight = link.window
+        self._caps: dict[Derivative, int] = {}
+
+    def batch_cap(self, kind: Derivative) -> int | None:
+        """The engine process's batch cap for `kind`, as its last answer reported it: a
+        larger sub-batch would be answered only after several of its batches, holding every
+        caller in it (a 1-row caller's included) until the last (tuning log 72)."""
+        return self._caps.get(kind)
 
     async def run(
         self,
@@ -279,7 +287,11 @@ class RemoteEngine:
         v: np.ndarray | None = None,
         hints: BatchHints | None = None,
     ) -> Outputs:
-        return await self._link.exchange(self.name, self.version, kind, x, v, hints or _NO_HINTS)
+        link = self._link
+        outputs, cap = await link.exchange(self.name, self.version, kind, x, v, hints or _NO_HINTS)
+        if cap:
+            self._caps[kind] = cap
+        return outputs
 
 
 class RemoteOwner:

@@ -23,6 +23,7 @@ gathers every process's metrics with a `process` label.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -55,6 +56,9 @@ def restart_delay(recent: int) -> float:
     return 0.0 if recent == 0 else min(0.5 * 2 ** (recent - 1), 4.0)
 
 
+ALL_SERVING = "all_serving"  # supervisor -> frontend: every frontend serves; report SERVING
+
+
 @dataclasses.dataclass
 class _Child:
     """A child process, the supervisor's end of its pipe, its metrics port, whether it has
@@ -65,6 +69,7 @@ class _Child:
     pipe: Connection
     metrics_port: int = 0
     served: bool = False
+    told: bool = False  # that every frontend serves
     refusal: StartRefused | None = None
     count: SharedCount | None = None  # its slot of the memory budget's count
 
@@ -264,12 +269,26 @@ class Supervisor:
         if message[0] == "ready":
             child.metrics_port = message[1]
             child.served = True
+            self._tell_serving()
         elif message[0] == "refused":
             child.refusal = StartRefused(message[1])
             child.refusal.exit_status = message[2]
         elif message[0] == "failed":
             log.error("%s failed: %s", child.name, message[1], extra={"event": "child_failed"})
         return True
+
+    def _tell_serving(self) -> None:
+        """Once every frontend serves, tell each one not told yet to report SERVING, so that
+        a health check on one connection speaks for every frontend a new connection may
+        reach (each reported SERVING as it started, and a caller that saw it on one frontend
+        could meet UNAVAILABLE on a frontend still starting)."""
+        if not all(child is not None and child.served for child in self._frontends):
+            return
+        for child in self._frontends:
+            if not child.told:
+                child.told = True
+                with contextlib.suppress(OSError):
+                    child.pipe.send((ALL_SERVING,))
 
     def _shutdown(self) -> None:
         """Drain the frontends, then stop the engine; kill what does not stop in time."""
