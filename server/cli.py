@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradserve.server import allocator, logs
 from gradserve.server import config as cfg
+from gradserve.server import logs
 from gradserve.server import loop as event_loop
 
 
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"gradserve serve: {error}", file=sys.stderr)
         return 2
-    allocator.return_large_blocks()
     frontends = config.frontend_count()
     if frontends > 1:
         from gradserve.server import frontend

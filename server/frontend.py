@@ -14,7 +14,7 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
-from gradserve.server import allocator, logs
+from gradserve.server import logs
 from gradserve.server import loop as event_loop
 from gradserve.server.app import GradServer
 from gradserve.server.config import ServerConfig
@@ -101,7 +101,6 @@ def run(
     gathered on 127.0.0.1 (the statistics extension's answers); `memory_count`: the memory
     budget's count every frontend shares, so that --max-queue-mb bounds the server."""
     logs.configure(config.log_format, config.log_level)
-    allocator.return_large_blocks()
     name = multiprocessing.current_process().name
     if standby:
         try:

@@ -12,9 +12,6 @@ full-size flood and its figures are in `make bench`.
 from __future__ import annotations
 
 import math
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -56,35 +53,3 @@ def test_flood_is_fair_bounded_and_loses_nothing(head_model: Path, frontends: st
     if not math.isnan(result.peak_rss_mb):
         bound = result.baseline_rss_mb + 1.2 * MAX_QUEUE_MB + RSS_MARGIN_MB
         assert result.peak_rss_mb <= bound, result
-
-
-# After a 16 MiB block is freed, glibc's own rule serves blocks under 16 MiB from its heap,
-# which keeps them once freed; server/allocator.py makes each one of 8 MiB or more a mapping
-# of its own.
-_OWN_MAPPING = """
-import sys
-from gradserve.server import allocator
-if sys.argv[1] == "fixed" and not allocator.return_large_blocks():
-    sys.exit("mallopt refused")
-first = b"x" * (16 << 20)
-del first
-block = b"x" * (14 << 20)
-sizes = []
-for line in open("/proc/self/maps"):
-    span, rest = line.split(" ", 1)
-    low, high = (int(end, 16) for end in span.split("-"))
-    if len(rest.split()) < 5:  # anonymous
-        sizes.append(high - low)
-print(sum((14 << 20) <= size < (15 << 20) for size in sizes))
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
-def test_large_blocks_are_mappings_of_their_own_given_back_when_freed() -> None:
-    def own_mappings(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _OWN_MAPPING, mode], capture_output=True,
-                             text=True, timeout=60, check=True)  # fmt: skip
-        return int(run.stdout)
-
-    assert own_mappings("glibc") == 0  # the 14 MiB block came from the heap
-    assert own_mappings("fixed") == 1

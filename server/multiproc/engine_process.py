@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from gradserve.server import allocator, logs
+from gradserve.server import logs
 from gradserve.server.config import ServerConfig
 from gradserve.server.core.contract import Engine, Priority, vector_shape
 from gradserve.server.core.errors import (
@@ -564,7 +564,6 @@ def run(config: ServerConfig, address: str, parent: Connection, load: Load) -> N
     repository (the assembly's: its loader is where TensorFlow is imported)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders
     logs.configure(config.log_format, config.log_level)
-    allocator.return_large_blocks()
     try:
         _serve(config, address, parent, load)
     except StartRefused as exc:  # its message says it all: no traceback
