@@ -1,8 +1,9 @@
-"""`make bench-backends` (part of `make bench`): TensorFlow and JAX side by side, in one run.
+"""`make bench-backends` (part of `make bench`): TensorFlow, JAX and PyTorch side by side, in
+one run.
 
 - The engine alone, in-process, the bundled model: us per call and rows/s for every kind at
-  batch 1 to 16,384, XLA on (JAX always compiles), each backend in a process of its own, the
-  backends alternating over `--rounds` rounds; medians.
+  batch 1 to 16,384, XLA on (JAX always compiles; PyTorch runs eagerly), each backend in a
+  process of its own, the backends rotating over `--rounds` rounds; medians.
 - The server per backend in the default shape (`--frontends 2` here) under perf_analyzer (1,
   16 and 64 callers unary, 16 streams; 1 row per request), the backends alternating; medians
   over the rounds, and CPU per request.
@@ -32,7 +33,8 @@ from bench import perf  # noqa: E402
 from bench.run import SERVE, Server, free_port, write_section  # noqa: E402
 
 BEGIN, END = "<!-- backends:begin -->", "<!-- backends:end -->"
-BACKENDS = ("tensorflow", "jax")
+BACKENDS = ("tensorflow", "jax", "torch")
+NAMES = {"tensorflow": "TF", "jax": "JAX", "torch": "torch"}
 BATCHES = "1,64,256,1024,16384"
 
 
@@ -51,7 +53,7 @@ def ceilings(rounds: int) -> dict[tuple[str, str, int], float]:
     """(backend, kind, batch) -> median us per call over the rounds, backends alternating."""
     samples: dict[tuple[str, str, int], list[float]] = {}
     for round_ in range(rounds):
-        for backend in BACKENDS if round_ % 2 == 0 else BACKENDS[::-1]:
+        for backend in _rotated(round_):
             print(f"engine ceiling, {backend}, round {round_ + 1}...", flush=True)
             for row in ceiling(backend):
                 key = (backend, row["kind"], row["batch"])
@@ -90,9 +92,9 @@ def servers(tool: perf.Tool | None, rounds: int, cache: Path) -> tuple[dict, dic
     loads: dict[tuple[str, str], list[perf.PerfResult]] = {}
     startups: dict[str, list[float]] = {}
     for round_ in range(rounds):
-        for backend in BACKENDS if round_ % 2 == 0 else BACKENDS[::-1]:
-            state = "" if backend == "tensorflow" else (" (cold cache)" if round_ == 0 else
-                                                        " (warm cache)")  # fmt: skip
+        for backend in _rotated(round_):
+            state = "" if backend != "jax" else (" (cold cache)" if round_ == 0 else
+                                                 " (warm cache)")  # fmt: skip
             print(f"server, {backend}{state}, round {round_ + 1}...", flush=True)
             with environment(JAX_COMPILATION_CACHE_DIR=str(cache),
                              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"):  # fmt: skip
@@ -108,34 +110,51 @@ def servers(tool: perf.Tool | None, rounds: int, cache: Path) -> tuple[dict, dic
     return loads, {key: statistics.median(values) for key, values in startups.items()}
 
 
+def _rotated(round_: int) -> tuple[str, ...]:
+    """The backends in the order of one round: each goes first in turn."""
+    shift = round_ % len(BACKENDS)
+    return BACKENDS[shift:] + BACKENDS[:shift]
+
+
 def render(engine: dict, loads: dict, startups: dict, note: str, rounds: int) -> str:
     kinds = sorted({kind for _, kind, _ in engine})
     batches = [int(b) for b in BATCHES.split(",")]
+    others = BACKENDS[1:]
     lines = [
         f"Run of {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, {rounds} rounds, "
-        "backends alternating, medians. Engine: the bundled model in-process, us per call, "
-        "XLA on for TensorFlow (JAX always compiles); ratio < 1: JAX faster.",
+        "backends rotating, medians. Engine: the bundled model in-process, us per call, "
+        "XLA on for TensorFlow (JAX always compiles, PyTorch runs eagerly); a ratio < 1: that "
+        "backend faster than TensorFlow.",
         "",
-        "| kind | batch | TensorFlow us | JAX us | JAX / TF | TF rows/s | JAX rows/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| kind | batch | "
+        + " | ".join(f"{NAMES[b]} us" for b in BACKENDS)
+        + " | "
+        + " | ".join(f"{NAMES[b]} / TF" for b in others)
+        + " | "
+        + " | ".join(f"{NAMES[b]} rows/s" for b in BACKENDS)
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(BACKENDS) + len(others)),
     ]
     for kind in kinds:
         for batch in batches:
-            tf_us, jax_us = engine[("tensorflow", kind, batch)], engine[("jax", kind, batch)]
-            lines.append(f"| {kind} | {batch} | {tf_us:.0f} | {jax_us:.0f} | "
-                         f"{jax_us / tf_us:.2f} | {batch / tf_us * 1e6:,.0f} | "
-                         f"{batch / jax_us * 1e6:,.0f} |")  # fmt: skip
+            us = [engine[(backend, kind, batch)] for backend in BACKENDS]
+            cells = [kind, str(batch), *(f"{u:.0f}" for u in us),
+                     *(f"{u / us[0]:.2f}" for u in us[1:]),
+                     *(f"{batch / u * 1e6:,.0f}" for u in us)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Servers, default shape (`--frontends 2` here), 1 row per request; {note}.", ""]
     if loads:
-        lines += ["| load | TF req/s | JAX req/s | TF p50 ms | JAX p50 ms | TF CPU us/req "
-                  "| JAX CPU us/req |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        columns = [f"{NAMES[b]} {what}" for what in ("req/s", "p50 ms", "CPU us/req")
+                   for b in BACKENDS]  # fmt: skip
+        lines += ["| load | " + " | ".join(columns) + " |",
+                  "|---|" + "---:|" * len(columns)]  # fmt: skip
         for name in dict.fromkeys(name for _, name in loads):
-            tf, jx = loads.get(("tensorflow", name), []), loads.get(("jax", name), [])
-            if not tf or not jx:
+            per = [loads.get((backend, name), []) for backend in BACKENDS]
+            if not all(per):
                 continue
-            cells = [name, *(f"{_median(r, 'req_s'):,.0f}" for r in (tf, jx)),
-                     *(f"{_median(r, 'p50_ms'):.2f}" for r in (tf, jx)),
-                     *(f"{_cpu(r):.0f}" for r in (tf, jx))]  # fmt: skip
+            cells = [name, *(f"{_median(r, 'req_s'):,.0f}" for r in per),
+                     *(f"{_median(r, 'p50_ms'):.2f}" for r in per),
+                     *(f"{_cpu(r):.0f}" for r in per)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

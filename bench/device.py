@@ -1,10 +1,10 @@
 """The accelerator run (bench/device.sh starts it there): gradserve on a GPU with the JAX
 backend, in one call of at most 8 minutes, three phases against one time budget:
 
-1. The engine alone: us per call and rows/s per kind at batch 1 to 65,536, for the bundled
-   model, the digits model and a 4x1024 MLP, on the GPU and on the machine's CPU (each
-   device in a process of its own; a kind's larger batches are skipped once a call takes
-   over a second).
+1. The engine alone, JAX and PyTorch (`--backend torch`, Keras on PyTorch): us per call and
+   rows/s per kind at batch 1 to 65,536, for the bundled model, the digits model and a
+   4x1024 MLP, on the GPU and on the machine's CPU (each backend and device in a process of
+   its own; a kind's larger batches are skipped once a call takes over a second).
 2. The server, `--backend jax --device gpu:0`, for each `--frontends N`: 1-row requests from
    1, 64 and 256 callers and 256-row requests from 64 callers; perf_analyzer where it runs
    there, else `gradserve loadtest` spread over several processes. req/s, rows/s, p50/p99,
@@ -68,17 +68,22 @@ def machine() -> dict:
             "cpu": platform.processor() or platform.machine()}  # fmt: skip
 
 
+ENGINE_BACKENDS = ("jax", "torch")
+
+
 def engine_phase(models: list[Path], budget: float) -> tuple[list[dict], list[str]]:
-    """engine_ceiling.py per device (the GPU first, if JAX sees one), every kind."""
+    """engine_ceiling.py per backend and device (the GPU first, if JAX sees one), every
+    kind."""
     rows, notes = [], []
     devices = ["gpu:0", "cpu"] if _jax_sees_gpu() else ["cpu"]
     if devices == ["cpu"]:
         notes.append("JAX sees no GPU here: the engine was measured on the CPU only")
     deadline = time.monotonic() + budget
-    for index, device in enumerate(devices):
-        left = (deadline - time.monotonic()) / (len(devices) - index)
+    runs = [(backend, device) for backend in ENGINE_BACKENDS for device in devices]
+    for index, (backend, device) in enumerate(runs):
+        left = (deadline - time.monotonic()) / (len(runs) - index)
         run = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "engine_ceiling.py"), "--backend", "jax",
+            [sys.executable, str(ROOT / "bench" / "engine_ceiling.py"), "--backend", backend,
              "--kinds", "all", "--xla", "on", "--deterministic", "off", "--lazy",
              "--repeats", "3", "--run-seconds", "0.1", "--call-limit", "1",
              "--batches", BATCHES, "--device", device, "--budget", str(max(left - 15, 1)),
@@ -86,7 +91,7 @@ def engine_phase(models: list[Path], budget: float) -> tuple[list[dict], list[st
             capture_output=True, text=True, cwd=ROOT, timeout=left + 60,
         )  # fmt: skip
         if run.returncode != 0:
-            notes.append(f"engine on {device} failed: {run.stderr.strip()[-400:]}")
+            notes.append(f"{backend} engine on {device} failed: {run.stderr.strip()[-400:]}")
             continue
         rows += json.loads(run.stdout.strip().splitlines()[-1])
     return rows, notes
@@ -259,16 +264,17 @@ def render(report: dict) -> str:
              f"Run of {m['date']}: GPU {m['gpu']}; {m['cpu']}, {m['cores']} cores; Python "
              f"{m['python']}. Load generator: "
              f"{report['load_generator']}. Run took {report['seconds']:.0f} s.", "",
-             "Engine alone, JAX, us per call (rows/s):", "",
-             "| model | kind | batch | " + " | ".join(_devices(report)) + " |",
-             "|---|---|---:|" + "---:|" * len(_devices(report))]  # fmt: skip
+             "Engine alone, us per call (rows/s):", "",
+             "| backend | model | kind | batch | " + " | ".join(_devices(report)) + " |",
+             "|---|---|---|---:|" + "---:|" * len(_devices(report))]  # fmt: skip
     table: dict[tuple, dict[str, dict]] = {}
     for row in report["engine"]:
-        table.setdefault((row["model"], row["kind"], row["batch"]), {})[row["device"]] = row
-    for (model, kind, batch), by_device in table.items():
+        key = (row.get("backend", "jax"), row["model"], row["kind"], row["batch"])
+        table.setdefault(key, {})[row["device"]] = row
+    for (backend, model, kind, batch), by_device in table.items():
         cells = [f"{r['us_per_call']:,.0f} ({r['rows_per_s']:,.0f})" if (r := by_device.get(d))
                  else "-" for d in _devices(report)]  # fmt: skip
-        lines.append(f"| {model} | {kind} | {batch:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {backend} | {model} | {kind} | {batch:,} | " + " | ".join(cells) + " |")
     where = report["server_device"]
     titles = {
         "servers": f"Server, --backend jax --device {where} (--frontends 1: one process)",

@@ -57,6 +57,10 @@ def engine_class(backend: str) -> type:
         from gradserve.server.engine.jax_engine import JaxEngine
 
         return JaxEngine
+    if backend == "torch":
+        from gradserve.server.engine.torch_engine import TorchEngine
+
+        return TorchEngine
     from gradserve.server.engine.compiled import TensorFlowEngine
 
     return TensorFlowEngine

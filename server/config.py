@@ -11,7 +11,7 @@ from gradserve.server.core.repository import CONTROLS, Source, VersionPolicy, sc
 from gradserve.wire.callers import CALLER_HEADER
 from gradserve.wire.limits import MAX_MESSAGE_MB, MIB
 
-BACKENDS = ("tensorflow", "jax")  # one module each under server/engine
+BACKENDS = ("tensorflow", "jax", "torch")  # one module each under server/engine
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "quadratic.keras"
 MAX_IN_FLIGHT = 64  # sub-batches per frontend: each slot holds a segment on both sides
@@ -131,9 +131,10 @@ _HELP = {
     "would exceed this many MiB",
     "host": "address to bind; 0.0.0.0 exposes the server on every interface",
     "port": "port to bind; 0 picks a free one",
-    "backend": "the framework that computes: tensorflow (every model format) or jax (Keras 3 "
-    ".keras and .h5 files, through Keras on JAX; needs the jax extra)",
-    "device": "auto (first GPU, else CPU), cpu, or gpu:N",
+    "backend": "the framework that computes: tensorflow (every model format), jax (Keras 3 "
+    ".keras and .h5 files, through Keras on JAX; needs the jax extra) or torch (Keras files "
+    "through Keras on PyTorch, and torch.export .pt2 programs; needs the torch extra)",
+    "device": "auto (first GPU, else CPU), cpu, or gpu:N (with torch also cuda[:N])",
     "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
     "deterministic": "compute every batch in fixed tiles of rows, so a row's answer is the "
     "same in every bit whatever else is in its batch (costs engine time: README)",

@@ -35,7 +35,7 @@ from gradserve.server.core.errors import ControlRefused, LoadFailed, StartRefuse
 
 log = logging.getLogger("gradserve")
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".pt2")  # .pt2: --backend torch
 POLICY_FILE = "model.toml"
 CONTROLS = ("none", "poll", "explicit")
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
@@ -124,7 +124,7 @@ def model_file(path: Path) -> Path:
     if len(found) != 1:
         what = "no model" if not found else f"{len(found)} models ({[p.name for p in found]})"
         raise RepositoryError(
-            f"{path} holds {what}; a version folder holds one .keras/.h5 file or SavedModel"
+            f"{path} holds {what}; a version folder holds one .keras/.h5/.pt2 file or SavedModel"
         )
     return found[0]
 

@@ -194,6 +194,8 @@ def _check_format(path: Path, input_name: str | None, output_name: str | None) -
             f"{path}: a SavedModel is TensorFlow's own format; serve it with --backend "
             "tensorflow (the jax backend reads .keras and .h5 files)"
         )
+    if path.suffix == ".pt2":
+        raise ModelError(f"{path}: a .pt2 file is a PyTorch program; serve it with --backend torch")
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{path}: expected a .keras or .h5 file")
     if input_name or output_name:

@@ -31,6 +31,8 @@ def load(
     """The model at `path` as a Forward, and the loaded object that owns its variables."""
     if path.is_dir():
         return _load_saved_model(path, input_name, output_name)
+    if path.suffix == ".pt2":
+        raise ModelError(f"{path}: a .pt2 file is a PyTorch program; serve it with --backend torch")
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{path}: expected a .keras or .h5 file, or a SavedModel directory")
     portability.check(path, "tensorflow")

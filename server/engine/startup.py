@@ -26,6 +26,8 @@ def open_repository(config: ServerConfig, observer: LoadObserver | None = None) 
     under its --model-control; nothing is loaded until it starts."""
     config.model_sources()  # a bad --model-name fails here, before anything listens
     os.environ["KERAS_BACKEND"] = config.backend  # read once, when Keras is first imported
+    if config.backend == "torch" and config.device != "auto":  # where Keras puts variables
+        os.environ["KERAS_TORCH_DEVICE"] = config.device.replace("gpu", "cuda")
     if config.unsafe_deserialization:
         log.warning(
             "unsafe deserialization is on: model files may run code", extra={"event": "unsafe"}
@@ -60,6 +62,11 @@ def _start_runtime(backend: str) -> None:
         import jax
 
         jax.jit(lambda x: x + 1)(jax.numpy.ones((1,))).block_until_ready()
+        return
+    if backend == "torch":
+        import torch
+
+        torch.ones((64, 64)).matmul(torch.ones((64, 64)))
         return
     import tensorflow as tf
 
@@ -119,6 +126,10 @@ def _engine_class(backend: str) -> type:
         from gradserve.server.engine import jax_engine
 
         return jax_engine.JaxEngine
+    if backend == "torch":
+        from gradserve.server.engine import torch_engine
+
+        return torch_engine.TorchEngine
     from gradserve.server.engine import compiled
 
     return compiled.TensorFlowEngine
