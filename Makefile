@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: serve test lint format proto train clean bench bench-swap bench-backends perf-analyzer \
-	device-bundle device-rehearsal loadtest soak nginx \
+	device-bundle device-rehearsal loadtest soak nginx chromium \
 	promtool \
 	cluster cluster-load \
 	image image-host image-test explain-demo
@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml setup.py
 serve: $(STAMP)
 	$(BIN)/gradserve serve $(ARGS)
 
-test: lint nginx promtool
+test: lint nginx promtool chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
@@ -150,6 +150,14 @@ nginx:
 	  echo "installing nginx (apt-get)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; }
+
+# Chromium for the explorer page's browser tests (Playwright drives it): Debian's package,
+# installed only when missing (root or sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 # promtool, to check and unit-test deploy/prometheus/alerts.yml: Debian's prometheus package,
 # downloaded and unpacked into build/ (no root needed). Where apt-get is missing, the tests

@@ -78,6 +78,7 @@ def _parameters() -> dict:
             "enum": kinds,
             "default": "gradient",
             "description": "what to compute besides y",
+            "x-gradserve-kinds": _kind_table(),
         },
         "priority": {
             "type": "integer",
@@ -100,6 +101,21 @@ def _parameters() -> dict:
                 }
     loose = {"anyOf": [{"type": t} for t in ("string", "boolean", "number")]}
     return {"type": "object", "properties": properties, "additionalProperties": loose}
+
+
+def _kind_table() -> list[dict]:
+    """What each kind takes, for clients that build requests from the document (the
+    explorer page): a vector v, a target, and its scalar options with their defaults."""
+    return [
+        {
+            "name": kind.value,
+            "vector": kind.needs_vector,
+            "target": kind.takes_target,
+            "options": [{"name": o.name, "type": _TYPES[o.type], "default": o.default}
+                        for o in kind.options if o.type is not None],
+        }
+        for kind in Derivative
+    ]  # fmt: skip
 
 
 def _schemas() -> dict:

@@ -28,6 +28,7 @@ from gradserve.server.core.contract import ModelSpec
 from gradserve.server.core.errors import Closed, InvalidInput, RequestError
 from gradserve.server.metrics import Metrics
 from gradserve.server.protocols import openapi
+from gradserve.server.protocols.explorer import Explorer
 from gradserve.server.protocols.kserve import (
     EXTENSIONS,
     INPUT,
@@ -96,6 +97,7 @@ class RestService:
         self._body = _BodyReader(max_body_bytes, idle_seconds)
         application = web.Application(client_max_size=max_body_bytes, middlewares=[refusals])
         application.add_routes(self._routes())
+        application.add_routes(Explorer().routes())
         return application
 
     @property
