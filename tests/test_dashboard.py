@@ -133,3 +133,27 @@ def test_promtool_checks_the_rules_and_every_alert_fires_when_it_should():
         done = subprocess.run([_promtool(), *command], cwd=RULES, capture_output=True,
                               text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _autoscaling_expressions() -> list[tuple[str, str]]:
+    """The PromQL of the KEDA triggers and of the prometheus-adapter rules (its templates
+    filled in as the adapter fills them)."""
+    folder = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "autoscaling"
+    scaled = yaml.safe_load((folder / "keda-scaledobject.yaml").read_text())
+    found = [(t["name"], t["metadata"]["query"]) for t in scaled["spec"]["triggers"]]
+    adapter = yaml.safe_load((folder / "prometheus-adapter-rules.yaml").read_text())
+    for rule in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]:
+        query = rule["metricsQuery"].replace("<<.GroupBy>>", "pod")
+        found.append((rule["name"]["as"], query.replace("<<.LabelMatchers>>", 'pod="p"')))
+        found.append((rule["name"]["as"] + " (series)", rule["seriesQuery"]))
+    return found
+
+
+def test_every_metric_the_autoscalers_name_is_exported(exported):
+    expressions = _autoscaling_expressions()
+    assert len(expressions) >= 4
+    for name, expression in expressions:
+        names = metric_names(expression)
+        assert names, f"{name} names no metric: {expression}"
+        missing = names - exported - PROMETHEUS_OWN
+        assert not missing, f"{name} names {sorted(missing)}, which nothing exports"

@@ -97,6 +97,10 @@ def ports(container: dict) -> dict[str, int]:
 
 @pytest.fixture
 def served(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    return settings_of(container, monkeypatch)
+
+
+def settings_of(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     """The settings `gradserve serve` would run with, given the container's argv and env."""
     argv = [*container.get("command", []), *container.get("args", [])]
     assert "serve" in argv, f"the container does not run `gradserve serve`: {argv}"
@@ -325,3 +329,94 @@ def test_frontends_fit_the_pods_cpu_request(container: dict, served: dict) -> No
     cpus = float(container["resources"]["requests"]["cpu"])
     frontends = int(served["frontends"])
     assert 1 <= frontends <= cpus - 2
+
+
+# ---- KServe runtime and autoscaling -------------------------------------------------------
+
+KSERVE = ROOT / "deploy" / "kserve"
+AUTOSCALING = K8S / "autoscaling"
+SCHEMAS = ROOT / "deploy" / "schemas"  # the CRDs' published schemas, vendored (LICENSE-*)
+CUSTOM = {"ClusterServingRuntime": "clusterservingruntime", "InferenceService": "inferenceservice",
+          "ScaledObject": "scaledobject"}  # fmt: skip
+
+
+def custom_schema(kind: str) -> dict:
+    """A custom kind's openAPIV3Schema, made strict as the API server's pruning is in effect:
+    an object with listed properties takes no other field."""
+    import gzip
+    import json
+
+    record = json.loads(gzip.decompress((SCHEMAS / f"{CUSTOM[kind]}.json.gz").read_bytes()))
+
+    def strict(node):
+        if isinstance(node, dict):
+            node = {key: strict(value) for key, value in node.items()}
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):  # fmt: skip
+                node["additionalProperties"] = False
+            return node
+        if isinstance(node, list):
+            return [strict(item) for item in node]
+        return node
+
+    return record["group"], record["version"], strict(record["schema"])
+
+
+def validate_custom(doc: dict) -> None:
+    import jsonschema
+
+    group, version, schema = custom_schema(doc["kind"])
+    assert doc["apiVersion"] == f"{group}/{version}", doc["apiVersion"]
+    jsonschema.Draft7Validator(schema).validate(doc)
+
+
+def all_docs(folder: Path) -> list[dict]:
+    return [doc for path in sorted(folder.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]  # fmt: skip
+
+
+def test_kserve_and_autoscaling_manifests_validate_against_their_schemas() -> None:
+    """Custom kinds against the KServe and KEDA CRDs' own schemas (vendored), core kinds
+    against Kubernetes' (kubernetes-validate, strict)."""
+    import kubernetes_validate
+
+    docs = all_docs(KSERVE) + all_docs(AUTOSCALING)
+    kinds = {doc["kind"] for doc in docs}
+    assert {"ClusterServingRuntime", "InferenceService", "ScaledObject",
+            "HorizontalPodAutoscaler", "ConfigMap"} <= kinds, kinds  # fmt: skip
+    for doc in docs:
+        if doc["kind"] in CUSTOM:
+            validate_custom(doc)
+        else:
+            kubernetes_validate.validate(doc, f"{KUBERNETES_VERSION}.0", strict=True)
+
+
+def test_a_misspelt_field_of_a_custom_kind_fails_its_schema() -> None:
+    import copy
+
+    import jsonschema
+
+    runtime = only(load("../kserve/cluster-serving-runtime.yaml"), "ClusterServingRuntime")
+    broken = copy.deepcopy(runtime)
+    broken["spec"]["protocolVersionz"] = ["v2"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(broken)
+
+
+def test_the_runtime_runs_gradserve_on_kserves_ports_and_model_folder(monkeypatch) -> None:
+    runtime = only(load("../kserve/cluster-serving-runtime.yaml"), "ClusterServingRuntime")
+    container = runtime["spec"]["containers"][0]
+    settings = settings_of(container, monkeypatch)
+    assert settings["model_repository"] == "/mnt/models"  # where KServe puts the model
+    assert settings["host"] == "0.0.0.0"
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    assert container["readinessProbe"]["httpGet"]["port"] == settings["http_port"] == 8080
+    annotations = runtime["spec"]["annotations"]
+    assert int(annotations["prometheus.kserve.io/port"]) == settings["metrics_port"]
+    service = only(load("../kserve/inference-service.yaml"), "InferenceService", "quadratic")
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    ports = {port["name"]: port["containerPort"] for port in model["ports"]}
+    assert ports["h2c"] == settings["port"]  # gRPC on the port named h2c
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
