@@ -337,7 +337,7 @@ async function drawCurve(params) {
     `<line x1="${pad}" y1="${sy(0)}" x2="${width - pad}" y2="${sy(0)}" class="axis"/>`,
     `<text x="${pad}" y="${pad - 10}">${fmt([top])}</text>`,
     `<text x="${pad}" y="${height - 10}">${fmt([bottom])}</text>`,
-    `<text x="${width - pad}" y="${height - 10}" text-anchor="end">x = ${fmt([hi])}</text>`,
+    `<text x="${width / 2}" y="${height - 10}" text-anchor="middle">x from ${fmt([lo])} to ${fmt([hi])}</text>`,
     `<path d="${path(ys)}" class="y"/>`,
   ];
   if (ds) parts.push(`<path d="${path(ds)}" class="d"/>`);
