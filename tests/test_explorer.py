@@ -180,7 +180,7 @@ class PrefixProxy:
         async def serve() -> None:
             application = web.Application()
             application.router.add_route("*", self.PREFIX + "{tail:.*}", forward)
-            runner = web.AppRunner(application)
+            runner = self._runner = web.AppRunner(application)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
@@ -192,6 +192,10 @@ class PrefixProxy:
         self._loop.run_forever()
 
     def close(self) -> None:
+        """Close its connections and site, then stop its loop."""
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 

@@ -30,24 +30,32 @@ SEED = 20261207  # the random row and vector: the same on every start, so a fail
 @dataclass(frozen=True)
 class VectorLevel:
     """One x86-64 vector instruction set the kernels can dispatch to at run time, and how to
-    cap both dispatchers at it: oneDNN (`ONEDNN_MAX_CPU_ISA`) and XLA's CPU code generator
-    (`--xla_cpu_max_isa` in `XLA_FLAGS`)."""
+    cap every dispatcher at it: oneDNN (`ONEDNN_MAX_CPU_ISA`), XLA's CPU code generator
+    (`--xla_cpu_max_isa` in `XLA_FLAGS`), and PyTorch's own kernels (`ATEN_CPU_CAPABILITY`)
+    and MKL (`MKL_ENABLE_INSTRUCTIONS`)."""
 
     name: str
     cpu_flag: str  # in /proc/cpuinfo when the CPU has it
     onednn: str
     xla: str
+    aten: str
+    mkl: str
 
     def cap(self) -> dict[str, str]:
         """The environment that keeps a process's kernels at or below this level."""
-        return {"ONEDNN_MAX_CPU_ISA": self.onednn, "XLA_FLAGS": f"--xla_cpu_max_isa={self.xla}"}
+        return {
+            "ONEDNN_MAX_CPU_ISA": self.onednn,
+            "XLA_FLAGS": f"--xla_cpu_max_isa={self.xla}",
+            "ATEN_CPU_CAPABILITY": self.aten,
+            "MKL_ENABLE_INSTRUCTIONS": self.mkl,
+        }
 
 
 VECTOR_LEVELS = (  # lowest first
-    VectorLevel("SSE4.1", "sse4_1", "SSE41", "SSE4_2"),
-    VectorLevel("AVX", "avx", "AVX", "AVX"),
-    VectorLevel("AVX2", "avx2", "AVX2", "AVX2"),
-    VectorLevel("AVX-512", "avx512f", "AVX512_CORE", "AVX512"),
+    VectorLevel("SSE4.1", "sse4_1", "SSE41", "SSE4_2", "default", "SSE4_2"),
+    VectorLevel("AVX", "avx", "AVX", "AVX", "default", "AVX"),
+    VectorLevel("AVX2", "avx2", "AVX2", "AVX2", "avx2", "AVX2"),
+    VectorLevel("AVX-512", "avx512f", "AVX512_CORE", "AVX512", "avx512", "AVX512"),
 )
 
 
