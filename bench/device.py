@@ -65,7 +65,8 @@ def machine() -> dict:
         query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
         gpu = subprocess.run(query, capture_output=True, text=True).stdout.strip()
     return {"gpu": gpu or "none", "cores": os.cpu_count(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine()}  # fmt: skip
+            "cpu": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}  # fmt: skip
 
 
 ENGINE_BACKENDS = ("jax", "torch")
