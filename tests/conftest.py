@@ -425,3 +425,71 @@ def frontends_server() -> Iterator[ServerProcess]:
         yield running
     finally:
         assert running.stop() == 0
+
+
+# ---- the backends' servers, compared alike -----------------------------------------------
+
+
+def keras_repository(root: Path, models: dict[str, Path]) -> Path:
+    """A model repository under `root`: version 1 of each named Keras file."""
+    import shutil
+
+    for name, source in models.items():
+        (root / name / "1").mkdir(parents=True)
+        shutil.copy(source, root / name / "1" / "model.keras")
+    return root
+
+
+def rows_and_vectors(input_shape, output_shape, kind: Derivative, n: int, seed: int):
+    """n random rows in [0, 1] (image pixels too) and kind's vector, float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, *input_shape)).astype(np.float32)
+    shape = {Derivative.VJP: output_shape, Derivative.JVP: input_shape,
+             Derivative.HVP: input_shape}.get(kind)  # fmt: skip
+    v = None if shape is None else rng.normal(size=(n, *shape)).astype(np.float32)
+    return x, v
+
+
+def assert_every_kind_as_tensorflow(target: str, engine, model: str, float64: bool) -> None:
+    """Every engine kind served for `model` at `target` equals the TensorFlow `engine`'s
+    answer and, with `float64` (a Dense stack), the float64 reference, within
+    REFERENCE_RTOL."""
+    from gradserve.client import GradientClient
+    from gradserve.server.core.contract import ENGINE_KINDS
+
+    with GradientClient(target, timeout=60) as client:
+        for seed, kind in enumerate(ENGINE_KINDS):
+            x, v = rows_and_vectors(engine.input_shape, engine.output_shape, kind, 3, seed)
+            served = client.evaluate(x, kind.value, v=v, model=model)
+            references = [engine.run(kind, x, v)]
+            if float64:
+                references.append(float64_answer(engine.model, kind, x, v))
+            for expected in references:
+                assert_close(served.y.reshape(expected.y.shape), expected.y)
+                if expected.dy_dx is not None:
+                    assert_close(served.dy_dx.reshape(expected.dy_dx.shape), expected.dy_dx)
+
+
+def standard_and_rest_jacobians(server, model: str, x: np.ndarray):
+    """The SDK's Jacobian of rows x, and the same request's over the standard protocol's
+    gRPC (tritonclient) and over REST (httpx), as arrays of the SDK's shape."""
+    import httpx
+    import tritonclient.grpc as triton
+
+    from gradserve.client import GradientClient
+
+    with GradientClient(server.target, timeout=60) as client:
+        sdk = client.evaluate(x, "jacobian", model=model)
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    with triton.InferenceServerClient(server.target) as standard:
+        answer = standard.infer(model, [tensor], parameters={"derivative": "jacobian"})
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}],
+            "parameters": {"derivative": "jacobian"}}  # fmt: skip
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/{model}/infer"
+    rest = httpx.post(url, json=body, timeout=30)
+    assert rest.status_code == 200, rest.text
+    outputs = {o["name"]: o for o in rest.json()["outputs"]}
+    rest_dy_dx = np.asarray(outputs["dy_dx"]["data"], np.float32).reshape(sdk.dy_dx.shape)
+    return sdk.dy_dx, answer.as_numpy("dy_dx").reshape(sdk.dy_dx.shape), rest_dy_dx

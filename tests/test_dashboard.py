@@ -83,14 +83,20 @@ def _rules() -> list[dict]:
     return [rule for group in document["groups"] for rule in group["rules"]]
 
 
+def assert_every_metric_exported(expressions: list[tuple[str, str]], exported: set[str]) -> None:
+    """Each (where, PromQL) names at least one metric, and only metrics the server exports
+    (or Prometheus's own)."""
+    for where, expression in expressions:
+        names = metric_names(expression)
+        assert names, f"{where} names no metric: {expression}"
+        missing = names - exported - PROMETHEUS_OWN
+        assert not missing, f"{where} names {sorted(missing)}, which nothing exports"
+
+
 def test_every_metric_the_dashboard_names_is_exported(exported):
     expressions = _dashboard_expressions()
     assert len(expressions) >= 20
-    for title, expression in expressions:
-        names = metric_names(expression)
-        assert names, f"panel {title!r} names no metric: {expression}"
-        missing = names - exported - PROMETHEUS_OWN
-        assert not missing, f"panel {title!r} names {sorted(missing)}, which nothing exports"
+    assert_every_metric_exported([(f"panel {t!r}", e) for t, e in expressions], exported)
 
 
 def test_the_dashboard_is_well_formed():
@@ -152,8 +158,4 @@ def _autoscaling_expressions() -> list[tuple[str, str]]:
 def test_every_metric_the_autoscalers_name_is_exported(exported):
     expressions = _autoscaling_expressions()
     assert len(expressions) >= 4
-    for name, expression in expressions:
-        names = metric_names(expression)
-        assert names, f"{name} names no metric: {expression}"
-        missing = names - exported - PROMETHEUS_OWN
-        assert not missing, f"{name} names {sorted(missing)}, which nothing exports"
+    assert_every_metric_exported(expressions, exported)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, keras_repository
 
 from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
 
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (make t
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("explorer-repository")
-    for name, source in (("quadratic", BUNDLED_MODEL), ("digits", BUNDLED_DIR / "digits.keras")):
-        (root / name / "1").mkdir(parents=True)
-        shutil.copy(source, root / name / "1" / "model.keras")
+    root = keras_repository(
+        tmp_path_factory.mktemp("explorer-repository"),
+        {"quadratic": BUNDLED_MODEL, "digits": BUNDLED_DIR / "digits.keras"},
+    )
     served = ServerProcess("--model-repository", str(root))
     try:
         yield served

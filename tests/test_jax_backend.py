@@ -10,7 +10,6 @@ answers of one server are compared bit for bit only after its self-check passed.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +17,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import tritonclient.grpc as triton
 from conftest import (
     ServerProcess,
     assert_close,
+    assert_every_kind_as_tensorflow,
     assert_same_answer,
-    float64_answer,
+    keras_repository,
+    standard_and_rest_jacobians,
     unbatched,
 )
 
 from gradserve.client import GradientClient
 from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
-from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec
 from gradserve.server.engine import jax_engine
 from gradserve.server.engine.compiled import TensorFlowEngine
 from gradserve.server.engine.errors import ModelError
@@ -42,12 +41,9 @@ DENSE_STACKS = ("quadratic", "mimo")  # float64_answer recomputes these from the
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, mimo_model_path) -> Path:
     """quadratic, digits and mimo, version 1 each."""
-    root = tmp_path_factory.mktemp("jax-repository")
-    for name, source in (("quadratic", BUNDLED_MODEL), ("digits", BUNDLED_DIR / "digits.keras"),
-                         ("mimo", mimo_model_path)):  # fmt: skip
-        (root / name / "1").mkdir(parents=True)
-        shutil.copy(source, root / name / "1" / "model.keras")
-    return root
+    return keras_repository(tmp_path_factory.mktemp("jax-repository"), {
+        "quadratic": BUNDLED_MODEL, "digits": BUNDLED_DIR / "digits.keras",
+        "mimo": mimo_model_path})  # fmt: skip
 
 
 def _serve(repository: Path, *args: str) -> ServerProcess:
@@ -70,33 +66,14 @@ def tensorflow_engines(repository) -> dict[str, TensorFlowEngine]:
             for name in ("quadratic", "digits", "mimo")}  # fmt: skip
 
 
-def rows_and_vectors(engine: TensorFlowEngine, kind: Derivative, n: int, seed: int):
-    """n random rows of the model's input (in [0, 1] for digits' pixels) and kind's vector."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 1, (n, *engine.input_shape)).astype(np.float32)
-    shape = ModelSpec.of(engine, MAX_BATCH, MAX_BATCH).vector_shape(kind)
-    v = None if shape is None else rng.normal(size=(n, *shape)).astype(np.float32)
-    return x, v
-
-
 @pytest.mark.parametrize("model", ["quadratic", "digits", "mimo"])
 def test_every_kind_on_jax_equals_tensorflow_and_the_float64_reference(
     jax_server, tensorflow_engines, model
 ):
     """Against the TensorFlow engine, and for the Dense stacks also against the float64
     reference computed from the weights."""
-    engine = tensorflow_engines[model]
-    with GradientClient(jax_server.target, timeout=60) as client:
-        for seed, kind in enumerate(ENGINE_KINDS):
-            x, v = rows_and_vectors(engine, kind, 3, seed)
-            served = client.evaluate(x, kind.value, v=v, model=model)
-            references = [engine.run(kind, x, v)]
-            if model in DENSE_STACKS:
-                references.append(float64_answer(engine.model, kind, x, v))
-            for expected in references:
-                assert_close(served.y.reshape(expected.y.shape), expected.y)
-                if expected.dy_dx is not None:
-                    assert_close(served.dy_dx.reshape(expected.dy_dx.shape), expected.dy_dx)
+    assert_every_kind_as_tensorflow(jax_server.target, tensorflow_engines[model], model,
+                                    float64=model in DENSE_STACKS)  # fmt: skip
 
 
 def test_the_trained_model_on_jax_gives_the_seeds_derivatives(jax_server, tensorflow_engines):
@@ -122,26 +99,9 @@ def test_explanations_on_jax_equal_tensorflows(jax_server, tensorflow_engines):
 
 def test_the_standard_protocol_and_rest_answer_as_the_sdk_on_jax(jax_server):
     x = np.random.default_rng(8).normal(size=(4, 3)).astype(np.float32)
-    with GradientClient(jax_server.target, timeout=60) as client:
-        sdk = client.evaluate(x, "jacobian", model="mimo")
-    tensor = triton.InferInput("x", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
-    with triton.InferenceServerClient(jax_server.target) as standard:
-        answer = standard.infer("mimo", [tensor], parameters={"derivative": "jacobian"})
-    assert_same_answer(answer.as_numpy("dy_dx").reshape(sdk.dy_dx.shape), sdk.dy_dx)
-    tensor_json = {
-        "name": "x",
-        "shape": list(x.shape),
-        "datatype": "FP32",
-        "data": x.ravel().tolist(),
-    }
-    body = {"inputs": [tensor_json], "parameters": {"derivative": "jacobian"}}
-    url = f"http://127.0.0.1:{jax_server.http_port}/v2/models/mimo/infer"
-    rest = httpx.post(url, json=body, timeout=30)
-    assert rest.status_code == 200, rest.text
-    outputs = {o["name"]: o for o in rest.json()["outputs"]}
-    data = np.asarray(outputs["dy_dx"]["data"], np.float32).reshape(sdk.dy_dx.shape)
-    assert_same_answer(data, sdk.dy_dx)
+    sdk, standard, rest = standard_and_rest_jacobians(jax_server, "mimo", x)
+    assert_same_answer(standard, sdk)
+    assert_same_answer(rest, sdk)
 
 
 def test_a_deterministic_jax_server_passed_its_self_check_and_answers_rows_alike(jax_server):

@@ -20,8 +20,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as triton
-from conftest import ServerProcess, assert_close, assert_same_answer, float64_answer, unbatched
+from conftest import (
+    ServerProcess,
+    assert_close,
+    assert_every_kind_as_tensorflow,
+    assert_same_answer,
+    keras_repository,
+    rows_and_vectors,
+    standard_and_rest_jacobians,
+    unbatched,
+)
 
 from gradserve.client import GradientClient
 from gradserve.server.config import BUNDLED_DIR, BUNDLED_MODEL
@@ -75,11 +83,9 @@ def programs() -> dict[str, torch.nn.Module]:
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, mimo_model_path, programs) -> Path:
     """quadratic, digits and mimo as .keras, mlp and conv as .pt2; version 1 each."""
-    root = tmp_path_factory.mktemp("torch-repository")
-    for name, source in (("quadratic", BUNDLED_MODEL), ("digits", BUNDLED_DIR / "digits.keras"),
-                         ("mimo", mimo_model_path)):  # fmt: skip
-        (root / name / "1").mkdir(parents=True)
-        shutil.copy(source, root / name / "1" / "model.keras")
+    root = keras_repository(tmp_path_factory.mktemp("torch-repository"), {
+        "quadratic": BUNDLED_MODEL, "digits": BUNDLED_DIR / "digits.keras",
+        "mimo": mimo_model_path})  # fmt: skip
     for name, shape in (("mlp", (4,)), ("conv", (1, 6, 6))):
         (root / name / "1").mkdir(parents=True)
         export(programs[name], shape, root / name / "1" / "model.pt2")
@@ -107,16 +113,6 @@ def torch_server(repository):
 def tensorflow_engines(repository) -> dict[str, TensorFlowEngine]:
     return {name: TensorFlowEngine(repository / name / "1" / "model.keras", xla=False, name=name)
             for name in KERAS_MODELS}  # fmt: skip
-
-
-def rows_and_vectors(input_shape, output_shape, kind: Derivative, n: int, seed: int):
-    """n random rows in [0, 1] (digits' pixels) and kind's vector, float32."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 1, (n, *input_shape)).astype(np.float32)
-    shape = {Derivative.VJP: output_shape, Derivative.JVP: input_shape,
-             Derivative.HVP: input_shape}.get(kind)  # fmt: skip
-    v = None if shape is None else rng.normal(size=(n, *shape)).astype(np.float32)
-    return x, v
 
 
 def float64_program_answer(module: torch.nn.Module, kind: Derivative, x, v=None) -> Outputs:
@@ -161,18 +157,8 @@ def float64_program_answer(module: torch.nn.Module, kind: Derivative, x, v=None)
 def test_every_kind_of_keras_on_torch_equals_tensorflow_and_the_float64_reference(
     torch_server, tensorflow_engines, model
 ):
-    engine = tensorflow_engines[model]
-    with GradientClient(torch_server.target, timeout=60) as client:
-        for seed, kind in enumerate(ENGINE_KINDS):
-            x, v = rows_and_vectors(engine.input_shape, engine.output_shape, kind, 3, seed)
-            served = client.evaluate(x, kind.value, v=v, model=model)
-            references = [engine.run(kind, x, v)]
-            if model in DENSE_STACKS:
-                references.append(float64_answer(engine.model, kind, x, v))
-            for expected in references:
-                assert_close(served.y.reshape(expected.y.shape), expected.y)
-                if expected.dy_dx is not None:
-                    assert_close(served.dy_dx.reshape(expected.dy_dx.shape), expected.dy_dx)
+    assert_every_kind_as_tensorflow(torch_server.target, tensorflow_engines[model], model,
+                                    float64=model in DENSE_STACKS)  # fmt: skip
 
 
 @pytest.mark.parametrize("model", ["mlp", "conv"])
@@ -219,22 +205,9 @@ def test_explanations_and_k_tangents_on_torch_equal_tensorflows(torch_server, te
 
 def test_the_standard_protocol_and_rest_answer_as_the_sdk_on_torch(torch_server):
     x = np.random.default_rng(8).normal(size=(4, 4)).astype(np.float32)
-    with GradientClient(torch_server.target, timeout=60) as client:
-        sdk = client.evaluate(x, "jacobian", model="mlp")
-    tensor = triton.InferInput("x", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
-    with triton.InferenceServerClient(torch_server.target) as standard:
-        answer = standard.infer("mlp", [tensor], parameters={"derivative": "jacobian"})
-    assert_close(answer.as_numpy("dy_dx").reshape(sdk.dy_dx.shape), sdk.dy_dx)
-    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}],
-            "parameters": {"derivative": "jacobian"}}  # fmt: skip
-    url = f"http://127.0.0.1:{torch_server.http_port}/v2/models/mlp/infer"
-    rest = httpx.post(url, json=body, timeout=30)
-    assert rest.status_code == 200, rest.text
-    outputs = {o["name"]: o for o in rest.json()["outputs"]}
-    data = np.asarray(outputs["dy_dx"]["data"], np.float32).reshape(sdk.dy_dx.shape)
-    assert_close(data, sdk.dy_dx)
+    sdk, standard, rest = standard_and_rest_jacobians(torch_server, "mlp", x)
+    assert_close(standard, sdk)
+    assert_close(rest, sdk)
 
 
 @pytest.mark.parametrize("level", VECTOR_LEVELS, ids=lambda level: level.name)
