@@ -193,9 +193,9 @@ FLOOD_CONFIGS = {
 }  # fmt: skip
 
 
-def flood_step() -> dict:
+def flood_step(rounds: int = FLOOD_REPEATS) -> dict:
     """The flood (40 callers x 300-row requests of a 64x64x3 model, plus one 1-row caller)
-    against each of FLOOD_CONFIGS, FLOOD_REPEATS rounds alternating them: each one's medians."""
+    against each of FLOOD_CONFIGS, `rounds` rounds alternating them: each one's medians."""
     import tempfile
 
     from bench.flood import QUEUE_MB, build_model, median_of, run_flood
@@ -203,9 +203,9 @@ def flood_step() -> dict:
     runs: dict[str, list] = {label: [] for label in FLOOD_CONFIGS}
     with tempfile.TemporaryDirectory() as folder:
         model = build_model(Path(folder) / "head64x64x3.keras")
-        for repeat in range(FLOOD_REPEATS):
+        for repeat in range(rounds):
             for label, server_args in FLOOD_CONFIGS.items():
-                print(f"flood ({label}, round {repeat + 1} of {FLOOD_REPEATS})...", flush=True)
+                print(f"flood ({label}, round {repeat + 1} of {rounds})...", flush=True)
                 runs[label].append(run_flood(
                     model, [*server_args, "--max-queue-mb", str(QUEUE_MB)],
                     callers=FLOOD_CALLERS, rows=FLOOD_ROWS, seconds=FLOOD_SECONDS,
@@ -250,6 +250,12 @@ def explain_only(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--flood-rounds",
+        type=int,
+        default=FLOOD_REPEATS,
+        help="rounds of the flood step (medians over them)",
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="per repeat of a step")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--only", choices=["flood"], help="run this step alone and print it")
@@ -259,7 +265,7 @@ def main() -> int:
     if args.only == "flood":
         from bench.report import render_flood
 
-        print("\n".join(render_flood(flood_step())))
+        print("\n".join(render_flood(flood_step(args.flood_rounds))))
         return 0
     if args.only_explain:
         return explain_only(args)
@@ -306,7 +312,7 @@ def main() -> int:
             server.stop()
         rss[label] = server.peak_rss_mb
     rest = rest_step(tool, args.repeats) if tool is not None else None
-    floods = flood_step()
+    floods = flood_step(args.flood_rounds)
     elapsed = time.monotonic() - started
     from bench.report import render, render_flood, render_perf, render_rest
 
