@@ -137,7 +137,8 @@ _HELP = {
     "device": "auto (first GPU, else CPU), cpu, or gpu:N (with torch also cuda[:N])",
     "xla": "compile with XLA, padding batches to a ladder of power-of-two sizes",
     "deterministic": "compute every batch in fixed tiles of rows, so a row's answer is the "
-    "same in every bit whatever else is in its batch (costs engine time: README)",
+    "same in every bit whatever else is in its batch (costs engine time: see the documentation's "
+    "Reproducible answers)",
     "max_batch_size": "most rows per engine call; larger requests are split",
     "max_delay_us": "hold an idle engine up to this long to gather a larger batch (0: never)",
     "max_queue_rows": "most rows waiting at once (and per request, counting an explanation's "
@@ -202,23 +203,52 @@ def _resolve_model(entry: str) -> Path:
     return Path(entry)
 
 
-_ALIASES = {"model_repository": ["--model-dir"]}  # earlier names of a flag, still accepted
+_ALIASES = {"model_repository": ("--model-dir",)}  # earlier names of a flag, still accepted
 _TYPES = {"Path": Path, "str": str, "int": int, "float": float, "bool": _parse_bool}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One `gradserve serve` flag as the parser and the documentation's reference both see
+    it: written once here, from a ServerConfig field and its help."""
+
+    field: str
+    flag: str
+    aliases: tuple[str, ...]
+    env: str
+    type: str
+    default: object
+    help: str
+
+
+def flags() -> list[Flag]:
+    """Every server flag, in ServerConfig's order, with its built-in default (not the
+    environment's)."""
+    return [
+        Flag(
+            field=f.name,
+            flag="--" + f.name.replace("_", "-"),
+            aliases=_ALIASES.get(f.name, ()),
+            env="GRADSERVE_" + f.name.upper(),
+            type=f.type,
+            default=f.default,
+            help=_HELP[f.name],
+        )
+        for f in fields(ServerConfig)
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field; GRADSERVE_<FIELD> in the environment sets its default."""
-    for field in fields(ServerConfig):
-        flag = "--" + field.name.replace("_", "-")
-        env = "GRADSERVE_" + field.name.upper()
-        kind = _TYPES[field.type]
-        default = kind(os.environ[env]) if env in os.environ else field.default
+    for flag in flags():
+        kind = _TYPES[flag.type]
+        default = kind(os.environ[flag.env]) if flag.env in os.environ else flag.default
         parser.add_argument(
-            flag,
-            *_ALIASES.get(field.name, []),
+            flag.flag,
+            *flag.aliases,
             type=kind,
             default=default,
-            help=f"{_HELP[field.name]} (env {env}; default: {default})",
+            help=f"{flag.help} (env {flag.env}; default: {default})",
         )
 
 

@@ -94,7 +94,8 @@ def repository(tmp_path_factory, mimo_model_path, programs) -> Path:
 
 def _serve(repository: Path, *args: str, **env: str) -> ServerProcess:
     """Not deterministic unless `args` say so: on some CPUs a convolution's gradient differs
-    between positions of a tile, and the self-check then refuses the conv models (README)."""
+    between positions of a tile, and the self-check then refuses the conv models
+    (docs: Backends)."""
     return ServerProcess("--backend", "torch", "--model-repository", str(repository),
                          "--max-batch-size", str(MAX_BATCH), "--deterministic", "off",
                          *args, **env)  # fmt: skip

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class GradientServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Outputs and input derivatives of the served models, and their repository.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,10 +73,12 @@ class GradientServiceStub:
 
 
 class GradientServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Outputs and input derivatives of the served models, and their repository.
+    """
 
     def Evaluate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One request's rows, batched with every caller's; a failure is the RPC status.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -89,7 +92,8 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A served model version's shapes, float type, derivatives, device and limits.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -118,7 +122,9 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnloadModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stop routing requests to a model (--model-control explicit); the requests it had
+        admitted are answered.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -170,7 +176,8 @@ def add_GradientServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GradientService:
-    """Missing associated documentation comment in .proto file."""
+    """Outputs and input derivatives of the served models, and their repository.
+    """
 
     @staticmethod
     def Evaluate(request,
