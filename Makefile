@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: serve test lint format proto train clean bench bench-swap bench-backends perf-analyzer \
-	device-bundle device-rehearsal loadtest soak nginx chromium \
+	device-bundle device-rehearsal loadtest soak nginx chromium docs docs-serve \
 	promtool \
 	cluster cluster-load \
 	image image-host image-test explain-demo
@@ -37,6 +37,15 @@ serve: $(STAMP)
 
 test: lint nginx promtool chromium
 	$(BIN)/python -m pytest $(ARGS)
+
+# The documentation site (mkdocs.yml; the reference pages are generated from the code at each
+# build). The variables silence the tools' notices about their successors.
+DOCS_ENV := DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1
+docs: $(STAMP)
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict --site-dir build/site
+
+docs-serve: $(STAMP)
+	$(DOCS_ENV) $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
