@@ -227,3 +227,22 @@ def test_runnable_example_prints_what_its_page_says(example, frontends_server, t
     assert matches(example.output, run.stdout), (
         f"{example} printed:\n{run.stdout}\nits page says:\n{example.output}"
     )
+
+
+# Units that only measurements carry: a page other than docs/benchmarks.md (and the design
+# notes that cite it) links to the benchmark run instead of quoting such figures.
+MEASURED = re.compile(r"\b\d[\d,.]*\s?(req/s|rows/s|µs per|us per)|\b\d+(\.\d+)?x (faster|slower)")
+USER_PAGES = [
+    ROOT / "README.md",
+    *sorted(
+        p
+        for p in (ROOT / "docs").rglob("*.md")
+        if p.name not in ("benchmarks.md", "architecture.md")
+    ),
+]
+
+
+@pytest.mark.parametrize("page", USER_PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_a_page_quotes_no_measured_figure_of_its_own(page):
+    found = [line for line in page.read_text().splitlines() if MEASURED.search(line)]
+    assert not found, f"{page.name}: link to docs/benchmarks.md instead of quoting: {found}"
