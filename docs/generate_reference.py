@@ -6,7 +6,9 @@ itself (mkdocs-gen-files runs this file), so that they cannot drift from it:
 - reference/metrics.md: every metric family a server's registry holds, with its type, help
   and labels (tests/test_docs.py checks it against a real server's /metrics);
 - reference/protocol.md: the native protocol's services, messages and enums, with the
-  comments of the .proto file (read through protoc's source info).
+  comments of the .proto file (read through protoc's source info);
+- reference/rest.md: every REST endpoint and request parameter, from the OpenAPI document the
+  server serves at /v2/openapi.json (server/protocols/openapi.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from grpc_tools import protoc
 from gradserve.client import loadtest
 from gradserve.server import config
 from gradserve.server.metrics import Metrics
+from gradserve.server.protocols import openapi
+from gradserve.wire.http import HEADER_LENGTH
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
@@ -241,10 +245,46 @@ def protocol_page() -> str:
     return "".join(lines)
 
 
-for page, write in {
-    "flags": flags_page,
-    "metrics": metrics_page,
-    "protocol": protocol_page,
-}.items():
+# -- REST ---------------------------------------------------------------------------------
+
+
+def rest_page() -> str:
+    document = openapi.document([], "", HEADER_LENGTH)
+    lines = [
+        "# REST endpoints\n\n",
+        GENERATED,
+        "The standard inference protocol over HTTP/JSON, on `--http-port` (8000). A running "
+        "server serves the whole OpenAPI 3.0 document, with the names of the models it "
+        "serves, at `GET /v2/openapi.json`; this page lists its endpoints and the inference "
+        "request's parameters. How to use them, binary tensors and bounds: "
+        "[Protocols](../user-guide/protocols.md).\n\n",
+        "| method | path | what it answers | statuses |\n",
+        "|---|---|---|---|\n",
+    ]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            statuses = ", ".join(sorted(operation["responses"]))
+            lines.append(f"| {method.upper()} | `{path}` | {cell(operation['summary'])} | "
+                         f"{statuses} |\n")  # fmt: skip
+    lines += [
+        "\n## Inference request parameters\n\n",
+        "The `parameters` object of `POST .../infer`; the same names are request parameters "
+        "of the standard protocol over gRPC.\n\n",
+        "| parameter | type | meaning |\n",
+        "|---|---|---|\n",
+    ]
+    parameters = document["components"]["schemas"]["Parameters"]["properties"]
+    for name, schema in parameters.items():
+        meaning = schema.get("description", "")
+        if "enum" in schema:
+            meaning += ": " + ", ".join(f"`{value}`" for value in schema["enum"])
+        lines.append(f"| `{name}` | {schema.get('type', '')} | {cell(meaning)} |\n")
+    return "".join(lines)
+
+
+PAGES = {"flags": flags_page, "metrics": metrics_page, "protocol": protocol_page, "rest": rest_page}
+for page, write in PAGES.items():
     with mkdocs_gen_files.open(f"reference/{page}.md", "w") as out:
         out.write(write())

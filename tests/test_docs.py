@@ -54,7 +54,7 @@ def site(tmp_path_factory) -> Path:
 
 def test_the_site_builds_strict_and_strict_refuses_a_broken_link(site, tmp_path):
     assert (site / "index.html").is_file()
-    for page in ("flags", "metrics", "protocol", "sdk"):
+    for page in ("flags", "metrics", "protocol", "rest", "sdk"):
         assert (site / "reference" / page / "index.html").is_file(), page
     copy = tmp_path / "project"
     shutil.copytree(ROOT / "docs", copy / "docs")
@@ -156,6 +156,21 @@ def test_every_metric_a_server_exports_is_in_the_reference(site, frontends_serve
             assert labels <= documented[name].labels, (name, sample.labels)
     exported = {family.name for family in families}
     assert {"gradserve_requests", "gradserve_deterministic_selfcheck"} <= exported
+
+
+def test_every_endpoint_and_parameter_a_server_documents_is_in_the_rest_reference(
+    site, frontends_server
+):
+    served = httpx.get(
+        f"http://127.0.0.1:{frontends_server.http_port}/v2/openapi.json", timeout=60
+    ).json()
+    rows = table_rows(site / "reference" / "rest" / "index.html")
+    listed = {(row[0], row[1]) for row in rows if len(row) == 4}
+    for path, operations in served["paths"].items():
+        for method in set(operations) - {"parameters"}:
+            assert (method.upper(), path) in listed, f"{method.upper()} {path} is not listed"
+    parameters = {row[0] for row in rows if len(row) == 3}
+    assert set(served["components"]["schemas"]["Parameters"]["properties"]) == parameters
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,12 @@ def _parameters() -> dict:
             "description": "1: high (computed first); 0, absent or 2 and up: normal",
         },
         "binary_data_output": {"type": "boolean", "description": "answer every output in binary"},
+        "timeout": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "microseconds the request may wait for the engine before it is "
+            "answered 504, never computed (0 or absent: no limit)",
+        },
         TARGET.name: {
             "type": "integer",
             "minimum": 0,
