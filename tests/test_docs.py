@@ -56,6 +56,11 @@ def test_the_site_builds_strict_and_strict_refuses_a_broken_link(site, tmp_path)
     assert (site / "index.html").is_file()
     for page in ("flags", "metrics", "protocol", "rest", "sdk"):
         assert (site / "reference" / page / "index.html").is_file(), page
+    for page in site.rglob("*.html"):  # scripts, styles and fonts come with the site
+        remote = re.findall(
+            r"<(?:script|link)[^>]*(?:src|href)=\"https?://[^\"]*", page.read_text()
+        )
+        assert not remote, (page, remote)
     copy = tmp_path / "project"
     shutil.copytree(ROOT / "docs", copy / "docs")
     for name in ("mkdocs.yml", "client", "wire", "protos"):
