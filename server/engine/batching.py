@@ -1,9 +1,10 @@
 """What every backend's engine does alike with a batch, framework-free: the batch shapes it
 compiles (a ladder of padded sizes, or whole tiles of a deterministic engine), padding rows up
-to them, and splitting more rows than a call takes."""
+to them, splitting more rows than a call takes, and warming every kind up."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -56,6 +57,34 @@ def pad(a: np.ndarray, rows: int, dtype: np.dtype) -> np.ndarray:
     padded = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
     padded[:n] = a
     return padded
+
+
+def padded(
+    kind: Derivative, x: np.ndarray, v: np.ndarray | None, rows: int, dtype: np.dtype
+) -> list[np.ndarray]:
+    """A call's arguments: x and, for a kind that takes one, its vector v, each as `dtype`
+    padded to `rows` rows."""
+    args = [pad(x, rows, dtype)]
+    if kind.needs_vector:
+        if v is None:
+            raise ValueError(f"{kind.value} needs a vector v")
+        args.append(pad(v, rows, dtype))
+    return args
+
+
+def warm_up(engine, kinds, sizes: Callable[[Derivative], list[int]]) -> float:
+    """An engine's `warm_up`: each of `kinds` run once at each of its `sizes` on zero rows
+    (and zero vectors), so that everything it compiles or traces is ready before the server
+    serves, and a deterministic engine's self-check of each kind has run; returns seconds."""
+    start = time.perf_counter()
+    spec = ModelSpec.of(engine, engine.max_batch_size, engine.max_batch_size)
+    for kind in kinds:
+        shape = spec.vector_shape(kind)
+        for size in sizes(kind):
+            x = np.zeros((size, *engine.input_shape), engine.numpy_dtype)
+            v = None if shape is None else np.zeros((size, *shape), engine.numpy_dtype)
+            engine.run(kind, x, v)
+    return time.perf_counter() - start
 
 
 Call = Callable[[Derivative, np.ndarray, np.ndarray | None], Outputs]

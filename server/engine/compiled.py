@@ -10,7 +10,6 @@ alike (core/selfcheck.py).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +220,7 @@ class TensorFlowEngine:
         """One call of the kind's compiled function, x (and v) padded to the rows it computes."""
         n = x.shape[0]
         rows = self.rows_computed(kind, n)
-        args = [tf.constant(batching.pad(x, rows, self.numpy_dtype))]
-        if kind.needs_vector:
-            if v is None:
-                raise ValueError(f"{kind.value} needs a vector v")
-            args.append(tf.constant(batching.pad(v, rows, self.numpy_dtype)))
+        args = [tf.constant(a) for a in batching.padded(kind, x, v, rows, self.numpy_dtype)]
         results = self._functions[kind](*args)
         y = _owned(results[0], n)
         dy_dx = _owned(results[1], n) if len(results) > 1 else None
@@ -240,15 +235,9 @@ class TensorFlowEngine:
         """Trace (and with XLA compile) every function at every batch shape; returns seconds.
         A deterministic engine self-checks each kind here, on its first call
         (SelfCheckFailed)."""
-        start = time.perf_counter()
-        for kind in kinds:
-            sizes = self.ladder if self._uses_xla(kind) else [max(1, self.tile)]
-            for size in sizes:
-                x = np.zeros((size, *self.input_shape), self.numpy_dtype)
-                v_shape = self.output_shape if kind is Derivative.VJP else self.input_shape
-                v = np.zeros((size, *v_shape), self.numpy_dtype) if kind.needs_vector else None
-                self.run(kind, x, v)
-        return time.perf_counter() - start
+        return batching.warm_up(
+            self, kinds, lambda kind: self.ladder if self._uses_xla(kind) else [max(1, self.tile)]
+        )
 
 
 def _any_rows(tile: tf.Tensor) -> tf.Tensor:

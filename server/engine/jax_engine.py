@@ -9,7 +9,6 @@ passed to each compiled function as arguments, never baked into it as constants.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
+from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Shape
 from gradserve.server.engine import batching, portability
 from gradserve.server.engine.batching import TILE_ROWS
 from gradserve.server.engine.errors import ModelError, row_shapes
@@ -108,11 +107,7 @@ class JaxEngine:
     def _call(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         n = x.shape[0]
         rows = self.rows_computed(kind, n)
-        args = [batching.pad(x, rows, self.dtype)]
-        if kind.needs_vector:
-            if v is None:
-                raise ValueError(f"{kind.value} needs a vector v")
-            args.append(batching.pad(v, rows, self.dtype))
+        args = batching.padded(kind, x, v, rows, self.dtype)
         # numpy in: jit puts uncommitted arguments where the committed params are, cheaper
         # than a device_put of its own (tuning log 66)
         results = self._functions[kind](self._params, *args)
@@ -126,14 +121,7 @@ class JaxEngine:
     def warm_up(self, kinds=ENGINE_KINDS) -> float:
         """Compile every kind at every ladder size; returns seconds. A deterministic engine
         self-checks each kind here, on its first call (SelfCheckFailed)."""
-        start = time.perf_counter()
-        spec = ModelSpec.of(self, self.max_batch_size, self.max_batch_size)
-        for kind in kinds:
-            for size in self.ladder:
-                x = np.zeros((size, *self.input_shape), self.dtype)
-                shape = spec.vector_shape(kind)
-                self.run(kind, x, None if shape is None else np.zeros((size, *shape), self.dtype))
-        return time.perf_counter() - start
+        return batching.warm_up(self, kinds, lambda kind: self.ladder)
 
 
 def _owned(result: jax.Array, n: int) -> np.ndarray:

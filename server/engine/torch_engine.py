@@ -22,13 +22,12 @@ machine that a row's bits do not depend on its place in a tile.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gradserve.server.core.contract import ENGINE_KINDS, ModelSpec, Outputs, Shape
+from gradserve.server.core.contract import ENGINE_KINDS, Outputs, Shape
 from gradserve.server.engine import batching, portability
 from gradserve.server.engine.batching import TILE_ROWS
 from gradserve.server.engine.errors import ModelError, row_shapes
@@ -109,11 +108,7 @@ class TorchEngine:
     def _call(self, kind: Derivative, x: np.ndarray, v: np.ndarray | None = None) -> Outputs:
         n = x.shape[0]
         rows = self.rows_computed(kind, n)
-        args = [batching.pad(x, rows, self.dtype)]
-        if kind.needs_vector:
-            if v is None:
-                raise ValueError(f"{kind.value} needs a vector v")
-            args.append(batching.pad(v, rows, self.dtype))
+        args = batching.padded(kind, x, v, rows, self.dtype)
         step = self.tile or rows
         parts = []
         with torch.inference_mode(False), torch.enable_grad():
@@ -134,14 +129,7 @@ class TorchEngine:
     def warm_up(self, kinds=ENGINE_KINDS) -> float:
         """Run every kind once (a tile, deterministic); returns seconds. A deterministic
         engine self-checks each kind here, on its first call (SelfCheckFailed)."""
-        start = time.perf_counter()
-        spec = ModelSpec.of(self, self.max_batch_size, self.max_batch_size)
-        size = max(1, self.tile)
-        for kind in kinds:
-            x = np.zeros((size, *self.input_shape), self.dtype)
-            shape = spec.vector_shape(kind)
-            self.run(kind, x, None if shape is None else np.zeros((size, *shape), self.dtype))
-        return time.perf_counter() - start
+        return batching.warm_up(self, kinds, lambda kind: [max(1, self.tile)])
 
 
 def _host(result: torch.Tensor) -> np.ndarray:
