@@ -508,3 +508,21 @@ def standard_and_rest_jacobians(server, model: str, x: np.ndarray):
     outputs = {o["name"]: o for o in rest.json()["outputs"]}
     rest_dy_dx = np.asarray(outputs["dy_dx"]["data"], np.float32).reshape(sdk.dy_dx.shape)
     return sdk.dy_dx, answer.as_numpy("dy_dx").reshape(sdk.dy_dx.shape), rest_dy_dx
+
+
+def one_process_and_two_frontends(target: str, serve, model: str, x: np.ndarray, device: str):
+    """`model`'s answers for rows x from the one-process server at `target`, and from the
+    server `serve("--frontends", "2")` starts (stopped here: exit status 0), once that server
+    said it computes on `device`: (two frontends' answer, one process's answer)."""
+    from gradserve.client import GradientClient
+
+    with GradientClient(target, timeout=60) as client:
+        expected = client.evaluate(x, model=model)
+    served = serve("--frontends", "2")
+    try:
+        with GradientClient(served.target, timeout=60) as client:
+            got = client.evaluate(x, model=model)
+            assert client.model_info(model).device == device
+    finally:
+        assert served.stop() == 0
+    return got, expected

@@ -10,6 +10,7 @@ answers of one server are compared bit for bit only after its self-check passed.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from conftest import (
     assert_every_kind_as_tensorflow,
     assert_same_answer,
     keras_repository,
+    one_process_and_two_frontends,
     standard_and_rest_jacobians,
     unbatched,
 )
@@ -118,15 +120,8 @@ def test_a_deterministic_jax_server_passed_its_self_check_and_answers_rows_alike
 
 def test_frontends_with_a_jax_engine_process_answer_as_one_process(repository, jax_server):
     x = np.random.default_rng(3).uniform(0, 1, (5, 8, 8, 1)).astype(np.float32)
-    with GradientClient(jax_server.target, timeout=60) as client:
-        expected = client.evaluate(x, model="digits")
-    served = _serve(repository, "--frontends", "2")
-    try:
-        with GradientClient(served.target, timeout=60) as client:
-            got = client.evaluate(x, model="digits")
-            assert client.model_info("digits").device == "cpu:0"
-    finally:
-        assert served.stop() == 0
+    serve = functools.partial(_serve, repository)
+    got, expected = one_process_and_two_frontends(jax_server.target, serve, "digits", x, "cpu:0")
     assert_same_answer(got.dy_dx, expected.dy_dx)
     assert_same_answer(got.y, expected.y)
 

@@ -13,6 +13,7 @@ dynamic batch) are compared with float64 derivatives of the same module computed
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from conftest import (
     assert_every_kind_as_tensorflow,
     assert_same_answer,
     keras_repository,
+    one_process_and_two_frontends,
     rows_and_vectors,
     standard_and_rest_jacobians,
     unbatched,
@@ -240,15 +242,8 @@ def test_a_deterministic_torch_server_passed_its_self_check_and_answers_rows_ali
 
 def test_frontends_with_a_torch_engine_process_answer_as_one_process(repository, torch_server):
     x = np.random.default_rng(3).uniform(0, 1, (5, 1, 6, 6)).astype(np.float32)
-    with GradientClient(torch_server.target, timeout=60) as client:
-        expected = client.evaluate(x, model="conv")
-    served = _serve(repository, "--frontends", "2")
-    try:
-        with GradientClient(served.target, timeout=60) as client:
-            got = client.evaluate(x, model="conv")
-            assert client.model_info("conv").device == "cpu"
-    finally:
-        assert served.stop() == 0
+    serve = functools.partial(_serve, repository)
+    got, expected = one_process_and_two_frontends(torch_server.target, serve, "conv", x, "cpu")
     assert_close(got.dy_dx, expected.dy_dx)
     assert_close(got.y, expected.y)
 
