@@ -21,8 +21,12 @@ import grpc
 import numpy as np
 import pytest
 from conftest import TEST_CONFIG, RunningServer, free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError, RetryPolicy
+from gradserve.client.readiness import OVERALL, ReadinessWait
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -73,18 +77,29 @@ def test_without_wait_for_ready_a_loading_server_fails_fast(loading):
     assert time.monotonic() - started < 3
 
 
+def test_a_wait_that_times_out_names_the_last_health_answer():
+    """The rule itself, without a clock race: an answer seen, then the deadline passed."""
+    wait = ReadinessWait(0.0)
+    assert not wait.answered(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+    with pytest.raises(GradserveError) as caught:
+        wait.next_pause()
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "last health answer: NOT_SERVING" in caught.value.message
+
+
 def test_wait_until_ready_times_out_naming_not_serving_then_returns(loading):
     with GradientClient(loading.target, timeout=10, retry=RetryPolicy(attempts=1)) as client:
-        # Connected first (a loading server refuses at once): the short wait below then sees
-        # health answers, not only the connection being made.
         with pytest.raises(GradserveError, match="loading"):
             client.evaluate(0.2)
+        # The server says NOT_SERVING while it loads (asked with a generous deadline: on a
+        # loaded machine one Check has taken seconds, which a short wait cannot tell apart).
+        with grpc.insecure_channel(loading.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(OVERALL, timeout=30).status == NOT_SERVING
         with pytest.raises(GradserveError) as caught:
-            # long enough for a health answer even if one Check is slow on a loaded machine
-            # (with 1 s, one stalled Check once took the whole wait)
             client.wait_until_ready(3.0)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "NOT_SERVING" in caught.value.message
+        assert "last health answer: " in caught.value.message
         timer = release_after(loading.loaded, 0.5)
         started = time.monotonic()
         client.wait_until_ready(20)
