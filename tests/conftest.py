@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import importlib.util
 import os
@@ -107,13 +108,26 @@ def exited(process: subprocess.Popen, timeout: float) -> str:
 
 def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
     """Wait until the server reports SERVING on several fresh connections in a row: with
-    --frontends, each connection may reach another frontend, and each gets ready on its own."""
+    --frontends, each connection may reach another frontend, and each gets ready on its own.
+    A server that never does is stopped, and the failure shows what the health checks got
+    and the end of its log."""
     end = time.monotonic() + timeout
     in_a_row = 0
+    seen: collections.Counter[str] = collections.Counter()
     while in_a_row < FRESH_CONNECTIONS_SERVING:
-        assert time.monotonic() < end, "server did not become ready"
+        if time.monotonic() >= end:
+            process.terminate()
+            try:
+                log = process.communicate(timeout=30)[1]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                log = process.communicate(timeout=10)[1]
+            answers = f"health checks answered {dict(seen)}"
+            raise AssertionError(f"not ready in {timeout:g} s; {answers}; log:\n{log[-4000:]}")
         assert process.poll() is None, process.stderr.read()
-        in_a_row = in_a_row + 1 if _serving(target) else 0
+        status = _health(target)
+        seen[status] += 1
+        in_a_row = in_a_row + 1 if status == "SERVING" else 0
         if in_a_row < FRESH_CONNECTIONS_SERVING:
             time.sleep(0.2 if in_a_row == 0 else 0.02)
 
@@ -121,8 +135,8 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -
 FRESH_CONNECTIONS_SERVING = 4
 
 
-def _serving(target: str) -> bool:
-    """One health check on a connection of its own."""
+def _health(target: str) -> str:
+    """One health check on a connection of its own: the status's name, or the RPC's error."""
     options = [("grpc.use_local_subchannel_pool", 1)]
     with grpc.insecure_channel(target, options=options) as channel:
         try:
@@ -131,9 +145,9 @@ def _serving(target: str) -> bool:
                 .Check(health_pb2.HealthCheckRequest(), timeout=1)
                 .status
             )
-        except grpc.RpcError:
-            return False
-    return status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as error:
+            return error.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
 
 def load_script(relative_path: str, name: str):
